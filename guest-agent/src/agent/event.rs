@@ -1,0 +1,15 @@
+//! What the agent's worker threads report to its main loop.
+
+use crate::protocol::Rusage;
+
+#[derive(Debug)]
+pub enum Event {
+    /// The job's top process ended (raw wait status and its rusage).
+    JobExited { wait_status: i32, rusage: Rusage },
+    /// An output pipe reached EOF and its Eof frame was sent.
+    OutputClosed,
+    /// The host acknowledged our Exit.
+    Acked,
+    /// The host closed the connection, sent garbage or an Error frame.
+    HostGone(String),
+}

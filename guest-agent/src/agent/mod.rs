@@ -1,0 +1,212 @@
+//! The guest agent: connects to the host, starts the job it is sent, relays its stdio and
+//! signals, reaps everything, reports the exit, and ends the VM.
+//!
+//! Threads: the main loop below; a reaper ([`reaper`]); one pump per output pipe
+//! ([`output_pump`]); a reader of host frames ([`host_reader`]) with its stdin feeder. They talk
+//! to the main loop through one channel of [`event::Event`]s.
+//!
+//! The same code runs as PID 1 in a guest (over vsock) and as an ordinary process over a Unix
+//! socket in tests; only mounting (done by the caller) and ending the VM differ.
+
+mod connection;
+mod event;
+mod host_reader;
+mod job_process;
+mod output_pump;
+pub mod pid1;
+mod reaper;
+mod shared_writer;
+
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+pub use connection::{ConnectError, Endpoint};
+use event::Event;
+use shared_writer::SharedWriter;
+
+use crate::protocol::{BootTimes, Frame, FrameReader, ProtocolError, Stream, PROTOCOL_VERSION};
+
+/// How long output may take to reach EOF after the job's group was killed before the agent
+/// kills more widely (everything in the guest, as PID 1) and gives up on the pipes.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for the host's Ack of Exit.
+const ACK_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub endpoint: Endpoint,
+    /// How long to keep retrying the connection to the host.
+    pub connect_patience: Duration,
+    /// PID 1 in a guest: may kill every process, and ends the VM afterwards.
+    pub pid1: bool,
+    /// CLOCK_BOOTTIME / CLOCK_REALTIME at process start, for Hello.
+    pub start_boottime_ns: u64,
+    pub start_realtime_ns: u64,
+}
+
+/// How a session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job ran and its exit was acknowledged by the host.
+    JobEnded { wait_status: i32 },
+    /// The job could not be started; the host was told why.
+    SpawnFailed,
+    /// The host vanished or misbehaved; the job's process group was killed.
+    HostGone(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("host closed the connection before sending a job")]
+    NoJob,
+    #[error("expected Spawn from the host, got {0}")]
+    UnexpectedFrame(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Nanoseconds on `clock`.
+pub fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn kill_group(pgid: libc::pid_t) {
+    // SAFETY: kill has no memory-safety preconditions; ESRCH is fine to ignore.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+}
+
+/// Runs one job session to its end.
+pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
+    if !config.pid1 {
+        // Orphans of the job come to us, as they would to PID 1 in the guest.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
+    let conn = connection::connect_with_retry(&config.endpoint, config.connect_patience)?;
+    let connected_ns = clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
+    let writer = SharedWriter::new(conn.try_clone()?);
+    writer.send(&Frame::Hello {
+        version: PROTOCOL_VERSION,
+        boot: BootTimes {
+            agent_start_ns: config.start_boottime_ns,
+            connected_ns,
+            agent_start_realtime_ns: config.start_realtime_ns,
+        },
+    })?;
+
+    let spawn = match FrameReader::new(&conn).read_frame()? {
+        Some(Frame::Spawn(s)) => s,
+        Some(other) => return Err(AgentError::UnexpectedFrame(format!("{other:?}"))),
+        None => return Err(AgentError::NoJob),
+    };
+
+    let job = match job_process::start(&spawn) {
+        Ok(job) => job,
+        Err(e) => {
+            writer.send(&Frame::SpawnFailed {
+                stage: e.stage,
+                errno: e.errno,
+                message: e.message,
+            })?;
+            return Ok(Outcome::SpawnFailed);
+        }
+    };
+    let pgid = job.pid; // The job called setsid: its pid is its process group id.
+    writer.send(&Frame::Started { pid: job.pid })?;
+
+    let (tx, rx) = channel();
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || reaper::run(job.pid, tx));
+    }
+    for (pipe, stream) in [(job.stdout, Stream::Stdout), (job.stderr, Stream::Stderr)] {
+        let (w, tx) = (writer.clone(), tx.clone());
+        std::thread::spawn(move || output_pump::pump(pipe, stream, w, tx));
+    }
+    {
+        let (stdin, tx) = (job.stdin, tx.clone());
+        std::thread::spawn(move || host_reader::run(conn, pgid, stdin, tx));
+    }
+    drop(tx);
+    Ok(supervise(config, pgid, &writer, &rx))
+}
+
+/// The main loop: wait for the job, drain its output, report, wait for the Ack.
+fn supervise(
+    config: &AgentConfig,
+    pgid: libc::pid_t,
+    writer: &SharedWriter,
+    events: &Receiver<Event>,
+) -> Outcome {
+    let mut open_streams = 2;
+    let exit = loop {
+        match events.recv() {
+            Ok(Event::JobExited {
+                wait_status,
+                rusage,
+            }) => break (wait_status, rusage),
+            Ok(Event::OutputClosed) => open_streams -= 1,
+            Ok(Event::Acked) => {}
+            Ok(Event::HostGone(why)) => {
+                kill_group(pgid);
+                return Outcome::HostGone(why);
+            }
+            Err(_) => return Outcome::HostGone("agent threads ended".into()),
+        }
+    };
+
+    // As the stock shepherd does: once the job's top process is gone, nothing of its group
+    // may survive. Data already in the pipes stays readable.
+    kill_group(pgid);
+    let mut deadline = Instant::now() + DRAIN_GRACE;
+    let mut widened = false;
+    while open_streams > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(Event::OutputClosed) => open_streams -= 1,
+            Ok(Event::HostGone(why)) => return Outcome::HostGone(why),
+            Ok(_) => {}
+            Err(_) if !widened => {
+                // Something that left the job's group (setsid) still holds a pipe open.
+                if config.pid1 {
+                    // SAFETY: kill(-1) from PID 1 signals everything but init.
+                    unsafe { libc::kill(-1, libc::SIGKILL) };
+                }
+                widened = true;
+                deadline = Instant::now() + DRAIN_GRACE;
+            }
+            Err(_) => break,
+        }
+    }
+
+    if writer
+        .send(&Frame::Exit {
+            wait_status: exit.0,
+            rusage: exit.1,
+        })
+        .is_err()
+    {
+        return Outcome::HostGone("could not send Exit".into());
+    }
+    let deadline = Instant::now() + ACK_PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(Event::Acked) => {
+                return Outcome::JobEnded {
+                    wait_status: exit.0,
+                }
+            }
+            Ok(Event::HostGone(why)) => return Outcome::HostGone(why),
+            Ok(_) => {}
+            Err(_) => return Outcome::HostGone("no Ack from host".into()),
+        }
+    }
+}

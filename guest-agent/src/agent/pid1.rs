@@ -1,0 +1,72 @@
+//! Duties of PID 1 in the guest: the file systems a job expects, and ending the VM.
+
+use nix::mount::{mount, MsFlags};
+
+/// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run. Already-mounted targets are
+/// left alone; other failures are reported and the agent goes on (a job may not need them).
+pub fn mount_basics() -> Vec<String> {
+    let mut problems = Vec::new();
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let table: [(&str, &str, &str, MsFlags, Option<&str>); 7] = [
+        ("proc", "/proc", "proc", nodev, None),
+        ("sysfs", "/sys", "sysfs", nodev, None),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+    ];
+    for (source, target, fstype, flags, data) in table {
+        let _ = std::fs::create_dir_all(target);
+        match mount(Some(source), target, Some(fstype), flags, data) {
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => problems.push(format!("mount {target}: {e}")),
+        }
+    }
+    // /dev/ptmx must point into the new devpts instance for ptys to work.
+    let _ = std::fs::remove_file("/dev/ptmx");
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    problems
+}
+
+/// Ends the VM: kill everything left, flush file systems, reset. With `reboot=k` the embedded
+/// VMM sees the i8042 reset; QEMU started with `-no-reboot` exits.
+pub fn end_vm() -> ! {
+    // SAFETY: kill(-1) from PID 1 signals every process except init itself.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // reboot only returns on error; PID 1 exiting panics the kernel, which (panic=-1) also
+    // resets the VM.
+    std::process::exit(1)
+}

@@ -1,0 +1,377 @@
+//! Encoding frames to bytes and decoding them back, with every length checked.
+
+use super::frame::{BootTimes, Frame, Rlimit, Rusage, Spawn, SpawnStage, StdinMode, Stream};
+use super::MAX_FRAME_LEN;
+
+/// Why bytes could not be turned into a frame (or read at all).
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {0} bytes exceeds the maximum of {MAX_FRAME_LEN}")]
+    FrameTooLarge(usize),
+    #[error("empty frame")]
+    EmptyFrame,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame truncated while reading {0}")]
+    Truncated(&'static str),
+    #[error("{0} trailing bytes after the frame payload")]
+    TrailingBytes(usize),
+    #[error("invalid value {value} for {field}")]
+    InvalidValue { field: &'static str, value: u64 },
+    #[error("connection closed in the middle of a frame")]
+    UnexpectedEof,
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+const KIND_HELLO: u8 = 1;
+const KIND_SPAWN: u8 = 2;
+const KIND_STARTED: u8 = 3;
+const KIND_SPAWN_FAILED: u8 = 4;
+const KIND_STDIN: u8 = 5;
+const KIND_STDOUT: u8 = 6;
+const KIND_STDERR: u8 = 7;
+const KIND_EOF: u8 = 8;
+const KIND_SIGNAL: u8 = 9;
+const KIND_EXIT: u8 = 10;
+const KIND_ACK: u8 = 11;
+const KIND_ERROR: u8 = 12;
+
+/// Encodes `frame` with its length prefix, ready to write.
+///
+/// A frame whose body would exceed [`MAX_FRAME_LEN`] is refused; senders chunk data to
+/// [`super::MAX_DATA_CHUNK`].
+pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    let mut w = Writer(&mut out);
+    match frame {
+        Frame::Hello { version, boot } => {
+            w.u8(KIND_HELLO);
+            w.u16(*version);
+            w.u64(boot.agent_start_ns);
+            w.u64(boot.connected_ns);
+            w.u64(boot.agent_start_realtime_ns);
+        }
+        Frame::Spawn(spawn) => {
+            w.u8(KIND_SPAWN);
+            w.list(&spawn.argv, |w, a| w.bytes(a));
+            w.list(&spawn.env, |w, e| w.bytes(e));
+            w.bytes(&spawn.cwd);
+            w.u32(spawn.uid);
+            w.u32(spawn.gid);
+            w.list(&spawn.groups, |w, g| w.u32(*g));
+            w.list(&spawn.rlimits, |w, r| {
+                w.u32(r.resource);
+                w.u64(r.soft);
+                w.u64(r.hard);
+            });
+            w.i32(spawn.nice);
+            w.u8(match spawn.stdin {
+                StdinMode::Null => 0,
+                StdinMode::Frames => 1,
+            });
+        }
+        Frame::Started { pid } => {
+            w.u8(KIND_STARTED);
+            w.i32(*pid);
+        }
+        Frame::SpawnFailed {
+            stage,
+            errno,
+            message,
+        } => {
+            w.u8(KIND_SPAWN_FAILED);
+            w.u8(stage_code(*stage));
+            w.i32(*errno);
+            w.bytes(message.as_bytes());
+        }
+        Frame::Stdin(data) => {
+            w.u8(KIND_STDIN);
+            w.bytes(data);
+        }
+        Frame::Stdout(data) => {
+            w.u8(KIND_STDOUT);
+            w.bytes(data);
+        }
+        Frame::Stderr(data) => {
+            w.u8(KIND_STDERR);
+            w.bytes(data);
+        }
+        Frame::Eof(stream) => {
+            w.u8(KIND_EOF);
+            w.u8(match stream {
+                Stream::Stdin => 0,
+                Stream::Stdout => 1,
+                Stream::Stderr => 2,
+            });
+        }
+        Frame::Signal { signo } => {
+            w.u8(KIND_SIGNAL);
+            w.i32(*signo);
+        }
+        Frame::Exit {
+            wait_status,
+            rusage,
+        } => {
+            w.u8(KIND_EXIT);
+            w.i32(*wait_status);
+            w.u64(rusage.utime_us);
+            w.u64(rusage.stime_us);
+            for v in rusage_counters(rusage) {
+                w.i64(v);
+            }
+        }
+        Frame::Ack => w.u8(KIND_ACK),
+        Frame::Error { message } => {
+            w.u8(KIND_ERROR);
+            w.bytes(message.as_bytes());
+        }
+    }
+    let body_len = out.len() - 4;
+    if body_len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge(body_len));
+    }
+    out[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    Ok(out)
+}
+
+/// Decodes one frame body (the bytes after the length prefix).
+pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge(body.len()));
+    }
+    let mut r = Reader(body);
+    let kind = r.u8("kind").map_err(|_| ProtocolError::EmptyFrame)?;
+    let frame = match kind {
+        KIND_HELLO => Frame::Hello {
+            version: r.u16("version")?,
+            boot: BootTimes {
+                agent_start_ns: r.u64("boot times")?,
+                connected_ns: r.u64("boot times")?,
+                agent_start_realtime_ns: r.u64("boot times")?,
+            },
+        },
+        KIND_SPAWN => {
+            let argv = r.list("argv", 4, |r| r.bytes("argv"))?;
+            let env = r.list("env", 4, |r| r.bytes("env"))?;
+            let cwd = r.bytes("cwd")?;
+            let uid = r.u32("uid")?;
+            let gid = r.u32("gid")?;
+            let groups = r.list("groups", 4, |r| r.u32("groups"))?;
+            let rlimits = r.list("rlimits", 20, |r| {
+                Ok(Rlimit {
+                    resource: r.u32("rlimit")?,
+                    soft: r.u64("rlimit")?,
+                    hard: r.u64("rlimit")?,
+                })
+            })?;
+            let nice = r.i32("nice")?;
+            let stdin = match r.u8("stdin mode")? {
+                0 => StdinMode::Null,
+                1 => StdinMode::Frames,
+                v => {
+                    return Err(ProtocolError::InvalidValue {
+                        field: "stdin mode",
+                        value: v.into(),
+                    })
+                }
+            };
+            Frame::Spawn(Spawn {
+                argv,
+                env,
+                cwd,
+                uid,
+                gid,
+                groups,
+                rlimits,
+                nice,
+                stdin,
+            })
+        }
+        KIND_STARTED => Frame::Started { pid: r.i32("pid")? },
+        KIND_SPAWN_FAILED => Frame::SpawnFailed {
+            stage: stage_from_code(r.u8("stage")?)?,
+            errno: r.i32("errno")?,
+            message: r.string("message")?,
+        },
+        KIND_STDIN => Frame::Stdin(r.bytes("data")?),
+        KIND_STDOUT => Frame::Stdout(r.bytes("data")?),
+        KIND_STDERR => Frame::Stderr(r.bytes("data")?),
+        KIND_EOF => Frame::Eof(match r.u8("stream")? {
+            0 => Stream::Stdin,
+            1 => Stream::Stdout,
+            2 => Stream::Stderr,
+            v => {
+                return Err(ProtocolError::InvalidValue {
+                    field: "stream",
+                    value: v.into(),
+                })
+            }
+        }),
+        KIND_SIGNAL => Frame::Signal {
+            signo: r.i32("signo")?,
+        },
+        KIND_EXIT => {
+            let wait_status = r.i32("wait status")?;
+            let mut rusage = Rusage {
+                utime_us: r.u64("rusage")?,
+                stime_us: r.u64("rusage")?,
+                ..Rusage::default()
+            };
+            let mut counters = [0i64; 14];
+            for c in counters.iter_mut() {
+                *c = r.i64("rusage")?;
+            }
+            set_rusage_counters(&mut rusage, counters);
+            Frame::Exit {
+                wait_status,
+                rusage,
+            }
+        }
+        KIND_ACK => Frame::Ack,
+        KIND_ERROR => Frame::Error {
+            message: r.string("message")?,
+        },
+        other => return Err(ProtocolError::UnknownKind(other)),
+    };
+    if !r.0.is_empty() {
+        return Err(ProtocolError::TrailingBytes(r.0.len()));
+    }
+    Ok(frame)
+}
+
+fn stage_code(stage: SpawnStage) -> u8 {
+    match stage {
+        SpawnStage::Credentials => 0,
+        SpawnStage::Limits => 1,
+        SpawnStage::Cwd => 2,
+        SpawnStage::Exec => 3,
+        SpawnStage::Other => 4,
+    }
+}
+
+fn stage_from_code(code: u8) -> Result<SpawnStage, ProtocolError> {
+    Ok(match code {
+        0 => SpawnStage::Credentials,
+        1 => SpawnStage::Limits,
+        2 => SpawnStage::Cwd,
+        3 => SpawnStage::Exec,
+        4 => SpawnStage::Other,
+        v => {
+            return Err(ProtocolError::InvalidValue {
+                field: "spawn stage",
+                value: v.into(),
+            })
+        }
+    })
+}
+
+fn rusage_counters(r: &Rusage) -> [i64; 14] {
+    [
+        r.maxrss, r.ixrss, r.idrss, r.isrss, r.minflt, r.majflt, r.nswap, r.inblock, r.oublock,
+        r.msgsnd, r.msgrcv, r.nsignals, r.nvcsw, r.nivcsw,
+    ]
+}
+
+fn set_rusage_counters(r: &mut Rusage, c: [i64; 14]) {
+    [
+        r.maxrss, r.ixrss, r.idrss, r.isrss, r.minflt, r.majflt, r.nswap, r.inblock, r.oublock,
+        r.msgsnd, r.msgrcv, r.nsignals, r.nvcsw, r.nivcsw,
+    ] = c;
+}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        // Lengths beyond u32 cannot occur: the whole frame is checked against MAX_FRAME_LEN.
+        self.u32(v.len().min(u32::MAX as usize) as u32);
+        self.0.extend_from_slice(v);
+    }
+    fn list<T>(&mut self, items: &[T], mut each: impl FnMut(&mut Self, &T)) {
+        self.u32(items.len().min(u32::MAX as usize) as u32);
+        for item in items {
+            each(self, item);
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
+        if self.0.len() < n {
+            return Err(ProtocolError::Truncated(what));
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, ProtocolError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    fn i32(&mut self, what: &'static str) -> Result<i32, ProtocolError> {
+        Ok(i32::from_le_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+    fn i64(&mut self, what: &'static str) -> Result<i64, ProtocolError> {
+        Ok(i64::from_le_bytes(self.array(what)?))
+    }
+    fn bytes(&mut self, what: &'static str) -> Result<Vec<u8>, ProtocolError> {
+        let len = self.u32(what)? as usize;
+        Ok(self.take(len, what)?.to_vec())
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, ProtocolError> {
+        Ok(String::from_utf8_lossy(&self.bytes(what)?).into_owned())
+    }
+    /// Reads a counted list; `min_item` bytes per item bounds the count by what is left, so a
+    /// forged count cannot make us reserve memory the frame does not back.
+    fn list<T>(
+        &mut self,
+        what: &'static str,
+        min_item: usize,
+        mut each: impl FnMut(&mut Self) -> Result<T, ProtocolError>,
+    ) -> Result<Vec<T>, ProtocolError> {
+        let count = self.u32(what)? as usize;
+        if count.saturating_mul(min_item) > self.0.len() {
+            return Err(ProtocolError::Truncated(what));
+        }
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            items.push(each(self)?);
+        }
+        Ok(items)
+    }
+}

@@ -1,0 +1,155 @@
+//! The frames of the protocol and the records they carry.
+
+/// A protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// agent → host, first frame on a connection.
+    Hello { version: u16, boot: BootTimes },
+    /// host → agent: start the job.
+    Spawn(Spawn),
+    /// agent → host: the job runs as this guest pid (it leads its own session and process group).
+    Started { pid: i32 },
+    /// agent → host: the job could not be started; no Exit follows.
+    SpawnFailed {
+        stage: SpawnStage,
+        errno: i32,
+        message: String,
+    },
+    /// host → agent: bytes for the job's stdin.
+    Stdin(Vec<u8>),
+    /// agent → host: bytes the job wrote to stdout.
+    Stdout(Vec<u8>),
+    /// agent → host: bytes the job wrote to stderr.
+    Stderr(Vec<u8>),
+    /// End of one stream (stdin from the host; stdout/stderr from the agent).
+    Eof(Stream),
+    /// host → agent: deliver this signal to the job's process group.
+    Signal { signo: i32 },
+    /// agent → host: the job ended; raw `wait4` status and the job's rusage.
+    Exit { wait_status: i32, rusage: Rusage },
+    /// host → agent: Exit received and every output byte written.
+    Ack,
+    /// Either way: a fatal problem, in words.
+    Error { message: String },
+}
+
+/// One of the job's three standard streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+/// What the agent knows about the guest's boot when it says Hello, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootTimes {
+    /// CLOCK_BOOTTIME when the agent started (time the guest kernel took to reach init).
+    pub agent_start_ns: u64,
+    /// CLOCK_BOOTTIME when the connection to the host was established.
+    pub connected_ns: u64,
+    /// CLOCK_REALTIME when the agent started (guest wall clock, for cross-checking).
+    pub agent_start_realtime_ns: u64,
+}
+
+/// How the job's stdin is fed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StdinMode {
+    /// `/dev/null`.
+    #[default]
+    Null,
+    /// A pipe fed by [`Frame::Stdin`] frames until [`Frame::Eof`]`(Stdin)`.
+    Frames,
+}
+
+/// `RLIM_INFINITY` on the wire.
+pub const RLIM_INFINITY: u64 = u64::MAX;
+
+/// One resource limit for the job (`resource` is a Linux `RLIMIT_*` number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Everything the agent needs to start the job.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Spawn {
+    /// argv; `argv[0]` is the program (searched in the job's PATH if it has no `/`).
+    pub argv: Vec<Vec<u8>>,
+    /// The complete environment, `NAME=value` entries.
+    pub env: Vec<Vec<u8>>,
+    /// Working directory in the guest.
+    pub cwd: Vec<u8>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    pub rlimits: Vec<Rlimit>,
+    /// Nice value applied before the job runs.
+    pub nice: i32,
+    pub stdin: StdinMode,
+}
+
+/// Where starting the job failed, so the host can map it to the right failure state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnStage {
+    /// Switching to the job's uid/gid/groups.
+    Credentials,
+    /// Applying rlimits or nice.
+    Limits,
+    /// Changing into the working directory.
+    Cwd,
+    /// Executing the program (missing, not executable, bad interpreter).
+    Exec,
+    /// Anything else (pipes, fork).
+    Other,
+}
+
+/// The job's resource usage as `wait4` reported it in the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rusage {
+    pub utime_us: u64,
+    pub stime_us: u64,
+    pub maxrss: i64,
+    pub ixrss: i64,
+    pub idrss: i64,
+    pub isrss: i64,
+    pub minflt: i64,
+    pub majflt: i64,
+    pub nswap: i64,
+    pub inblock: i64,
+    pub oublock: i64,
+    pub msgsnd: i64,
+    pub msgrcv: i64,
+    pub nsignals: i64,
+    pub nvcsw: i64,
+    pub nivcsw: i64,
+}
+
+impl Rusage {
+    /// Converts the kernel's `struct rusage`.
+    pub fn from_libc(ru: &libc::rusage) -> Self {
+        let us =
+            |tv: libc::timeval| (tv.tv_sec.max(0) as u64) * 1_000_000 + tv.tv_usec.max(0) as u64;
+        Rusage {
+            utime_us: us(ru.ru_utime),
+            stime_us: us(ru.ru_stime),
+            maxrss: ru.ru_maxrss,
+            ixrss: ru.ru_ixrss,
+            idrss: ru.ru_idrss,
+            isrss: ru.ru_isrss,
+            minflt: ru.ru_minflt,
+            majflt: ru.ru_majflt,
+            nswap: ru.ru_nswap,
+            inblock: ru.ru_inblock,
+            oublock: ru.ru_oublock,
+            msgsnd: ru.ru_msgsnd,
+            msgrcv: ru.ru_msgrcv,
+            nsignals: ru.ru_nsignals,
+            nvcsw: ru.ru_nvcsw,
+            nivcsw: ru.ru_nivcsw,
+        }
+    }
+}

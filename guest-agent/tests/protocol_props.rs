@@ -1,0 +1,196 @@
+//! Property tests of the wire protocol: every frame survives encode → decode, and no byte
+//! sequence makes the decoder panic.
+
+use guest_agent::protocol::*;
+use proptest::prelude::*;
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..max)
+}
+
+fn rusage() -> impl Strategy<Value = Rusage> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        proptest::array::uniform14(any::<i64>()),
+    )
+        .prop_map(|(u, s, c)| Rusage {
+            utime_us: u,
+            stime_us: s,
+            maxrss: c[0],
+            ixrss: c[1],
+            idrss: c[2],
+            isrss: c[3],
+            minflt: c[4],
+            majflt: c[5],
+            nswap: c[6],
+            inblock: c[7],
+            oublock: c[8],
+            msgsnd: c[9],
+            msgrcv: c[10],
+            nsignals: c[11],
+            nvcsw: c[12],
+            nivcsw: c[13],
+        })
+}
+
+fn spawn() -> impl Strategy<Value = Spawn> {
+    (
+        proptest::collection::vec(bytes(40), 0..6),
+        proptest::collection::vec(bytes(40), 0..6),
+        bytes(60),
+        any::<u32>(),
+        any::<u32>(),
+        proptest::collection::vec(any::<u32>(), 0..8),
+        proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..5),
+        any::<i32>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(argv, env, cwd, uid, gid, groups, rl, nice, frames)| Spawn {
+                argv,
+                env,
+                cwd,
+                uid,
+                gid,
+                groups,
+                rlimits: rl
+                    .into_iter()
+                    .map(|(resource, soft, hard)| Rlimit {
+                        resource,
+                        soft,
+                        hard,
+                    })
+                    .collect(),
+                nice,
+                stdin: if frames {
+                    StdinMode::Frames
+                } else {
+                    StdinMode::Null
+                },
+            },
+        )
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    let stage = prop_oneof![
+        Just(SpawnStage::Credentials),
+        Just(SpawnStage::Limits),
+        Just(SpawnStage::Cwd),
+        Just(SpawnStage::Exec),
+        Just(SpawnStage::Other),
+    ];
+    let stream = prop_oneof![
+        Just(Stream::Stdin),
+        Just(Stream::Stdout),
+        Just(Stream::Stderr)
+    ];
+    prop_oneof![
+        (any::<u16>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(v, a, b, c)| {
+            Frame::Hello {
+                version: v,
+                boot: BootTimes {
+                    agent_start_ns: a,
+                    connected_ns: b,
+                    agent_start_realtime_ns: c,
+                },
+            }
+        }),
+        spawn().prop_map(Frame::Spawn),
+        any::<i32>().prop_map(|pid| Frame::Started { pid }),
+        (stage, any::<i32>(), ".{0,40}").prop_map(|(stage, errno, message)| Frame::SpawnFailed {
+            stage,
+            errno,
+            message
+        }),
+        bytes(300).prop_map(Frame::Stdin),
+        bytes(300).prop_map(Frame::Stdout),
+        bytes(300).prop_map(Frame::Stderr),
+        stream.prop_map(Frame::Eof),
+        any::<i32>().prop_map(|signo| Frame::Signal { signo }),
+        (any::<i32>(), rusage()).prop_map(|(wait_status, rusage)| Frame::Exit {
+            wait_status,
+            rusage
+        }),
+        Just(Frame::Ack),
+        ".{0,40}".prop_map(|message| Frame::Error { message }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn encode_decode_round_trip(f in frame()) {
+        let bytes = encode(&f).unwrap();
+        let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        prop_assert_eq!(len, bytes.len() - 4);
+        prop_assert_eq!(decode_body(&bytes[4..]).unwrap(), f.clone());
+        // And through the stream reader, several frames back to back.
+        let mut stream = bytes.clone();
+        stream.extend_from_slice(&bytes);
+        let mut reader = FrameReader::new(&stream[..]);
+        prop_assert_eq!(reader.read_frame().unwrap(), Some(f.clone()));
+        prop_assert_eq!(reader.read_frame().unwrap(), Some(f));
+        prop_assert!(reader.read_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn random_bodies_never_panic(body in bytes(2000)) {
+        let _ = decode_body(&body);
+    }
+
+    #[test]
+    fn random_streams_never_panic(data in bytes(2000)) {
+        let mut reader = FrameReader::new(&data[..]);
+        for _ in 0..50 {
+            match reader.read_frame() {
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_frames_are_errors(f in frame(), cut in any::<prop::sample::Index>()) {
+        let bytes = encode(&f).unwrap();
+        let body = &bytes[4..];
+        let cut = cut.index(body.len());
+        prop_assert!(decode_body(&body[..cut]).is_err());
+    }
+}
+
+#[test]
+fn oversized_length_is_refused_before_reading() {
+    let mut data = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes().to_vec();
+    data.push(KIND_ACK_FOR_TEST);
+    let mut reader = FrameReader::new(&data[..]);
+    assert!(matches!(
+        reader.read_frame(),
+        Err(ProtocolError::FrameTooLarge(_))
+    ));
+}
+
+const KIND_ACK_FOR_TEST: u8 = 11;
+
+#[test]
+fn unknown_kind_is_an_error() {
+    assert!(matches!(
+        decode_body(&[200]),
+        Err(ProtocolError::UnknownKind(200))
+    ));
+}
+
+#[test]
+fn forged_list_count_does_not_allocate() {
+    // Spawn with argv count 0xffff_ffff and nothing behind it.
+    let body = [2u8, 0xff, 0xff, 0xff, 0xff];
+    assert!(matches!(
+        decode_body(&body),
+        Err(ProtocolError::Truncated(_))
+    ));
+}
+
+#[test]
+fn oversized_data_frame_is_refused_by_encoder() {
+    let f = Frame::Stdout(vec![0; MAX_FRAME_LEN]);
+    assert!(matches!(encode(&f), Err(ProtocolError::FrameTooLarge(_))));
+}

@@ -1,0 +1,124 @@
+//! VM backends: how a microVM is started, watched and stopped. The shepherd's policy (what to
+//! run, where output goes) lives elsewhere; a backend only boots a guest whose vsock is bridged
+//! to host Unix sockets in the hybrid-vsock convention (guest connects to port P → the host
+//! listener `<vsock_uds>_P`).
+
+pub mod qemu;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Embedded where KVM can run a Linux guest, otherwise QEMU.
+    Auto,
+    /// The in-process KVM VMM.
+    Embedded,
+    /// An external `qemu-system-x86_64` (TCG where KVM cannot run Linux).
+    Qemu,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "embedded" => Ok(BackendChoice::Embedded),
+            "qemu" => Ok(BackendChoice::Qemu),
+            other => Err(format!(
+                "unknown backend {other:?} (expected auto, embedded or qemu)"
+            )),
+        }
+    }
+}
+
+/// Identity the VMM and its helper processes run with: the job user plus `add_grp_id`, so Grid
+/// Engine's PDC accounts for them and its addgrp kill reaches them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmCredentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Kernel command line (the backend may append its device entries).
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// Hybrid-vsock base path; the guest's connections to port P arrive at `<vsock_uds>_P`.
+    pub vsock_uds: PathBuf,
+    /// Where the guest's serial console goes.
+    pub console_log: PathBuf,
+    /// Private directory for the backend's own sockets and logs.
+    pub run_dir: PathBuf,
+    pub credentials: Option<VmmCredentials>,
+}
+
+/// Why a VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend not available: {0}")]
+    Unavailable(String),
+    #[error("VM failed to start: {0}")]
+    Start(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a VM ended, in words, and whether that was the guest's orderly reset.
+#[derive(Debug, Clone)]
+pub struct VmExit {
+    pub orderly: bool,
+    pub description: String,
+}
+
+/// Stops a VM from any thread.
+pub type VmKiller = Arc<dyn Fn() + Send + Sync>;
+
+/// A booted VM.
+pub trait RunningVm: Send {
+    /// When the guest executed its first instruction, where the backend can tell.
+    fn first_instruction(&self) -> Option<Instant>;
+    /// Waits up to `timeout` for the VM to end.
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, BackendError>;
+    /// A handle that stops the VM at once.
+    fn killer(&self) -> VmKiller;
+}
+
+/// A way to boot VMs.
+pub trait VmBackend {
+    fn name(&self) -> &'static str;
+    fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError>;
+}
+
+/// The backend chosen for a request, and why.
+pub struct Selection {
+    pub backend: Box<dyn VmBackend>,
+    pub reason: String,
+}
+
+/// Resolves `choice` to a backend. `auto` takes the embedded VMM only where KVM can run a
+/// Linux guest; the QEMU backend needs its external programs.
+pub fn select(choice: BackendChoice) -> Result<Selection, BackendError> {
+    match choice {
+        BackendChoice::Qemu => Ok(Selection {
+            backend: Box::new(qemu::QemuBackend::locate()?),
+            reason: "requested".into(),
+        }),
+        BackendChoice::Embedded => Err(BackendError::Unavailable(
+            "the embedded VMM backend is not built into this binary yet".into(),
+        )),
+        BackendChoice::Auto => Ok(Selection {
+            backend: Box::new(qemu::QemuBackend::locate()?),
+            reason: "embedded VMM not available; using QEMU".into(),
+        }),
+    }
+}

@@ -1,0 +1,264 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm` with a vhost-user vsock device served by
+//! `vhost-device-vsock`. Used where KVM cannot run a Linux guest (TCG then) and in tests.
+//!
+//! Two host processes per VM: the vsock daemon (started first; it creates the vhost-user
+//! socket QEMU connects to) and QEMU. Both run with the job's credentials when given, and both
+//! are killed when the VM ends.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{BackendError, RunningVm, VmBackend, VmExit, VmKiller, VmSpec, VmmCredentials};
+
+/// The guest's vsock context id (any value ≥ 3; each VM has its own daemon).
+const GUEST_CID: u32 = 3;
+
+/// Finds the programs QEMU needs.
+pub struct QemuBackend {
+    qemu: PathBuf,
+    vhost_vsock: PathBuf,
+    accel: String,
+}
+
+/// Looks for `name` in `$override_var`, then `PATH`, then `extra` directories.
+pub fn find_program(name: &str, override_var: &str, extra: &[PathBuf]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(override_var) {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(extra.iter().cloned())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+impl QemuBackend {
+    /// Finds `qemu-system-x86_64` and `vhost-device-vsock` (override with
+    /// `SGE_VIRTUALIZER_QEMU` / `SGE_VIRTUALIZER_VHOST_VSOCK`; `SGE_VIRTUALIZER_QEMU_ACCEL`
+    /// picks the accelerator, default `tcg`).
+    pub fn locate() -> Result<Self, BackendError> {
+        let mut extra = vec![PathBuf::from("/usr/local/bin")];
+        if let Some(home) = std::env::var_os("HOME") {
+            extra.push(PathBuf::from(home).join(".cargo/bin"));
+        }
+        extra.push(PathBuf::from("/root/.cargo/bin"));
+        let qemu = find_program("qemu-system-x86_64", "SGE_VIRTUALIZER_QEMU", &extra).ok_or_else(
+            || {
+                BackendError::Unavailable(
+                    "qemu-system-x86_64 not found (install Debian's qemu-system-x86)".into(),
+                )
+            },
+        )?;
+        let vhost_vsock = find_program("vhost-device-vsock", "SGE_VIRTUALIZER_VHOST_VSOCK", &extra)
+            .ok_or_else(|| {
+                BackendError::Unavailable(
+                    "vhost-device-vsock not found (cargo install vhost-device-vsock --locked)"
+                        .into(),
+                )
+            })?;
+        let accel = std::env::var("SGE_VIRTUALIZER_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
+        Ok(QemuBackend {
+            qemu,
+            vhost_vsock,
+            accel,
+        })
+    }
+}
+
+fn with_credentials(cmd: &mut Command, creds: Option<&VmmCredentials>) {
+    let Some(c) = creds.cloned() else { return };
+    // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
+    // on data captured by value.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
+                || libc::setgid(c.gid) < 0
+                || libc::setuid(c.uid) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn wait_for_path(path: &Path, child: &mut Child, patience: Duration) -> Result<(), BackendError> {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Some(status) = child.try_wait()? {
+            return Err(BackendError::Start(format!(
+                "vhost-device-vsock exited early ({status})"
+            )));
+        }
+        if start.elapsed() > patience {
+            return Err(BackendError::Start(format!(
+                "vhost-device-vsock did not create {} within {patience:?}",
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+impl VmBackend for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
+        let vhost_sock = spec.run_dir.join("vhost-vsock.sock");
+        let daemon_log = File::create(spec.run_dir.join("vhost-device-vsock.log"))?;
+        let mut daemon_cmd = Command::new(&self.vhost_vsock);
+        daemon_cmd
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid={GUEST_CID},socket={},uds-path={}",
+                vhost_sock.display(),
+                spec.vsock_uds.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(daemon_log.try_clone()?)
+            .stderr(daemon_log);
+        with_credentials(&mut daemon_cmd, spec.credentials.as_ref());
+        let mut daemon = daemon_cmd
+            .spawn()
+            .map_err(|e| BackendError::Start(format!("{}: {e}", self.vhost_vsock.display())))?;
+        if let Err(e) = wait_for_path(&vhost_sock, &mut daemon, Duration::from_secs(5)) {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            return Err(e);
+        }
+
+        let mem = format!("{}M", spec.mem_mib);
+        let qemu_log = File::create(spec.run_dir.join("qemu.log"))?;
+        let mut qemu_cmd = Command::new(&self.qemu);
+        qemu_cmd
+            .args(["-accel", &self.accel])
+            .args(["-M", "microvm,acpi=off,memory-backend=mem"])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            ])
+            .args(["-m", &mem])
+            .args(["-smp", &spec.vcpus.to_string()])
+            .args(["-cpu", "max"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .args([
+                "-chardev",
+                &format!("file,id=console,path={}", spec.console_log.display()),
+            ])
+            .args(["-serial", "chardev:console"])
+            .args([
+                "-chardev",
+                &format!("socket,id=vsock,path={}", vhost_sock.display()),
+            ])
+            .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+            .arg("-kernel")
+            .arg(&spec.kernel)
+            .arg("-initrd")
+            .arg(&spec.initrd)
+            .args(["-append", &spec.cmdline])
+            .stdin(Stdio::null())
+            .stdout(qemu_log.try_clone()?)
+            .stderr(qemu_log);
+        with_credentials(&mut qemu_cmd, spec.credentials.as_ref());
+        let qemu = match qemu_cmd.spawn() {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+                return Err(BackendError::Start(format!("{}: {e}", self.qemu.display())));
+            }
+        };
+        Ok(Box::new(QemuVm {
+            qemu,
+            daemon,
+            log: spec.run_dir.join("qemu.log"),
+            reaped: Arc::new(AtomicBool::new(false)),
+        }))
+    }
+}
+
+/// A running QEMU and its vsock daemon.
+struct QemuVm {
+    qemu: Child,
+    daemon: Child,
+    log: PathBuf,
+    /// Set before the children are reaped, so a late kill never hits a recycled pid.
+    reaped: Arc<AtomicBool>,
+}
+
+fn kill_pid(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child, so
+    // it cannot have been recycled.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+}
+
+impl RunningVm for QemuVm {
+    fn first_instruction(&self) -> Option<Instant> {
+        None
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.qemu.try_wait()? {
+                self.reaped.store(true, Ordering::SeqCst);
+                let _ = self.daemon.kill();
+                let _ = self.daemon.wait();
+                let orderly = status.success();
+                let mut description = format!("qemu exited ({status})");
+                if !orderly {
+                    if let Ok(log) = std::fs::read_to_string(&self.log) {
+                        if let Some(last) = log.lines().rev().find(|l| !l.trim().is_empty()) {
+                            description.push_str(": ");
+                            description.push_str(last.trim());
+                        }
+                    }
+                }
+                return Ok(Some(VmExit {
+                    orderly,
+                    description,
+                }));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn killer(&self) -> VmKiller {
+        let (q, d, reaped) = (self.qemu.id(), self.daemon.id(), self.reaped.clone());
+        Arc::new(move || {
+            if !reaped.load(Ordering::SeqCst) {
+                kill_pid(q);
+                kill_pid(d);
+            }
+        })
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.reaped.store(true, Ordering::SeqCst);
+        for child in [&mut self.qemu, &mut self.daemon] {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Launching a job in a fresh microVM: check the image, listen for the agent, boot the VM, run
+//! the agent conversation on a session thread, and tear the VM down at the end.
+//!
+//! This is the one entry point both the standalone `run` command and the Grid Engine shepherd
+//! use; they differ only in where stdio goes and where signals come from.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use guest_agent::protocol::{Rusage, Spawn, AGENT_VSOCK_PORT};
+
+use crate::agent_session::{converse, AgentExit};
+pub use crate::agent_session::{JobError, JobIo, StdinSource};
+use crate::backend::{self, RunningVm, VmSpec};
+pub use crate::backend::{BackendChoice, VmmCredentials};
+use crate::job_control::AgentLink;
+pub use crate::job_control::JobController;
+use crate::timings::{now_ms, since_start, Timings};
+
+/// Kernel command line for the guest. `reboot=k panic=-1`: a reset or a panic ends the VM
+/// at once; `quiet`: every console byte is a slow emulated port write.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// How long a booting VM may take until its agent connects.
+const AGENT_CONNECT_PATIENCE: Duration = Duration::from_secs(120);
+/// How long a VM may take to end after its agent finished.
+const VM_END_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Everything needed to run one job in a microVM.
+pub struct LaunchSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub backend: BackendChoice,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// Extra kernel command-line words after [`DEFAULT_CMDLINE`].
+    pub extra_cmdline: String,
+    pub spawn: Spawn,
+    /// A private, existing directory for sockets and the console log.
+    pub run_dir: PathBuf,
+    pub vmm_credentials: Option<VmmCredentials>,
+}
+
+/// Why no VM could be started. Every variant means "not now, not the job's fault".
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("guest kernel {0} not found")]
+    KernelMissing(PathBuf),
+    #[error("guest initramfs {0} not found")]
+    InitrdMissing(PathBuf),
+    #[error("{0}")]
+    BackendUnavailable(String),
+    #[error("VM could not start: {0}")]
+    VmStart(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<backend::BackendError> for LaunchError {
+    fn from(e: backend::BackendError) -> Self {
+        match e {
+            backend::BackendError::Unavailable(m) => LaunchError::BackendUnavailable(m),
+            backend::BackendError::Start(m) => LaunchError::VmStart(m),
+            backend::BackendError::Io(e) => LaunchError::Io(e),
+        }
+    }
+}
+
+/// The job's end as the guest reported it.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    /// Raw wait status from `wait4` in the guest.
+    pub wait_status: i32,
+    pub rusage: Rusage,
+    pub job_started: SystemTime,
+    pub job_ended: SystemTime,
+    pub timings: Timings,
+}
+
+impl JobOutcome {
+    /// Exit code as a shell reports it: the exit status, or 128 + signal.
+    pub fn shell_exit_code(&self) -> i32 {
+        let s = self.wait_status;
+        if libc::WIFSIGNALED(s) {
+            128 + libc::WTERMSIG(s)
+        } else {
+            libc::WEXITSTATUS(s)
+        }
+    }
+}
+
+/// A job whose VM is booting or running.
+pub struct RunningJob {
+    controller: JobController,
+    session: JoinHandle<Result<JobOutcome, JobError>>,
+}
+
+impl RunningJob {
+    pub fn controller(&self) -> JobController {
+        self.controller.clone()
+    }
+
+    /// Waits for the job to end and its VM to be gone.
+    pub fn wait(self) -> Result<JobOutcome, JobError> {
+        self.session
+            .join()
+            .unwrap_or_else(|_| Err(JobError::Vm("session thread panicked".into())))
+    }
+}
+
+fn chown_for(path: &std::path::Path, creds: Option<&VmmCredentials>) -> std::io::Result<()> {
+    if let Some(c) = creds {
+        std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))?;
+    }
+    Ok(())
+}
+
+/// Boots a VM for `spec` and starts the job conversation. Returns once the VM is starting.
+pub fn launch(spec: LaunchSpec, io: JobIo) -> Result<RunningJob, LaunchError> {
+    if !spec.kernel.is_file() {
+        return Err(LaunchError::KernelMissing(spec.kernel));
+    }
+    if !spec.initrd.is_file() {
+        return Err(LaunchError::InitrdMissing(spec.initrd));
+    }
+    let selection = backend::select(spec.backend)?;
+    let mut timings = Timings {
+        backend: selection.backend.name().to_string(),
+        backend_reason: selection.reason.clone(),
+        ..Timings::default()
+    };
+    tracing::info!(backend = selection.backend.name(), reason = %selection.reason, "backend chosen");
+
+    chown_for(&spec.run_dir, spec.vmm_credentials.as_ref())?;
+    let vsock_uds = spec.run_dir.join("vsock.sock");
+    let listen_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock_uds.display()));
+    let _ = std::fs::remove_file(&listen_path);
+    let listener = UnixListener::bind(&listen_path)?;
+    chown_for(&listen_path, spec.vmm_credentials.as_ref())?;
+    listener.set_nonblocking(true)?;
+
+    let cmdline = if spec.extra_cmdline.is_empty() {
+        DEFAULT_CMDLINE.to_string()
+    } else {
+        format!("{DEFAULT_CMDLINE} {}", spec.extra_cmdline)
+    };
+    let vm_spec = VmSpec {
+        kernel: spec.kernel.clone(),
+        initrd: spec.initrd.clone(),
+        cmdline,
+        vcpus: spec.vcpus.max(1),
+        mem_mib: spec.mem_mib,
+        vsock_uds,
+        console_log: spec.run_dir.join("console.log"),
+        run_dir: spec.run_dir.clone(),
+        credentials: spec.vmm_credentials.clone(),
+    };
+    let vm = selection.backend.start(&vm_spec)?;
+    timings.vm_created_ms = now_ms();
+    timings.first_instruction_ms = vm.first_instruction().map(since_start);
+
+    let link = AgentLink::default();
+    let controller = JobController {
+        link: link.clone(),
+        killer: vm.killer(),
+    };
+    let console_log = vm_spec.console_log.clone();
+    let session = std::thread::Builder::new()
+        .name("agent-session".into())
+        .spawn(move || run_session(vm, listener, spec.spawn, io, link, timings, console_log))?;
+    Ok(RunningJob {
+        controller,
+        session,
+    })
+}
+
+/// The last non-empty lines of the guest console, for error messages.
+fn console_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &lines[lines.len().saturating_sub(5)..];
+    if tail.is_empty() {
+        "no console output".into()
+    } else {
+        format!("console: {}", tail.join(" | "))
+    }
+}
+
+fn accept_agent(
+    vm: &mut Box<dyn RunningVm>,
+    listener: &UnixListener,
+    console_log: &std::path::Path,
+) -> Result<UnixStream, JobError> {
+    let start = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .map_err(|e| JobError::AgentLost(e.to_string()))?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(JobError::AgentNeverConnected(e.to_string())),
+        }
+        match vm.wait_timeout(Duration::from_millis(2)) {
+            Ok(Some(exit)) => {
+                return Err(JobError::AgentNeverConnected(format!(
+                    "VM ended before its agent connected ({}); {}",
+                    exit.description,
+                    console_tail(console_log)
+                )))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(JobError::Vm(e.to_string())),
+        }
+        if start.elapsed() > AGENT_CONNECT_PATIENCE {
+            (vm.killer())();
+            return Err(JobError::AgentNeverConnected(format!(
+                "no connection within {AGENT_CONNECT_PATIENCE:?}; {}",
+                console_tail(console_log)
+            )));
+        }
+    }
+}
+
+fn run_session(
+    mut vm: Box<dyn RunningVm>,
+    listener: UnixListener,
+    spawn: Spawn,
+    io: JobIo,
+    link: AgentLink,
+    mut timings: Timings,
+    console_log: PathBuf,
+) -> Result<JobOutcome, JobError> {
+    let result = accept_agent(&mut vm, &listener, &console_log).and_then(|stream| {
+        let mut job_started = SystemTime::now();
+        let exit: Result<AgentExit, JobError> =
+            converse(stream, spawn, io, &link, &mut timings, || {
+                job_started = SystemTime::now()
+            });
+        exit.map(|e| (e, job_started))
+    });
+    drop(listener);
+    let job_ended = SystemTime::now();
+
+    // An orderly end: the agent resets the VM after our Ack. Anything else: stop it now.
+    let patience = if result.is_ok() {
+        VM_END_PATIENCE
+    } else {
+        Duration::from_millis(500)
+    };
+    match vm.wait_timeout(patience) {
+        Ok(Some(_)) => {}
+        _ => {
+            (vm.killer())();
+            let _ = vm.wait_timeout(Duration::from_secs(5));
+        }
+    }
+    timings.vm_gone_ms = now_ms();
+    let (exit, job_started) = result?;
+    Ok(JobOutcome {
+        wait_status: exit.wait_status,
+        rusage: exit.rusage,
+        job_started,
+        job_ended,
+        timings,
+    })
+}

@@ -1,0 +1,49 @@
+//! The `sge_virtualizer` binary.
+//!
+//! Started by `sge_execd` as `shepherd_cmd` (argv[0] `sge_shepherd-<job>`), it acts as the
+//! job's shepherd; otherwise it is a command-line tool with subcommands.
+
+mod run_command;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "sge_virtualizer",
+    version,
+    about = "Run Grid Engine jobs in KVM microVMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command in a fresh microVM.
+    Run(run_command::RunArgs),
+}
+
+fn main() -> ExitCode {
+    shepherd::timings::mark_process_start();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SGE_VIRTUALIZER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run_command::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("sge_virtualizer: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
