@@ -156,6 +156,15 @@ fn supervise(
             Ok(Event::Acked) => {}
             Ok(Event::HostGone(why)) => {
                 kill_group(pgid);
+                // Let the reaper collect the job so nothing of it outlives us.
+                let deadline = Instant::now() + DRAIN_GRACE;
+                while let Ok(ev) =
+                    events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    if matches!(ev, Event::JobExited { .. }) {
+                        break;
+                    }
+                }
                 return Outcome::HostGone(why);
             }
             Err(_) => return Outcome::HostGone("agent threads ended".into()),

@@ -1,0 +1,276 @@
+//! The agent's job logic, run as an ordinary host process over a Unix socket (the same code
+//! paths as PID 1 in the guest, minus mounting and ending the VM), driven frame by frame.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use guest_agent::protocol::*;
+
+struct Session {
+    agent: Child,
+    reader: FrameReader<UnixStream>,
+    writer: FrameWriter<UnixStream>,
+    _dir: TempDir,
+}
+
+/// A minimal temporary directory (no extra dev-dependency for one use).
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start(argv: &[&str], stdin: StdinMode) -> Session {
+    let dir = std::env::temp_dir().join(format!(
+        "agent-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("agent.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let agent = Command::new(env!("CARGO_BIN_EXE_sge-vm-agent"))
+        .arg("--unix")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut reader = FrameReader::new(stream.try_clone().unwrap());
+    let mut writer = FrameWriter::new(stream);
+    match reader.read_frame().unwrap() {
+        Some(Frame::Hello { version, .. }) => assert_eq!(version, PROTOCOL_VERSION),
+        other => panic!("expected Hello, got {other:?}"),
+    }
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    writer
+        .write_frame(&Frame::Spawn(Spawn {
+            argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            env: vec![b"PATH=/usr/bin:/bin".to_vec()],
+            cwd: std::env::temp_dir().as_os_str().as_encoded_bytes().to_vec(),
+            uid,
+            gid,
+            groups: vec![],
+            rlimits: vec![],
+            nice: 0,
+            stdin,
+        }))
+        .unwrap();
+    Session {
+        agent,
+        reader,
+        writer,
+        _dir: TempDir(dir),
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+#[derive(Default, Debug)]
+struct Collected {
+    started: bool,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    eofs: usize,
+    exit: Option<(i32, Rusage)>,
+    spawn_failed: Option<(SpawnStage, i32, String)>,
+}
+
+/// Reads frames until Exit (then acks) or SpawnFailed.
+fn collect(s: &mut Session, mut on_started: impl FnMut(&mut FrameWriter<UnixStream>)) -> Collected {
+    let mut c = Collected::default();
+    loop {
+        match s.reader.read_frame().unwrap() {
+            Some(Frame::Started { pid }) => {
+                assert!(pid > 0);
+                c.started = true;
+                on_started(&mut s.writer);
+            }
+            Some(Frame::Stdout(d)) => c.stdout.extend_from_slice(&d),
+            Some(Frame::Stderr(d)) => c.stderr.extend_from_slice(&d),
+            Some(Frame::Eof(_)) => c.eofs += 1,
+            Some(Frame::Exit {
+                wait_status,
+                rusage,
+            }) => {
+                assert_eq!(c.eofs, 2, "both output streams end before Exit");
+                c.exit = Some((wait_status, rusage));
+                s.writer.write_frame(&Frame::Ack).unwrap();
+                break;
+            }
+            Some(Frame::SpawnFailed {
+                stage,
+                errno,
+                message,
+            }) => {
+                c.spawn_failed = Some((stage, errno, message));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let status = s.agent.wait().unwrap();
+    assert!(status.success(), "agent exit {status}");
+    c
+}
+
+#[test]
+fn exit_code_and_both_streams() {
+    let mut s = start(
+        &["/bin/sh", "-c", "echo out; echo err >&2; exit 7"],
+        StdinMode::Null,
+    );
+    let c = collect(&mut s, |_| {});
+    assert_eq!(c.stdout, b"out\n");
+    assert_eq!(c.stderr, b"err\n");
+    let (status, _) = c.exit.unwrap();
+    assert!(libc::WIFEXITED(status));
+    assert_eq!(libc::WEXITSTATUS(status), 7);
+}
+
+#[test]
+fn killed_by_signal_reports_raw_status() {
+    let mut s = start(&["/bin/sh", "-c", "kill -TERM $$"], StdinMode::Null);
+    let (status, _) = collect(&mut s, |_| {}).exit.unwrap();
+    assert!(libc::WIFSIGNALED(status));
+    assert_eq!(libc::WTERMSIG(status), libc::SIGTERM);
+}
+
+#[test]
+fn stdin_frames_reach_the_job() {
+    let mut s = start(&["cat"], StdinMode::Frames);
+    let c = collect(&mut s, |w| {
+        w.write_frame(&Frame::Stdin(b"abc".to_vec())).unwrap();
+        w.write_frame(&Frame::Eof(Stream::Stdin)).unwrap();
+    });
+    assert_eq!(c.stdout, b"abc");
+    assert_eq!(libc::WEXITSTATUS(c.exit.unwrap().0), 0);
+}
+
+#[test]
+fn large_output_arrives_intact_including_last_bytes() {
+    // 8 MiB of a known pattern, then a marker written right before exit.
+    let script = "head -c 8388608 /dev/zero | tr '\\0' 'x'; printf END";
+    let mut s = start(&["/bin/sh", "-c", script], StdinMode::Null);
+    let c = collect(&mut s, |_| {});
+    assert_eq!(c.stdout.len(), 8 * 1024 * 1024 + 3);
+    assert!(c.stdout[..8 * 1024 * 1024].iter().all(|&b| b == b'x'));
+    assert!(c.stdout.ends_with(b"END"));
+}
+
+#[test]
+fn signals_reach_the_whole_process_group() {
+    // The job and a grandchild both trap USR1 and report it; then TERM ends them.
+    let dir = std::env::temp_dir().join(format!("agent-sig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("log");
+    let script = format!(
+        "trap 'echo parent-usr1 >> {log}' USR1; \
+         (trap 'echo child-usr1 >> {log}; exit 0' USR1; echo ready-child >> {log}; while :; do sleep 0.05; done) & \
+         echo ready >&2; while :; do sleep 0.05; done",
+        log = log.display()
+    );
+    let mut s = start(&["/bin/sh", "-c", &script], StdinMode::Null);
+    let mut c = Collected::default();
+    loop {
+        match s.reader.read_frame().unwrap() {
+            Some(Frame::Started { .. }) => c.started = true,
+            Some(Frame::Stderr(d)) => {
+                c.stderr.extend_from_slice(&d);
+                if c.stderr.ends_with(b"ready\n") {
+                    // Wait for the grandchild's trap to be installed too.
+                    for _ in 0..200 {
+                        if std::fs::read_to_string(&log)
+                            .unwrap_or_default()
+                            .contains("ready-child")
+                        {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    s.writer
+                        .write_frame(&Frame::Signal {
+                            signo: libc::SIGUSR1,
+                        })
+                        .unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                    s.writer
+                        .write_frame(&Frame::Signal {
+                            signo: libc::SIGTERM,
+                        })
+                        .unwrap();
+                }
+            }
+            Some(Frame::Eof(_)) => {}
+            Some(Frame::Exit { wait_status, .. }) => {
+                s.writer.write_frame(&Frame::Ack).unwrap();
+                assert!(libc::WIFSIGNALED(wait_status));
+                assert_eq!(libc::WTERMSIG(wait_status), libc::SIGTERM);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    s.agent.wait().unwrap();
+    let got = std::fs::read_to_string(&log).unwrap();
+    assert!(got.contains("parent-usr1"), "{got}");
+    assert!(got.contains("child-usr1"), "{got}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn orphans_are_killed_and_reaped_when_the_job_ends() {
+    let mut s = start(
+        &[
+            "/bin/sh",
+            "-c",
+            "for i in $(seq 100); do sleep 600 & done; echo $$",
+        ],
+        StdinMode::Null,
+    );
+    let c = collect(&mut s, |_| {});
+    let pgid: i32 = String::from_utf8_lossy(&c.stdout).trim().parse().unwrap();
+    // SAFETY: kill with signal 0 only checks for existence.
+    let alive = unsafe { libc::kill(-pgid, 0) };
+    assert_eq!(alive, -1, "no process of the job's group survives");
+}
+
+#[test]
+fn spawn_failures_name_the_step() {
+    let mut s = start(&["/nonexistent/program"], StdinMode::Null);
+    let (stage, errno, message) = collect(&mut s, |_| {}).spawn_failed.unwrap();
+    assert_eq!(stage, SpawnStage::Exec);
+    assert_eq!(errno, libc::ENOENT);
+    assert!(message.contains("/nonexistent/program"), "{message}");
+}
+
+#[test]
+fn host_vanishing_kills_the_job() {
+    let mut s = start(&["/bin/sh", "-c", "echo $$; sleep 600"], StdinMode::Null);
+    let mut pid = None;
+    while pid.is_none() {
+        if let Some(Frame::Stdout(d)) = s.reader.read_frame().unwrap() {
+            pid = String::from_utf8_lossy(&d).trim().parse::<i32>().ok();
+        }
+    }
+    drop(s.writer);
+    drop(s.reader);
+    let status = s.agent.wait().unwrap();
+    assert!(!status.success(), "the agent reports the lost host");
+    // The job is killed and reaped (a zombie would still answer kill 0).
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: kill with signal 0 only checks for existence.
+        unsafe { libc::kill(pid.unwrap(), 0) == -1 }
+    });
+    assert!(gone, "job process {} still exists", pid.unwrap());
+}
