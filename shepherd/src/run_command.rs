@@ -103,7 +103,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for signo in signals.forever() {
-            controller.signal(signo);
+            // The job leads an orphaned process group in the guest, for which the kernel
+            // discards SIGTSTP; a terminal stop therefore stops the job with SIGSTOP.
+            let relayed = if signo == SIGTSTP {
+                libc::SIGSTOP
+            } else {
+                signo
+            };
+            controller.signal(relayed);
         }
     });
     let result = job.wait();

@@ -1,2 +1,69 @@
-//! Shared helpers for the integration tests: where the built binaries and the guest image are,
-//! and how a test that cannot run on this machine says so.
+//! Shared helpers for the integration tests: where the built binaries and the guest image are.
+//!
+//! The guest image is built by `scripts/setup.sh` (see the README). A test that needs it and
+//! does not find it fails with that instruction rather than passing silently.
+
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The `sge_virtualizer` binary built alongside the tests (`SGE_VIRTUALIZER_BIN` overrides).
+pub fn sge_virtualizer_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SGE_VIRTUALIZER_BIN") {
+        return PathBuf::from(p);
+    }
+    // Test executables live in target/<profile>/deps; the binary one level up.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> directory");
+    let bin = profile_dir.join("sge_virtualizer");
+    assert!(
+        bin.is_file(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// The guest image directory (`build/guest`), checked to be complete.
+pub fn guest_image_dir() -> PathBuf {
+    let dir = repo_root().join("build/guest");
+    for f in ["vmlinux", "initramfs.cpio"] {
+        assert!(
+            dir.join(f).is_file(),
+            "guest image file {} missing: run scripts/setup.sh first (README)",
+            dir.join(f).display()
+        );
+    }
+    dir
+}
+
+/// The guest kernel's release string, from the image manifest.
+pub fn guest_kernel_release() -> String {
+    let manifest = std::fs::read_to_string(guest_image_dir().join("manifest.json"))
+        .expect("build/guest/manifest.json");
+    let v: serde_json::Value = serde_json::from_str(&manifest).expect("manifest is JSON");
+    v["kernel_release"]
+        .as_str()
+        .expect("manifest has kernel_release")
+        .to_string()
+}
+
+/// True where hardware virtualization (vmx/svm) is present, so KVM can run a Linux guest.
+pub fn hardware_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}

@@ -169,7 +169,9 @@ impl VmBackend for QemuBackend {
             .arg(&spec.kernel)
             .arg("-initrd")
             .arg(&spec.initrd)
-            .args(["-append", &spec.cmdline])
+            // microvm has no i8042 to pulse: a triple-fault reset ends it (with -no-reboot)
+            // about a second sooner than the keyboard-controller method's fallbacks.
+            .args(["-append", &format!("reboot=t {}", spec.cmdline)])
             .stdin(Stdio::null())
             .stdout(qemu_log.try_clone()?)
             .stderr(qemu_log);
