@@ -248,12 +248,18 @@ else
     done
     WORK=$(mktemp -d "$OUT/.initramfs.XXXXXX")
     trap 'rm -rf "$WORK"' EXIT
+    APPLET_RE='^[][A-Za-z0-9._+-]+$'   # includes the applets "[" and "[["
     mapfile -t APPLETS < <("$BUSYBOX" --list | LC_ALL=C sort -u)
     [[ ${#APPLETS[@]} -gt 0 ]] || die "'$BUSYBOX --list' printed nothing"
     while IFS= read -r line || [[ -n $line ]]; do
+        if [[ $line == \#* || -z $line ]]; then
+            printf '%s\n' "$line"   # comments and blank lines pass through as they are
+            continue
+        fi
         if [[ $line == "@BUSYBOX_APPLETS@" ]]; then
             for a in "${APPLETS[@]}"; do
-                [[ $a =~ ^[A-Za-z0-9._+-]+$ ]] || die "odd applet name from busybox --list: '$a'"
+                [[ $a != busybox ]] || continue   # --list names busybox itself; /bin/busybox is the binary
+                [[ $a =~ $APPLET_RE ]] || die "odd applet name from busybox --list: '$a'"
                 printf 'slink /bin/%s /bin/busybox 0777 0 0\n' "$a"
             done
             continue
@@ -296,4 +302,8 @@ fi
     printf '}\n'
 } >"$OUT/manifest.json.tmp"
 mv "$OUT/manifest.json.tmp" "$OUT/manifest.json"
-say "done: $OUT/{vmlinux,initramfs.cpio,manifest.json} (kernel $KERNEL_RELEASE)"
+if [[ $KERNEL_ONLY == 1 ]]; then
+    say "done: $OUT/{vmlinux,manifest.json} (kernel $KERNEL_RELEASE)"
+else
+    say "done: $OUT/{vmlinux,initramfs.cpio,manifest.json} (kernel $KERNEL_RELEASE)"
+fi

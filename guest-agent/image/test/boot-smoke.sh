@@ -88,7 +88,9 @@ for run in $(seq 1 "$RUNS"); do
     t_end=$(( $(now_us) - t0 ))
     kill "$VHOST_PID" 2>/dev/null || true; wait "$VHOST_PID" 2>/dev/null || true; VHOST_PID=
 
-    if [[ $VERBOSE == 1 ]]; then sed 's/^[0-9]* //' "$TMP/console.log"; fi
+    if [[ $VERBOSE == 1 ]]; then
+        while read -r t rest; do printf '+%s %s\n' "$(ms "$t")" "$rest"; done <"$TMP/console.log"
+    fi
     cut -d' ' -f2- "$TMP/console.log" >"$TMP/console.txt"
     get() { sed -n "s/^SGE-SMOKE $1=\(.*\)$/\1/p" "$TMP/console.txt" | head -n1; }
     t_init=$(awk '/SGE-SMOKE init-start/ {print $1; exit}' "$TMP/console.log")
@@ -107,7 +109,7 @@ for run in $(seq 1 "$RUNS"); do
     [[ -z $WANT_RELEASE || $release == "$WANT_RELEASE" ]] || problems+=("uname -r $release, manifest says $WANT_RELEASE")
 
     printf 'boot-smoke run %d: boot-to-init %ss wall (guest uptime %ss), whole run %ss; kernel %s, %s vCPU(s), cgroup controllers: %s\n' \
-        "$run" "$( [[ -n $t_init ]] && ms "$t_init" || echo '?')" "$(get init-start | sed 's/uptime=//')" \
+        "$run" "$( [[ -n $t_init ]] && ms "$t_init" || echo '?')" "$(sed -n 's/^SGE-SMOKE init-start uptime=//p' "$TMP/console.txt")" \
         "$(ms "$t_end")" "${release:-?}" "$(get cpus)" "$(get cgroup-controllers)"
     if [[ ${#problems[@]} -gt 0 ]]; then
         fail=1
