@@ -21,6 +21,9 @@ fn main() -> ExitCode {
     let start_boottime_ns = clock_ns(ClockId::CLOCK_BOOTTIME);
     let start_realtime_ns = clock_ns(ClockId::CLOCK_REALTIME);
     let pid1 = std::process::id() == 1;
+    if pid1 {
+        agent::pid1::signal_boot_timer();
+    }
 
     let mut endpoint = Endpoint::Vsock {
         cid: HOST_CID,
