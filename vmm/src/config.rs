@@ -1,0 +1,67 @@
+//! What a caller asks for: [`VmConfig`] (kernel, initrd, command line, memory, vCPUs, console,
+//! vsock, seccomp, CPU features to hide).
+
+use std::path::PathBuf;
+
+use crate::cpu::CpuFeature;
+use crate::devices::console::SerialSink;
+
+/// Command line used when the caller gives none: serial console, reset through the i8042
+/// (`reboot=k`, which ends the VM), reboot on panic, no PCI, no modules, and a quiet i8042 probe.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Most vCPUs a VM may have (the MP table's room).
+pub const MAX_VCPUS: u8 = crate::boot::mptable::MAX_CPUS;
+
+/// The host side of the virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more; 0-2 are reserved).
+    pub guest_cid: u64,
+    /// Base path of the host Unix sockets (hybrid vsock): the VMM listens on `uds_path` for
+    /// host-initiated connections (`CONNECT <port>\n`, answered `OK <host_port>\n`) and connects
+    /// guest-initiated connections to port P to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+/// A microVM to start.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Uncompressed ELF `vmlinux` (preferred) or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; the VMM appends a `virtio_mmio.device=` entry per virtio device.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs (1..=[`MAX_VCPUS`]), one host thread each.
+    pub vcpus: u8,
+    /// The virtio-vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// Where the serial console goes.
+    pub serial: SerialSink,
+    /// Install the seccomp filters on the VMM and vCPU threads (see [`crate::seccomp`]).
+    pub seccomp: bool,
+    /// CPU features hidden from the guest's CPUID. Empty by default; only for hosts whose KVM
+    /// cannot emulate them.
+    pub hidden_cpu_features: Vec<CpuFeature>,
+}
+
+impl VmConfig {
+    /// A VM with 128 MiB, one vCPU, [`DEFAULT_CMDLINE`], no console, no vsock, seccomp on.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            mem_mib: 128,
+            vcpus: 1,
+            vsock: None,
+            serial: SerialSink::Discard,
+            seccomp: true,
+            hidden_cpu_features: Vec::new(),
+        }
+    }
+}

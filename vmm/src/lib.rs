@@ -1,0 +1,76 @@
+//! `vmm`: an embedded KVM microVM monitor on the rust-vmm crates. It boots a Linux kernel (or any
+//! 64-bit ELF) in-process with an 8250 serial console, an i8042 reset line, a boot timer and a
+//! virtio-vsock device whose host side is Unix sockets (Firecracker's hybrid-vsock convention).
+//! It knows nothing about Grid Engine.
+//!
+//! # Using it
+//!
+//! ```no_run
+//! use vmm::{Vm, VmConfig, VsockConfig, SerialSink, ExitReason};
+//!
+//! let mut config = VmConfig::new("/path/to/vmlinux");
+//! config.initrd = Some("/path/to/initramfs.cpio".into());
+//! config.mem_mib = 256;
+//! config.vcpus = 2;
+//! config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: "/run/job42/vsock".into() });
+//! config.serial = SerialSink::File { path: "/run/job42/console.log".into(), max_bytes: 1 << 20 };
+//! let vm = Vm::start(config)?;            // returns once the vCPU threads run
+//! // ... talk to the guest agent over <uds_path>_<port> / CONNECT <port> ...
+//! let reason: ExitReason = vm.wait();     // or wait_timeout / request_stop / pause / resume
+//! println!("VM ended: {reason}; boot timer at {:?}", vm.timestamps().boot_time());
+//! # Ok::<(), vmm::VmError>(())
+//! ```
+//!
+//! * [`Vm::start`] builds and starts a VM from a [`VmConfig`]; the [`VmHandle`] it returns
+//!   waits ([`VmHandle::wait`], [`VmHandle::wait_timeout`]), stops
+//!   ([`VmHandle::request_stop`]), pauses and resumes ([`VmHandle::pause`],
+//!   [`VmHandle::resume`]), and reports [`Timestamps`], console output and
+//!   [`MemoryUsage`]. Dropping it stops the VM.
+//! * [`ExitReason`] says why a VM ended: guest reset (i8042, `reboot=k`), triple fault, system
+//!   event, KVM internal error, failed entry, host request, or a VMM thread failure.
+//! * [`kvm_can_run_linux`] tells whether this host's KVM can run a Linux guest at useful speed
+//!   (for choosing a backend), with the reason as text.
+//! * [`BOOT_TIMER_PORT`] / [`BOOT_TIMER_MAGIC`]: the guest agent writes the magic byte to this
+//!   I/O port once at start; the host records the time ([`Timestamps::boot_timer`]).
+//!
+//! # Threads
+//!
+//! One thread per vCPU (`vcpuN`) and, when there are virtio devices, one VMM thread (`vmm`) that
+//! runs the event loop. Each installs its seccomp filter ([`seccomp`]) before running guest code.
+//! vCPUs are kicked out of `KVM_RUN` with the real-time signal `SIGRTMIN +`
+//! [`VCPU_KICK_SIGNAL_OFFSET`]; the embedding program must not use it.
+//!
+//! # Module map
+//!
+//! [`layout`] (guest address map), [`memory`] (guest RAM), [`boot`] (kernel, initrd, zero page,
+//! MP table), [`cpu`] (CPUID, MSRs, registers), `vcpu` (threads, exits, kicks), `lifecycle` (run
+//! state, exit reasons, timestamps), [`devices`] (serial, i8042, boot timer, console),
+//! [`virtio`] (MMIO transport, queues, vsock), `event_loop` (the VMM thread), [`seccomp`],
+//! [`probe`], [`resources`].
+
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+mod event_loop;
+mod handle;
+pub mod layout;
+mod lifecycle;
+pub mod memory;
+pub mod probe;
+pub mod resources;
+pub mod seccomp;
+mod vcpu;
+pub mod virtio;
+mod vm;
+
+pub use config::{VmConfig, VsockConfig, DEFAULT_CMDLINE, MAX_VCPUS};
+pub use cpu::CpuFeature;
+pub use devices::boot_timer::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
+pub use devices::console::SerialSink;
+pub use handle::VmHandle;
+pub use lifecycle::{ExitReason, Timestamps};
+pub use probe::{kvm_can_run_linux, Probe};
+pub use resources::MemoryUsage;
+pub use vcpu::VCPU_KICK_SIGNAL_OFFSET;
+pub use vm::{Vm, VmError};

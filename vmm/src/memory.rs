@@ -1,0 +1,124 @@
+//! Guest RAM: allocation (vm-memory mmap regions laid out by [`crate::layout`]), registration of
+//! the regions as KVM memory slots, and how much of it is resident on the host.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+
+use crate::layout;
+
+/// The guest memory type used throughout the VMM.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Errors while creating or registering guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is zero or too large for the layout.
+    #[error("invalid guest RAM size: {0} MiB")]
+    InvalidSize(u64),
+    /// vm-memory could not map the regions.
+    #[error("cannot map guest RAM: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+    /// The host address of a region could not be resolved.
+    #[error("cannot resolve host address of guest RAM: {0}")]
+    HostAddress(#[from] vm_memory::GuestMemoryError),
+    /// KVM refused a memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
+    SetUserMemoryRegion(kvm_ioctls::Error),
+}
+
+/// Smallest RAM a VM may have: room for the boot structures below 1 MiB plus a kernel.
+pub const MIN_MEM_MIB: u64 = 2;
+/// Largest RAM accepted (1 TiB); a sanity bound on a caller's number, not a KVM limit.
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+/// Allocates guest RAM of `mem_mib` MiB, split around the MMIO gap.
+pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemory, MemoryError> {
+    if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
+        return Err(MemoryError::InvalidSize(mem_mib));
+    }
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_mib << 20)
+        .into_iter()
+        .map(|(a, len)| (a, len as usize))
+        .collect();
+    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
+}
+
+/// Registers every region of `mem` as a KVM memory slot (slot = region index).
+pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region.get_host_address(MemoryRegionAddress(0))?;
+        let slot_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the VM keeps alive (in an Arc)
+        // for as long as the VM fd exists; the slot covers exactly that mapping.
+        unsafe { vm.set_user_memory_region(slot_desc) }
+            .map_err(MemoryError::SetUserMemoryRegion)?;
+    }
+    Ok(())
+}
+
+/// Total size of guest RAM in bytes.
+pub fn ram_size(mem: &GuestMemory) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// Bytes of guest RAM currently resident in host memory, measured with `mincore(2)` over each
+/// region's mapping. Used to separate the VMM's own footprint from the guest's.
+pub fn resident_bytes(mem: &GuestMemory) -> std::io::Result<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page = if page > 0 { page as u64 } else { 4096 };
+    let mut total = 0u64;
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(std::io::Error::other)?;
+        let len = region.len() as usize;
+        let pages = len.div_ceil(page as usize);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `host..host+len` is one page-aligned mapping owned by `mem` (alive during the
+        // call); `vec` has one byte per page of that range as mincore requires.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        total += vec.iter().filter(|b| **b & 1 != 0).count() as u64 * page;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn rejects_tiny_and_huge_sizes() {
+        assert!(matches!(
+            create_guest_memory(0),
+            Err(MemoryError::InvalidSize(0))
+        ));
+        assert!(create_guest_memory(MAX_MEM_MIB + 1).is_err());
+    }
+
+    #[test]
+    fn resident_bytes_grow_when_the_guest_touches_pages() {
+        let mem = create_guest_memory(16).unwrap();
+        assert_eq!(ram_size(&mem), 16 << 20);
+        let before = resident_bytes(&mem).unwrap();
+        for i in 0..64u64 {
+            mem.write_obj(1u8, GuestAddress(i * 4096 + 8 * 4096 * 64))
+                .unwrap();
+        }
+        let after = resident_bytes(&mem).unwrap();
+        assert!(after >= before + 64 * 4096, "before {before} after {after}");
+    }
+}

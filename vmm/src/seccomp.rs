@@ -1,0 +1,124 @@
+//! Seccomp allow-lists (compiled with seccompiler), one per thread kind:
+//!
+//! * vCPU threads: `KVM_RUN` and what device emulation on a vCPU thread needs (eventfd writes,
+//!   console file writes, locks, memory allocation, kicking other vCPUs, thread exit).
+//! * the VMM thread (the event loop of the virtio devices): epoll, Unix-socket I/O for the vsock
+//!   muxer (`socket` limited to `AF_UNIX`), eventfds, locks, allocation, thread exit.
+//!
+//! Each thread installs its filter itself before it runs guest code or handles guest-driven
+//! events. Anything else kills the process (`SECCOMP_RET_KILL_PROCESS`): a VMM thread making an
+//! unexpected system call is treated as compromised.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// `KVM_RUN` ioctl request number.
+const KVM_RUN: u64 = 0xae80;
+/// `FIONBIO` ioctl request number (std's `set_nonblocking`).
+const FIONBIO: u64 = 0x5421;
+
+/// Errors while building a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// seccompiler rejected a rule or the filter.
+    #[error("cannot build the seccomp filter: {0}")]
+    Build(#[from] seccompiler::BackendError),
+}
+
+/// Syscalls every VMM thread needs: memory allocation, locks, signals, time, thread exit.
+const COMMON: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_read,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Additional syscalls of the VMM (event loop) thread.
+const VMM_THREAD: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_create1,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_fcntl,
+    libc::SYS_getrandom,
+];
+
+fn eq(arg: u8, value: u64) -> Result<SeccompRule, SeccompError> {
+    Ok(SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        value,
+    )?])?)
+}
+
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// The allow-list of a vCPU thread.
+pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|s| (*s, vec![])).collect();
+    rules.insert(libc::SYS_ioctl, vec![eq(1, KVM_RUN)?]);
+    // std checks in debug builds that an fd is open before closing it (F_GETFD).
+    rules.insert(libc::SYS_fcntl, vec![eq(1, libc::F_GETFD as u64)?]);
+    compile(rules)
+}
+
+/// The allow-list of the VMM (event loop) thread.
+pub fn vmm_thread_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
+        .iter()
+        .chain(VMM_THREAD)
+        .map(|s| (*s, vec![]))
+        .collect();
+    rules.insert(libc::SYS_socket, vec![eq(0, libc::AF_UNIX as u64)?]);
+    rules.insert(libc::SYS_ioctl, vec![eq(1, FIONBIO)?]);
+    compile(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile() {
+        assert!(!vcpu_filter().unwrap().is_empty());
+        assert!(vmm_thread_filter().unwrap().len() > vcpu_filter().unwrap().len());
+    }
+}
