@@ -184,8 +184,8 @@ install_if_changed() {
     if [[ -f $dst ]] && cmp -s "$src" "$dst"; then
         return 1
     fi
-    cp "$src" "$dst.tmp"
-    mv "$dst.tmp" "$dst"
+    cp "$src" "$dst.tmp.$$"
+    mv "$dst.tmp.$$" "$dst"
 }
 if install_if_changed "$KDIR/vmlinux" "$OUT/vmlinux"; then
     say "wrote $OUT/vmlinux"
@@ -274,7 +274,7 @@ else
     "$KDIR/gen_init_cpio" -t "${SOURCE_DATE_EPOCH:-0}" "$WORK/initramfs.list" >"$WORK/initramfs.cpio" \
         || die "gen_init_cpio failed on $WORK/initramfs.list"
     if install_if_changed "$WORK/initramfs.cpio" "$OUT/initramfs.cpio"; then
-        say "wrote $OUT/initramfs.cpio (${#APPLETS[@]} busybox applets, /init = $INIT_DESC)"
+        say "wrote $OUT/initramfs.cpio ($(grep -c '^slink /bin/.* /bin/busybox ' "$WORK/initramfs.list") busybox applet links, /init = $INIT_DESC)"
     else
         say "$OUT/initramfs.cpio up to date"
     fi
@@ -284,8 +284,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 # manifest.json
 # ---------------------------------------------------------------------------------------------
-{
-    printf '{\n'
+manifest_body() {
     printf '  "kernel_release": %s,\n' "$(json_str "$KERNEL_RELEASE")"
     printf '  "config_hash": %s,\n' "$(json_str "$CONFIG_HASH")"
     printf '  "linux_source": %s,\n' "$(json_str "$LINUX_PKG $LINUX_VER")"
@@ -298,10 +297,15 @@ fi
             "$(stat -c %s "$OUT/initramfs.cpio")" "$(json_str "$(sha "$OUT/initramfs.cpio")")" "$(json_str "$INIT_DESC")"
     fi
     printf '  "kernel_cache": %s,\n' "$(json_str "$KDIR")"
-    printf '  "build_date": %s\n' "$(json_str "$(date -u +%Y-%m-%dT%H:%M:%SZ)")"
-    printf '}\n'
-} >"$OUT/manifest.json.tmp"
-mv "$OUT/manifest.json.tmp" "$OUT/manifest.json"
+}
+# build_date is when the outputs last changed: a run that changes nothing keeps the old manifest.
+BODY=$(manifest_body)
+if [[ -f $OUT/manifest.json ]] && [[ $(grep -v '^[{}]$\|"build_date"' "$OUT/manifest.json") == "$BODY" ]]; then
+    say "$OUT/manifest.json up to date"
+else
+    printf '{\n%s\n  "build_date": %s\n}\n' "$BODY" "$(json_str "$(date -u +%Y-%m-%dT%H:%M:%SZ)")" >"$OUT/manifest.json.tmp.$$"
+    mv "$OUT/manifest.json.tmp.$$" "$OUT/manifest.json"
+fi
 if [[ $KERNEL_ONLY == 1 ]]; then
     say "done: $OUT/{vmlinux,manifest.json} (kernel $KERNEL_RELEASE)"
 else

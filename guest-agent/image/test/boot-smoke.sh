@@ -66,6 +66,9 @@ now_us() { local t=${EPOCHREALTIME/./}; echo "$((10#$t))"; }
 ms() { printf '%d.%03d' $(($1 / 1000000)) $((($1 / 1000) % 1000)); }
 
 fail=0
+INIT_TIMES=()
+TOTAL_TIMES=()
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {if (NR == 0) print "?"; else if (NR % 2) print a[(NR+1)/2]; else printf "%d\n", (a[NR/2]+a[NR/2+1])/2}'; }
 for run in $(seq 1 "$RUNS"); do
     rm -f "$TMP"/vhost.sock "$TMP"/vsock.uds*
     "$VHOST" --vm "guest-cid=3,socket=$TMP/vhost.sock,uds-path=$TMP/vsock.uds" >"$TMP/vhost.log" 2>&1 &
@@ -108,6 +111,8 @@ for run in $(seq 1 "$RUNS"); do
     release=$(get release)
     [[ -z $WANT_RELEASE || $release == "$WANT_RELEASE" ]] || problems+=("uname -r $release, manifest says $WANT_RELEASE")
 
+    [[ -n $t_init ]] && INIT_TIMES+=("$t_init")
+    TOTAL_TIMES+=("$t_end")
     printf 'boot-smoke run %d: boot-to-init %ss wall (guest uptime %ss), whole run %ss; kernel %s, %s vCPU(s), cgroup controllers: %s\n' \
         "$run" "$( [[ -n $t_init ]] && ms "$t_init" || echo '?')" "$(sed -n 's/^SGE-SMOKE init-start uptime=//p' "$TMP/console.txt")" \
         "$(ms "$t_end")" "${release:-?}" "$(get cpus)" "$(get cgroup-controllers)"
@@ -118,5 +123,9 @@ for run in $(seq 1 "$RUNS"); do
         tail -n 40 "$TMP/console.txt" >&2
     fi
 done
+if [[ $RUNS -gt 1 ]]; then
+    printf 'boot-smoke: median of %d runs: boot-to-init %ss wall, whole run %ss\n' "$RUNS" \
+        "$(ms "$(median "${INIT_TIMES[@]}")")" "$(ms "$(median "${TOTAL_TIMES[@]}")")"
+fi
 [[ $fail == 0 ]] || exit 1
 echo "boot-smoke: OK (cmdline: $APPEND)"
