@@ -3,6 +3,8 @@
 //! to host Unix sockets in the hybrid-vsock convention (guest connects to port P → the host
 //! listener `<vsock_uds>_P`).
 
+pub mod embedded;
+mod probe_cache;
 pub mod qemu;
 
 use std::path::PathBuf;
@@ -113,12 +115,25 @@ pub fn select(choice: BackendChoice) -> Result<Selection, BackendError> {
             backend: Box::new(qemu::QemuBackend::locate()?),
             reason: "requested".into(),
         }),
-        BackendChoice::Embedded => Err(BackendError::Unavailable(
-            "the embedded VMM backend is not built into this binary yet".into(),
-        )),
-        BackendChoice::Auto => Ok(Selection {
-            backend: Box::new(qemu::QemuBackend::locate()?),
-            reason: "embedded VMM not available; using QEMU".into(),
+        BackendChoice::Embedded => Ok(Selection {
+            backend: Box::new(embedded::EmbeddedBackend),
+            reason: "requested".into(),
         }),
+        BackendChoice::Auto => {
+            let (usable, why) = embedded::usable();
+            if usable {
+                Ok(Selection {
+                    backend: Box::new(embedded::EmbeddedBackend),
+                    reason: format!("auto: {why}"),
+                })
+            } else {
+                Ok(Selection {
+                    backend: Box::new(qemu::QemuBackend::locate()?),
+                    reason: format!(
+                        "auto: QEMU, because the embedded VMM cannot run Linux here: {why}"
+                    ),
+                })
+            }
+        }
     }
 }
