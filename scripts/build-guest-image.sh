@@ -120,7 +120,7 @@ check_config() {
         if [[ $line =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]]; then
             if ! grep -qxF -- "$line" "$config"; then
                 sym=${BASH_REMATCH[1]}
-                echo "  wanted: $line   got: $(grep -E "^(# )?$sym[= ]" "$config" || echo "(absent: dependencies not met)")" >&2
+                echo "  wanted: $line   got: $(grep -E "^(# )?${sym}[= ]" "$config" || echo "(absent: dependencies not met)")" >&2
                 bad=1
             fi
         elif [[ $line =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then

@@ -11,7 +11,8 @@
 #   --image DIR     a directory with vmlinux + initramfs.cpio whose /init is smoke-init.sh
 #                   (default: build one with scripts/build-guest-image.sh --init ... into
 #                   <repo>/build/guest-smoke)
-#   --append ARGS   kernel command line (default: "console=ttyS0 reboot=k panic=-1")
+#   --append ARGS   kernel command line (default: "console=ttyS0 reboot=t panic=-1"; microvm
+#                   has no i8042, so reboot=k would spin ~1 s before the reset)
 #   --runs N        boot N times and print each run's times (default 1)
 #   --smp N         vCPUs (default 1)
 #   --verbose       print the guest console
@@ -21,7 +22,7 @@ die() { echo "boot-smoke: error: $*" >&2; exit 1; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 IMAGE=
-APPEND="console=ttyS0 reboot=k panic=-1"
+APPEND="console=ttyS0 reboot=t panic=-1"
 RUNS=1
 SMP=1
 VERBOSE=0

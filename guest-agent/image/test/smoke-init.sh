@@ -15,7 +15,9 @@ echo "SGE-SMOKE uptime=$(cut -d' ' -f1 /proc/uptime)"
 echo "SGE-SMOKE release=$(uname -r)"
 echo "SGE-SMOKE cpus=$(grep -c ^processor /proc/cpuinfo)"
 for d in /sys/bus/virtio/drivers/*/; do
-    echo "SGE-SMOKE driver=$(basename "$d") devices=$(ls "$d" | grep '^virtio' | tr '\n' ' ')"
+    devs=
+    for v in "$d"virtio*; do [ -e "$v" ] && devs="$devs$(basename "$v") "; done
+    echo "SGE-SMOKE driver=$(basename "$d") devices=$devs"
 done
 for dev in /sys/bus/virtio/devices/*; do
     [ -e "$dev" ] || continue
