@@ -36,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         --init) [[ $# -ge 2 ]] || die "--init needs a file"; INIT_OVERRIDE=$2; shift 2 ;;
         --kernel-only) KERNEL_ONLY=1; shift ;;
         --jobs) [[ $# -ge 2 ]] || die "--jobs needs a number"; JOBS=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
