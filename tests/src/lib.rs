@@ -67,3 +67,10 @@ pub fn hardware_virtualization() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Says that a test did not run and why, where it is always seen: straight to the process's
+/// stderr, past the test harness's output capture (which hides `eprintln!` of passing tests).
+pub fn report_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
+}

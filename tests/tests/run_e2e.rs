@@ -1,21 +1,17 @@
 //! `sge_virtualizer run` end to end: a real Linux guest (the project's kernel + initramfs +
 //! agent) booted by the selected backend, with real vsock.
 //!
-//! Backend: `SGE_VIRTUALIZER_TEST_BACKEND` (default `qemu`, which works on every machine via
-//! TCG). Where hardware virtualization exists, `run_e2e_embedded` repeats the core checks with
-//! the embedded VMM; elsewhere it says why it did not run.
+//! Every check runs once per backend: `qemu::*` (works on every machine, via TCG here) and
+//! `embedded::*`, which needs hardware virtualization and otherwise prints why it did not run.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    guest_image_dir, guest_kernel_release, hardware_virtualization, sge_virtualizer_bin,
+    guest_image_dir, guest_kernel_release, hardware_virtualization, report_skip,
+    sge_virtualizer_bin,
 };
-
-fn backend() -> String {
-    std::env::var("SGE_VIRTUALIZER_TEST_BACKEND").unwrap_or_else(|_| "qemu".into())
-}
 
 fn run_cmd(backend: &str, args: &[&str]) -> Command {
     let dir = guest_image_dir();
@@ -73,36 +69,37 @@ fn check_guest_kernel(backend: &str) {
     assert_ne!(guest, host, "the job ran on the host kernel");
 }
 
-#[test]
-fn exit_code_and_separate_streams() {
-    check_exit_code_and_streams(&backend());
+fn exit_code_and_separate_streams(backend: &str) {
+    check_exit_code_and_streams(backend);
 }
 
-#[test]
-fn killed_by_signal_exits_128_plus_n() {
+fn echo_hi(backend: &str) {
+    let out = run_output(backend, &["-n", "--", "/bin/echo", "hi"], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"hi\n");
+}
+
+fn killed_by_signal_exits_128_plus_n(backend: &str) {
     let out = run_output(
-        &backend(),
+        backend,
         &["-n", "--", "/bin/sh", "-c", "kill -TERM $$"],
         b"",
     );
     assert_eq!(out.status.code(), Some(143), "{out:?}");
 }
 
-#[test]
-fn runs_on_the_guest_kernel() {
-    check_guest_kernel(&backend());
+fn runs_on_the_guest_kernel(backend: &str) {
+    check_guest_kernel(backend);
 }
 
-#[test]
-fn stdin_is_relayed() {
-    let out = run_output(&backend(), &["--", "cat"], b"abc");
+fn stdin_is_relayed(backend: &str) {
+    let out = run_output(backend, &["--", "cat"], b"abc");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, b"abc");
 }
 
-#[test]
-fn timings_line_has_every_phase() {
-    let out = run_output(&backend(), &["-n", "--timings", "--", "/bin/true"], b"");
+fn timings_line_has_every_phase(backend: &str) {
+    let out = run_output(backend, &["-n", "--timings", "--", "/bin/true"], b"");
     assert!(out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line = stderr.lines().last().expect("a timings line");
@@ -122,16 +119,15 @@ fn timings_line_has_every_phase() {
         last = t;
     }
     assert!(v["guest_init_ms"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["backend"], backend());
+    assert_eq!(v["backend"], backend);
 }
 
 /// 64 MiB of random bytes, checksummed in the guest and on the host, then a marker written
 /// right before exit.
-#[test]
-fn sixty_four_mib_of_stdout_arrive_byte_identical() {
+fn sixty_four_mib_of_stdout_arrive_byte_identical(backend: &str) {
     let script = "head -c 67108864 /dev/urandom > /tmp/data && sha256sum /tmp/data >&2 && cat /tmp/data && printf LAST-BYTES";
     let out = run_output(
-        &backend(),
+        backend,
         &["-n", "--mem", "512", "--", "/bin/sh", "-c", script],
         b"",
     );
@@ -195,8 +191,7 @@ fn send(child: &Child, sig: i32) {
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
 }
 
-#[test]
-fn signals_reach_the_jobs_process_group() {
+fn signals_reach_the_jobs_process_group(backend: &str) {
     // The job and a grandchild report USR1, CONT and TERM. The job waits for the grandchild in
     // its TERM trap, so the grandchild's report is not cut short by the group kill that follows
     // the job's exit.
@@ -209,7 +204,7 @@ fn signals_reach_the_jobs_process_group() {
         sleep 0.5; echo ready
         while :; do sleep 0.1; done
     "#;
-    let mut child = run_cmd(&backend(), &["-n", "--", "/bin/sh", "-c", script])
+    let mut child = run_cmd(backend, &["-n", "--", "/bin/sh", "-c", script])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -240,14 +235,13 @@ fn signals_reach_the_jobs_process_group() {
     );
 }
 
-#[test]
-fn terminal_stop_suspends_the_job_and_cont_resumes_it() {
+fn terminal_stop_suspends_the_job_and_cont_resumes_it(backend: &str) {
     // SIGTSTP to sge_virtualizer stops the job's group (as SIGSTOP: a TSTP would be ignored by
     // the kernel for the job's orphaned process group); SIGCONT resumes it.
     let script = r#"
         i=0; while :; do i=$((i+1)); echo "tick $i"; sleep 0.05; done
     "#;
-    let mut child = run_cmd(&backend(), &["-n", "--", "/bin/sh", "-c", script])
+    let mut child = run_cmd(backend, &["-n", "--", "/bin/sh", "-c", script])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -268,11 +262,10 @@ fn terminal_stop_suspends_the_job_and_cont_resumes_it() {
     let _ = child.wait();
 }
 
-#[test]
-fn orphaned_background_children_do_not_keep_the_vm_alive() {
+fn orphaned_background_children_do_not_keep_the_vm_alive(backend: &str) {
     let start = Instant::now();
     let out = run_output(
-        &backend(),
+        backend,
         &[
             "-n",
             "--",
@@ -291,13 +284,12 @@ fn orphaned_background_children_do_not_keep_the_vm_alive() {
     );
 }
 
-#[test]
-fn missing_kernel_is_a_clear_error() {
+fn missing_kernel_is_a_clear_error(backend: &str) {
     let out = Command::new(sge_virtualizer_bin())
         .args([
             "run",
             "--backend",
-            &backend(),
+            backend,
             "--kernel",
             "/nonexistent/vmlinux",
             "-n",
@@ -311,18 +303,68 @@ fn missing_kernel_is_a_clear_error() {
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
 }
 
-#[test]
-fn run_e2e_embedded() {
-    if !hardware_virtualization() {
-        eprintln!(
-            "SKIPPED run_e2e_embedded: no vmx/svm in /proc/cpuinfo, so KVM here cannot run a Linux \
-             user space (software-emulated kernel mode); the embedded backend's full job path \
-             needs hardware virtualization"
+/// Whether `backend` can run a Linux guest on this machine; says why not.
+fn runnable(backend: &str, test: &str) -> bool {
+    if backend == "embedded" && !hardware_virtualization() {
+        report_skip(
+            &format!("embedded::{test}"),
+            &format!(
+                "no vmx/svm in /proc/cpuinfo, so KVM on this machine emulates guest kernel code \
+                 in software and cannot run a Linux user space; the embedded backend's job path \
+                 needs hardware virtualization (qemu::{test} ran instead)"
+            ),
         );
-        return;
+        return false;
     }
-    check_exit_code_and_streams("embedded");
-    check_guest_kernel("embedded");
-    let out = run_output("embedded", &["--", "/bin/echo", "hi"], b"");
-    assert_eq!(out.stdout, b"hi\n", "{out:?}");
+    true
 }
+
+macro_rules! backend_suite {
+    ($module:ident, $backend:literal, [$($test:ident),* $(,)?]) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    if super::runnable($backend, stringify!($test)) {
+                        super::$test($backend);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+backend_suite!(
+    qemu,
+    "qemu",
+    [
+        exit_code_and_separate_streams,
+        echo_hi,
+        killed_by_signal_exits_128_plus_n,
+        runs_on_the_guest_kernel,
+        stdin_is_relayed,
+        timings_line_has_every_phase,
+        sixty_four_mib_of_stdout_arrive_byte_identical,
+        signals_reach_the_jobs_process_group,
+        terminal_stop_suspends_the_job_and_cont_resumes_it,
+        orphaned_background_children_do_not_keep_the_vm_alive,
+        missing_kernel_is_a_clear_error
+    ]
+);
+backend_suite!(
+    embedded,
+    "embedded",
+    [
+        exit_code_and_separate_streams,
+        echo_hi,
+        killed_by_signal_exits_128_plus_n,
+        runs_on_the_guest_kernel,
+        stdin_is_relayed,
+        timings_line_has_every_phase,
+        sixty_four_mib_of_stdout_arrive_byte_identical,
+        signals_reach_the_jobs_process_group,
+        terminal_stop_suspends_the_job_and_cont_resumes_it,
+        orphaned_background_children_do_not_keep_the_vm_alive,
+        missing_kernel_is_a_clear_error
+    ]
+);
