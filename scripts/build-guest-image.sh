@@ -148,7 +148,7 @@ build_kernel() {
     if ! check_config "$SRC/.config"; then
         die "the options above from $FRAGMENT did not end up in .config (missing dependency?)"
     fi
-    say "building vmlinux with make -j$JOBS (about 2-3 minutes on 2 cores)"
+    say "building vmlinux with make -j$JOBS (cold: about 4 minutes on 2 cores; incremental: seconds)"
     local t0=$SECONDS
     if ! make -C "$SRC" -j"$JOBS" vmlinux >>"$log" 2>&1; then
         tail -n 40 "$log" >&2
