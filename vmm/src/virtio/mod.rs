@@ -1,24 +1,171 @@
-//! Virtio devices over the MMIO transport.
+//! Virtio devices over the MMIO transport: the transport ([`mmio`]), the device interface
+//! ([`device`]), interrupts ([`interrupt`]), descriptor-chain validation ([`chain`]), the vsock
+//! device ([`vsock`]), and wiring a device into a VM ([`attach_devices`]: MMIO window, irqfd,
+//! one ioeventfd per queue, the event-loop subscriber, the `virtio_mmio.device=` cmdline entry).
 
-use kvm_ioctls::VmFd;
+pub mod chain;
+pub mod device;
+pub mod interrupt;
+pub mod mmio;
+pub mod vsock;
+
+use std::os::unix::io::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::loader::Cmdline;
-use vm_device::device_manager::IoManager;
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET};
+use vm_device::bus::{MmioAddress, MmioAddressOffset, MmioRange};
+use vm_device::device_manager::{IoManager, MmioManager};
+use vm_device::{DeviceMmio, MutDeviceMmio};
+use vm_memory::GuestAddress;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
+use crate::devices::irq_trigger::IrqTrigger;
 use crate::event_loop::Subscriber;
+use crate::layout;
 use crate::memory::GuestMemory;
+use interrupt::InterruptLine;
+use mmio::MmioTransport;
+use vsock::{Muxer, MuxerError, VsockDevice, VsockStats};
 
-/// Errors of the virtio layer.
+/// Errors while attaching virtio devices.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
-    /// Not yet available.
-    #[error("virtio-vsock is not available yet")]
-    Unsupported,
+    /// The vsock muxer could not be set up.
+    #[error(transparent)]
+    Muxer(#[from] MuxerError),
+    /// A queue could not be created.
+    #[error("cannot create a virtqueue: {0}")]
+    Queue(virtio_queue::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// KVM refused an irqfd or ioeventfd.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// The MMIO window could not be registered.
+    #[error("cannot register the MMIO window: {0}")]
+    Bus(String),
+    /// The command line entry could not be added.
+    #[error("cannot add the device to the command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
 }
 
-/// State of an attached vsock device.
-#[derive(Debug)]
-pub struct VsockDeviceInfo;
+fn lock(t: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The transport on the MMIO bus (vCPU threads).
+struct MmioWindow(Arc<Mutex<MmioTransport>>);
+
+impl DeviceMmio for MmioWindow {
+    fn mmio_read(&self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        lock(&self.0).mmio_read(base, offset, data);
+    }
+
+    fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        lock(&self.0).mmio_write(base, offset, data);
+    }
+}
+
+/// The transport in the event loop (VMM thread): queue ioeventfds and the backend fd.
+struct TransportEvents {
+    transport: Arc<Mutex<MmioTransport>>,
+    queue_evts: Vec<EventFd>,
+    backend_fd: Option<RawFd>,
+}
+
+/// Event data tag for the backend fd (queue fds use their index).
+const BACKEND_EVENT: u32 = u32::MAX;
+
+impl MutEventSubscriber for TransportEvents {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let tag = events.data();
+        if tag == BACKEND_EVENT {
+            lock(&self.transport).backend_ready();
+        } else if let Some(evt) = self.queue_evts.get(tag as usize) {
+            let _ = evt.read();
+            lock(&self.transport).notify_queue(tag as usize);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                tracing::error!("cannot watch virtio queue {i}: {e:?}");
+            }
+        }
+        if let Some(fd) = self.backend_fd {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, BACKEND_EVENT, EventSet::IN)) {
+                tracing::error!("cannot watch the virtio backend: {e:?}");
+            }
+        }
+    }
+}
+
+/// The vsock device as the VM handle sees it.
+#[derive(Clone)]
+pub struct VsockDeviceInfo {
+    transport: Arc<Mutex<MmioTransport>>,
+    stats: Arc<VsockStats>,
+    /// Guest physical address of the device's MMIO window.
+    pub mmio_base: u64,
+    /// The device's GSI.
+    pub gsi: u32,
+}
+
+impl std::fmt::Debug for VsockDeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockDeviceInfo")
+            .field("mmio_base", &self.mmio_base)
+            .field("gsi", &self.gsi)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl VsockDeviceInfo {
+    /// The virtio device status register (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK...).
+    pub fn status(&self) -> u32 {
+        lock(&self.transport).status()
+    }
+
+    /// Whether the guest driver brought the device to DRIVER_OK and it is running.
+    pub fn driver_ok(&self) -> bool {
+        let t = lock(&self.transport);
+        t.status() & VIRTIO_CONFIG_S_DRIVER_OK != 0 && t.is_activated()
+    }
+
+    /// Whether the device is in DEVICE_NEEDS_RESET.
+    pub fn needs_reset(&self) -> bool {
+        self.status() & VIRTIO_CONFIG_S_NEEDS_RESET != 0
+    }
+
+    /// Descriptor chains dropped as malformed.
+    pub fn malformed_chains(&self) -> u64 {
+        self.stats.malformed_chains.load(Ordering::Relaxed)
+    }
+
+    /// Packets the guest sent.
+    pub fn tx_packets(&self) -> u64 {
+        self.stats.tx_packets.load(Ordering::Relaxed)
+    }
+
+    /// Packets delivered to the guest.
+    pub fn rx_packets(&self) -> u64 {
+        self.stats.rx_packets.load(Ordering::Relaxed)
+    }
+}
 
 /// Devices attached to a VM.
 pub(crate) struct AttachedDevices {
@@ -26,18 +173,79 @@ pub(crate) struct AttachedDevices {
     pub(crate) vsock: Option<VsockDeviceInfo>,
 }
 
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VirtioError {
+    move |source| VirtioError::Kvm { what, source }
+}
+
+/// Creates the configured virtio devices and wires them into the VM.
 pub(crate) fn attach_devices(
     config: &VmConfig,
-    _vm: &VmFd,
-    _io: &mut IoManager,
-    _mem: &std::sync::Arc<GuestMemory>,
-    _cmdline: &mut Cmdline,
+    vm: &VmFd,
+    io: &mut IoManager,
+    mem: &Arc<GuestMemory>,
+    cmdline: &mut Cmdline,
 ) -> Result<AttachedDevices, VirtioError> {
-    if config.vsock.is_some() {
-        return Err(VirtioError::Unsupported);
-    }
-    Ok(AttachedDevices {
+    let mut attached = AttachedDevices {
         subscribers: Vec::new(),
         vsock: None,
-    })
+    };
+    let Some(vc) = &config.vsock else {
+        return Ok(attached);
+    };
+    let index = 0;
+    let base = layout::virtio_mmio_addr(index);
+    let gsi = layout::VIRTIO_FIRST_GSI + index;
+
+    let device = VsockDevice::new(vc.guest_cid, Muxer::new(vc.guest_cid, &vc.uds_path)?);
+    let stats = device.stats();
+    let backend_fd = vsock_backend_fd(&device);
+    let queue_count = virtio_device_queue_count(&device);
+
+    let irq = IrqTrigger::new().map_err(VirtioError::EventFd)?;
+    vm.register_irqfd(irq.eventfd(), gsi)
+        .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+    let interrupt = Arc::new(InterruptLine::new(irq));
+    let transport = Arc::new(Mutex::new(
+        MmioTransport::new(Box::new(device), mem.clone(), interrupt).map_err(VirtioError::Queue)?,
+    ));
+
+    let mut queue_evts = Vec::with_capacity(queue_count);
+    for q in 0..queue_count {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
+        vm.register_ioevent(
+            &evt,
+            &IoEventAddress::Mmio(base + mmio::REG_QUEUE_NOTIFY),
+            q as u32,
+        )
+        .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        queue_evts.push(evt);
+    }
+    let range = MmioRange::new(MmioAddress(base), layout::VIRTIO_MMIO_SIZE)
+        .map_err(|e| VirtioError::Bus(format!("{e:?}")))?;
+    io.register_mmio(range, Arc::new(MmioWindow(transport.clone())))
+        .map_err(|e| VirtioError::Bus(format!("{e:?}")))?;
+    cmdline
+        .add_virtio_mmio_device(layout::VIRTIO_MMIO_SIZE, GuestAddress(base), gsi, None)
+        .map_err(VirtioError::Cmdline)?;
+
+    attached.subscribers.push(Box::new(TransportEvents {
+        transport: transport.clone(),
+        queue_evts,
+        backend_fd,
+    }));
+    attached.vsock = Some(VsockDeviceInfo {
+        transport,
+        stats,
+        mmio_base: base,
+        gsi,
+    });
+    Ok(attached)
+}
+
+fn vsock_backend_fd(d: &VsockDevice) -> Option<RawFd> {
+    device::VirtioDevice::backend_fd(d)
+}
+
+fn virtio_device_queue_count(d: &VsockDevice) -> usize {
+    device::VirtioDevice::queue_max_sizes(d).len()
 }

@@ -1,0 +1,46 @@
+//! What a virtio device implements to sit behind the MMIO transport: identity, features,
+//! configuration space, activation with the driver's queues, queue notifications, and reset.
+
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+
+use super::interrupt::InterruptLine;
+use crate::memory::GuestMemory;
+
+/// A fault that leaves the device unusable until the driver resets it (the transport then sets
+/// DEVICE_NEEDS_RESET). Faults come from the guest breaking the virtqueue protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("virtqueue fault: {0}")]
+pub struct DeviceFault(pub String);
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (e.g. 19 for vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered.
+    fn features(&self) -> u64;
+    /// Reads the configuration space at `offset`; bytes past its end read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the configuration space (ignored by devices without writable fields).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: takes the queues the driver set up and starts working.
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemory>,
+        queues: Vec<Queue>,
+        interrupt: Arc<InterruptLine>,
+        acked_features: u64,
+    ) -> Result<(), DeviceFault>;
+    /// The driver notified queue `index`.
+    fn queue_notified(&mut self, index: usize) -> Result<(), DeviceFault>;
+    /// A host-side fd the event loop should watch for this device, if any.
+    fn backend_fd(&self) -> Option<RawFd>;
+    /// The backend fd is ready.
+    fn backend_ready(&mut self) -> Result<(), DeviceFault>;
+    /// Device reset: drops the queues and all device state tied to the driver.
+    fn reset(&mut self);
+}

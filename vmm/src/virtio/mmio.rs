@@ -1,0 +1,333 @@
+//! The virtio-mmio transport (virtio 1.x, register layout version 2): the register window the
+//! driver programs — identification, feature negotiation, device status, queue set-up,
+//! interrupt status/acknowledge, configuration generation and space — and the step to
+//! DRIVER_OK that hands the queues to the [`VirtioDevice`]. Queue notifications arrive through
+//! ioeventfds (one per queue, data-matched on the queue index), registered by [`super::attach`].
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_device::bus::{MmioAddress, MmioAddressOffset};
+use vm_device::MutDeviceMmio;
+
+use super::device::{DeviceFault, VirtioDevice};
+use super::interrupt::InterruptLine;
+use crate::memory::GuestMemory;
+
+/// "virt" in little endian.
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// The modern (virtio 1.x) register layout.
+pub const MMIO_VERSION: u32 = 2;
+/// Vendor id reported to the driver ("SGEV").
+pub const VENDOR_ID: u32 = 0x5645_4753;
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+/// QueueNotify; normally absorbed by the ioeventfds, handled here as a fallback.
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const REG_CONFIG: u64 = 0x100;
+
+/// The transport state of one device.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: Arc<GuestMemory>,
+    interrupt: Arc<InterruptLine>,
+    queues: Vec<Queue>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    /// Wraps `device`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: Arc<GuestMemory>,
+        interrupt: Arc<InterruptLine>,
+    ) -> Result<Self, virtio_queue::Error> {
+        let queues = Self::fresh_queues(device.as_ref())?;
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Result<Vec<Queue>, virtio_queue::Error> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .map(|max| Queue::new(*max))
+            .collect()
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Whether the device reached DRIVER_OK and runs.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The device behind the transport, mutably.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Puts the device in DEVICE_NEEDS_RESET after a fault and tells the driver.
+    pub fn fail(&mut self, fault: &DeviceFault) {
+        tracing::warn!(
+            "virtio device {} needs reset: {fault}",
+            self.device.device_type()
+        );
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt.signal_config_change();
+    }
+
+    /// Forwards a queue notification to the device (if active and not failed).
+    pub fn notify_queue(&mut self, index: usize) {
+        if !self.activated || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(f) = self.device.queue_notified(index) {
+            self.fail(&f);
+        }
+    }
+
+    /// Forwards backend readiness to the device (if active and not failed).
+    pub fn backend_ready(&mut self) {
+        if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(f) = self.device.backend_ready() {
+            self.fail(&f);
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.driver_features_select = 0;
+        self.device_features_select = 0;
+        self.queue_select = 0;
+        self.interrupt.clear();
+        match Self::fresh_queues(self.device.as_ref()) {
+            Ok(q) => self.queues = q,
+            Err(_) => self.queues.iter_mut().for_each(QueueT::reset),
+        }
+    }
+
+    /// Status writes: 0 resets; otherwise the driver may only add bits, in order.
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            // Clearing bits other than by reset is not allowed.
+            tracing::debug!("virtio-mmio: driver cleared status bits; ignored");
+            return;
+        }
+        if added & VIRTIO_CONFIG_S_FAILED != 0 {
+            self.status |= VIRTIO_CONFIG_S_FAILED;
+            return;
+        }
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+            // Refuse (leave FEATURES_OK clear) unknown features or a legacy driver.
+            if self.driver_features & !offered != 0 || self.driver_features & version_1 == 0 {
+                self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK & !VIRTIO_CONFIG_S_DRIVER_OK;
+                return;
+            }
+        }
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            let needed =
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+            if value & needed != needed {
+                return;
+            }
+            self.status = value;
+            self.activate();
+            return;
+        }
+        self.status = value;
+    }
+
+    fn activate(&mut self) {
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.ready() && !q.is_valid(self.mem.as_ref()) {
+                self.fail(&DeviceFault(format!(
+                    "queue {i} is marked ready but invalid"
+                )));
+                return;
+            }
+        }
+        let queues = std::mem::take(&mut self.queues);
+        let result = self.device.activate(
+            self.mem.clone(),
+            queues,
+            self.interrupt.clone(),
+            self.driver_features,
+        );
+        // The device owns the queues now; keep placeholders so register reads stay in range.
+        self.queues = Self::fresh_queues(self.device.as_ref()).unwrap_or_default();
+        match result {
+            Ok(()) => self.activated = true,
+            Err(f) => self.fail(&f),
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let q = self.queues.get(self.queue_select as usize);
+        match offset {
+            REG_MAGIC => MMIO_MAGIC,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_select {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => q.map(|q| u32::from(q.max_size())).unwrap_or(0),
+            REG_QUEUE_READY => u32::from(q.map(|q| q.ready()).unwrap_or(false)),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            REG_DRIVER_FEATURES => {
+                let driver_phase = self.status & VIRTIO_CONFIG_S_DRIVER != 0
+                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+                if driver_phase {
+                    match self.driver_features_select {
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(value)
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            REG_QUEUE_SEL => self.queue_select = value,
+            REG_INTERRUPT_ACK => self.interrupt.ack(value),
+            REG_STATUS => self.write_status(value),
+            REG_QUEUE_NOTIFY => self.notify_queue(value as usize),
+            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW
+            | REG_QUEUE_USED_HIGH => {
+                if !self.queue_setup_allowed() {
+                    return;
+                }
+                let Some(q) = self.selected_queue() else {
+                    return;
+                };
+                match offset {
+                    // virtio-queue refuses sizes that are 0, above the maximum, or not a power
+                    // of two; the queue then stays invalid and activation fails.
+                    REG_QUEUE_NUM => q.set_size(value as u16),
+                    REG_QUEUE_READY => q.set_ready(value == 1),
+                    REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+                    REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+                    REG_QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(value), None),
+                    REG_QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(value)),
+                    REG_QUEUE_USED_LOW => q.set_used_ring_address(Some(value), None),
+                    REG_QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(value)),
+                    _ => {}
+                }
+            }
+            _ => tracing::trace!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
+        }
+    }
+}
+
+impl MutDeviceMmio for MmioTransport {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            self.device.read_config(offset - REG_CONFIG, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        if offset >= REG_CONFIG {
+            if self.status & VIRTIO_CONFIG_S_DRIVER != 0 {
+                self.device.write_config(offset - REG_CONFIG, data);
+            }
+        } else if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            if offset % 4 == 0 {
+                self.write_register(offset, u32::from_le_bytes(bytes));
+            }
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! The host side of the vsock device in Firecracker's hybrid-vsock convention: guest
+//! connections to port P are connected to the Unix socket `<uds_path>_P`; host programs connect
+//! to the Unix listener `<uds_path>` and write `CONNECT <port>\n`, get `OK <host_port>\n` once
+//! the guest accepts, and then talk to the guest listener on that port.
+//!
+//! The muxer owns every [`Connection`], a nested epoll set over the listener and the host
+//! streams (the device's event loop watches only the epoll fd), the queue of connections with
+//! something to send to the guest, and RST replies for packets that match no connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::Connection;
+use super::packet::*;
+
+/// Most simultaneous connections.
+pub const MAX_CONNECTIONS: usize = 1023;
+/// Most accepted host streams still waiting for their `CONNECT` line.
+pub const MAX_PENDING_HOST_STREAMS: usize = 64;
+/// Most queued RST replies; beyond that they are dropped (the guest times out instead).
+pub const MAX_QUEUED_RSTS: usize = 256;
+/// Longest `CONNECT <port>\n` line accepted.
+const MAX_CONNECT_LINE: usize = 32;
+/// First host-side port for host-initiated connections (as Firecracker: 2^30 upwards).
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// (host port, guest port)
+type ConnKey = (u32, u32);
+
+/// Errors while setting up the muxer.
+#[derive(Debug, thiserror::Error)]
+pub enum MuxerError {
+    /// The listener could not be bound.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The epoll set could not be created.
+    #[error("cannot create the vsock muxer's epoll set: {0}")]
+    Epoll(std::io::Error),
+}
+
+struct PendingHostStream {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// The vsock muxer.
+pub struct Muxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<ConnKey, Connection>,
+    fd_conn: HashMap<RawFd, ConnKey>,
+    registered: HashMap<RawFd, EventSet>,
+    pending_hosts: HashMap<RawFd, PendingHostStream>,
+    rx_keys: VecDeque<ConnKey>,
+    rx_set: HashSet<ConnKey>,
+    rsts: VecDeque<PacketHeader>,
+    next_local_port: u32,
+}
+
+impl Muxer {
+    /// Listens on `uds_path` (replacing a stale socket file there) for guest `guest_cid`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
+        let listen_err = |source| MuxerError::Listen {
+            path: uds_path.to_owned(),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(uds_path) {
+            if meta.file_type().is_socket() {
+                let _ = std::fs::remove_file(uds_path);
+            }
+        }
+        let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
+        let fd = listener.as_raw_fd();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, fd as u64),
+            )
+            .map_err(MuxerError::Epoll)?;
+        Ok(Self {
+            guest_cid,
+            uds_path: uds_path.to_owned(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            fd_conn: HashMap::new(),
+            registered: HashMap::new(),
+            pending_hosts: HashMap::new(),
+            rx_keys: VecDeque::new(),
+            rx_set: HashSet::new(),
+            rsts: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        })
+    }
+
+    /// The epoll fd to watch.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether a packet is waiting for an RX buffer.
+    pub fn has_pending_rx(&self) -> bool {
+        !self.rsts.is_empty() || !self.rx_keys.is_empty()
+    }
+
+    /// Drops every connection and pending host stream (device reset).
+    pub fn reset(&mut self) {
+        let fds: Vec<RawFd> = self.registered.keys().copied().collect();
+        for fd in fds {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        for fd in self.pending_hosts.keys() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+        }
+        self.registered.clear();
+        self.pending_hosts.clear();
+        self.conns.clear();
+        self.fd_conn.clear();
+        self.rx_keys.clear();
+        self.rx_set.clear();
+        self.rsts.clear();
+    }
+
+    fn queue_rst_reply(&mut self, hdr: &PacketHeader) {
+        if hdr.op == OP_RST || self.rsts.len() >= MAX_QUEUED_RSTS {
+            return;
+        }
+        self.rsts.push_back(PacketHeader {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op: OP_RST,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    /// Re-evaluates a connection after it changed: removes it when finished, otherwise updates
+    /// its epoll interest and its place in the RX queue.
+    fn update(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        let fd = conn.fd();
+        if conn.is_finished() {
+            if self.registered.remove(&fd).is_some() {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+            self.fd_conn.remove(&fd);
+            self.conns.remove(&key);
+            return;
+        }
+        let want = conn.interest();
+        let have = self.registered.get(&fd).copied();
+        // An fd with no interest is removed from the set: epoll would otherwise keep reporting
+        // HUP/ERR on it and spin the loop.
+        let result = match (have, want.is_empty()) {
+            (None, true) => Ok(()),
+            (Some(_), true) => {
+                self.registered.remove(&fd);
+                self.epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            }
+            (None, false) => {
+                self.registered.insert(fd, want);
+                self.epoll
+                    .ctl(ControlOperation::Add, fd, EpollEvent::new(want, fd as u64))
+            }
+            (Some(h), false) if h != want => {
+                self.registered.insert(fd, want);
+                self.epoll.ctl(
+                    ControlOperation::Modify,
+                    fd,
+                    EpollEvent::new(want, fd as u64),
+                )
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!("vsock: epoll update failed: {e}");
+        }
+        self.fd_conn.insert(fd, key);
+        if conn.has_pending_rx() && self.rx_set.insert(key) {
+            self.rx_keys.push_back(key);
+        }
+    }
+
+    /// A packet from the guest (already parsed and validated by the device).
+    pub fn send_pkt(&mut self, hdr: &PacketHeader, data: &[u8]) {
+        if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
+            tracing::debug!("vsock: dropping packet with bad addresses {hdr:?}");
+            return;
+        }
+        if hdr.type_ != TYPE_STREAM {
+            self.queue_rst_reply(hdr);
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.send_pkt(hdr, data);
+            self.update(key);
+            return;
+        }
+        if hdr.op != OP_REQUEST {
+            self.queue_rst_reply(hdr);
+            return;
+        }
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.queue_rst_reply(hdr);
+            return;
+        }
+        let path = format!("{}_{}", self.uds_path.display(), hdr.dst_port);
+        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            Ok(stream) => {
+                self.conns
+                    .insert(key, Connection::peer_init(stream, hdr, self.guest_cid));
+                self.update(key);
+            }
+            Err(e) => {
+                tracing::debug!("vsock: guest connection to {path} refused: {e}");
+                self.queue_rst_reply(hdr);
+            }
+        }
+    }
+
+    /// The next packet for the guest; RW data goes to `buf`.
+    pub fn recv_pkt(&mut self, buf: &mut [u8]) -> Option<PacketHeader> {
+        if let Some(rst) = self.rsts.pop_front() {
+            return Some(rst);
+        }
+        while let Some(key) = self.rx_keys.pop_front() {
+            self.rx_set.remove(&key);
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            let pkt = conn.recv_pkt(buf);
+            self.update(key);
+            if pkt.is_some() {
+                return pkt;
+            }
+        }
+        None
+    }
+
+    /// Handles whatever is ready on the listener and the host streams.
+    pub fn process_events(&mut self) {
+        let mut events = [EpollEvent::default(); 32];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock: epoll_wait failed: {e}");
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            for ev in &events[..n] {
+                let fd = ev.fd();
+                if fd == self.listener.as_raw_fd() {
+                    self.accept_host_streams();
+                } else if self.pending_hosts.contains_key(&fd) {
+                    self.read_connect_line(fd);
+                } else if let Some(key) = self.fd_conn.get(&fd).copied() {
+                    if let Some(conn) = self.conns.get_mut(&key) {
+                        conn.notify(ev.event_set());
+                    }
+                    self.update(key);
+                }
+            }
+        }
+    }
+
+    fn accept_host_streams(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.pending_hosts.len() >= MAX_PENDING_HOST_STREAMS
+                        || stream.set_nonblocking(true).is_err()
+                    {
+                        continue; // dropped: closes the stream
+                    }
+                    let fd = stream.as_raw_fd();
+                    if self
+                        .epoll
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, fd as u64),
+                        )
+                        .is_ok()
+                    {
+                        self.pending_hosts.insert(
+                            fd,
+                            PendingHostStream {
+                                stream,
+                                line: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn allocate_local_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = if port >= u32::MAX / 2 {
+                FIRST_LOCAL_PORT
+            } else {
+                port + 1
+            };
+            if !self.conns.keys().any(|(local, _)| *local == port) {
+                return port;
+            }
+        }
+    }
+
+    /// Reads the `CONNECT <port>\n` line a byte at a time, so no data after it is consumed.
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(p) = self.pending_hosts.get_mut(&fd) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let outcome = loop {
+            match p.stream.read(&mut byte) {
+                Ok(0) => break Some(None),
+                Ok(_) if byte[0] == b'\n' => break Some(parse_connect(&p.line)),
+                Ok(_) if p.line.len() >= MAX_CONNECT_LINE => break Some(None),
+                Ok(_) => p.line.push(byte[0]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break Some(None),
+            }
+        };
+        let Some(port) = outcome else {
+            return; // line incomplete; wait for more
+        };
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let Some(p) = self.pending_hosts.remove(&fd) else {
+            return;
+        };
+        let Some(peer_port) = port else {
+            return; // bad line: the stream is closed
+        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            return;
+        }
+        let local_port = self.allocate_local_port();
+        let key = (local_port, peer_port);
+        self.conns.insert(
+            key,
+            Connection::local_init(p.stream, local_port, peer_port, self.guest_cid),
+        );
+        self.update(key);
+    }
+}
+
+/// Parses `CONNECT <port>` (without the newline).
+pub fn parse_connect(line: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let port = s.strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn guest(op: u16, src_port: u32, dst_port: u32) -> PacketHeader {
+        PacketHeader {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 65536,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn connect_lines_parse() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT x"), None);
+        assert_eq!(parse_connect(b"HELLO 52"), None);
+    }
+
+    #[test]
+    fn guest_request_without_host_listener_gets_rst() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Muxer::new(3, &dir.path().join("v.sock")).unwrap();
+        m.send_pkt(&guest(OP_REQUEST, 1234, 5000), &[]);
+        let mut buf = [0u8; 64];
+        let h = m.recv_pkt(&mut buf).unwrap();
+        assert_eq!(
+            (h.op, h.src_port, h.dst_port, h.dst_cid),
+            (OP_RST, 5000, 1234, 3)
+        );
+        assert!(!m.has_pending_rx());
+    }
+
+    #[test]
+    fn guest_request_reaches_the_host_listener_and_data_flows() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("v.sock");
+        let listener = UnixListener::bind(format!("{}_5000", base.display())).unwrap();
+        let mut m = Muxer::new(3, &base).unwrap();
+        m.send_pkt(&guest(OP_REQUEST, 1234, 5000), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(m.recv_pkt(&mut buf).unwrap().op, OP_RESPONSE);
+        let mut rw = guest(OP_RW, 1234, 5000);
+        rw.len = 2;
+        m.send_pkt(&rw, b"hi");
+        let mut got = [0u8; 2];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        host.write_all(b"yo").unwrap();
+        m.process_events();
+        let h = m.recv_pkt(&mut buf).unwrap();
+        assert_eq!((h.op, h.len), (OP_RW, 2));
+        assert_eq!(&buf[..2], b"yo");
+    }
+
+    #[test]
+    fn packets_for_unknown_connections_or_other_cids_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Muxer::new(3, &dir.path().join("v.sock")).unwrap();
+        let mut spoofed = guest(OP_REQUEST, 1, 2);
+        spoofed.src_cid = 7;
+        m.send_pkt(&spoofed, &[]);
+        assert!(!m.has_pending_rx(), "spoofed source CID is dropped");
+        m.send_pkt(&guest(OP_RW, 1, 2), b"x");
+        let mut buf = [0u8; 8];
+        assert_eq!(m.recv_pkt(&mut buf).unwrap().op, OP_RST);
+        m.send_pkt(&guest(OP_RST, 1, 2), &[]);
+        assert!(!m.has_pending_rx(), "an RST is never answered");
+    }
+}
