@@ -72,7 +72,9 @@ impl JobConfig {
     /// `key` as a flag: `1`, `true` or `yes` (any case) mean true; missing means false.
     pub fn flag(&self, key: &str) -> bool {
         matches!(
-            self.get(key).map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+            self.get(key)
+                .map(|v| v.trim().to_ascii_lowercase())
+                .as_deref(),
             Some("1" | "true" | "yes")
         )
     }
@@ -126,7 +128,10 @@ impl JobConfig {
         let script = self.get("script_file").unwrap_or_default();
         if matches!(script, "INTERACTIVE" | "QLOGIN" | "QRSH" | "QRLOGIN") {
             TaskKind::Interactive
-        } else if self.get_not_none("pe_task_id").is_some_and(|v| !v.is_empty()) {
+        } else if self
+            .get_not_none("pe_task_id")
+            .is_some_and(|v| !v.is_empty())
+        {
             TaskKind::PeTask
         } else if self.flag("ckpt_job") {
             TaskKind::Checkpointing
@@ -188,7 +193,10 @@ mod tests {
     #[test]
     fn job_args_and_numbers() {
         let c = JobConfig::parse("njob_args=2\njob_arg1=a b\njob_arg2=\nnotify=x\n");
-        assert_eq!(c.job_args().unwrap(), vec!["a b".to_string(), String::new()]);
+        assert_eq!(
+            c.job_args().unwrap(),
+            vec!["a b".to_string(), String::new()]
+        );
         assert!(c.number("notify", 0).is_err());
         assert_eq!(c.number("missing_key", 7).unwrap(), 7);
     }

@@ -43,7 +43,7 @@ impl JobEnvironment {
     /// Parses the text of an `environment` file; lines without `=` are skipped.
     pub fn parse(text: &str) -> Self {
         let mut env = JobEnvironment::default();
-        for line in text.lines() {
+        for line in text.split('\n') {
             if let Some((name, value)) = line.split_once('=') {
                 if !name.is_empty() {
                     env.set(name, &unescape_value(value));

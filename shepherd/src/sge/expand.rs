@@ -120,7 +120,11 @@ mod tests {
 
     #[test]
     fn expands_allowed_names() {
-        let s = expand("/x/p.sh $host-$job_id $job_owner/$queue", PROLOG_EPILOG_VARIABLES, &cfg());
+        let s = expand(
+            "/x/p.sh $host-$job_id $job_owner/$queue",
+            PROLOG_EPILOG_VARIABLES,
+            &cfg(),
+        );
         assert_eq!(s.unwrap(), "/x/p.sh vm-42 u/all.q");
         let s = expand("kill -STOP $job_pid", CTRL_METHOD_VARIABLES, &cfg()).unwrap();
         assert_eq!(s, "kill -STOP 77");
@@ -150,6 +154,9 @@ mod tests {
 
     #[test]
     fn text_without_variables_is_unchanged() {
-        assert_eq!(expand("/bin/true a b", PE_VARIABLES, &cfg()).unwrap(), "/bin/true a b");
+        assert_eq!(
+            expand("/bin/true a b", PE_VARIABLES, &cfg()).unwrap(),
+            "/bin/true a b"
+        );
     }
 }

@@ -1,0 +1,226 @@
+//! The virtualizer's own configuration file (TOML): guest image, VM size, backend, and
+//! per-queue overrides. Default path [`DEFAULT_PATH`], overridden by the environment variable
+//! [`PATH_ENV`]. A missing file at the default path means built-in defaults; a file that is
+//! named but missing, or that does not parse, is an error.
+//!
+//! ```toml
+//! kernel = "/usr/lib/sge_virtualizer/vmlinux"      # default: see guest_image
+//! initramfs = "/usr/lib/sge_virtualizer/initramfs.cpio"
+//! memory_mib = 512          # guest RAM when h_vmem does not limit it
+//! vcpus = 2                 # default: the job's slots on this host
+//! backend = "auto"          # auto | embedded | qemu
+//! vmm_overhead_mib = 192    # host memory the VMM needs beyond guest RAM (h_vmem sizing)
+//! stock_shepherd = "/usr/sbin/sge_shepherd"   # for delegated jobs; default from bootstrap
+//! extra_cmdline = ""
+//! [queues."gpu.q"]
+//! memory_mib = 4096
+//! kernel = "/srv/images/gpu/vmlinux"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::backend::BackendChoice;
+use crate::guest_image;
+
+pub const DEFAULT_PATH: &str = "/etc/sge_virtualizer.toml";
+pub const PATH_ENV: &str = "SGE_VIRTUALIZER_CONFIG";
+
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+pub const DEFAULT_VMM_OVERHEAD_MIB: u32 = 192;
+/// The least guest RAM the guest kernel boots with.
+pub const MIN_MEMORY_MIB: u32 = 64;
+
+/// Why the settings file is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("can't read sge_virtualizer settings {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("bad sge_virtualizer settings {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+/// Values a queue section may override.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmOverrides {
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub memory_mib: Option<u32>,
+    pub vcpus: Option<u8>,
+    pub backend: Option<BackendChoice>,
+    pub extra_cmdline: Option<String>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub memory_mib: Option<u32>,
+    pub vcpus: Option<u8>,
+    pub backend: Option<BackendChoice>,
+    pub extra_cmdline: Option<String>,
+    pub vmm_overhead_mib: Option<u32>,
+    pub stock_shepherd: Option<PathBuf>,
+    #[serde(default)]
+    pub queues: BTreeMap<String, VmOverrides>,
+}
+
+/// The VM settings for one job after applying the queue's overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSettings {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub memory_mib: u32,
+    /// `None`: one per slot.
+    pub vcpus: Option<u8>,
+    pub backend: BackendChoice,
+    pub extra_cmdline: String,
+    pub vmm_overhead_mib: u32,
+}
+
+impl Settings {
+    /// Parses TOML text; `path` is for messages.
+    pub fn parse(text: &str, path: &str) -> Result<Self, SettingsError> {
+        toml::from_str(text).map_err(|e| SettingsError::Parse {
+            path: path.into(),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Loads from `$SGE_VIRTUALIZER_CONFIG` or the default path.
+    pub fn load() -> Result<Self, SettingsError> {
+        match std::env::var_os(PATH_ENV).filter(|v| !v.is_empty()) {
+            Some(p) => Self::load_from(Path::new(&p), true),
+            None => Self::load_from(Path::new(DEFAULT_PATH), false),
+        }
+    }
+
+    /// Loads `path`; a missing file is an error only when `required`.
+    pub fn load_from(path: &Path, required: bool) -> Result<Self, SettingsError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Settings::default())
+            }
+            Err(source) => Err(SettingsError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// The settings for a job in `queue`: queue section > top level > environment/defaults.
+    pub fn for_queue(&self, queue: &str) -> VmSettings {
+        let q = self.queues.get(queue).cloned().unwrap_or_default();
+        let d = self;
+        let kernel = q.kernel.or_else(|| d.kernel.clone());
+        let initramfs = q.initramfs.or_else(|| d.initramfs.clone());
+        let image = guest_image::locate(kernel.as_deref(), initramfs.as_deref());
+        VmSettings {
+            kernel: image.kernel,
+            initramfs: image.initrd,
+            memory_mib: q.memory_mib.or(d.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB),
+            vcpus: q.vcpus.or(d.vcpus),
+            backend: q.backend.or(d.backend).unwrap_or(BackendChoice::Auto),
+            extra_cmdline: q
+                .extra_cmdline
+                .or_else(|| d.extra_cmdline.clone())
+                .unwrap_or_default(),
+            vmm_overhead_mib: self.vmm_overhead_mib.unwrap_or(DEFAULT_VMM_OVERHEAD_MIB),
+        }
+    }
+}
+
+impl VmSettings {
+    /// Guest RAM for a job whose VMM may use at most `vmem_budget` bytes (execd's PDC kills the
+    /// job above that): the configured size, lowered to fit, never below [`MIN_MEMORY_MIB`].
+    pub fn guest_memory_mib(&self, vmem_budget: Option<u64>) -> u32 {
+        match vmem_budget {
+            None => self.memory_mib,
+            Some(bytes) => {
+                let budget_mib = (bytes >> 20).min(u64::from(u32::MAX)) as u32;
+                self.memory_mib
+                    .min(budget_mib.saturating_sub(self.vmm_overhead_mib))
+                    .max(MIN_MEMORY_MIB)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_with_queue_override() {
+        let s = Settings::parse(
+            r#"
+kernel = "/k"
+initramfs = "/i"
+memory_mib = 512
+backend = "qemu"
+vmm_overhead_mib = 100
+stock_shepherd = "/usr/sbin/sge_shepherd"
+[queues."big.q"]
+memory_mib = 2048
+vcpus = 4
+kernel = "/k2"
+"#,
+            "t",
+        )
+        .unwrap();
+        let all = s.for_queue("all.q");
+        assert_eq!(all.kernel, PathBuf::from("/k"));
+        assert_eq!(all.initramfs, PathBuf::from("/i"));
+        assert_eq!(all.memory_mib, 512);
+        assert_eq!(all.vcpus, None);
+        assert_eq!(all.backend, BackendChoice::Qemu);
+        let big = s.for_queue("big.q");
+        assert_eq!(big.kernel, PathBuf::from("/k2"));
+        assert_eq!(big.initramfs, PathBuf::from("/i"));
+        assert_eq!((big.memory_mib, big.vcpus), (2048, Some(4)));
+        assert_eq!(
+            s.stock_shepherd,
+            Some(PathBuf::from("/usr/sbin/sge_shepherd"))
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let e = Settings::parse("memory_mib = \"lots\"", "/etc/x.toml").unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("bad sge_virtualizer settings /etc/x.toml"));
+        assert!(Settings::parse("no_such_key = 1", "t").is_err());
+        assert!(Settings::parse("backend = \"vmware\"", "t").is_err());
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("none.toml");
+        assert_eq!(
+            Settings::load_from(&missing, false).unwrap(),
+            Settings::default()
+        );
+        assert!(matches!(
+            Settings::load_from(&missing, true),
+            Err(SettingsError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_fits_the_vmem_budget() {
+        let v = Settings::default().for_queue("q");
+        assert_eq!(v.memory_mib, DEFAULT_MEMORY_MIB);
+        assert_eq!(v.guest_memory_mib(None), DEFAULT_MEMORY_MIB);
+        assert_eq!(v.guest_memory_mib(Some(1 << 30)), DEFAULT_MEMORY_MIB);
+        assert_eq!(
+            v.guest_memory_mib(Some(400 << 20)),
+            400 - DEFAULT_VMM_OVERHEAD_MIB
+        );
+        assert_eq!(v.guest_memory_mib(Some(100 << 20)), MIN_MEMORY_MIB);
+    }
+}

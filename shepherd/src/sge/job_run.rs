@@ -1,0 +1,745 @@
+//! One batch job from start to `exit_status`: the order of the stock shepherd (pid, prolog,
+//! pe_start, addgrpid, job, usage, pe_stop, epilog, exit_status) with the job in a microVM, and
+//! the signal loop that turns execd's signals into notify, methods and guest signals.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use guest_agent::protocol::{Rusage, Spawn, SpawnStage, StdinMode};
+
+use super::active_dir::ActiveDir;
+use super::config::{JobConfig, TaskKind};
+use super::control_method::{ControlMethod, ControlMethods, MethodRunner};
+use super::delegation;
+use super::environment::JobEnvironment;
+use super::job_argv::{self, JobCommand, SCRIPT_ENV};
+use super::job_user::JobUser;
+use super::limits;
+use super::notify::{Notifier, NotifyAction};
+use super::output_paths::JobStreams;
+use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
+use super::signal_source::SignalSource;
+use super::signals::{execd_intent, read_signal_file};
+use super::state::{job_exit_state, ShepherdState};
+use super::usage::{JobEnd, UsageRecord};
+use crate::launch::{
+    self, JobController, JobError, JobIo, LaunchSpec, StdinSource, VmmCredentials,
+};
+use crate::settings::Settings;
+
+/// How long a job may take to end after its SIGKILL before its VM is stopped.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Repeated KILLs within this time are dropped, as the stock shepherd does.
+const KILL_REPEAT_WINDOW: Duration = Duration::from_secs(10);
+/// Signal-loop tick while nothing is due.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The state `exit_status` gets if this process dies of a panic now; read by the panic hook.
+static STATE_IF_CRASHED: AtomicI32 = AtomicI32::new(ShepherdState::BeforeProlog as i32);
+static CRASH_DIR: Mutex<Option<ActiveDir>> = Mutex::new(None);
+
+/// A failure that ends the shepherd with `state`, its message the first line of `error`.
+struct Failure {
+    state: ShepherdState,
+    message: String,
+    /// Also write `noresources` (re-queue without queue error).
+    no_resources: bool,
+}
+
+impl Failure {
+    fn new(state: ShepherdState, message: impl Into<String>) -> Self {
+        Failure {
+            state,
+            message: message.into(),
+            no_resources: false,
+        }
+    }
+    fn no_resources(message: impl Into<String>) -> Self {
+        Failure {
+            state: ShepherdState::Again,
+            message: message.into(),
+            no_resources: true,
+        }
+    }
+}
+
+/// Entry point when started by execd. Returns the process exit code (the shepherd state).
+pub fn run_as_shepherd() -> i32 {
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "sge_shepherd".into());
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let mut dir = ActiveDir::new(cwd.clone());
+
+    let config = match JobConfig::read(&cwd.join("config")) {
+        Ok(c) => c,
+        Err(e) => return finish_early(&dir, ShepherdState::BeforeProlog, &e.to_string()),
+    };
+    // Not ours to run: hand over before writing anything (the stock shepherd writes its files).
+    if config.task_kind() != TaskKind::Batch {
+        let stock = Settings::load()
+            .ok()
+            .and_then(|s| s.stock_shepherd)
+            .unwrap_or_else(delegation::stock_shepherd_from_env);
+        let err = delegation::exec_stock(&stock, &argv0);
+        return finish_early(
+            &dir,
+            ShepherdState::BeforeJob,
+            &format!(
+                "sge_virtualizer: can't exec the stock shepherd {}: {err}",
+                stock.display()
+            ),
+        );
+    }
+
+    set_process_name(config.get("job_id").unwrap_or_default());
+    // Signals first: execd may already have sent some.
+    let signals = match SignalSource::new() {
+        Ok(s) => s,
+        Err(e) => {
+            return finish_early(&dir, ShepherdState::BeforeProlog, &format!("signalfd: {e}"))
+        }
+    };
+    become_root();
+    if let Err(e) = dir.write_pid(std::process::id()) {
+        return finish_early(&dir, ShepherdState::BeforeProlog, &e.to_string());
+    }
+    let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
+    if let Some(admin) = config
+        .get("admin_user")
+        .and_then(|n| nix::unistd::User::from_name(n).ok().flatten())
+    {
+        dir.set_admin(Some((admin.uid.as_raw(), admin.gid.as_raw())));
+        // pid was written before the owner was known
+        let _ = std::os::unix::fs::chown(
+            dir.path("pid"),
+            Some(admin.uid.as_raw()),
+            Some(admin.gid.as_raw()),
+        );
+    }
+    install_panic_hook(&dir);
+
+    let mut run = JobRun {
+        config,
+        dir,
+        signals,
+        state: ShepherdState::NoFailure,
+        kill_seen: None,
+    };
+    let state = run.run();
+    run.dir.trace(&format!("exit_status {}", state.code()));
+    if let Err(e) = run.dir.write_exit_status(state.code()) {
+        eprintln!("sge_virtualizer: {e}");
+    }
+    state.code()
+}
+
+/// Records a failure before the job machinery exists and returns its code.
+fn finish_early(dir: &ActiveDir, state: ShepherdState, message: &str) -> i32 {
+    let _ = dir.append_error(message);
+    if let Err(e) = dir.write_exit_status(state.code()) {
+        eprintln!("sge_virtualizer: {message}; {e}");
+    }
+    state.code()
+}
+
+/// `comm` must start with `sge_shep`: after a restart execd finds running shepherds by it.
+fn set_process_name(job_id: &str) {
+    let mut name = format!("sge_shepherd-{job_id}").into_bytes();
+    name.truncate(15);
+    if let Ok(c) = std::ffi::CString::new(name) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
+    }
+}
+
+/// Execd starts us with real uid 0 and euid = admin user; files and children need root.
+fn become_root() {
+    if nix::unistd::getuid().is_root() {
+        let root = nix::unistd::Uid::from_raw(0);
+        let root_g = nix::unistd::Gid::from_raw(0);
+        let _ = nix::unistd::setresuid(root, root, root);
+        let _ = nix::unistd::setresgid(root_g, root_g, root_g);
+    }
+}
+
+/// A panic must still leave `error` and `exit_status`: without them execd puts the whole
+/// host in error.
+fn install_panic_hook(dir: &ActiveDir) {
+    if let Ok(mut g) = CRASH_DIR.lock() {
+        *g = Some(dir.clone());
+    }
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Ok(g) = CRASH_DIR.try_lock() {
+            if let Some(d) = g.as_ref() {
+                let _ = d.append_error(&format!("sge_virtualizer: internal error: {info}"));
+                let _ = d.write_exit_status(STATE_IF_CRASHED.load(Ordering::SeqCst));
+            }
+        }
+        previous(info);
+    }));
+}
+
+fn crash_state(state: ShepherdState) {
+    STATE_IF_CRASHED.store(state.code(), Ordering::SeqCst);
+}
+
+/// The job's host-side resources, set up before the prolog.
+struct Prepared {
+    user: JobUser,
+    env: JobEnvironment,
+    cwd: PathBuf,
+    streams: JobStreams,
+    stdout: File,
+    stderr: File,
+    methods: ControlMethods,
+}
+
+/// How the job part ended: the job ran; its end and usage.
+enum JobResult {
+    Ran(UsageRecord),
+}
+
+struct JobRun {
+    config: JobConfig,
+    dir: ActiveDir,
+    signals: SignalSource,
+    /// The first failure; later ones only go to `error`/`trace`.
+    state: ShepherdState,
+    /// When the last KILL was delivered.
+    kill_seen: Option<Instant>,
+}
+
+impl JobRun {
+    fn record(&mut self, failure: Failure) {
+        self.dir.trace(&failure.message);
+        let _ = self.dir.append_error(&failure.message);
+        if failure.no_resources {
+            let _ = self.dir.write_noresources();
+        }
+        if self.state == ShepherdState::NoFailure {
+            self.state = failure.state;
+        }
+    }
+
+    fn run(&mut self) -> ShepherdState {
+        let prepared = match self.prepare() {
+            Ok(p) => p,
+            Err(f) => {
+                self.record(f);
+                return self.state;
+            }
+        };
+        crash_state(ShepherdState::BeforeJob);
+        let mut prolog_ran = false;
+        let mut job_exit: Option<i32> = None;
+        let started = (|| -> Result<(), Failure> {
+            if !self.procedure(ProcedureKind::Prolog, &prepared, None)? {
+                return Ok(());
+            }
+            prolog_ran = true;
+            if self.config.get_not_none("pe").is_some()
+                && !self.procedure(ProcedureKind::PeStart, &prepared, None)?
+            {
+                return Ok(());
+            }
+            match self.job(&prepared)? {
+                JobResult::Ran(usage) => {
+                    job_exit = Some(usage.end.exit_status());
+                    crash_state(ShepherdState::AfterJob);
+                    if let Err(e) = self.dir.write_usage(&usage.to_file_text()) {
+                        self.record(Failure::new(ShepherdState::AfterJob, e.to_string()));
+                    }
+                    let exit_state = job_exit_state(
+                        usage.end.exit_status(),
+                        self.config.flag("forbid_reschedule"),
+                        self.config.flag("forbid_apperror"),
+                    );
+                    if exit_state != ShepherdState::NoFailure
+                        && self.state == ShepherdState::NoFailure
+                    {
+                        self.dir.trace(&format!(
+                            "job exit {} -> state {}",
+                            usage.end.exit_status(),
+                            exit_state.code()
+                        ));
+                        self.state = exit_state;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(f) = started {
+            self.record(f);
+        }
+        // the epilog is skipped only when the prolog could not even be started
+        let prolog_unstartable = self.state == ShepherdState::BeforeProlog;
+        let exit_stat = job_exit.unwrap_or(0).to_string();
+        if self.config.get_not_none("pe").is_some() && prolog_ran {
+            if let Err(f) = self.procedure(ProcedureKind::PeStop, &prepared, Some(&exit_stat)) {
+                self.record(f);
+            }
+        }
+        if !prolog_unstartable {
+            if let Err(f) = self.procedure(ProcedureKind::Epilog, &prepared, Some(&exit_stat)) {
+                self.record(f);
+            }
+        }
+        self.state
+    }
+
+    /// User, environment, output files, cwd, methods: everything checked before the prolog.
+    fn prepare(&mut self) -> Result<Prepared, Failure> {
+        let c = &self.config;
+        let user = JobUser::from_config(c)
+            .map_err(|e| Failure::new(ShepherdState::BeforeJob, format!("sge_virtualizer: {e}")))?;
+        self.dir.set_job_owner(Some((user.uid, user.gid)));
+        self.dir
+            .create_empty_results()
+            .map_err(|e| Failure::new(ShepherdState::BeforeProlog, e.to_string()))?;
+        self.dir.trace(&format!(
+            "job {} task {} owner {} ({}:{}) add_grp_id {:?}",
+            c.get("job_id").unwrap_or_default(),
+            c.get("ja_task_id").unwrap_or_default(),
+            user.name,
+            user.uid,
+            user.gid,
+            user.add_grp_id
+        ));
+        let methods = ControlMethods::from_config(c).map_err(|e| {
+            Failure::new(ShepherdState::BeforeProlog, format!("sge_virtualizer: {e}"))
+        })?;
+        let file_env = JobEnvironment::read(&self.dir.path("environment"))
+            .map_err(|e| Failure::new(ShepherdState::BeforeProlog, e.to_string()))?;
+        let inherited = c.flag("inherit_env").then(JobEnvironment::from_process);
+        let mut env = JobEnvironment::for_job(&file_env, inherited);
+        let cwd = PathBuf::from(
+            c.get("cwd")
+                .map(str::to_string)
+                .unwrap_or_else(|| user.home.display().to_string()),
+        );
+        let streams = JobStreams::from_config(c)
+            .map_err(|e| Failure::new(ShepherdState::BeforeProlog, e.to_string()))?;
+        if !user.can_enter(&cwd) {
+            return Err(Failure::new(
+                ShepherdState::NoCwd,
+                format!(
+                    "error: can't chdir to {}: not accessible for {}",
+                    cwd.display(),
+                    user.name
+                ),
+            ));
+        }
+        let open = |p: &Path| {
+            user.open_output(p).map_err(|e| {
+                Failure::new(
+                    ShepherdState::OpenOutput,
+                    format!("error: can't open output file \"{}\": {e}", p.display()),
+                )
+            })
+        };
+        let stdout = open(&streams.stdout)?;
+        let stderr = match &streams.stderr {
+            Some(p) => open(p)?,
+            None => stdout
+                .try_clone()
+                .map_err(|e| Failure::new(ShepherdState::OpenOutput, e.to_string()))?,
+        };
+        env.set("SGE_STDIN_PATH", &streams.stdin.display().to_string());
+        env.set("SGE_STDOUT_PATH", &streams.stdout.display().to_string());
+        env.set(
+            "SGE_STDERR_PATH",
+            &streams.stderr_file().display().to_string(),
+        );
+        env.set("SGE_CWD_PATH", &cwd.display().to_string());
+        Ok(Prepared {
+            user,
+            env,
+            cwd,
+            streams,
+            stdout,
+            stderr,
+            methods,
+        })
+    }
+
+    /// Runs a procedure if configured. Ok(false): the job must not start (failure recorded or
+    /// a KILL arrived meanwhile).
+    fn procedure(
+        &mut self,
+        kind: ProcedureKind,
+        p: &Prepared,
+        exit_stat: Option<&str>,
+    ) -> Result<bool, Failure> {
+        let (before, _) = kind.states();
+        let proc = match Procedure::from_config(kind, &self.config, &p.user) {
+            Ok(Some(proc)) => proc,
+            Ok(None) => return Ok(true),
+            Err(e) => return Err(Failure::new(before, format!("sge_virtualizer: {e}"))),
+        };
+        let mut env = p.env.clone();
+        if let Some(s) = exit_stat {
+            env.set("SGE_JOBEXIT_STAT", s);
+        }
+        let clone = |f: &File| {
+            f.try_clone()
+                .map_err(|e| Failure::new(before, e.to_string()))
+        };
+        self.dir
+            .trace(&format!("starting {}: {:?}", kind.key(), proc.argv));
+        let mut child = proc
+            .spawn(&env, &p.cwd, clone(&p.stdout)?, clone(&p.stderr)?)
+            .map_err(|e| Failure::new(before, e.to_string()))?;
+        let timeout = Duration::from_secs(self.config.number("script_timeout", 120).unwrap_or(120));
+        let start = Instant::now();
+        let mut queued: Vec<i32> = Vec::new();
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            for sig in self.signals.wait(TICK) {
+                if let Ok(s) = execd_intent(sig, || read_signal_file(&self.dir.path("signal"))) {
+                    queued.push(s);
+                }
+            }
+            if !queued.is_empty() && start.elapsed() > timeout {
+                // SAFETY: plain kill(2) of the procedure's own process group.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            }
+        };
+        let code = exit_code(status);
+        self.dir
+            .trace(&format!("{} exited with {code}", kind.key()));
+        if let Some(state) = kind.result_state(Some(code)) {
+            self.record(Failure::new(
+                state,
+                format!(
+                    "{} {:?} exited with exit code {code}",
+                    kind.key(),
+                    proc.argv[0]
+                ),
+            ));
+            return Ok(false);
+        }
+        if queued.contains(&libc::SIGKILL) && kind == ProcedureKind::Prolog {
+            self.dir.trace("job killed during the prolog; not started");
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Starts the VM and the job, relays signals until it ends.
+    fn job(&mut self, p: &Prepared) -> Result<JobResult, Failure> {
+        let c = &self.config;
+        let before_job = |e: String| Failure::new(ShepherdState::BeforeJob, e);
+        let settings = Settings::load().map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
+        let queue = c.get("queue").unwrap_or_default();
+        let vm = settings.for_queue(queue);
+        let command = job_argv::build(c, |path| p.user.read(path))
+            .map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
+        let rlimits =
+            limits::job_rlimits(c).map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
+        let budget =
+            limits::vmem_budget(c).map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
+        let slots = c.number("host_slots", 1).unwrap_or(1).clamp(1, 255) as u8;
+        let mem_mib = vm.guest_memory_mib(budget);
+        let vcpus = vm.vcpus.unwrap_or(slots).max(1);
+
+        let stdin = if command.script_on_stdin || p.streams.stdin == Path::new("/dev/null") {
+            StdinSource::Null
+        } else {
+            let f = p.user.open_input(&p.streams.stdin).map_err(|e| {
+                Failure::new(
+                    ShepherdState::OpenOutput,
+                    format!(
+                        "error: can't open stdin file \"{}\": {e}",
+                        p.streams.stdin.display()
+                    ),
+                )
+            })?;
+            StdinSource::Reader(Box::new(f))
+        };
+        let stdin_mode = match stdin {
+            StdinSource::Null => StdinMode::Null,
+            StdinSource::Reader(_) => StdinMode::Frames,
+        };
+        let spawn = self.spawn_request(p, &command, rlimits, stdin_mode);
+
+        if let Some(g) = p.user.add_grp_id {
+            if c.get("write_osjob_id").map(str::trim) != Some("0") {
+                self.dir
+                    .write_addgrpid(g)
+                    .map_err(|e| before_job(e.to_string()))?;
+            }
+        }
+        let run_dir = tempfile::Builder::new()
+            .prefix(&format!(
+                "sge_virtualizer.{}.",
+                c.get("job_id").unwrap_or("0")
+            ))
+            .tempdir()
+            .map_err(|e| {
+                Failure::no_resources(format!(
+                    "sge_virtualizer: can't create the VM's runtime directory: {e}"
+                ))
+            })?;
+        let clone = |f: &File| f.try_clone().map_err(|e| before_job(e.to_string()));
+        let io = JobIo {
+            stdin,
+            stdout: Box::new(clone(&p.stdout)?),
+            stderr: Box::new(clone(&p.stderr)?),
+        };
+        self.dir.trace(&format!(
+            "starting VM: kernel {} initramfs {} {} MiB {} vCPUs backend {:?}; argv {:?}",
+            vm.kernel.display(),
+            vm.initramfs.display(),
+            mem_mib,
+            vcpus,
+            vm.backend,
+            command.argv
+        ));
+        let spec = LaunchSpec {
+            kernel: vm.kernel.clone(),
+            initrd: vm.initramfs.clone(),
+            backend: vm.backend,
+            vcpus,
+            mem_mib,
+            extra_cmdline: vm.extra_cmdline.clone(),
+            spawn,
+            run_dir: run_dir.path().to_path_buf(),
+            vmm_credentials: Some(VmmCredentials {
+                uid: p.user.uid,
+                gid: p.user.gid,
+                groups: p.user.groups.clone(),
+            }),
+        };
+        let running = launch::launch(spec, io).map_err(|e| {
+            Failure::no_resources(format!(
+                "sge_virtualizer: can't start the job's VM now: {e}"
+            ))
+        })?;
+        crash_state(ShepherdState::AfterJob);
+        let job_pid = vmm_pid().unwrap_or_else(std::process::id);
+        self.config.set("job_pid", &job_pid.to_string());
+        let _ = self.dir.write_job_pid(job_pid);
+        let controller = running.controller();
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("job-wait".into())
+            .spawn(move || {
+                let _ = tx.send(running.wait());
+            })
+            .map_err(|e| Failure::new(ShepherdState::AfterJob, e.to_string()))?;
+        let started_wall = SystemTime::now();
+        let (result, killed) = self.relay_signals(p, &controller, &rx);
+        drop(run_dir);
+        self.outcome(result, killed, started_wall)
+    }
+
+    fn spawn_request(
+        &self,
+        p: &Prepared,
+        command: &JobCommand,
+        rlimits: Vec<guest_agent::protocol::Rlimit>,
+        stdin: StdinMode,
+    ) -> Spawn {
+        let mut env = p.env.clone();
+        if let Some(script) = &command.script {
+            env.set(SCRIPT_ENV, &String::from_utf8_lossy(script));
+        }
+        Spawn {
+            argv: command
+                .guest_argv()
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+            env: env.to_entries(),
+            // the guest does not see the host's file systems: the job starts in its /tmp
+            cwd: b"/tmp".to_vec(),
+            uid: p.user.uid,
+            gid: p.user.gid,
+            groups: p.user.groups.clone(),
+            rlimits,
+            nice: limits::nice(&self.config),
+            stdin,
+        }
+    }
+
+    /// Forwards execd's signals to the job until it ends. Returns its result and whether it was
+    /// killed on request.
+    fn relay_signals(
+        &mut self,
+        p: &Prepared,
+        controller: &JobController,
+        rx: &mpsc::Receiver<Result<launch::JobOutcome, JobError>>,
+    ) -> (Result<launch::JobOutcome, JobError>, bool) {
+        let mut notifier = Notifier::from_config(&self.config);
+        let mut methods = MethodRunner::new(RunAs::from(&p.user), p.env.clone(), p.cwd.clone());
+        let mut vm_kill_at: Option<Instant> = None;
+        let mut killed = false;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(result) => return (result, killed),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return (
+                        Err(JobError::Vm("job waiter ended without a result".into())),
+                        killed,
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let now = Instant::now();
+            let mut wait = TICK;
+            for at in [notifier.deadline(), vm_kill_at].into_iter().flatten() {
+                wait = wait.min(at.saturating_duration_since(now));
+            }
+            let mut actions = Vec::new();
+            for sig in self.signals.wait(wait) {
+                match execd_intent(sig, || read_signal_file(&self.dir.path("signal"))) {
+                    Ok(intent) => {
+                        self.dir
+                            .trace(&format!("received signal {sig} -> {intent}"));
+                        if intent == libc::SIGTTOU {
+                            // migrate request: only checkpointing jobs support it; they are
+                            // delegated, so the job is killed and re-queued
+                            let _ = self.dir.write_checkpointed();
+                            actions.extend(notifier.on_signal(libc::SIGKILL, Instant::now()));
+                        } else {
+                            actions.extend(notifier.on_signal(intent, Instant::now()));
+                        }
+                    }
+                    Err(e) => self.dir.trace(&format!("signal {sig}: {e}")),
+                }
+            }
+            actions.extend(notifier.on_time(Instant::now()));
+            for action in actions {
+                match action {
+                    NotifyAction::Notify(sig) => {
+                        self.dir.trace(&format!("notify: sending {sig}"));
+                        controller.signal(sig);
+                    }
+                    NotifyAction::Deliver(sig) => {
+                        if sig == libc::SIGKILL {
+                            if self
+                                .kill_seen
+                                .is_some_and(|t| t.elapsed() < KILL_REPEAT_WINDOW)
+                            {
+                                continue;
+                            }
+                            self.kill_seen = Some(Instant::now());
+                        }
+                        match p.methods.for_signal(sig) {
+                            Some(ControlMethod::Command(cmd)) => {
+                                let msg = methods.start(cmd, &self.config);
+                                self.dir.trace(&msg);
+                            }
+                            Some(ControlMethod::Signal(s)) => {
+                                self.dir.trace(&format!("method: sending {s} for {sig}"));
+                                controller.signal(*s);
+                            }
+                            _ => {
+                                self.dir.trace(&format!("sending {sig} to the job"));
+                                controller.signal(sig);
+                                if sig == libc::SIGKILL {
+                                    killed = true;
+                                    vm_kill_at.get_or_insert(Instant::now() + KILL_GRACE);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if vm_kill_at.is_some_and(|at| Instant::now() >= at) {
+                self.dir
+                    .trace("job still running after SIGKILL: stopping its VM");
+                controller.kill_vm();
+                vm_kill_at = None;
+            }
+            methods.reap();
+        }
+    }
+
+    /// Turns the job's end into a usage record or a failure.
+    fn outcome(
+        &mut self,
+        result: Result<launch::JobOutcome, JobError>,
+        killed: bool,
+        started: SystemTime,
+    ) -> Result<JobResult, Failure> {
+        let killed_record = |start: SystemTime| UsageRecord {
+            end: JobEnd::Signaled {
+                signal: libc::SIGKILL,
+                core: false,
+            },
+            start_time: start,
+            end_time: SystemTime::now(),
+            rusage: Rusage::default(),
+        };
+        match result {
+            Ok(o) => {
+                let end = JobEnd::from_wait_status(o.wait_status);
+                self.dir
+                    .trace(&format!("job ended: exit status {}", end.exit_status()));
+                Ok(JobResult::Ran(UsageRecord {
+                    end,
+                    start_time: o.job_started,
+                    end_time: o.job_ended,
+                    rusage: o.rusage,
+                }))
+            }
+            Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(Failure::no_resources(
+                format!("sge_virtualizer: the job's VM did not come up: {e}"),
+            )),
+            Err(JobError::SpawnFailed {
+                stage,
+                errno,
+                message,
+            }) => {
+                let state = match stage {
+                    SpawnStage::Exec => ShepherdState::NoShell,
+                    SpawnStage::Cwd => ShepherdState::NoCwd,
+                    _ => ShepherdState::BeforeJob,
+                };
+                Err(Failure::new(
+                    state,
+                    format!(
+                        "sge_virtualizer: the job could not be started in the VM: {message} ({})",
+                        std::io::Error::from_raw_os_error(errno)
+                    ),
+                ))
+            }
+            Err(e) if killed => {
+                self.dir.trace(&format!("job killed; its VM ended: {e}"));
+                Ok(JobResult::Ran(killed_record(started)))
+            }
+            Err(e) => {
+                // the VM or its agent died under the job: report it as killed, with the reason
+                self.record(Failure::new(
+                    ShepherdState::AfterJob,
+                    format!("sge_virtualizer: the job's VM failed: {e}"),
+                ));
+                Ok(JobResult::Ran(killed_record(started)))
+            }
+        }
+    }
+}
+
+/// The VMM process: our child that is not a procedure (none runs while the job does).
+fn vmm_pid() -> Option<u32> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}

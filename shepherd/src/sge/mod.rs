@@ -1,0 +1,26 @@
+//! Grid Engine shepherd mode: `sge_virtualizer` started by `sge_execd` as `shepherd_cmd`
+//! (argv[0] `sge_shepherd-<job>`, no arguments, cwd = the job's active directory).
+//!
+//! Host side as the stock shepherd (config, result files, prolog/epilog, signals, notify,
+//! methods, accounting); the job itself runs in a microVM through [`crate::launch`]. The
+//! contract followed is execd's: see each module for the part it owns.
+
+pub mod active_dir;
+pub mod config;
+pub mod control_method;
+pub mod delegation;
+pub mod environment;
+pub mod expand;
+pub mod job_argv;
+mod job_run;
+pub mod job_user;
+pub mod limits;
+pub mod notify;
+pub mod output_paths;
+pub mod procedure;
+pub mod signal_source;
+pub mod signals;
+pub mod state;
+pub mod usage;
+
+pub use job_run::run_as_shepherd;
