@@ -52,6 +52,9 @@ pub struct AgentExit {
     pub rusage: Rusage,
 }
 
+/// How long the agent may take to sync and close the connection after our Ack.
+const AGENT_CLOSE_PATIENCE: Duration = Duration::from_secs(10);
+
 /// How long the agent may take between connecting and saying Hello.
 const HELLO_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -191,8 +194,12 @@ pub(crate) fn converse(
                 timings.job_exited_ms = now_ms();
                 out.flush();
                 err.flush();
-                // Every output byte is written: now the agent may end the VM.
+                // Every output byte is written: now the agent may end the VM. It closes the
+                // connection once its file systems are synced; after that the VM may be
+                // stopped without waiting for the guest's own reset.
                 let _ = link.send(&Frame::Ack);
+                let _ = stream.set_read_timeout(Some(AGENT_CLOSE_PATIENCE));
+                let _ = reader.read_frame();
                 return Ok(AgentExit {
                     wait_status,
                     rusage,

@@ -26,8 +26,9 @@ pub const DEFAULT_CMDLINE: &str =
 
 /// How long a booting VM may take until its agent connects.
 const AGENT_CONNECT_PATIENCE: Duration = Duration::from_secs(120);
-/// How long a VM may take to end after its agent finished.
-const VM_END_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a VM may take to reset itself after its agent synced and closed the connection;
+/// after that it is stopped (it has nothing left to do).
+const VM_END_PATIENCE: Duration = Duration::from_millis(50);
 
 /// Everything needed to run one job in a microVM.
 pub struct LaunchSpec {

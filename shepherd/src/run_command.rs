@@ -116,6 +116,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let result = job.wait();
     handle.close();
     let _ = forwarder.join();
+    if std::env::var_os("SGE_VIRTUALIZER_KEEP_RUNDIR").is_some() {
+        // For debugging: keep the console log and backend logs.
+        eprintln!("sge_virtualizer: kept {}", run_dir.keep().display());
+    }
     let outcome = result?;
     if args.timings {
         eprintln!("{}", serde_json::to_string(&outcome.timings)?);

@@ -209,9 +209,17 @@ fn supervise(
         let left = deadline.saturating_duration_since(Instant::now());
         match events.recv_timeout(left) {
             Ok(Event::Acked) => {
+                if config.pid1 {
+                    // Everything the job wrote to disks reaches them before the host, seeing
+                    // the connection close, may stop the VM.
+                    // SAFETY: kill(-1) from PID 1 signals everything but init.
+                    unsafe { libc::kill(-1, libc::SIGKILL) };
+                    nix::unistd::sync();
+                }
+                writer.close();
                 return Outcome::JobEnded {
                     wait_status: exit.0,
-                }
+                };
             }
             Ok(Event::HostGone(why)) => return Outcome::HostGone(why),
             Ok(_) => {}

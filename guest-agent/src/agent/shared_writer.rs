@@ -20,4 +20,14 @@ impl SharedWriter {
         let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
         w.write_frame(frame)
     }
+
+    /// Closes the connection in both directions (for every clone of the socket), telling the
+    /// host that the agent is done and has nothing more to say.
+    pub fn close(&self) {
+        let w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(w.get_ref()),
+            nix::sys::socket::Shutdown::Both,
+        );
+    }
 }
