@@ -10,4 +10,6 @@ pub mod backend;
 pub mod guest_image;
 mod job_control;
 pub mod launch;
+pub mod settings;
+pub mod sge;
 pub mod timings;

@@ -26,8 +26,27 @@ enum Command {
     Run(run_command::RunArgs),
 }
 
+/// True when execd started us as its shepherd: `shepherd_cmd` is exec'd with argv[0]
+/// `sge_shepherd-<job_id>` and no arguments.
+fn started_by_execd() -> bool {
+    std::env::args_os()
+        .next()
+        .map(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("sge_shepherd"))
+        })
+        .unwrap_or(false)
+}
+
 fn main() -> ExitCode {
     shepherd::timings::mark_process_start();
+    if started_by_execd() {
+        // Grid Engine mode owns its own logging (the active directory's trace file) and must
+        // never exit without writing exit_status.
+        let code = shepherd::sge::run_as_shepherd();
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SGE_VIRTUALIZER_LOG")
