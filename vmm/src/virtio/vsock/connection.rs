@@ -190,7 +190,7 @@ impl Connection {
             || self.pending_response
             || self.pending_credit_update
             || self.pending_credit_request
-            || self.pending_shutdown != 0
+            || (self.pending_shutdown != 0 && self.rx_staging.is_empty())
             || (self.can_send_data() && !self.rx_staging.is_empty() && self.peer_credit() > 0)
     }
 

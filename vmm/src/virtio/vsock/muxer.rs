@@ -259,7 +259,12 @@ impl Muxer {
         if let Some(rst) = self.rsts.pop_front() {
             return Some(rst);
         }
-        while let Some(key) = self.rx_keys.pop_front() {
+        // Each queued connection is asked once per call: one with nothing to send after all
+        // must not be re-queued and asked again forever.
+        for _ in 0..self.rx_keys.len() {
+            let Some(key) = self.rx_keys.pop_front() else {
+                break;
+            };
             self.rx_set.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
