@@ -72,6 +72,29 @@ fn spawn() -> impl Strategy<Value = Spawn> {
         )
 }
 
+fn filesystems() -> impl Strategy<Value = Filesystems> {
+    (
+        proptest::option::of((bytes(20), bytes(10))),
+        proptest::collection::vec((any::<bool>(), bytes(20), bytes(60), any::<bool>()), 0..4),
+    )
+        .prop_map(|(root, mounts)| Filesystems {
+            root: root.map(|(device, fstype)| RootImage { device, fstype }),
+            mounts: mounts
+                .into_iter()
+                .map(|(virtio_fs, tag, target, read_only)| SharedMount {
+                    transport: if virtio_fs {
+                        ShareTransport::VirtioFs
+                    } else {
+                        ShareTransport::NineP
+                    },
+                    tag,
+                    target,
+                    read_only,
+                })
+                .collect(),
+        })
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     let stage = prop_oneof![
         Just(SpawnStage::Credentials),
@@ -79,6 +102,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         Just(SpawnStage::Cwd),
         Just(SpawnStage::Exec),
         Just(SpawnStage::Other),
+        Just(SpawnStage::Filesystems),
     ];
     let stream = prop_oneof![
         Just(Stream::Stdin),
@@ -97,6 +121,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             }
         }),
         spawn().prop_map(Frame::Spawn),
+        filesystems().prop_map(Frame::Filesystems),
         any::<i32>().prop_map(|pid| Frame::Started { pid }),
         (stage, any::<i32>(), ".{0,40}").prop_map(|(stage, errno, message)| Frame::SpawnFailed {
             stage,
@@ -186,6 +211,31 @@ fn forged_list_count_does_not_allocate() {
     assert!(matches!(
         decode_body(&body),
         Err(ProtocolError::Truncated(_))
+    ));
+}
+
+#[test]
+fn unknown_share_transport_is_an_error() {
+    let fs = Filesystems {
+        root: None,
+        mounts: vec![SharedMount {
+            transport: ShareTransport::NineP,
+            tag: b"share0".to_vec(),
+            target: b"/home/u".to_vec(),
+            read_only: false,
+        }],
+    };
+    let mut body = encode(&Frame::Filesystems(fs)).unwrap()[4..].to_vec();
+    // The mount's transport byte sits after its 4-byte count, at: len - (1 + 4+6 + 4+7 + 1).
+    let at = body.len() - (1 + 4 + 6 + 4 + 7 + 1);
+    assert_eq!(body[at], 0);
+    body[at] = 9;
+    assert!(matches!(
+        decode_body(&body),
+        Err(ProtocolError::InvalidValue {
+            field: "mount transport",
+            value: 9
+        })
     ));
 }
 

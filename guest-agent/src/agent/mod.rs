@@ -15,6 +15,7 @@ mod job_process;
 mod output_pump;
 pub mod pid1;
 mod reaper;
+pub mod rootfs;
 mod shared_writer;
 
 use std::sync::mpsc::{channel, Receiver};
@@ -24,7 +25,9 @@ pub use connection::{ConnectError, Endpoint};
 use event::Event;
 use shared_writer::SharedWriter;
 
-use crate::protocol::{BootTimes, Frame, FrameReader, ProtocolError, Stream, PROTOCOL_VERSION};
+use crate::protocol::{
+    BootTimes, Frame, FrameReader, ProtocolError, SpawnStage, Stream, PROTOCOL_VERSION,
+};
 
 /// How long output may take to reach EOF after the job's group was killed before the agent
 /// kills more widely (everything in the guest, as PID 1) and gives up on the pipes.
@@ -101,7 +104,27 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
         },
     })?;
 
-    let spawn = match FrameReader::new(&conn).read_frame()? {
+    let mut reader = FrameReader::new(&conn);
+    let mut first = reader.read_frame()?;
+    // The OS image and shared directories come first: the job must see them from its first
+    // instruction.
+    if let Some(Frame::Filesystems(fs)) = &first {
+        let entered = if config.pid1 {
+            rootfs::enter(fs.root.as_ref(), &fs.mounts)
+        } else {
+            Err(rootfs::RootfsError::NotPid1)
+        };
+        if let Err(e) = entered {
+            writer.send(&Frame::SpawnFailed {
+                stage: SpawnStage::Filesystems,
+                errno: e.errno(),
+                message: e.to_string(),
+            })?;
+            return Ok(Outcome::SpawnFailed);
+        }
+        first = reader.read_frame()?;
+    }
+    let spawn = match first {
         Some(Frame::Spawn(s)) => s,
         Some(other) => return Err(AgentError::UnexpectedFrame(format!("{other:?}"))),
         None => return Err(AgentError::NoJob),

@@ -1,6 +1,9 @@
 //! Encoding frames to bytes and decoding them back, with every length checked.
 
-use super::frame::{BootTimes, Frame, Rlimit, Rusage, Spawn, SpawnStage, StdinMode, Stream};
+use super::frame::{
+    BootTimes, Filesystems, Frame, Rlimit, RootImage, Rusage, ShareTransport, SharedMount, Spawn,
+    SpawnStage, StdinMode, Stream,
+};
 use super::MAX_FRAME_LEN;
 
 /// Why bytes could not be turned into a frame (or read at all).
@@ -36,6 +39,7 @@ const KIND_SIGNAL: u8 = 9;
 const KIND_EXIT: u8 = 10;
 const KIND_ACK: u8 = 11;
 const KIND_ERROR: u8 = 12;
+const KIND_FILESYSTEMS: u8 = 13;
 
 /// Encodes `frame` with its length prefix, ready to write.
 ///
@@ -70,6 +74,26 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
             w.u8(match spawn.stdin {
                 StdinMode::Null => 0,
                 StdinMode::Frames => 1,
+            });
+        }
+        Frame::Filesystems(fs) => {
+            w.u8(KIND_FILESYSTEMS);
+            match &fs.root {
+                None => w.u8(0),
+                Some(root) => {
+                    w.u8(1);
+                    w.bytes(&root.device);
+                    w.bytes(&root.fstype);
+                }
+            }
+            w.list(&fs.mounts, |w, m| {
+                w.u8(match m.transport {
+                    ShareTransport::NineP => 0,
+                    ShareTransport::VirtioFs => 1,
+                });
+                w.bytes(&m.tag);
+                w.bytes(&m.target);
+                w.u8(u8::from(m.read_only));
             });
         }
         Frame::Started { pid } => {
@@ -189,6 +213,52 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
                 stdin,
             })
         }
+        KIND_FILESYSTEMS => {
+            let root = match r.u8("root")? {
+                0 => None,
+                1 => Some(RootImage {
+                    device: r.bytes("root device")?,
+                    fstype: r.bytes("root fstype")?,
+                }),
+                v => {
+                    return Err(ProtocolError::InvalidValue {
+                        field: "root",
+                        value: v.into(),
+                    })
+                }
+            };
+            let mounts = r.list("mounts", 10, |r| {
+                let transport = match r.u8("mount transport")? {
+                    0 => ShareTransport::NineP,
+                    1 => ShareTransport::VirtioFs,
+                    v => {
+                        return Err(ProtocolError::InvalidValue {
+                            field: "mount transport",
+                            value: v.into(),
+                        })
+                    }
+                };
+                let tag = r.bytes("mount tag")?;
+                let target = r.bytes("mount target")?;
+                let read_only = match r.u8("mount read-only")? {
+                    0 => false,
+                    1 => true,
+                    v => {
+                        return Err(ProtocolError::InvalidValue {
+                            field: "mount read-only",
+                            value: v.into(),
+                        })
+                    }
+                };
+                Ok(SharedMount {
+                    transport,
+                    tag,
+                    target,
+                    read_only,
+                })
+            })?;
+            Frame::Filesystems(Filesystems { root, mounts })
+        }
         KIND_STARTED => Frame::Started { pid: r.i32("pid")? },
         KIND_SPAWN_FAILED => Frame::SpawnFailed {
             stage: stage_from_code(r.u8("stage")?)?,
@@ -248,6 +318,7 @@ fn stage_code(stage: SpawnStage) -> u8 {
         SpawnStage::Cwd => 2,
         SpawnStage::Exec => 3,
         SpawnStage::Other => 4,
+        SpawnStage::Filesystems => 5,
     }
 }
 
@@ -258,6 +329,7 @@ fn stage_from_code(code: u8) -> Result<SpawnStage, ProtocolError> {
         2 => SpawnStage::Cwd,
         3 => SpawnStage::Exec,
         4 => SpawnStage::Other,
+        5 => SpawnStage::Filesystems,
         v => {
             return Err(ProtocolError::InvalidValue {
                 field: "spawn stage",

@@ -7,6 +7,10 @@ pub enum Frame {
     Hello { version: u16, boot: BootTimes },
     /// host → agent: start the job.
     Spawn(Spawn),
+    /// host → agent, optional, right before [`Frame::Spawn`]: the job's OS image and shared
+    /// directories. A failure to set them up is answered with [`Frame::SpawnFailed`]
+    /// ([`SpawnStage::Filesystems`]).
+    Filesystems(Filesystems),
     /// agent → host: the job runs as this guest pid (it leads its own session and process group).
     Started { pid: i32 },
     /// agent → host: the job could not be started; no Exit follows.
@@ -92,6 +96,46 @@ pub struct Spawn {
     pub stdin: StdinMode,
 }
 
+/// The job's file systems beyond the initramfs, set up before the job starts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Filesystems {
+    /// The OS image to switch root into; `None` keeps the initramfs as the job's root.
+    pub root: Option<RootImage>,
+    /// Host directories to mount in the job's root, in this order (parents before children).
+    pub mounts: Vec<SharedMount>,
+}
+
+/// A read-only root file system on a guest block device. The agent puts a writable overlay
+/// (guest memory) over it, moves /proc, /sys, /dev, /tmp and /run into it and switches root.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RootImage {
+    /// The guest block device, e.g. `/dev/vda`.
+    pub device: Vec<u8>,
+    /// Its file system type, e.g. `ext4`.
+    pub fstype: Vec<u8>,
+}
+
+/// How a shared host directory reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShareTransport {
+    /// virtio-9p (9P2000.L), e.g. QEMU's `virtio-9p-device`.
+    #[default]
+    NineP,
+    /// virtio-fs (FUSE over virtio).
+    VirtioFs,
+}
+
+/// A host directory to mount in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SharedMount {
+    pub transport: ShareTransport,
+    /// The device's tag (9p `mount_tag` / virtio-fs tag).
+    pub tag: Vec<u8>,
+    /// Absolute path in the job's root where it appears (the host path, by convention).
+    pub target: Vec<u8>,
+    pub read_only: bool,
+}
+
 /// Where starting the job failed, so the host can map it to the right failure state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpawnStage {
@@ -105,6 +149,8 @@ pub enum SpawnStage {
     Exec,
     /// Anything else (pipes, fork).
     Other,
+    /// Mounting the OS image or the shared directories, or switching root into the image.
+    Filesystems,
 }
 
 /// The job's resource usage as `wait4` reported it in the guest.

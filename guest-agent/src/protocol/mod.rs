@@ -12,7 +12,8 @@
 //! payloads and trailing bytes are errors, never panics.
 //!
 //! The conversation: the agent connects and sends [`Frame::Hello`]; the host answers with
-//! [`Frame::Spawn`]; the agent replies [`Frame::Started`] or [`Frame::SpawnFailed`]; then data,
+//! [`Frame::Spawn`] (preceded by [`Frame::Filesystems`] when the job has an OS image or shared
+//! directories); the agent replies [`Frame::Started`] or [`Frame::SpawnFailed`]; then data,
 //! [`Frame::Signal`] and [`Frame::Eof`] frames flow until the agent sends [`Frame::Exit`] (after
 //! both output streams reached [`Frame::Eof`]) and the host confirms with [`Frame::Ack`]. Nothing is
 //! left to socket half-close or to bytes surviving VM exit.
@@ -23,12 +24,14 @@ mod stream;
 
 pub use codec::{decode_body, encode, ProtocolError};
 pub use frame::{
-    BootTimes, Frame, Rlimit, Rusage, Spawn, SpawnStage, StdinMode, Stream, RLIM_INFINITY,
+    BootTimes, Filesystems, Frame, Rlimit, RootImage, Rusage, ShareTransport, SharedMount, Spawn,
+    SpawnStage, StdinMode, Stream, RLIM_INFINITY,
 };
 pub use stream::{FrameReader, FrameWriter};
 
 /// Version spoken by this build; carried in [`Frame::Hello`]. The host refuses other versions.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: the host may send [`Frame::Filesystems`] (OS image, shared directories) before Spawn.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame body accepted (kind byte plus payload).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
