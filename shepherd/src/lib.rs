@@ -3,13 +3,17 @@
 //! * [`launch`]: run one job in a fresh microVM (the entry point for `run` and for the shepherd).
 //! * `backend`: the VM backends (QEMU now; the embedded VMM slots in beside it).
 //! * [`guest_image`]: where the guest kernel and initramfs are.
+//! * [`image`]: OS images jobs run in (store, verification, building with debootstrap).
+//! * [`shared_dirs`]: host directories shared into the job's VM.
 //! * [`timings`]: phase timestamps.
 
 mod agent_session;
 pub mod backend;
 pub mod guest_image;
+pub mod image;
 mod job_control;
 pub mod launch;
 pub mod settings;
 pub mod sge;
+pub mod shared_dirs;
 pub mod timings;

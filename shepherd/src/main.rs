@@ -3,6 +3,7 @@
 //! Started by `sge_execd` as `shepherd_cmd` (argv[0] `sge_shepherd-<job>`), it acts as the
 //! job's shepherd; otherwise it is a command-line tool with subcommands.
 
+mod image_command;
 mod run_command;
 
 use std::process::ExitCode;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run a command in a fresh microVM.
     Run(run_command::RunArgs),
+    /// Build, list, verify and remove the OS images jobs run in.
+    Image(image_command::ImageArgs),
 }
 
 /// True when execd started us as its shepherd: `shepherd_cmd` is exec'd with argv[0]
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run_command::run(args),
+        Command::Image(args) => image_command::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

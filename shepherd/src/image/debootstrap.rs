@@ -1,0 +1,304 @@
+//! Building an image from a Debian suite: `debootstrap` into a staging directory, then an ext4
+//! file system made from that directory with `mkfs.ext4 -d` (no loop mount), checksummed and
+//! moved into the store in one rename. Building an image that already exists from the same
+//! suite, mirror and variant is a no-op.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::manifest::Manifest;
+use super::store::ImageStore;
+use super::verification::sha256_file;
+use super::{ImageError, IMAGE_FILE, MANIFEST_FILE};
+use crate::backend::qemu::find_program;
+
+/// Debian's mirror, used when none is given.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+/// debootstrap's smallest variant: essential packages and apt.
+pub const DEFAULT_VARIANT: &str = "minbase";
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    pub name: String,
+    pub suite: String,
+    pub mirror: String,
+    pub variant: String,
+    /// Extra packages (`debootstrap --include`).
+    pub include: Vec<String>,
+}
+
+/// What [`build`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildOutcome {
+    Built,
+    /// The image was already there, from the same suite, mirror and variant, and intact.
+    AlreadyPresent,
+}
+
+fn program(name: &str) -> Result<PathBuf, String> {
+    let sbin = [
+        PathBuf::from("/usr/sbin"),
+        PathBuf::from("/sbin"),
+        PathBuf::from("/usr/bin"),
+    ];
+    let var = format!(
+        "SGE_VIRTUALIZER_{}",
+        name.to_uppercase().replace(['.', '-'], "_")
+    );
+    find_program(name, &var, &sbin).ok_or_else(|| format!("{name} not found (${var} overrides)"))
+}
+
+/// The last `n` non-empty lines of a file, joined for an error message.
+fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Bytes an ext4 file system needs for the tree at `root`, with room to spare.
+fn estimate_size(root: &Path) -> std::io::Result<u64> {
+    const BLOCK: u64 = 4096;
+    let mut total: u64 = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            total += 256; // inode
+            if meta.is_dir() {
+                total += BLOCK;
+                stack.push(entry.path());
+            } else if meta.is_file() || (meta.file_type().is_symlink() && meta.size() > 60) {
+                total += meta.size().div_ceil(BLOCK) * BLOCK;
+            }
+        }
+    }
+    // A quarter more for metadata and a little free space for the overlay's copy-ups to be
+    // unnecessary; rounded to 4 MiB.
+    let mib4 = 4 << 20;
+    Ok((total + total / 4 + (32 << 20)).div_ceil(mib4) * mib4)
+}
+
+/// Runs `cmd` with its output in `log`; on failure, the error names `what` and the log's tail.
+fn run_logged(mut cmd: Command, log: &Path, what: &str) -> Result<(), String> {
+    let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = file
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .status()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status}): {}", log_tail(log, 6)))
+    }
+}
+
+fn debootstrap(req: &BuildRequest, root: &Path, log: &Path) -> Result<(), String> {
+    let mut cmd = Command::new(program("debootstrap")?);
+    cmd.arg(format!("--variant={}", req.variant));
+    if !req.include.is_empty() {
+        cmd.arg(format!("--include={}", req.include.join(",")));
+    }
+    cmd.arg(&req.suite).arg(root).arg(&req.mirror);
+    run_logged(cmd, log, "debootstrap").map_err(|e| {
+        // debootstrap keeps its detailed log inside the target.
+        let inner = root.join("debootstrap/debootstrap.log");
+        if inner.is_file() {
+            format!("{e} | debootstrap.log: {}", log_tail(&inner, 4))
+        } else {
+            e
+        }
+    })
+}
+
+/// Removes what a job image does not need: downloaded packages and package lists.
+fn trim(root: &Path) {
+    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
+            for entry in entries.filter_map(Result::ok) {
+                if entry.path().is_file() {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+}
+
+fn make_ext4(name: &str, root: &Path, image: &Path, log: &Path) -> Result<u64, String> {
+    let mkfs = program("mkfs.ext4")?;
+    let mut size = estimate_size(root).map_err(|e| format!("measuring {}: {e}", root.display()))?;
+    let label: String = name.chars().take(16).collect();
+    for attempt in 0..3 {
+        let _ = std::fs::remove_file(image);
+        let file = std::fs::File::create(image).map_err(|e| format!("{}: {e}", image.display()))?;
+        file.set_len(size)
+            .map_err(|e| format!("{}: {e}", image.display()))?;
+        drop(file);
+        let mut cmd = Command::new(&mkfs);
+        // No journal: the image is only ever mounted read-only, and a clean file system can
+        // never need journal recovery (which a read-only device could not do).
+        cmd.args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+        ])
+        .args(["-L", &label, "-E", "root_owner=0:0", "-d"])
+        .arg(root)
+        .arg(image);
+        match run_logged(cmd, log, "mkfs.ext4") {
+            Ok(()) => return Ok(size),
+            Err(e) if attempt < 2 => {
+                tracing::info!("mkfs.ext4 with {size} bytes failed ({e}); growing the image");
+                size += size / 2;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err("mkfs.ext4 did not fit the tree".into())
+}
+
+/// Builds image `req.name` in `store`, or finds it already built. Progress goes to the log.
+pub fn build(
+    store: &ImageStore,
+    req: &BuildRequest,
+) -> Result<(Manifest, BuildOutcome), ImageError> {
+    let fail = |detail: String| ImageError::Build {
+        name: req.name.clone(),
+        detail,
+    };
+    let _lock = store.lock(&req.name)?;
+    let final_dir = store.image_dir(&req.name)?;
+    if final_dir.join(MANIFEST_FILE).is_file() {
+        let existing = store.manifest(&req.name)?;
+        if existing.suite == req.suite
+            && existing.mirror == req.mirror
+            && existing.variant == req.variant
+        {
+            store.verified(&req.name)?;
+            return Ok((existing, BuildOutcome::AlreadyPresent));
+        }
+        return Err(ImageError::Exists {
+            name: req.name.clone(),
+            suite: existing.suite,
+        });
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(fail(
+            "debootstrap needs root (it chroots and creates device nodes)".into(),
+        ));
+    }
+    let staging = store
+        .dir()
+        .join(format!(".build-{}-{}", req.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(ImageError::io("creating", &staging))?;
+    let result = build_in(req, &staging, &final_dir);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result.map(|m| (m, BuildOutcome::Built)).map_err(fail)
+}
+
+fn build_in(req: &BuildRequest, staging: &Path, final_dir: &Path) -> Result<Manifest, String> {
+    let root = staging.join("root");
+    debootstrap(req, &root, &staging.join("debootstrap.log"))?;
+    trim(&root);
+    let os_version = std::fs::read_to_string(root.join("etc/debian_version"))
+        .ok()
+        .map(|v| v.trim().to_string());
+    let image = staging.join(IMAGE_FILE);
+    let size = make_ext4(&req.name, &root, &image, &staging.join("mkfs.log"))?;
+    std::fs::remove_dir_all(&root).map_err(|e| format!("removing {}: {e}", root.display()))?;
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| format!("{}: {e}", image.display()))?;
+    std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", staging.display()))?;
+    let manifest = Manifest {
+        name: req.name.clone(),
+        suite: req.suite.clone(),
+        mirror: req.mirror.clone(),
+        variant: req.variant.clone(),
+        file: IMAGE_FILE.into(),
+        fstype: "ext4".into(),
+        size,
+        sha256: sha256_file(&image).map_err(|e| e.to_string())?,
+        created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        os_version,
+    };
+    manifest
+        .save(&staging.join(MANIFEST_FILE))
+        .map_err(|e| e.to_string())?;
+    std::fs::rename(staging, final_dir)
+        .map_err(|e| format!("moving {} into place: {e}", staging.display()))?;
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_estimate_covers_the_tree_with_room() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("d")).unwrap();
+        std::fs::write(tmp.path().join("d/big"), vec![1u8; 3 << 20]).unwrap();
+        let size = estimate_size(tmp.path()).unwrap();
+        assert!(size >= (3 << 20) + (32 << 20), "{size}");
+        assert_eq!(size % (4 << 20), 0);
+    }
+
+    #[test]
+    fn an_existing_image_of_another_suite_is_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        let dir = store.image_dir("img").unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(IMAGE_FILE), b"x").unwrap();
+        Manifest {
+            name: "img".into(),
+            suite: "bookworm".into(),
+            mirror: DEFAULT_MIRROR.into(),
+            variant: DEFAULT_VARIANT.into(),
+            file: IMAGE_FILE.into(),
+            fstype: "ext4".into(),
+            size: 1,
+            sha256: sha256_file(&dir.join(IMAGE_FILE)).unwrap(),
+            created: String::new(),
+            os_version: None,
+        }
+        .save(&dir.join(MANIFEST_FILE))
+        .unwrap();
+        let req = BuildRequest {
+            name: "img".into(),
+            suite: "bullseye".into(),
+            mirror: DEFAULT_MIRROR.into(),
+            variant: DEFAULT_VARIANT.into(),
+            include: Vec::new(),
+        };
+        assert!(matches!(
+            build(&store, &req),
+            Err(ImageError::Exists { .. })
+        ));
+        let mut same = req.clone();
+        same.suite = "bookworm".into();
+        assert_eq!(
+            build(&store, &same).unwrap().1,
+            BuildOutcome::AlreadyPresent
+        );
+    }
+}

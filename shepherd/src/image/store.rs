@@ -1,0 +1,228 @@
+//! The image store: one directory per image under the store directory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use super::manifest::Manifest;
+use super::verification::{self, Verified};
+use super::{validate_name, ImageError, MANIFEST_FILE};
+
+/// A directory of images.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    dir: PathBuf,
+}
+
+/// An image whose file matched its manifest when it was resolved.
+#[derive(Debug, Clone)]
+pub struct VerifiedImage {
+    pub name: String,
+    /// The image file.
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    pub check: Verified,
+}
+
+/// One entry of [`ImageStore::list`]: an image's name and its manifest, or why that could not
+/// be read.
+pub type Listing = (String, Result<Manifest, ImageError>);
+
+/// A held lock on one image name (building and removing take it).
+pub struct ImageLock {
+    _lock: Flock<File>,
+}
+
+impl ImageStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ImageStore { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory of image `name` (which need not exist).
+    pub fn image_dir(&self, name: &str) -> Result<PathBuf, ImageError> {
+        validate_name(name)?;
+        Ok(self.dir.join(name))
+    }
+
+    /// The names of the images in the store, sorted (a missing store has none).
+    pub fn names(&self) -> Result<Vec<String>, ImageError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(ImageError::Io {
+                    what: "listing",
+                    path: self.dir.clone(),
+                    source: e,
+                })
+            }
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| validate_name(n).is_ok() && self.dir.join(n).join(MANIFEST_FILE).is_file())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The manifest of every image, or why it could not be read.
+    pub fn list(&self) -> Result<Vec<Listing>, ImageError> {
+        Ok(self
+            .names()?
+            .into_iter()
+            .map(|name| {
+                let manifest = Manifest::load(&name, &self.dir.join(&name).join(MANIFEST_FILE));
+                (name, manifest)
+            })
+            .collect())
+    }
+
+    /// The manifest of image `name`, or [`ImageError::Unknown`].
+    pub fn manifest(&self, name: &str) -> Result<Manifest, ImageError> {
+        let dir = self.image_dir(name)?;
+        let path = dir.join(MANIFEST_FILE);
+        if !path.is_file() {
+            let available = self.names().unwrap_or_default();
+            return Err(ImageError::Unknown {
+                name: name.to_string(),
+                store: self.dir.clone(),
+                available: if available.is_empty() {
+                    "none".into()
+                } else {
+                    available.join(", ")
+                },
+            });
+        }
+        Manifest::load(name, &path)
+    }
+
+    /// Resolves `name` and checks its file against the manifest. Writes nothing but the
+    /// record of a successful full check (see [`verification`]).
+    pub fn verified(&self, name: &str) -> Result<VerifiedImage, ImageError> {
+        let manifest = self.manifest(name)?;
+        let dir = self.image_dir(name)?;
+        let path = dir.join(&manifest.file);
+        let check = verification::verify(&dir, &path, &manifest)?;
+        Ok(VerifiedImage {
+            name: name.to_string(),
+            path,
+            manifest,
+            check,
+        })
+    }
+
+    /// Takes the lock for image `name`, waiting for a build or removal in progress. Creates
+    /// the store directory when missing.
+    pub fn lock(&self, name: &str) -> Result<ImageLock, ImageError> {
+        validate_name(name)?;
+        std::fs::create_dir_all(&self.dir).map_err(ImageError::io("creating", &self.dir))?;
+        let path = self.dir.join(format!(".{name}.lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(ImageError::io("opening", &path))?;
+        let lock =
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| ImageError::Io {
+                what: "locking",
+                path,
+                source: errno.into(),
+            })?;
+        Ok(ImageLock { _lock: lock })
+    }
+
+    /// Removes image `name`.
+    pub fn remove(&self, name: &str) -> Result<Manifest, ImageError> {
+        let _lock = self.lock(name)?;
+        let manifest = self.manifest(name)?;
+        let dir = self.image_dir(name)?;
+        std::fs::remove_dir_all(&dir).map_err(ImageError::io("removing", &dir))?;
+        let _ = std::fs::remove_file(self.dir.join(format!(".{name}.lock")));
+        Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::IMAGE_FILE;
+
+    fn add_image(store: &ImageStore, name: &str, contents: &[u8]) -> Manifest {
+        let dir = store.image_dir(name).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(IMAGE_FILE), contents).unwrap();
+        let manifest = Manifest {
+            name: name.into(),
+            suite: "bullseye".into(),
+            mirror: String::new(),
+            variant: "minbase".into(),
+            file: IMAGE_FILE.into(),
+            fstype: "ext4".into(),
+            size: contents.len() as u64,
+            sha256: verification::sha256_file(&dir.join(IMAGE_FILE)).unwrap(),
+            created: String::new(),
+            os_version: None,
+        };
+        manifest.save(&dir.join(MANIFEST_FILE)).unwrap();
+        manifest
+    }
+
+    #[test]
+    fn lists_resolves_and_removes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        add_image(&store, "b", b"bbb");
+        add_image(&store, "a", b"aaa");
+        std::fs::create_dir(tmp.path().join("not-an-image")).unwrap();
+        assert_eq!(store.names().unwrap(), ["a", "b"]);
+        let a = store.verified("a").unwrap();
+        assert_eq!(a.path, tmp.path().join("a").join(IMAGE_FILE));
+        store.remove("a").unwrap();
+        assert_eq!(store.names().unwrap(), ["b"]);
+    }
+
+    #[test]
+    fn an_unknown_name_says_what_exists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        add_image(&store, "bullseye", b"x");
+        let err = store.verified("bookworm").unwrap_err();
+        assert!(matches!(err, ImageError::Unknown { .. }));
+        assert!(err.to_string().contains("available: bullseye"), "{err}");
+        assert!(matches!(
+            store.verified("../etc"),
+            Err(ImageError::InvalidName(_))
+        ));
+    }
+
+    #[test]
+    fn a_corrupted_image_is_refused_and_left_as_it_was() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        add_image(&store, "img", b"good contents");
+        let file = tmp.path().join("img").join(IMAGE_FILE);
+        std::fs::write(&file, b"evil contents").unwrap();
+        let err = store.verified("img").unwrap_err();
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("SHA-256"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"evil contents");
+        assert!(!tmp
+            .path()
+            .join("img")
+            .join(verification::RECORD_FILE)
+            .exists());
+    }
+
+    #[test]
+    fn a_missing_store_has_no_images() {
+        let store = ImageStore::new("/nonexistent/sge_virtualizer/images");
+        assert!(store.names().unwrap().is_empty());
+    }
+}

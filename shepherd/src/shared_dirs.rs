@@ -1,0 +1,159 @@
+//! Host directories shared into the job's VM, each at the same path as on the host.
+//!
+//! The file server (QEMU's 9p server for the QEMU backend) runs with the job user's identity, so
+//! host permissions apply to everything the job does there: files it creates belong to the job
+//! user, and what the job user cannot read on the host the job cannot read either.
+
+use std::path::{Component, Path, PathBuf};
+
+/// One shared host directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedDir {
+    /// Absolute, normalised host path; the guest mounts it at the same path.
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Why a directory cannot be shared.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedDirError {
+    #[error("shared directory {0}: not an absolute path")]
+    Relative(PathBuf),
+    #[error("shared directory {0}: '..' is not allowed")]
+    ParentComponent(PathBuf),
+    #[error("shared directory {0}: the host's root cannot be shared")]
+    Root(PathBuf),
+    #[error("shared directory {path}: {source}")]
+    Inaccessible {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("shared directory {0}: not a directory")]
+    NotADirectory(PathBuf),
+}
+
+impl SharedDir {
+    /// A read-write share of `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SharedDir {
+            path: path.into(),
+            read_only: false,
+        }
+    }
+}
+
+/// `path` without `.` components and repeated separators; refuses relative paths, `..` and `/`.
+pub fn normalise(path: &Path) -> Result<PathBuf, SharedDirError> {
+    if !path.is_absolute() {
+        return Err(SharedDirError::Relative(path.to_path_buf()));
+    }
+    let mut out = PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(SharedDirError::ParentComponent(path.to_path_buf()))
+            }
+        }
+    }
+    if out == Path::new("/") {
+        return Err(SharedDirError::Root(path.to_path_buf()));
+    }
+    Ok(out)
+}
+
+/// Checks and orders shares for mounting: paths normalised and existing directories; exact
+/// duplicates merged (read-write wins); parents before their children, so a nested share is
+/// mounted on top of its parent's.
+pub fn prepare(dirs: &[SharedDir]) -> Result<Vec<SharedDir>, SharedDirError> {
+    let mut out: Vec<SharedDir> = Vec::new();
+    for dir in dirs {
+        let path = normalise(&dir.path)?;
+        let meta = std::fs::metadata(&path).map_err(|source| SharedDirError::Inaccessible {
+            path: path.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(SharedDirError::NotADirectory(path));
+        }
+        match out.iter_mut().find(|d| d.path == path) {
+            Some(existing) => existing.read_only &= dir.read_only,
+            None => out.push(SharedDir {
+                path,
+                read_only: dir.read_only,
+            }),
+        }
+    }
+    out.sort_by(|a, b| {
+        a.path
+            .components()
+            .count()
+            .cmp(&b.path.components().count())
+            .then_with(|| a.path.cmp(&b.path))
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalising_drops_dots_and_refuses_escapes() {
+        assert_eq!(
+            normalise(Path::new("/a/./b//c/")).unwrap(),
+            Path::new("/a/b/c")
+        );
+        assert!(matches!(
+            normalise(Path::new("a/b")),
+            Err(SharedDirError::Relative(_))
+        ));
+        assert!(matches!(
+            normalise(Path::new("/a/../etc")),
+            Err(SharedDirError::ParentComponent(_))
+        ));
+        assert!(matches!(
+            normalise(Path::new("/.")),
+            Err(SharedDirError::Root(_))
+        ));
+    }
+
+    #[test]
+    fn parents_come_first_and_duplicates_merge() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().to_path_buf();
+        let child = parent.join("child");
+        std::fs::create_dir(&child).unwrap();
+        let ro = |p: &Path| SharedDir {
+            path: p.to_path_buf(),
+            read_only: true,
+        };
+        let got = prepare(&[ro(&child), ro(&parent), SharedDir::new(&child)]).unwrap();
+        assert_eq!(
+            got,
+            [
+                ro(&parent),
+                SharedDir {
+                    path: child,
+                    read_only: false
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_directories_and_files_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        assert!(matches!(
+            prepare(&[SharedDir::new(tmp.path().join("missing"))]),
+            Err(SharedDirError::Inaccessible { .. })
+        ));
+        assert!(matches!(
+            prepare(&[SharedDir::new(&file)]),
+            Err(SharedDirError::NotADirectory(_))
+        ));
+    }
+}
