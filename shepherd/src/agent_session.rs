@@ -6,7 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use guest_agent::protocol::{
-    Frame, FrameReader, Rusage, Spawn, SpawnStage, Stream, MAX_DATA_CHUNK, PROTOCOL_VERSION,
+    Filesystems, Frame, FrameReader, Rusage, Spawn, SpawnStage, Stream, MAX_DATA_CHUNK,
+    PROTOCOL_VERSION,
 };
 
 use crate::job_control::AgentLink;
@@ -101,8 +102,10 @@ impl OutputSink {
 }
 
 /// Runs the conversation on an accepted connection until the job's exit is acknowledged.
+/// `filesystems`, when given, goes to the agent right before `spawn`.
 pub(crate) fn converse(
     stream: UnixStream,
+    filesystems: Option<Filesystems>,
     mut spawn: Spawn,
     io: JobIo,
     link: &AgentLink,
@@ -140,9 +143,15 @@ pub(crate) fn converse(
         StdinSource::Reader(_) => guest_agent::protocol::StdinMode::Frames,
     };
     let mut writer_stream = stream.try_clone().map_err(lost)?;
-    let spawn_frame = guest_agent::protocol::encode(&Frame::Spawn(spawn))
-        .map_err(|e| JobError::Protocol(e.to_string()))?;
-    writer_stream.write_all(&spawn_frame).map_err(lost)?;
+    let encode = |frame: &Frame| {
+        guest_agent::protocol::encode(frame).map_err(|e| JobError::Protocol(e.to_string()))
+    };
+    let mut first_frames = match filesystems {
+        Some(fs) => encode(&Frame::Filesystems(fs))?,
+        None => Vec::new(),
+    };
+    first_frames.extend(encode(&Frame::Spawn(spawn))?);
+    writer_stream.write_all(&first_frames).map_err(lost)?;
 
     let mut out = OutputSink {
         out: stdout,

@@ -9,14 +9,18 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use guest_agent::protocol::{Rusage, Spawn, AGENT_VSOCK_PORT};
+use guest_agent::protocol::{
+    Filesystems, RootImage, Rusage, ShareTransport, SharedMount, Spawn, AGENT_VSOCK_PORT,
+};
 
 use crate::agent_session::{converse, AgentExit};
 pub use crate::agent_session::{JobError, JobIo, StdinSource};
-use crate::backend::{self, RunningVm, VmSpec};
+use crate::backend::{self, RunningVm, VmShare, VmSpec, ROOT_DISK_GUEST_DEVICE};
 pub use crate::backend::{BackendChoice, VmmCredentials};
+use crate::image::{ImageError, ImageStore};
 use crate::job_control::AgentLink;
 pub use crate::job_control::JobController;
+use crate::shared_dirs::{self, SharedDir, SharedDirError};
 use crate::timings::{now_ms, since_start, Timings};
 
 /// Kernel command line for the guest. `reboot=k panic=-1`: a reset or a panic ends the VM
@@ -45,9 +49,35 @@ pub struct LaunchSpec {
     pub vmm_credentials: Option<VmmCredentials>,
 }
 
-/// Why no VM could be started. Every variant means "not now, not the job's fault".
+/// The job's file systems beyond the guest's initramfs.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilesystems {
+    /// The OS image to run the job in; `None`: the initramfs (busybox).
+    pub image: Option<ImageChoice>,
+    /// Host directories the job sees at the same paths, served with the job user's identity.
+    pub shares: Vec<SharedDir>,
+}
+
+/// An OS image by name, from a store directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageChoice {
+    pub store: PathBuf,
+    pub name: String,
+}
+
+/// Why no VM could be started. [`LaunchError::is_job_error`] tells the job's own mistakes
+/// (an unknown or corrupted OS image, an unshareable directory) from "not now, not the job's
+/// fault".
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    SharedDir(#[from] SharedDirError),
+    #[error(
+        "shared directories need the VM to run as the job user (uid {job_uid}), not uid {vmm_uid}"
+    )]
+    ShareIdentity { job_uid: u32, vmm_uid: u32 },
     #[error("guest kernel {0} not found")]
     KernelMissing(PathBuf),
     #[error("guest initramfs {0} not found")]
@@ -58,6 +88,17 @@ pub enum LaunchError {
     VmStart(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl LaunchError {
+    /// True when the job asked for something that cannot be given (a job error, not a host
+    /// or queue problem): retrying elsewhere will not help.
+    pub fn is_job_error(&self) -> bool {
+        matches!(
+            self,
+            LaunchError::Image(_) | LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. }
+        )
+    }
 }
 
 impl From<backend::BackendError> for LaunchError {
@@ -119,15 +160,105 @@ fn chown_for(path: &std::path::Path, creds: Option<&VmmCredentials>) -> std::io:
     Ok(())
 }
 
+/// The agent's view of the job's file systems and the backend's devices for them.
+struct AttachedFilesystems {
+    frame: Option<Filesystems>,
+    root_disk: Option<PathBuf>,
+    shares: Vec<VmShare>,
+}
+
+/// Resolves and verifies the OS image and checks the shares. Changes nothing on the host
+/// except the image store's record of a successful full check.
+fn attach_filesystems(
+    fs: &JobFilesystems,
+    spawn: &Spawn,
+    creds: Option<&VmmCredentials>,
+) -> Result<AttachedFilesystems, LaunchError> {
+    let image = match &fs.image {
+        Some(choice) => Some(ImageStore::new(&choice.store).verified(&choice.name)?),
+        None => None,
+    };
+    let shares = shared_dirs::prepare(&fs.shares)?;
+    if !shares.is_empty() {
+        let vmm_uid = creds
+            .map(|c| c.uid)
+            .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+        if vmm_uid != spawn.uid {
+            return Err(LaunchError::ShareIdentity {
+                job_uid: spawn.uid,
+                vmm_uid,
+            });
+        }
+    }
+    let vm_shares: Vec<VmShare> = shares
+        .iter()
+        .enumerate()
+        .map(|(i, d)| VmShare {
+            tag: format!("sge{i}"),
+            host_path: d.path.clone(),
+            read_only: d.read_only,
+        })
+        .collect();
+    let frame = (image.is_some() || !vm_shares.is_empty()).then(|| Filesystems {
+        root: image.as_ref().map(|img| RootImage {
+            device: ROOT_DISK_GUEST_DEVICE.as_bytes().to_vec(),
+            fstype: img.manifest.fstype.clone().into_bytes(),
+        }),
+        mounts: vm_shares
+            .iter()
+            .map(|s| SharedMount {
+                transport: ShareTransport::NineP,
+                tag: s.tag.clone().into_bytes(),
+                target: s.host_path.as_os_str().as_encoded_bytes().to_vec(),
+                read_only: s.read_only,
+            })
+            .collect(),
+    });
+    Ok(AttachedFilesystems {
+        frame,
+        root_disk: image.map(|img| img.path),
+        shares: vm_shares,
+    })
+}
+
 /// Boots a VM for `spec` and starts the job conversation. Returns once the VM is starting.
 pub fn launch(spec: LaunchSpec, io: JobIo) -> Result<RunningJob, LaunchError> {
+    launch_in(spec, &JobFilesystems::default(), io)
+}
+
+/// [`launch`] with the job's OS image and shared directories. The image is verified and the
+/// shares checked before any VM starts.
+pub fn launch_in(
+    spec: LaunchSpec,
+    filesystems: &JobFilesystems,
+    io: JobIo,
+) -> Result<RunningJob, LaunchError> {
+    let attached = attach_filesystems(filesystems, &spec.spawn, spec.vmm_credentials.as_ref())?;
     if !spec.kernel.is_file() {
         return Err(LaunchError::KernelMissing(spec.kernel));
     }
     if !spec.initrd.is_file() {
         return Err(LaunchError::InitrdMissing(spec.initrd));
     }
-    let selection = backend::select(spec.backend)?;
+    let mut selection = backend::select(spec.backend)?;
+    if attached.frame.is_some()
+        && !selection.backend.attaches_disks_and_shares()
+        && spec.backend == BackendChoice::Auto
+    {
+        let unable = selection.backend.name();
+        selection = backend::select(BackendChoice::Qemu)?;
+        selection.reason = format!(
+            "auto: QEMU, because the job has an OS image or shared directories, which the \
+             {unable} backend cannot attach yet"
+        );
+    }
+    if attached.frame.is_some() && !selection.backend.attaches_disks_and_shares() {
+        return Err(LaunchError::BackendUnavailable(format!(
+            "the {} backend cannot attach OS images or shared directories yet; use the qemu \
+             backend",
+            selection.backend.name()
+        )));
+    }
     let mut timings = Timings {
         backend: selection.backend.name().to_string(),
         backend_reason: selection.reason.clone(),
@@ -158,6 +289,8 @@ pub fn launch(spec: LaunchSpec, io: JobIo) -> Result<RunningJob, LaunchError> {
         console_log: spec.run_dir.join("console.log"),
         run_dir: spec.run_dir.clone(),
         credentials: spec.vmm_credentials.clone(),
+        root_disk: attached.root_disk,
+        shares: attached.shares,
     };
     let vm = selection.backend.start(&vm_spec)?;
     timings.vm_created_ms = now_ms();
@@ -169,9 +302,20 @@ pub fn launch(spec: LaunchSpec, io: JobIo) -> Result<RunningJob, LaunchError> {
         killer: vm.killer(),
     };
     let console_log = vm_spec.console_log.clone();
+    let fs_frame = attached.frame;
     let session = std::thread::Builder::new()
         .name("agent-session".into())
-        .spawn(move || run_session(vm, listener, spec.spawn, io, link, timings, console_log))?;
+        .spawn(move || {
+            run_session(
+                vm,
+                listener,
+                (fs_frame, spec.spawn),
+                io,
+                link,
+                timings,
+                console_log,
+            )
+        })?;
     Ok(RunningJob {
         controller,
         session,
@@ -232,7 +376,7 @@ fn accept_agent(
 fn run_session(
     mut vm: Box<dyn RunningVm>,
     listener: UnixListener,
-    spawn: Spawn,
+    (filesystems, spawn): (Option<Filesystems>, Spawn),
     io: JobIo,
     link: AgentLink,
     mut timings: Timings,
@@ -241,7 +385,7 @@ fn run_session(
     let result = accept_agent(&mut vm, &listener, &console_log).and_then(|stream| {
         let mut job_started = SystemTime::now();
         let exit: Result<AgentExit, JobError> =
-            converse(stream, spawn, io, &link, &mut timings, || {
+            converse(stream, filesystems, spawn, io, &link, &mut timings, || {
                 job_started = SystemTime::now()
             });
         exit.map(|e| (e, job_started))

@@ -9,7 +9,12 @@ use signal_hook::consts::signal::{SIGCONT, SIGHUP, SIGINT, SIGTERM, SIGTSTP, SIG
 use signal_hook::iterator::Signals;
 
 use shepherd::guest_image;
-use shepherd::launch::{launch, BackendChoice, JobIo, LaunchSpec, StdinSource};
+use shepherd::image::store_dir;
+use shepherd::launch::{
+    launch_in, BackendChoice, ImageChoice, JobFilesystems, JobIo, LaunchSpec, StdinSource,
+    VmmCredentials,
+};
+use shepherd::shared_dirs::SharedDir;
 
 /// Signals relayed to the job's process group.
 const FORWARDED: [i32; 7] = [SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT];
@@ -41,9 +46,46 @@ pub struct RunArgs {
     /// Print one JSON line of phase timestamps to stderr at the end.
     #[arg(long)]
     pub timings: bool,
+    /// Run the command in this OS image (see `image list`) instead of the initramfs.
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
+    /// Image store directory (default: $SGE_VIRTUALIZER_IMAGES, else
+    /// /var/lib/sge_virtualizer/images).
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// Share a host directory into the guest at the same path (repeatable).
+    #[arg(long = "share", value_name = "PATH")]
+    pub shares: Vec<PathBuf>,
+    /// Working directory of the command; it is shared into the guest (default: /, not shared).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// Run the command as this user (needs root): its uid, gid, groups and HOME in the guest;
+    /// the VM and its file server run as the user too, so host permissions apply on shares.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
+}
+
+/// The account `--user` names (a name or a numeric uid).
+fn job_user(name: &str) -> anyhow::Result<nix::unistd::User> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("--user needs root");
+    }
+    let by_name = nix::unistd::User::from_name(name)?;
+    let by_uid = || -> anyhow::Result<Option<nix::unistd::User>> {
+        match name.parse::<u32>() {
+            Ok(uid) => Ok(nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(
+                uid,
+            ))?),
+            Err(_) => Ok(None),
+        }
+    };
+    match by_name {
+        Some(u) => Ok(u),
+        None => by_uid()?.with_context(|| format!("no such user: {name}")),
+    }
 }
 
 /// Runs the command; returns the exit code for the process.
@@ -54,7 +96,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .tempdir()
         .context("creating the VM's runtime directory")?;
     let term = std::env::var("TERM").unwrap_or_else(|_| "dumb".into());
-    let spawn = Spawn {
+    let user = args.user.as_deref().map(job_user).transpose()?;
+    let (name, home) = match &user {
+        Some(u) => (u.name.clone(), u.dir.display().to_string()),
+        None => ("root".to_string(), "/root".to_string()),
+    };
+    let mut shares: Vec<SharedDir> = args.shares.iter().map(SharedDir::new).collect();
+    let cwd = match &args.cwd {
+        Some(dir) => {
+            let dir = std::path::absolute(dir)
+                .with_context(|| format!("working directory {}", dir.display()))?;
+            shares.push(SharedDir::new(&dir));
+            dir
+        }
+        None => PathBuf::from("/"),
+    };
+    let mut spawn = Spawn {
         argv: args
             .command
             .iter()
@@ -62,17 +119,41 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             .collect(),
         env: [
             "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".to_string(),
-            "HOME=/root".into(),
-            "USER=root".into(),
-            "LOGNAME=root".into(),
+            format!("HOME={home}"),
+            format!("USER={name}"),
+            format!("LOGNAME={name}"),
             "SHELL=/bin/sh".into(),
             format!("TERM={term}"),
         ]
         .into_iter()
         .map(String::into_bytes)
         .collect(),
-        cwd: b"/".to_vec(),
+        cwd: cwd.into_os_string().into_encoded_bytes(),
         ..Spawn::default()
+    };
+    let vmm_credentials = match &user {
+        Some(u) => {
+            let groups =
+                nix::unistd::getgrouplist(&std::ffi::CString::new(u.name.as_bytes())?, u.gid)
+                    .with_context(|| format!("groups of {}", u.name))?;
+            let creds = VmmCredentials {
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+                groups: groups.iter().map(|g| g.as_raw()).collect(),
+            };
+            spawn.uid = creds.uid;
+            spawn.gid = creds.gid;
+            spawn.groups = creds.groups.clone();
+            Some(creds)
+        }
+        None => None,
+    };
+    let filesystems = JobFilesystems {
+        image: args.image.map(|name| ImageChoice {
+            store: store_dir(args.images.as_deref()),
+            name,
+        }),
+        shares,
     };
     let io = JobIo {
         stdin: if args.no_stdin {
@@ -85,7 +166,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     // Handlers go in before the VM starts so no signal is lost in between.
     let mut signals = Signals::new(FORWARDED).context("installing signal handlers")?;
-    let job = launch(
+    let job = launch_in(
         LaunchSpec {
             kernel: image.kernel,
             initrd: image.initrd,
@@ -95,8 +176,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             extra_cmdline: args.cmdline,
             spawn,
             run_dir: run_dir.path().to_path_buf(),
-            vmm_credentials: None,
+            vmm_credentials,
         },
+        &filesystems,
         io,
     )?;
     let controller = job.controller();

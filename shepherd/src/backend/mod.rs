@@ -62,6 +62,24 @@ pub struct VmSpec {
     /// Private directory for the backend's own sockets and logs.
     pub run_dir: PathBuf,
     pub credentials: Option<VmmCredentials>,
+    /// An OS image attached read-only as the guest's first virtio-blk disk
+    /// ([`ROOT_DISK_GUEST_DEVICE`]).
+    pub root_disk: Option<PathBuf>,
+    /// Host directories served to the guest, each under its tag.
+    pub shares: Vec<VmShare>,
+}
+
+/// The guest device of [`VmSpec::root_disk`].
+pub const ROOT_DISK_GUEST_DEVICE: &str = "/dev/vda";
+
+/// A host directory served to the guest by the backend's file server, which runs with
+/// [`VmSpec::credentials`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmShare {
+    /// The device tag the guest mounts it by.
+    pub tag: String,
+    pub host_path: PathBuf,
+    pub read_only: bool,
 }
 
 /// Why a VM could not be started.
@@ -98,6 +116,11 @@ pub trait RunningVm: Send {
 /// A way to boot VMs.
 pub trait VmBackend {
     fn name(&self) -> &'static str;
+    /// Whether [`VmSpec::root_disk`] and [`VmSpec::shares`] are attached; a backend that
+    /// cannot is never given them.
+    fn attaches_disks_and_shares(&self) -> bool {
+        false
+    }
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError>;
 }
 

@@ -106,9 +106,51 @@ fn wait_for_path(path: &Path, child: &mut Child, patience: Duration) -> Result<(
     Ok(())
 }
 
+/// A path inside a QEMU option value: commas are doubled.
+fn option_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// The OS image as the first virtio-blk disk (read-only: QEMU opens the file read-only and the
+/// guest sees a read-only device), and each share as a virtio-9p device served by QEMU itself.
+///
+/// 9p uses `security_model=none`: QEMU, running as the job user, creates files as itself and
+/// its permission checks are the job user's; `multidevs=remap` keeps inode numbers unique
+/// when a share spans several host file systems.
+fn disk_and_share_args(spec: &VmSpec) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(disk) = &spec.root_disk {
+        args.push("-drive".into());
+        args.push(format!(
+            "file={},if=none,format=raw,readonly=on,id=root",
+            option_path(disk)
+        ));
+        args.push("-device".into());
+        args.push("virtio-blk-device,drive=root".into());
+    }
+    for (i, share) in spec.shares.iter().enumerate() {
+        args.push("-fsdev".into());
+        args.push(format!(
+            "local,id=fs{i},path={},security_model=none,multidevs=remap{}",
+            option_path(&share.host_path),
+            if share.read_only { ",readonly=on" } else { "" }
+        ));
+        args.push("-device".into());
+        args.push(format!(
+            "virtio-9p-device,fsdev=fs{i},mount_tag={}",
+            share.tag
+        ));
+    }
+    args
+}
+
 impl VmBackend for QemuBackend {
     fn name(&self) -> &'static str {
         "qemu"
+    }
+
+    fn attaches_disks_and_shares(&self) -> bool {
+        true
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
@@ -165,6 +207,7 @@ impl VmBackend for QemuBackend {
                 &format!("socket,id=vsock,path={}", vhost_sock.display()),
             ])
             .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+            .args(disk_and_share_args(spec))
             .arg("-kernel")
             .arg(&spec.kernel)
             .arg("-initrd")
@@ -262,5 +305,57 @@ impl Drop for QemuVm {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::VmShare;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_mib: 64,
+            vsock_uds: PathBuf::from("/run/v"),
+            console_log: PathBuf::from("/run/c"),
+            run_dir: PathBuf::from("/run"),
+            credentials: None,
+            root_disk: None,
+            shares: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn no_disk_and_no_shares_add_no_devices() {
+        assert!(disk_and_share_args(&spec()).is_empty());
+    }
+
+    #[test]
+    fn the_image_is_read_only_and_commas_in_paths_are_escaped() {
+        let mut s = spec();
+        s.root_disk = Some(PathBuf::from("/img/a,b/rootfs.ext4"));
+        s.shares = vec![VmShare {
+            tag: "sge0".into(),
+            host_path: PathBuf::from("/home/u"),
+            read_only: true,
+        }];
+        let args = disk_and_share_args(&s);
+        assert_eq!(
+            args,
+            [
+                "-drive",
+                "file=/img/a,,b/rootfs.ext4,if=none,format=raw,readonly=on,id=root",
+                "-device",
+                "virtio-blk-device,drive=root",
+                "-fsdev",
+                "local,id=fs0,path=/home/u,security_model=none,multidevs=remap,readonly=on",
+                "-device",
+                "virtio-9p-device,fsdev=fs0,mount_tag=sge0",
+            ]
+        );
     }
 }
