@@ -15,9 +15,11 @@ mod machine;
 mod memory_overhead;
 mod proc_memory;
 mod qemu_microvm;
+mod relay;
 mod report;
 mod results;
 mod shepherd_run;
+mod signal_latency;
 mod stats;
 mod tiny_guest;
 
@@ -59,6 +61,10 @@ enum Cmd {
     Job,
     /// 3: VMM memory overhead after boot, embedded vs QEMU.
     Memory,
+    /// 4a: output relay throughput guest → host file.
+    Relay,
+    /// 4b: signal round trip shepherd → job handler → output back.
+    Signal,
     /// Render REPORT.md and the chart from the stored results.
     Report,
     /// (internal) Boot the tiny guest with the embedded VMM and report on stdout.
@@ -106,6 +112,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Boot => boot_latency::run(&ctx)?,
         Cmd::Job => job_latency::run(&ctx)?,
         Cmd::Memory => memory_overhead::run(&ctx)?,
+        Cmd::Relay => relay::run(&ctx)?,
+        Cmd::Signal => signal_latency::run(&ctx)?,
         Cmd::Report | Cmd::EmbeddedVm { .. } => unreachable!("handled above"),
     };
     let path = result.save(&results_dir)?;
