@@ -7,6 +7,8 @@
 #   2. vhost-device-vsock (QEMU backend's vsock daemon) from crates.io, into /usr/local/bin
 #   3. the sge_virtualizer binary (cargo build --release)
 #   4. the guest image: kernel (vmlinux), initramfs with the static guest agent -> build/guest/
+#   (OS images for jobs are built on demand, cached: sge_virtualizer image build --debootstrap
+#    bullseye bullseye; tests/tests/image_e2e.rs does that itself)
 #
 # Usage: scripts/setup.sh            (run as root, or with sudo)
 set -euo pipefail
@@ -21,8 +23,10 @@ if [ "$(id -u)" != 0 ]; then
     SUDO=sudo
 fi
 
+# debootstrap + e2fsprogs: `sge_virtualizer image build` (OS images jobs run in).
 PACKAGES=(qemu-system-x86 linux-source-6.1 busybox-static build-essential flex bison bc
-          libelf-dev libssl-dev xz-utils cpio patch binutils ca-certificates curl)
+          libelf-dev libssl-dev xz-utils cpio patch binutils ca-certificates curl
+          debootstrap e2fsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
