@@ -9,11 +9,14 @@
 #                           scheduler) and set shepherd_cmd (default: none = the stock shepherd)
 #   shepherd SHEPHERD_CMD   set shepherd_cmd (a path, or `none`) in the global configuration
 #   stop                    stop execd (jobs keep running) and qmaster, by PID
+#   stop-execd              stop execd only (jobs keep running; `start` brings it back)
 #   status                  print whether the daemons run and the queue state; exit 0 if usable
 #   purge                   stop, then delete all cell state (spool, accounting, job numbers)
 #
 # Environment: SGE_CELL_SLOTS (default 4), SGE_CELL_NOTIFY (queue notify, default 00:00:05),
-# SGE_CELL_KEEP_ACTIVE=true keeps active job directories for debugging.
+# SGE_CELL_KEEP_ACTIVE=true keeps active job directories for debugging,
+# SGE_CELL_VIRTUALIZER_CONFIG=FILE starts execd with SGE_VIRTUALIZER_CONFIG=FILE (the settings
+# file shepherds it starts read; execd is restarted when it runs with another value).
 # Background: shared/reference/sge-single-host-cell.md (the gotchas each step works around).
 set -euo pipefail
 
@@ -27,6 +30,7 @@ JOB_USER=sgetest
 SLOTS=${SGE_CELL_SLOTS:-4}
 NOTIFY=${SGE_CELL_NOTIFY:-00:00:05}
 KEEP_ACTIVE=${SGE_CELL_KEEP_ACTIVE:-false}
+VIRT_CONFIG=${SGE_CELL_VIRTUALIZER_CONFIG:-}
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
 log() { echo "sge-cell: $*" >&2; }
@@ -122,10 +126,20 @@ write_host_aliases() {
     return 1
 }
 
-start_daemon() { # NAME PIDFILE_VAR PIDFILE
+start_daemon() { # NAME PIDFILE_VAR PIDFILE [VAR=VALUE...]
+    local name=$1 var=$2 file=$3
+    shift 3
     (cd / && setsid --wait env -i --default-signal PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        SGE_ROOT=$SGE_ROOT SGE_CELL=$SGE_CELL LANG=C "$2=$3" "/usr/sbin/$1" </dev/null >/dev/null 2>&1) \
-        || die "$1 failed to start"
+        SGE_ROOT=$SGE_ROOT SGE_CELL=$SGE_CELL LANG=C "$var=$file" "$@" "/usr/sbin/$name" \
+        </dev/null >/dev/null 2>&1) || die "$name failed to start"
+}
+
+# the SGE_VIRTUALIZER_CONFIG value of the running execd (empty if none)
+execd_virt_config() {
+    local f pid
+    f=$(execd_pidfile) || return 0
+    pid=$(head -n1 "$f")
+    tr '\0' '\n' <"/proc/$pid/environ" | sed -n 's/^SGE_VIRTUALIZER_CONFIG=//p'
 }
 
 wait_for() { # SECONDS CMD...
@@ -286,9 +300,15 @@ do_start() {
     wait_for 30 qconf -sh || die "qmaster does not answer (see /var/spool/gridengine/qmaster/messages)"
     configure_cell
     if [ -n "$shep" ]; then do_shepherd "$shep"; fi
+    if execd_pidfile >/dev/null && [ "$(execd_virt_config)" != "$VIRT_CONFIG" ]; then
+        log "restarting sge_execd with SGE_VIRTUALIZER_CONFIG=$VIRT_CONFIG (jobs keep running)"
+        stop_execd
+    fi
     if ! execd_pidfile >/dev/null; then
         log "starting sge_execd"
-        start_daemon sge_execd SGE_EXECD_PIDFILE "$EXECD_PID"
+        local extra=()
+        [ -n "$VIRT_CONFIG" ] && extra=("SGE_VIRTUALIZER_CONFIG=$VIRT_CONFIG")
+        start_daemon sge_execd SGE_EXECD_PIDFILE "$EXECD_PID" "${extra[@]}"
     fi
     wait_for 60 queue_ready || { qstat -f >&2 || true; die "all.q@$h did not become ready"; }
     log "cell ready: all.q@$h with $SLOTS slots, job user $JOB_USER"
@@ -305,7 +325,8 @@ stop_pid() { # PIDFILE
     kill -KILL "$pid" 2>/dev/null || true
 }
 
-do_stop() {
+# stop execd only; its jobs keep running and are picked up again when it restarts
+stop_execd() {
     local f h
     h=$(host_name 2>/dev/null || hostname)
     if f=$(execd_pidfile); then
@@ -313,6 +334,11 @@ do_stop() {
         qconf -ke "$h" >/dev/null 2>&1 || kill -TERM "$(head -n1 "$f")" 2>/dev/null || true
         stop_pid "$f"
     fi
+}
+
+do_stop() {
+    local f
+    stop_execd
     if f=$(qmaster_pidfile); then
         log "stopping sge_qmaster"
         qconf -km >/dev/null 2>&1 || kill -TERM "$(head -n1 "$f")" 2>/dev/null || true
@@ -356,7 +382,8 @@ case "$verb" in
     start) do_start "$@" ;;
     shepherd) do_shepherd "$@" ;;
     stop) do_stop ;;
+    stop-execd) stop_execd ;;
     status) do_status ;;
     purge) do_purge ;;
-    *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,21p' "$0" >&2; exit 2 ;;
 esac

@@ -24,7 +24,9 @@ enum Unit {
 /// Parses one value; `None` means unlimited.
 fn parse_value(s: &str, unit: Unit) -> Option<Option<u64>> {
     let s = s.trim();
-    if s.eq_ignore_ascii_case("infinity") || s.is_empty() {
+    // execd writes UNDEFINED for the execd_params limits nobody set
+    if s.eq_ignore_ascii_case("infinity") || s.eq_ignore_ascii_case("undefined") || s.is_empty()
+    {
         return Some(None);
     }
     if unit == Unit::Seconds && s.contains(':') {
@@ -62,7 +64,7 @@ fn parse_value(s: &str, unit: Unit) -> Option<Option<u64>> {
     }))
 }
 
-/// (config name, resource, unit, multiplied by slots unless `<name>_is_consumable_job=1`,
+/// (config name, resource, unit, multiplied by slots unless `[hs]_<name>_is_consumable_job=1`,
 /// always multiplied by slots).
 const LIMITS: &[(&str, u32, Unit, bool, bool)] = &[
     ("cpu", libc::RLIMIT_CPU, Unit::Seconds, true, false),
@@ -120,15 +122,17 @@ pub fn job_rlimits(config: &JobConfig) -> Result<Vec<Rlimit>, LimitError> {
         {
             continue;
         }
-        let consumable = config.flag(&format!("{name}_is_consumable_job"));
-        let factor = if always_per_slot || (per_slot && !consumable) {
-            slots
-        } else {
-            1
+        let factor = |prefix: &str| {
+            let consumable = config.flag(&format!("{prefix}_{name}_is_consumable_job"));
+            if always_per_slot || (per_slot && !consumable) {
+                slots
+            } else {
+                1
+            }
         };
-        let scale = |v: Option<u64>| v.map_or(u64::MAX, |v| v.saturating_mul(factor));
-        let hard = scale(hard);
-        let soft = scale(soft).min(hard);
+        let scale = |v: Option<u64>, f: u64| v.map_or(u64::MAX, |v| v.saturating_mul(f));
+        let hard = scale(hard, factor("h"));
+        let soft = scale(soft, factor("s")).min(hard);
         if soft == u64::MAX && hard == u64::MAX {
             continue;
         }
@@ -145,7 +149,7 @@ pub fn job_rlimits(config: &JobConfig) -> Result<Vec<Rlimit>, LimitError> {
 /// kills the job when its processes (the VMM) use more.
 pub fn vmem_budget(config: &JobConfig) -> Result<Option<u64>, LimitError> {
     let hard = read(config, "h_vmem".into(), Unit::Amount)?;
-    let factor = if config.flag("vmem_is_consumable_job") {
+    let factor = if config.flag("h_vmem_is_consumable_job") {
         1
     } else {
         slots(config)
@@ -169,6 +173,7 @@ mod tests {
     #[test]
     fn values() {
         assert_eq!(parse_value("INFINITY", Unit::Amount), Some(None));
+        assert_eq!(parse_value("UNDEFINED", Unit::Amount), Some(None));
         assert_eq!(parse_value("2G", Unit::Amount), Some(Some(2 << 30)));
         assert_eq!(parse_value("2g", Unit::Amount), Some(Some(2_000_000_000)));
         assert_eq!(parse_value("512M", Unit::Amount), Some(Some(512 << 20)));
@@ -183,8 +188,8 @@ mod tests {
     #[test]
     fn rlimits_scale_with_slots_unless_consumable() {
         let c = JobConfig::parse(
-            "host_slots=2\ns_cpu=0:1:0\nh_cpu=0:2:0\ncpu_is_consumable_job=0\n\
-             h_vmem=1G\ns_vmem=INFINITY\nvmem_is_consumable_job=1\nh_fsize=1M\ns_fsize=2M\n\
+            "host_slots=2\ns_cpu=0:1:0\nh_cpu=0:2:0\nh_cpu_is_consumable_job=0\n\
+             h_vmem=1G\ns_vmem=INFINITY\nh_vmem_is_consumable_job=1\nh_fsize=1M\ns_fsize=2M\n\
              h_stack=INFINITY\ns_stack=INFINITY\nh_descriptors=100\ns_descriptors=100\n",
         );
         let l = job_rlimits(&c).unwrap();
