@@ -118,6 +118,28 @@ fn application_processors_waiting_for_sipi_are_torn_down_on_reset() {
 }
 
 #[test]
+fn memory_usage_separates_guest_ram_from_the_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = Vm::start(tiny_config(&build_guest("ticker"))).unwrap();
+    wait_for_ticks(&vm, 1);
+    let u = vm.memory_usage().unwrap();
+    eprintln!(
+        "tiny guest: process RSS {} KiB, guest RAM resident {} KiB of {} KiB, overhead {} KiB",
+        u.process_rss_bytes / 1024,
+        u.guest_ram_resident_bytes / 1024,
+        u.guest_ram_bytes / 1024,
+        u.vmm_overhead_bytes() / 1024
+    );
+    // The guest touched its boot tables, zero page, stack and code: some pages, not all 16 MiB.
+    assert!(u.guest_ram_resident_bytes > 0 && u.guest_ram_resident_bytes < u.guest_ram_bytes);
+    assert!(u.guest_ram_resident_bytes <= u.process_rss_bytes);
+    vm.request_stop();
+    vm.wait();
+}
+
+#[test]
 fn a_missing_kernel_is_an_error_not_a_panic() {
     let err = Vm::start(vmm::VmConfig::new("/nonexistent/vmlinux"))
         .err()

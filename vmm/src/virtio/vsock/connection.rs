@@ -169,6 +169,13 @@ impl Connection {
         self.state
     }
 
+    /// A host-initiated connection whose REQUEST the guest has not seen yet: it survives a
+    /// device reset (the driver resets the device when it starts, which must not drop a
+    /// `CONNECT` the host sent early).
+    pub fn is_unannounced(&self) -> bool {
+        self.state == ConnState::LocalInit && self.pending_request
+    }
+
     /// Whether the connection is over and has nothing left to send.
     pub fn is_finished(&self) -> bool {
         self.state == ConnState::Closed && !self.pending_rst

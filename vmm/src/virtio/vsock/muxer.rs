@@ -124,26 +124,34 @@ impl Muxer {
         !self.rsts.is_empty() || !self.rx_keys.is_empty()
     }
 
-    /// Drops every connection and pending host stream (device reset).
+    /// Device reset: drops every connection the guest knew about. Host streams still waiting
+    /// for their `CONNECT` line and host-initiated connections whose REQUEST the guest has not
+    /// seen are kept, so a host that connects before the driver is up is not cut off.
     pub fn reset(&mut self) {
-        let fds: Vec<RawFd> = self.registered.keys().copied().collect();
-        for fd in fds {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let dropped: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.is_unannounced())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in dropped {
+            if let Some(conn) = self.conns.remove(&key) {
+                let fd = conn.fd();
+                if self.registered.remove(&fd).is_some() {
+                    let _ = self
+                        .epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                }
+                self.fd_conn.remove(&fd);
+            }
         }
-        for fd in self.pending_hosts.keys() {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
-        }
-        self.registered.clear();
-        self.pending_hosts.clear();
-        self.conns.clear();
-        self.fd_conn.clear();
         self.rx_keys.clear();
         self.rx_set.clear();
         self.rsts.clear();
+        let kept: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in kept {
+            self.update(key);
+        }
     }
 
     fn queue_rst_reply(&mut self, hdr: &PacketHeader) {
