@@ -65,6 +65,8 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// Clones of the queue eventfds: writing one hands work for that queue to the VMM thread.
+    queue_kicks: Vec<vmm_sys_util::eventfd::EventFd>,
 }
 
 impl MmioTransport {
@@ -87,7 +89,23 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            queue_kicks: Vec::new(),
         })
+    }
+
+    /// Sets the eventfds that wake the VMM thread for each queue (the same ones KVM signals for
+    /// QueueNotify writes).
+    pub fn set_queue_kicks(&mut self, kicks: Vec<vmm_sys_util::eventfd::EventFd>) {
+        self.queue_kicks = kicks;
+    }
+
+    /// Wakes the VMM thread for queue `index` (a no-op for an unknown queue).
+    fn kick_queue(&self, index: usize) {
+        if let Some(evt) = self.queue_kicks.get(index) {
+            if let Err(e) = evt.write(1) {
+                tracing::warn!("cannot wake the VMM thread for queue {index}: {e}");
+            }
+        }
     }
 
     fn fresh_queues(device: &dyn VirtioDevice) -> Result<Vec<Queue>, virtio_queue::Error> {
@@ -224,7 +242,14 @@ impl MmioTransport {
         // The device owns the queues now; keep placeholders so register reads stay in range.
         self.queues = Self::fresh_queues(self.device.as_ref()).unwrap_or_default();
         match result {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                self.activated = true;
+                // Work that waited for the driver (e.g. an early host CONNECT) is done on the
+                // VMM thread, not on this vCPU thread.
+                for i in 0..self.queues.len() {
+                    self.kick_queue(i);
+                }
+            }
             Err(f) => self.fail(&f),
         }
     }
@@ -279,7 +304,9 @@ impl MmioTransport {
             REG_QUEUE_SEL => self.queue_select = value,
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
             REG_STATUS => self.write_status(value),
-            REG_QUEUE_NOTIFY => self.notify_queue(value as usize),
+            // Normally absorbed by the ioeventfds; a write that reaches here is passed on the
+            // same way, so queue processing always runs on the VMM thread.
+            REG_QUEUE_NOTIFY => self.kick_queue(value as usize),
             REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH
             | REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW
             | REG_QUEUE_USED_HIGH => {

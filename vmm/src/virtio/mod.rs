@@ -220,6 +220,12 @@ pub(crate) fn attach_devices(
         .map_err(kvm_err("KVM_IOEVENTFD"))?;
         queue_evts.push(evt);
     }
+    let kicks = queue_evts
+        .iter()
+        .map(EventFd::try_clone)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(VirtioError::EventFd)?;
+    lock(&transport).set_queue_kicks(kicks);
     let range = MmioRange::new(MmioAddress(base), layout::VIRTIO_MMIO_SIZE)
         .map_err(|e| VirtioError::Bus(format!("{e:?}")))?;
     io.register_mmio(range, Arc::new(MmioWindow(transport.clone())))
