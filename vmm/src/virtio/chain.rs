@@ -102,3 +102,94 @@ where
         writable,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{create_guest_memory, GuestMemory};
+    use virtio_queue::{Queue, QueueOwnedT, QueueT};
+    use vm_memory::Bytes;
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x3000;
+    const USED: u64 = 0x4000;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    /// Writes descriptors (addr, len, flags, next) and publishes `head`; returns its chain's
+    /// validation.
+    fn check(
+        descs: &[(u64, u32, u16, u16)],
+        head: u16,
+        size: u16,
+    ) -> Result<ValidChain, ChainError> {
+        let mem: GuestMemory = create_guest_memory(2).unwrap();
+        for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
+            let d = DESC + 16 * i as u64;
+            mem.write_obj(*addr, GuestAddress(d)).unwrap();
+            mem.write_obj(*len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(*flags, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(*next, GuestAddress(d + 14)).unwrap();
+        }
+        mem.write_obj(head, GuestAddress(AVAIL + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        let mut q = Queue::new(size).unwrap();
+        q.set_size(size);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(&mem));
+        let chain = q.iter(&mem).unwrap().next().unwrap();
+        validate_chain(chain, &mem)
+    }
+
+    #[test]
+    fn a_header_and_a_writable_buffer_pass() {
+        let v = check(&[(0x10000, 44, NEXT, 1), (0x20000, 4096, WRITE, 0)], 0, 8).unwrap();
+        assert_eq!(v.readable, vec![(GuestAddress(0x10000), 44)]);
+        assert_eq!(v.writable, vec![(GuestAddress(0x20000), 4096)]);
+    }
+
+    #[test]
+    fn buffers_outside_guest_ram_are_refused() {
+        let r = check(&[(0x1f_ff00, 0x200, 0, 0)], 0, 8);
+        assert_eq!(
+            r,
+            Err(ChainError::OutOfBounds {
+                addr: 0x1f_ff00,
+                len: 0x200
+            })
+        );
+        let r = check(&[(u64::MAX - 8, 44, 0, 0)], 0, 8);
+        assert!(matches!(r, Err(ChainError::OutOfBounds { .. })));
+    }
+
+    #[test]
+    fn loops_and_dangling_next_are_refused() {
+        let looped = [(0x10000, 44, NEXT, 1), (0x10000, 44, NEXT, 0)];
+        assert_eq!(check(&looped, 0, 8), Err(ChainError::Unterminated));
+        let dangling = [(0x10000, 44, NEXT, 200)];
+        assert_eq!(check(&dangling, 0, 8), Err(ChainError::Unterminated));
+    }
+
+    #[test]
+    fn overlong_chains_are_refused() {
+        let descs: Vec<_> = (0..100u16).map(|i| (0x10000, 8, NEXT, i + 1)).collect();
+        assert_eq!(check(&descs, 0, 128), Err(ChainError::Unterminated));
+    }
+
+    #[test]
+    fn empty_zero_length_and_misordered_chains_are_refused() {
+        assert_eq!(check(&[(0x10000, 44, 0, 0)], 9, 8), Err(ChainError::Empty));
+        assert_eq!(
+            check(&[(0x10000, 0, 0, 0)], 0, 8),
+            Err(ChainError::ZeroLength)
+        );
+        let misordered = [(0x10000, 44, WRITE | NEXT, 1), (0x20000, 44, 0, 0)];
+        assert_eq!(
+            check(&misordered, 0, 8),
+            Err(ChainError::ReadableAfterWritable)
+        );
+    }
+}

@@ -358,3 +358,146 @@ impl MutDeviceMmio for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::irq_trigger::IrqTrigger;
+    use crate::memory::create_guest_memory;
+    use crate::virtio::vsock::{Muxer, VsockDevice};
+
+    struct Fixture {
+        t: MmioTransport,
+        interrupt: Arc<InterruptLine>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn transport() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let device = VsockDevice::new(42, Muxer::new(42, &dir.path().join("v.sock")).unwrap());
+        let mem = Arc::new(create_guest_memory(2).unwrap());
+        let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        Fixture {
+            t: MmioTransport::new(Box::new(device), mem, interrupt.clone()).unwrap(),
+            interrupt,
+            _dir: dir,
+        }
+    }
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.mmio_read(MmioAddress(0), off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.mmio_write(MmioAddress(0), off, &v.to_le_bytes());
+    }
+
+    /// ACKNOWLEDGE, DRIVER, features (page 1 = `high`), FEATURES_OK; returns the status.
+    fn negotiate(t: &mut MmioTransport, high: u32) -> u32 {
+        wr(t, REG_STATUS, 1);
+        wr(t, REG_STATUS, 3);
+        wr(t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(t, REG_DRIVER_FEATURES, high);
+        wr(t, REG_STATUS, 11);
+        rd(t, REG_STATUS)
+    }
+
+    fn setup_queue(t: &mut MmioTransport, q: u32, base: u32, size: u32) {
+        wr(t, REG_QUEUE_SEL, q);
+        wr(t, REG_QUEUE_NUM, size);
+        wr(t, REG_QUEUE_DESC_LOW, base);
+        wr(t, REG_QUEUE_AVAIL_LOW, base + 0x1000);
+        wr(t, REG_QUEUE_USED_LOW, base + 0x2000);
+        wr(t, REG_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn identification_and_config_space() {
+        let mut f = transport();
+        assert_eq!(rd(&mut f.t, REG_MAGIC), MMIO_MAGIC);
+        assert_eq!(rd(&mut f.t, REG_VERSION), 2);
+        assert_eq!(rd(&mut f.t, REG_DEVICE_ID), 19);
+        assert_eq!(rd(&mut f.t, REG_VENDOR_ID), VENDOR_ID);
+        assert_eq!(rd(&mut f.t, REG_QUEUE_NUM_MAX), 256);
+        wr(&mut f.t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut f.t, REG_DEVICE_FEATURES), 1, "VERSION_1 only");
+        assert_eq!(rd(&mut f.t, REG_CONFIG), 42, "guest CID, low word");
+        assert_eq!(rd(&mut f.t, REG_CONFIG + 4), 0, "guest CID, high word");
+        assert_eq!(rd(&mut f.t, REG_CONFIG + 64), 0, "past the end");
+        let mut odd = [0xffu8; 2];
+        f.t.mmio_read(MmioAddress(0), REG_MAGIC, &mut odd);
+        assert_eq!(odd, [0, 0], "registers are 32-bit only");
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_and_no_unknown_features() {
+        let mut f = transport();
+        assert_eq!(
+            negotiate(&mut f.t, 0) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "legacy driver"
+        );
+        wr(&mut f.t, REG_STATUS, 0);
+        assert_eq!(
+            negotiate(&mut f.t, 1 | 2) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "unknown feature"
+        );
+        wr(&mut f.t, REG_STATUS, 0);
+        assert_eq!(negotiate(&mut f.t, 1), 11);
+    }
+
+    #[test]
+    fn driver_ok_activates_and_reset_deactivates() {
+        let mut f = transport();
+        negotiate(&mut f.t, 1);
+        for q in 0..3 {
+            setup_queue(&mut f.t, q, 0x10000 + q * 0x4000, 16);
+        }
+        wr(&mut f.t, REG_STATUS, 15);
+        assert!(f.t.is_activated());
+        assert_eq!(rd(&mut f.t, REG_STATUS), 15);
+        // Queue registers are frozen after DRIVER_OK.
+        wr(&mut f.t, REG_QUEUE_SEL, 0);
+        wr(&mut f.t, REG_QUEUE_READY, 0);
+        // Clearing status bits other than by reset is ignored.
+        wr(&mut f.t, REG_STATUS, 3);
+        assert_eq!(rd(&mut f.t, REG_STATUS), 15);
+        f.interrupt.signal_used_queue();
+        assert_eq!(rd(&mut f.t, REG_INTERRUPT_STATUS), 1);
+        wr(&mut f.t, REG_INTERRUPT_ACK, 1);
+        assert_eq!(rd(&mut f.t, REG_INTERRUPT_STATUS), 0);
+        wr(&mut f.t, REG_STATUS, 0);
+        assert!(!f.t.is_activated());
+        assert_eq!(rd(&mut f.t, REG_STATUS), 0);
+    }
+
+    #[test]
+    fn invalid_queue_at_driver_ok_needs_reset() {
+        let mut f = transport();
+        negotiate(&mut f.t, 1);
+        setup_queue(&mut f.t, 0, 0x10000, 16);
+        // TX ring beyond guest RAM (2 MiB).
+        setup_queue(&mut f.t, 1, 0x40_0000, 16);
+        wr(&mut f.t, REG_STATUS, 15);
+        assert!(!f.t.is_activated());
+        assert_ne!(rd(&mut f.t, REG_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_eq!(
+            rd(&mut f.t, REG_INTERRUPT_STATUS) & 2,
+            2,
+            "config-change interrupt"
+        );
+    }
+
+    #[test]
+    fn queue_setup_before_features_ok_is_ignored() {
+        let mut f = transport();
+        wr(&mut f.t, REG_STATUS, 1);
+        wr(&mut f.t, REG_STATUS, 3);
+        wr(&mut f.t, REG_QUEUE_SEL, 0);
+        wr(&mut f.t, REG_QUEUE_READY, 1);
+        assert_eq!(rd(&mut f.t, REG_QUEUE_READY), 0);
+    }
+}
