@@ -64,8 +64,10 @@ pub fn normalise(path: &Path) -> Result<PathBuf, SharedDirError> {
 }
 
 /// Checks and orders shares for mounting: paths normalised and existing directories; exact
-/// duplicates merged (read-write wins); parents before their children, so a nested share is
-/// mounted on top of its parent's.
+/// duplicates merged (read-write wins); a directory inside another share dropped when that
+/// share already gives it (same or more access: host mounts below a share are reached through
+/// it); parents before their children, so a remaining nested share (read-write inside
+/// read-only) is mounted on top of its parent's.
 pub fn prepare(dirs: &[SharedDir]) -> Result<Vec<SharedDir>, SharedDirError> {
     let mut out: Vec<SharedDir> = Vec::new();
     for dir in dirs {
@@ -92,7 +94,16 @@ pub fn prepare(dirs: &[SharedDir]) -> Result<Vec<SharedDir>, SharedDirError> {
             .cmp(&b.path.components().count())
             .then_with(|| a.path.cmp(&b.path))
     });
-    Ok(out)
+    let mut kept: Vec<SharedDir> = Vec::with_capacity(out.len());
+    for dir in out {
+        let covered = kept
+            .iter()
+            .any(|p| dir.path.starts_with(&p.path) && (!p.read_only || dir.read_only));
+        if !covered {
+            kept.push(dir);
+        }
+    }
+    Ok(kept)
 }
 
 #[cfg(test)]
@@ -139,6 +150,33 @@ mod tests {
                     read_only: false
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn directories_inside_a_share_that_gives_them_are_not_shared_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().to_path_buf();
+        let child = parent.join("child");
+        std::fs::create_dir(&child).unwrap();
+        let sibling = PathBuf::from(format!("{}-sibling", parent.display()));
+        std::fs::create_dir_all(&sibling).unwrap();
+        let got = prepare(&[
+            SharedDir::new(&child),
+            SharedDir::new(&parent),
+            SharedDir::new(&sibling),
+        ])
+        .unwrap();
+        std::fs::remove_dir(&sibling).unwrap();
+        // A name sharing the parent's prefix is not inside it.
+        assert_eq!(got, [SharedDir::new(&parent), SharedDir::new(&sibling)]);
+        let ro_child = SharedDir {
+            path: child.clone(),
+            read_only: true,
+        };
+        assert_eq!(
+            prepare(&[ro_child, SharedDir::new(&parent)]).unwrap(),
+            [SharedDir::new(&parent)]
         );
     }
 
