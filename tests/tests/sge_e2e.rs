@@ -1,0 +1,719 @@
+//! Grid Engine end to end: a real one-host Son of Grid Engine cell (Debian's gridengine-master,
+//! -exec and -client, brought up by `scripts/sge-cell.sh`) with `shepherd_cmd` set to the built
+//! `sge_virtualizer`, jobs submitted as the test user `sgetest`, and the results read back
+//! through `qacct`, `qstat` and the active job directories (`KEEP_ACTIVE=true`).
+//!
+//! Needs root (the cell and the job user), the guest image in `build/guest/`, and QEMU with
+//! `vhost-device-vsock` (the VM backend here is QEMU TCG). Without them each test says SKIPPED.
+//! The tests share one cell and run one at a time (two cores, TCG guests: timing checks need
+//! the CPU).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use integration_tests::{repo_root, report_skip, sge_virtualizer_bin};
+
+/// Everything outside the repository the cell's daemons and the job user must read.
+const TEST_ROOT: &str = "/var/tmp/sge_virtualizer-e2e";
+const JOB_USER: &str = "sgetest";
+const SPOOL: &str = "/var/spool/gridengine/execd";
+/// The queue notify time sge-cell.sh configures (`SGE_CELL_NOTIFY`).
+const NOTIFY_SECS: u64 = 5;
+
+/// The cell, set up once for all tests; `Err` says why the tests cannot run here.
+fn cell() -> &'static Result<Cell, String> {
+    static CELL: OnceLock<Result<Cell, String>> = OnceLock::new();
+    CELL.get_or_init(Cell::set_up)
+}
+
+/// One test at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `body` with the cell, or reports why it cannot.
+fn with_cell(test: &str, body: impl FnOnce(&Cell)) {
+    let _guard = serial();
+    match cell() {
+        Ok(c) => body(c),
+        Err(why) => report_skip(test, why),
+    }
+}
+
+struct Cell {
+    host: String,
+    guest_release: String,
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/local/bin"), PathBuf::from("/root/.cargo/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+impl Cell {
+    fn set_up() -> Result<Cell, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("needs root (installs and runs a Grid Engine cell)".into());
+        }
+        let image = repo_root().join("build/guest");
+        for f in ["vmlinux", "initramfs.cpio", "manifest.json"] {
+            if !image.join(f).is_file() {
+                return Err(format!(
+                    "guest image file {} missing (scripts/build-guest-image.sh)",
+                    image.join(f).display()
+                ));
+            }
+        }
+        if find_program("qemu-system-x86_64").is_none() {
+            return Err("qemu-system-x86_64 not installed".into());
+        }
+        let Some(vhost) = find_program("vhost-device-vsock") else {
+            return Err("vhost-device-vsock not installed".into());
+        };
+        // The VMM runs as the job user: its helper must be executable by that user, which a
+        // copy in root's home is not.
+        let public_vhost = Path::new("/usr/local/bin/vhost-device-vsock");
+        if !public_vhost.is_file() {
+            std::fs::copy(&vhost, public_vhost).map_err(|e| format!("copy {vhost:?}: {e}"))?;
+        }
+        let manifest = std::fs::read_to_string(image.join("manifest.json")).unwrap_or_default();
+        let guest_release = serde_json::from_str::<serde_json::Value>(&manifest)
+            .ok()
+            .and_then(|v| v["kernel_release"].as_str().map(str::to_string))
+            .ok_or("manifest.json has no kernel_release")?;
+
+        // Binary and image where sgeadmin and the job user can reach them.
+        let root = Path::new(TEST_ROOT);
+        std::fs::create_dir_all(root).map_err(|e| e.to_string())?;
+        let bin = root.join("sge_virtualizer");
+        let tmp = root.join("sge_virtualizer.new");
+        std::fs::copy(sge_virtualizer_bin(), &tmp).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &bin).map_err(|e| e.to_string())?;
+        for f in ["vmlinux", "initramfs.cpio"] {
+            std::fs::copy(image.join(f), root.join(f)).map_err(|e| e.to_string())?;
+        }
+        // a "kernel" QEMU cannot boot, for the VM-start fault
+        std::fs::write(root.join("garbage-kernel"), b"not a kernel\n").map_err(|e| e.to_string())?;
+        let settings = root.join("settings.toml");
+        std::fs::write(
+            &settings,
+            format!(
+                "kernel = \"{r}/vmlinux\"\ninitramfs = \"{r}/initramfs.cpio\"\nbackend = \"qemu\"\n\
+                 [queues.\"nokernel.q\"]\nkernel = \"{r}/missing/vmlinux\"\n\
+                 [queues.\"badvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n",
+                r = TEST_ROOT
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+
+        let script = repo_root().join("scripts/sge-cell.sh");
+        let out = run(Command::new(&script)
+            .arg("start")
+            .arg(&bin)
+            .env("SGE_CELL_VIRTUALIZER_CONFIG", &settings)
+            .env("SGE_CELL_KEEP_ACTIVE", "true")
+            .env("SGE_CELL_NOTIFY", format!("00:00:0{NOTIFY_SECS}")));
+        if !out.status.success() {
+            panic!("sge-cell.sh start failed:\n{}", text(&out));
+        }
+        let host = String::from_utf8_lossy(
+            &run(Command::new("/usr/lib/gridengine/gethostname")
+                .arg("-aname")
+                .env("SGE_ROOT", "/var/lib/gridengine")
+                .env("SGE_CELL", "default"))
+            .stdout,
+        )
+        .trim()
+        .to_string();
+        let cell = Cell {
+            host,
+            guest_release,
+        };
+        for q in ["nokernel.q", "badvm.q"] {
+            cell.add_queue(q);
+        }
+        Ok(cell)
+    }
+
+    /// A one-slot copy of all.q named `name` (for the fault tests' VM settings).
+    fn add_queue(&self, name: &str) {
+        let conf = text(&run(Command::new("qconf").args(["-sq", "all.q"])));
+        let conf: String = conf
+            .lines()
+            .map(|l| {
+                if l.starts_with("qname") {
+                    format!("qname {name}\n")
+                } else if l.starts_with("slots") {
+                    "slots 1\n".into()
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        let file = Path::new(TEST_ROOT).join(name);
+        std::fs::write(&file, conf).unwrap();
+        let verb = if run(Command::new("qconf").args(["-sq", name]))
+            .status
+            .success()
+        {
+            "-Mq"
+        } else {
+            "-Aq"
+        };
+        let out = run(Command::new("qconf").arg(verb).arg(&file));
+        assert!(out.status.success(), "qconf {verb} {name}: {}", text(&out));
+        let _ = run(Command::new("qmod").args(["-c", &format!("{name}@{}", self.host)]));
+    }
+
+    /// A fresh directory owned by the job user for one test's scripts and output.
+    fn work_dir(&self, test: &str) -> PathBuf {
+        let dir = PathBuf::from(format!("/home/{JOB_USER}/sge_e2e/{test}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = run(Command::new("runuser").args([
+            "-u",
+            JOB_USER,
+            "--",
+            "mkdir",
+            "-p",
+            dir.to_str().unwrap(),
+        ]));
+        assert!(out.status.success(), "{}", text(&out));
+        dir
+    }
+
+    /// Writes a job script owned by the job user.
+    fn script(&self, dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        let u = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
+        std::os::unix::fs::chown(&p, Some(u.uid.as_raw()), Some(u.gid.as_raw())).unwrap();
+        p
+    }
+
+    /// Submits as the job user from `dir`; returns the job id.
+    fn qsub(&self, dir: &Path, args: &[&str]) -> u32 {
+        let out = run(Command::new("runuser")
+            .args(["-u", JOB_USER, "--", "env", "-C", dir.to_str().unwrap()])
+            .args(["qsub", "-terse", "-cwd"])
+            .args(args));
+        assert!(out.status.success(), "qsub {args:?}: {}", text(&out));
+        let s = String::from_utf8_lossy(&out.stdout);
+        s.trim()
+            .split('.')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("qsub printed {s:?}"))
+    }
+
+    /// The accounting records of `job` (one per run), as key → value.
+    fn accounting(&self, job: u32) -> Vec<HashMap<String, String>> {
+        let out = run(Command::new("qacct").args(["-j", &job.to_string()]));
+        let mut records = Vec::new();
+        let mut cur: Option<HashMap<String, String>> = None;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.starts_with("=====") {
+                records.extend(cur.take());
+                cur = Some(HashMap::new());
+                continue;
+            }
+            if let (Some(rec), Some((k, v))) = (cur.as_mut(), line.split_once(char::is_whitespace))
+            {
+                rec.insert(k.to_string(), v.trim().to_string());
+            }
+        }
+        records.extend(cur);
+        records
+    }
+
+    /// Waits until `job` has at least `n` accounting records.
+    fn wait_accounting(&self, job: u32, n: usize, timeout: Duration) -> Vec<HashMap<String, String>> {
+        let start = Instant::now();
+        loop {
+            let r = self.accounting(job);
+            if r.len() >= n {
+                return r;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "job {job}: {} accounting records after {timeout:?}, expected {n}; qstat:\n{}\ntrace:\n{}",
+                r.len(),
+                text(&run(Command::new("qstat").args(["-f", "-u", "*"]))),
+                self.active_file(job, "trace").unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The job's active directory (kept after the job by KEEP_ACTIVE).
+    fn active_dir(&self, job: u32) -> Option<PathBuf> {
+        let spool = std::fs::read_dir(SPOOL).ok()?;
+        spool
+            .flatten()
+            .map(|host| host.path().join("active_jobs").join(format!("{job}.1")))
+            .find(|p| p.is_dir())
+    }
+
+    fn active_file(&self, job: u32, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.active_dir(job)?.join(name)).ok()
+    }
+
+    /// Waits until the job's VM runs (the shepherd wrote `job_pid`) and returns the directory.
+    fn wait_running(&self, job: u32, timeout: Duration) -> PathBuf {
+        let start = Instant::now();
+        loop {
+            if let Some(d) = self.active_dir(job) {
+                if d.join("job_pid").is_file() {
+                    return d;
+                }
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "job {job} did not start within {timeout:?}:\n{}",
+                text(&run(Command::new("qstat").args(["-f", "-u", "*"])))
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until `file` exists and contains `needle`.
+    fn wait_for_text(&self, file: &Path, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let t = std::fs::read_to_string(file).unwrap_or_default();
+            if t.contains(needle) {
+                return t;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} has no {needle:?} after {timeout:?}: {t:?}",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// qstat's state letters for `job`, `None` once it left qstat.
+    fn job_state(&self, job: u32) -> Option<String> {
+        let out = run(Command::new("qstat").args(["-u", "*"]));
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(&job.to_string())).then(|| f.nth(3).unwrap_or("").to_string())
+        })
+    }
+
+    /// The state column of queue instance `queue@host` (empty when fine).
+    fn queue_state(&self, queue: &str) -> String {
+        let qi = format!("{queue}@{}", self.host);
+        let out = run(Command::new("qstat").args(["-f", "-q", &qi]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with(&qi))
+            .and_then(|l| l.split_whitespace().nth(5).map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    fn qdel(&self, job: u32) {
+        let _ = run(Command::new("qdel").arg(job.to_string()));
+    }
+
+    /// Host processes that carry the job's additional group id (the VMM and its helpers).
+    fn processes_with_group(&self, gid: u32) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let in_group = status
+                .lines()
+                .find(|l| l.starts_with("Groups:"))
+                .is_some_and(|l| l.split_whitespace().skip(1).any(|g| g == gid.to_string()));
+            if in_group {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    fn add_grp_id(&self, job: u32) -> u32 {
+        let config = self.active_file(job, "config").expect("job config");
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix("add_grp_id="))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("add_grp_id in config")
+    }
+}
+
+fn field<'a>(rec: &'a HashMap<String, String>, key: &str) -> &'a str {
+    rec.get(key)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("no {key} in {rec:?}"))
+}
+
+/// The leading number of a qacct value ("100 : assumedly after job" → 100).
+fn number(rec: &HashMap<String, String>, key: &str) -> f64 {
+    let v = field(rec, key);
+    v.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{key} = {v:?} is not a number"))
+}
+
+/// Every shepherd of the job left an `exit_status`, whatever happened.
+fn assert_exit_status_written(cell: &Cell, job: u32) {
+    let s = cell
+        .active_file(job, "exit_status")
+        .unwrap_or_else(|| panic!("job {job}: no exit_status file"));
+    assert!(!s.trim().is_empty(), "job {job}: empty exit_status");
+}
+
+const JOB_WAIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn script_job_runs_in_the_guest() {
+    with_cell("script_job_runs_in_the_guest", |c| {
+        let dir = c.work_dir("script");
+        c.script(
+            &dir,
+            "job.sh",
+            "#!/bin/sh\necho \"kernel=$(uname -r)\"\necho \"arg=$1 job=$JOB_ID\"\nsleep 2\necho done\n",
+        );
+        let job = c.qsub(&dir, &["-o", "out.txt", "-e", "err.txt", "job.sh", "first"]);
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap();
+        assert_eq!(
+            out,
+            format!("kernel={}\narg=first job={job}\ndone\n", c.guest_release)
+        );
+        let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert_ne!(
+            host_release.trim(),
+            c.guest_release,
+            "host and guest kernels must differ for this check"
+        );
+        assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+        assert_eq!(number(&rec[0], "exit_status"), 0.0);
+        assert!(number(&rec[0], "ru_wallclock") > 0.0, "{rec:?}");
+        assert_exit_status_written(c, job);
+        assert_eq!(c.active_file(job, "error").unwrap_or_default(), "");
+    });
+}
+
+#[test]
+fn binary_false_exits_1() {
+    with_cell("binary_false_exits_1", |c| {
+        let dir = c.work_dir("false");
+        let job = c.qsub(&dir, &["-b", "y", "/bin/false"]);
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+        assert_eq!(number(&rec[0], "exit_status"), 1.0, "{rec:?}");
+    });
+}
+
+#[test]
+fn exit_99_reschedules_and_100_sets_error_state() {
+    with_cell("exit_99_reschedules_and_100_sets_error_state", |c| {
+        let dir = c.work_dir("exit99");
+        c.script(
+            &dir,
+            "resched.sh",
+            "#!/bin/sh\necho \"run RESTARTED=$RESTARTED\"\n[ \"$RESTARTED\" = 1 ] && exit 0\nexit 99\n",
+        );
+        let job = c.qsub(&dir, &["-o", "out.txt", "-j", "y", "resched.sh"]);
+        let rec = c.wait_accounting(job, 2, Duration::from_secs(180));
+        assert!(field(&rec[0], "failed").starts_with("25"), "{rec:?}");
+        assert_eq!(number(&rec[0], "exit_status"), 99.0);
+        assert_eq!(number(&rec[1], "failed"), 0.0, "{rec:?}");
+        assert_eq!(number(&rec[1], "exit_status"), 0.0);
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap();
+        assert_eq!(out, "run RESTARTED=0\nrun RESTARTED=1\n");
+
+        let dir = c.work_dir("exit100");
+        c.script(&dir, "apperror.sh", "#!/bin/sh\nexit 100\n");
+        let job = c.qsub(&dir, &["apperror.sh"]);
+        let start = Instant::now();
+        while c.job_state(job).as_deref() != Some("Eqw") {
+            assert!(
+                start.elapsed() < JOB_WAIT,
+                "job {job} not in Eqw: {:?}",
+                c.job_state(job)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+        c.qdel(job);
+    });
+}
+
+#[test]
+fn qdel_kills_the_job_and_its_vm() {
+    with_cell("qdel_kills_the_job_and_its_vm", |c| {
+        let dir = c.work_dir("qdel");
+        c.script(&dir, "sleeper.sh", "#!/bin/sh\necho started\nsleep 300\n");
+        let job = c.qsub(&dir, &["-o", "out.txt", "sleeper.sh"]);
+        c.wait_running(job, JOB_WAIT);
+        c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);
+        let gid = c.add_grp_id(job);
+        assert!(!c.processes_with_group(gid).is_empty(), "the VMM carries add_grp_id");
+        let shepherd: u32 = c
+            .active_file(job, "pid")
+            .and_then(|p| p.trim().parse().ok())
+            .expect("pid file");
+        c.qdel(job);
+        let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
+        assert!(field(&rec[0], "failed").starts_with("100"), "{rec:?}");
+        assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
+        // nothing of the job is left on the host
+        let start = Instant::now();
+        loop {
+            let left = c.processes_with_group(gid);
+            let shepherd_alive = Path::new(&format!("/proc/{shepherd}")).exists();
+            if left.is_empty() && !shepherd_alive {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "left over: {left:?}, shepherd alive: {shepherd_alive}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_exit_status_written(c, job);
+    });
+}
+
+/// Lines in `file`.
+fn line_count(file: &Path) -> usize {
+    std::fs::read_to_string(file).unwrap_or_default().lines().count()
+}
+
+#[test]
+fn suspend_and_resume_stop_and_continue_the_job() {
+    with_cell("suspend_and_resume_stop_and_continue_the_job", |c| {
+        let dir = c.work_dir("suspend");
+        c.script(
+            &dir,
+            "counter.sh",
+            "#!/bin/sh\ni=0\nwhile :; do i=$((i+1)); echo $i; sleep 0.2; done\n",
+        );
+        let job = c.qsub(&dir, &["-o", "out.txt", "counter.sh"]);
+        c.wait_running(job, JOB_WAIT);
+        let out = dir.join("out.txt");
+        c.wait_for_text(&out, "3\n", JOB_WAIT);
+        let out_of = |args: &[&str]| {
+            let o = run(Command::new("qmod").args(args));
+            assert!(o.status.success(), "qmod {args:?}: {}", text(&o));
+        };
+        out_of(&["-sj", &job.to_string()]);
+        std::thread::sleep(Duration::from_secs(2));
+        let frozen = line_count(&out);
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(line_count(&out), frozen, "the counter must not move while suspended");
+        assert!(c.job_state(job).unwrap_or_default().contains('s'));
+        out_of(&["-usj", &job.to_string()]);
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(line_count(&out) > frozen + 3, "the counter must move again");
+        c.qdel(job);
+        c.wait_accounting(job, 1, Duration::from_secs(60));
+    });
+}
+
+#[test]
+fn notify_sends_usr1_before_suspend_and_usr2_before_kill() {
+    with_cell("notify_sends_usr1_before_suspend_and_usr2_before_kill", |c| {
+        let dir = c.work_dir("notify");
+        c.script(
+            &dir,
+            "notified.sh",
+            "#!/bin/sh\ntrap 'echo got USR1' USR1\ntrap 'echo got USR2' USR2\necho ready\n\
+             while :; do sleep 0.2; done\n",
+        );
+        let job = c.qsub(&dir, &["-notify", "-o", "out.txt", "notified.sh"]);
+        c.wait_running(job, JOB_WAIT);
+        let out = dir.join("out.txt");
+        c.wait_for_text(&out, "ready", JOB_WAIT);
+        let t0 = Instant::now();
+        assert!(run(Command::new("qmod").args(["-sj", &job.to_string()])).status.success());
+        c.wait_for_text(&out, "got USR1", Duration::from_secs(NOTIFY_SECS));
+        assert!(t0.elapsed() < Duration::from_secs(NOTIFY_SECS), "USR1 came before the STOP");
+        assert!(run(Command::new("qmod").args(["-usj", &job.to_string()])).status.success());
+        std::thread::sleep(Duration::from_secs(1));
+        let t1 = Instant::now();
+        c.qdel(job);
+        c.wait_for_text(&out, "got USR2", Duration::from_secs(NOTIFY_SECS));
+        let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
+        let killed_after = t1.elapsed();
+        assert!(
+            killed_after >= Duration::from_secs(NOTIFY_SECS - 1),
+            "KILL only after the notify time, came after {killed_after:?}"
+        );
+        assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
+    });
+}
+
+#[test]
+fn h_rt_kills_a_sleeping_job_after_10_seconds() {
+    with_cell("h_rt_kills_a_sleeping_job_after_10_seconds", |c| {
+        let dir = c.work_dir("h_rt");
+        c.script(&dir, "long.sh", "#!/bin/sh\nsleep 300\n");
+        let job = c.qsub(&dir, &["-l", "h_rt=0:0:10", "long.sh"]);
+        let rec = c.wait_accounting(job, 1, Duration::from_secs(90));
+        assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
+        let wall = number(&rec[0], "ru_wallclock");
+        assert!((9.0..=20.0).contains(&wall), "killed after {wall} s: {rec:?}");
+    });
+}
+
+/// 10 MiB of a recognisable pattern, as the guest's `yes | head -c` produces it.
+fn pattern(bytes: usize) -> Vec<u8> {
+    b"0123456789abcdefghijklmnopqrstuvwxyz\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(bytes)
+        .collect()
+}
+
+#[test]
+fn ten_mib_of_stdout_stderr_separate_and_merged() {
+    with_cell("ten_mib_of_stdout_stderr_separate_and_merged", |c| {
+        const SIZE: usize = 10 * 1024 * 1024;
+        let dir = c.work_dir("bigout");
+        c.script(
+            &dir,
+            "big.sh",
+            &format!(
+                "#!/bin/sh\necho to-stderr >&2\nyes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {SIZE}\n"
+            ),
+        );
+        let job = c.qsub(&dir, &["-o", "out.txt", "-e", "err.txt", "big.sh"]);
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        assert_eq!(number(&rec[0], "exit_status"), 0.0, "{rec:?}");
+        let out = std::fs::read(dir.join("out.txt")).unwrap();
+        assert_eq!(out.len(), SIZE);
+        assert!(out == pattern(SIZE), "stdout differs from the pattern");
+        assert_eq!(std::fs::read_to_string(dir.join("err.txt")).unwrap(), "to-stderr\n");
+
+        let job = c.qsub(&dir, &["-j", "y", "-o", "merged.txt", "big.sh"]);
+        c.wait_accounting(job, 1, JOB_WAIT);
+        let merged = std::fs::read(dir.join("merged.txt")).unwrap();
+        assert_eq!(merged.len(), SIZE + "to-stderr\n".len());
+        assert!(merged.starts_with(b"to-stderr\n") || merged.ends_with(b"to-stderr\n"));
+    });
+}
+
+/// Submits `-q queue` and checks the job is re-queued (failed 25) with the queue fine.
+fn assert_requeued_without_queue_error(c: &Cell, queue: &str, needle: &str) {
+    let dir = c.work_dir(queue);
+    let job = c.qsub(&dir, &["-q", queue, "-b", "y", "/bin/true"]);
+    let rec = c.wait_accounting(job, 1, JOB_WAIT);
+    c.qdel(job);
+    assert!(field(&rec[0], "failed").starts_with("25"), "{rec:?}");
+    assert_eq!(c.queue_state(queue), "", "queue {queue} must not be in error");
+    assert_eq!(c.queue_state("all.q"), "");
+    let error = c.active_file(job, "error").unwrap_or_default();
+    assert!(error.contains(needle), "error file: {error:?}");
+    assert!(c.active_file(job, "noresources").is_some());
+    assert_exit_status_written(c, job);
+}
+
+#[test]
+fn missing_kernel_requeues_without_queue_error() {
+    with_cell("missing_kernel_requeues_without_queue_error", |c| {
+        assert_requeued_without_queue_error(c, "nokernel.q", "guest kernel");
+    });
+}
+
+#[test]
+fn vm_that_cannot_start_requeues_without_queue_error() {
+    with_cell("vm_that_cannot_start_requeues_without_queue_error", |c| {
+        assert_requeued_without_queue_error(c, "badvm.q", "VM");
+    });
+}
+
+#[test]
+fn vm_dying_mid_job_fails_the_job_only() {
+    with_cell("vm_dying_mid_job_fails_the_job_only", |c| {
+        let dir = c.work_dir("vmdies");
+        c.script(&dir, "victim.sh", "#!/bin/sh\necho started\nsleep 300\n");
+        let job = c.qsub(&dir, &["-o", "out.txt", "victim.sh"]);
+        c.wait_running(job, JOB_WAIT);
+        c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);
+        // the guest agent is PID 1 in the guest: it dies with the VM's processes
+        let gid = c.add_grp_id(job);
+        for pid in c.processes_with_group(gid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
+        assert!(field(&rec[0], "failed").starts_with("100"), "{rec:?}");
+        let error = c.active_file(job, "error").unwrap_or_default();
+        assert!(
+            error.starts_with("sge_virtualizer: the job's VM failed"),
+            "error file: {error:?}"
+        );
+        assert_exit_status_written(c, job);
+        assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+    });
+}
+
+#[test]
+fn execd_restart_keeps_the_job_and_reaps_it_later() {
+    with_cell("execd_restart_keeps_the_job_and_reaps_it_later", |c| {
+        let dir = c.work_dir("restart");
+        c.script(&dir, "survivor.sh", "#!/bin/sh\necho started\nsleep 20\necho finished\n");
+        let job = c.qsub(&dir, &["-o", "out.txt", "survivor.sh"]);
+        c.wait_running(job, JOB_WAIT);
+        c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);
+        let shepherd: u32 = c
+            .active_file(job, "pid")
+            .and_then(|p| p.trim().parse().ok())
+            .expect("pid file");
+        let comm = std::fs::read_to_string(format!("/proc/{shepherd}/comm")).unwrap();
+        assert!(comm.starts_with("sge_shep"), "comm {comm:?}");
+        let script = repo_root().join("scripts/sge-cell.sh");
+        let settings = Path::new(TEST_ROOT).join("settings.toml");
+        let out = run(Command::new(&script).arg("stop-execd"));
+        assert!(out.status.success(), "{}", text(&out));
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            Path::new(&format!("/proc/{shepherd}")).exists(),
+            "the shepherd outlives execd"
+        );
+        let out = run(Command::new(&script)
+            .arg("start")
+            .env("SGE_CELL_VIRTUALIZER_CONFIG", &settings)
+            .env("SGE_CELL_KEEP_ACTIVE", "true")
+            .env("SGE_CELL_NOTIFY", format!("00:00:0{NOTIFY_SECS}")));
+        assert!(out.status.success(), "{}", text(&out));
+        // execd looks for lost shepherds every 60 s
+        let rec = c.wait_accounting(job, 1, Duration::from_secs(150));
+        assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+        assert_eq!(number(&rec[0], "exit_status"), 0.0, "{rec:?}");
+        assert!(number(&rec[0], "ru_wallclock") >= 18.0, "{rec:?}");
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap();
+        assert_eq!(out, "started\nfinished\n");
+    });
+}
