@@ -73,6 +73,7 @@ const VMM_THREAD: &[i64] = &[
     libc::SYS_getsockopt,
     libc::SYS_fcntl,
     libc::SYS_getrandom,
+    libc::SYS_timerfd_settime,
 ];
 
 fn eq(arg: u8, value: u64) -> Result<SeccompRule, SeccompError> {

@@ -16,6 +16,7 @@ use std::io::{ErrorKind, Read};
 use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
 
@@ -27,6 +28,10 @@ pub const TX_BUF_SIZE: u32 = 64 * 1024;
 pub const RX_STAGING_SIZE: usize = 64 * 1024;
 /// Send a CREDIT_UPDATE when the guest believes it has less credit than this.
 pub const CREDIT_UPDATE_THRESHOLD: u32 = 16 * 1024;
+/// How long the guest has to answer a host-initiated REQUEST.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a guest-closed connection may take to hand its last bytes to the host stream.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +82,9 @@ pub struct Connection {
     shutdown_sent: bool,
     /// "OK <port>\n" still to be written to a host-initiated stream.
     ok_reply: Option<Vec<u8>>,
+    /// When the connection is reset if it has not moved on (unanswered REQUEST, undrained
+    /// close).
+    deadline: Option<Instant>,
 }
 
 /// Sends without raising SIGPIPE when the host peer has gone.
@@ -131,6 +139,24 @@ impl Connection {
             host_eof: false,
             shutdown_sent: false,
             ok_reply: None,
+            deadline: None,
+        }
+    }
+
+    /// The connection's deadline, if one runs.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Resets the connection if its deadline passed; returns whether it did.
+    pub fn expire(&mut self, now: Instant) -> bool {
+        match self.deadline {
+            Some(d) if d <= now && self.state != ConnState::Closed => {
+                self.deadline = None;
+                self.reset();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -243,6 +269,7 @@ impl Connection {
         }
         if self.pending_request {
             self.pending_request = false;
+            self.deadline = Some(Instant::now() + REQUEST_TIMEOUT);
             return Some(self.header(OP_REQUEST));
         }
         if self.pending_response {
@@ -303,6 +330,7 @@ impl Connection {
             }
             (ConnState::LocalInit, OP_RESPONSE) => {
                 self.state = ConnState::Established;
+                self.deadline = None;
                 self.ok_reply = Some(format!("OK {}\n", self.local_port).into_bytes());
                 self.flush_to_host();
             }
@@ -326,8 +354,11 @@ impl Connection {
                 if self.peer_shutdown & SHUTDOWN_RCV != 0 {
                     self.rx_staging.clear();
                 }
-                if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND
+                    && self.state != ConnState::Closing
+                {
                     self.state = ConnState::Closing;
+                    self.deadline = Some(Instant::now() + SHUTDOWN_TIMEOUT);
                 }
                 self.flush_to_host();
             }

@@ -13,8 +13,10 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::Connection;
 use super::packet::*;
@@ -29,6 +31,8 @@ pub const MAX_QUEUED_RSTS: usize = 256;
 const MAX_CONNECT_LINE: usize = 32;
 /// First host-side port for host-initiated connections (as Firecracker: 2^30 upwards).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// How often connection deadlines are checked while any runs.
+const DEADLINE_TICK: Duration = Duration::from_millis(250);
 
 /// (host port, guest port)
 type ConnKey = (u32, u32);
@@ -68,6 +72,9 @@ pub struct Muxer {
     rx_set: HashSet<ConnKey>,
     rsts: VecDeque<PacketHeader>,
     next_local_port: u32,
+    /// Ticks while some connection has a deadline (see [`Connection::deadline`]).
+    timer: TimerFd,
+    timer_armed: bool,
 }
 
 impl Muxer {
@@ -93,6 +100,15 @@ impl Muxer {
                 EpollEvent::new(EventSet::IN, fd as u64),
             )
             .map_err(MuxerError::Epoll)?;
+        let timer = TimerFd::new().map_err(|e| MuxerError::Epoll(e.into()))?;
+        let tfd = timer.as_raw_fd();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                tfd,
+                EpollEvent::new(EventSet::IN, tfd as u64),
+            )
+            .map_err(MuxerError::Epoll)?;
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_owned(),
@@ -106,7 +122,38 @@ impl Muxer {
             rx_set: HashSet::new(),
             rsts: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            timer,
+            timer_armed: false,
         })
+    }
+
+    /// Runs the deadline timer while some connection has a deadline. Called only from the VMM
+    /// thread's entry points (the vCPU threads' seccomp filter has no timerfd calls).
+    fn arm_timer(&mut self) {
+        let needed = self.conns.values().any(|c| c.deadline().is_some());
+        let result = match (needed, self.timer_armed) {
+            (true, false) => self.timer.reset(DEADLINE_TICK, Some(DEADLINE_TICK)),
+            (false, true) => self.timer.clear(),
+            _ => return,
+        };
+        match result {
+            Ok(()) => self.timer_armed = needed,
+            Err(e) => tracing::warn!("vsock: cannot set the deadline timer: {e}"),
+        }
+    }
+
+    /// Resets connections whose deadline passed.
+    fn expire_deadlines(&mut self) {
+        let _ = self.timer.wait();
+        let now = Instant::now();
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(k, c)| c.expire(now).then_some(*k))
+            .collect();
+        for key in expired {
+            self.update(key);
+        }
     }
 
     /// The epoll fd to watch.
@@ -226,6 +273,11 @@ impl Muxer {
 
     /// A packet from the guest (already parsed and validated by the device).
     pub fn send_pkt(&mut self, hdr: &PacketHeader, data: &[u8]) {
+        self.handle_guest_pkt(hdr, data);
+        self.arm_timer();
+    }
+
+    fn handle_guest_pkt(&mut self, hdr: &PacketHeader, data: &[u8]) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
             tracing::debug!("vsock: dropping packet with bad addresses {hdr:?}");
             return;
@@ -264,6 +316,12 @@ impl Muxer {
 
     /// The next packet for the guest; RW data goes to `buf`.
     pub fn recv_pkt(&mut self, buf: &mut [u8]) -> Option<PacketHeader> {
+        let pkt = self.next_rx_pkt(buf);
+        self.arm_timer();
+        pkt
+    }
+
+    fn next_rx_pkt(&mut self, buf: &mut [u8]) -> Option<PacketHeader> {
         if let Some(rst) = self.rsts.pop_front() {
             return Some(rst);
         }
@@ -299,11 +357,14 @@ impl Muxer {
                 }
             };
             if n == 0 {
+                self.arm_timer();
                 return;
             }
             for ev in &events[..n] {
                 let fd = ev.fd();
-                if fd == self.listener.as_raw_fd() {
+                if fd == self.timer.as_raw_fd() {
+                    self.expire_deadlines();
+                } else if fd == self.listener.as_raw_fd() {
                     self.accept_host_streams();
                 } else if self.pending_hosts.contains_key(&fd) {
                     self.read_connect_line(fd);
@@ -481,6 +542,38 @@ mod tests {
         let h = m.recv_pkt(&mut buf).unwrap();
         assert_eq!((h.op, h.len), (OP_RW, 2));
         assert_eq!(&buf[..2], b"yo");
+    }
+
+    #[test]
+    fn unanswered_host_connect_is_reset_after_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("v.sock");
+        let mut m = Muxer::new(3, &base).unwrap();
+        let mut host = UnixStream::connect(&base).unwrap();
+        host.write_all(b"CONNECT 6000\n").unwrap();
+        m.process_events();
+        m.process_events();
+        let mut buf = [0u8; 8];
+        assert_eq!(m.recv_pkt(&mut buf).unwrap().op, OP_REQUEST);
+        // The guest never answers.
+        let start = std::time::Instant::now();
+        while !m.has_pending_rx() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no RST after the request timeout"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+            m.process_events();
+        }
+        assert!(
+            start.elapsed()
+                >= super::super::connection::REQUEST_TIMEOUT - Duration::from_millis(300)
+        );
+        assert_eq!(m.recv_pkt(&mut buf).unwrap().op, OP_RST);
+        assert_eq!(m.connection_count(), 0);
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "host stream closed without an OK");
     }
 
     #[test]
