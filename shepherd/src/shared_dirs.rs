@@ -42,6 +42,45 @@ impl SharedDir {
     }
 }
 
+/// Where a Grid Engine job's files are on the host.
+#[derive(Debug, Clone, Copy)]
+pub struct JobPaths<'a> {
+    /// The job's working directory.
+    pub cwd: &'a Path,
+    /// `$HOME` of the job user.
+    pub home: Option<&'a Path>,
+    /// `$TMPDIR` (execd's per-job temporary directory).
+    pub tmpdir: Option<&'a Path>,
+    /// The job script.
+    pub script: Option<&'a Path>,
+    /// The administrator's shared paths (settings).
+    pub configured: &'a [SharedDir],
+}
+
+/// The directories a Grid Engine job sees from the host: its working directory, `$HOME` and
+/// `$TMPDIR` read-write, the directory holding its script read-only, and the configured paths.
+/// `$HOME`, `$TMPDIR` and the script's directory are left out when they do not exist on this
+/// host or are `/`; the working directory and configured paths are checked by [`prepare`].
+pub fn job_shares(paths: &JobPaths) -> Vec<SharedDir> {
+    let usable = |p: &Path| p.is_absolute() && p != Path::new("/") && p.is_dir();
+    let mut shares = vec![SharedDir::new(paths.cwd)];
+    for dir in [paths.home, paths.tmpdir].into_iter().flatten() {
+        if usable(dir) {
+            shares.push(SharedDir::new(dir));
+        }
+    }
+    if let Some(dir) = paths.script.and_then(Path::parent) {
+        if usable(dir) {
+            shares.push(SharedDir {
+                path: dir.to_path_buf(),
+                read_only: true,
+            });
+        }
+    }
+    shares.extend_from_slice(paths.configured);
+    shares
+}
+
 /// `path` without `.` components and repeated separators; refuses relative paths, `..` and `/`.
 pub fn normalise(path: &Path) -> Result<PathBuf, SharedDirError> {
     if !path.is_absolute() {
@@ -178,6 +217,47 @@ mod tests {
             prepare(&[ro_child, SharedDir::new(&parent)]).unwrap(),
             [SharedDir::new(&parent)]
         );
+    }
+
+    #[test]
+    fn a_jobs_shares_are_its_cwd_home_tmpdir_script_dir_and_configured_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let [cwd, home, tmpdir, scripts, data] =
+            ["cwd", "home", "tmp", "job_scripts", "data"].map(|d| tmp.path().join(d));
+        for d in [&cwd, &home, &tmpdir, &scripts, &data] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let configured = [SharedDir::new(&data)];
+        let script = scripts.join("42");
+        let shares = job_shares(&JobPaths {
+            cwd: &cwd,
+            home: Some(&home),
+            tmpdir: Some(&tmpdir),
+            script: Some(&script),
+            configured: &configured,
+        });
+        assert_eq!(
+            shares,
+            [
+                SharedDir::new(&cwd),
+                SharedDir::new(&home),
+                SharedDir::new(&tmpdir),
+                SharedDir {
+                    path: scripts,
+                    read_only: true
+                },
+                SharedDir::new(&data),
+            ]
+        );
+        let missing = tmp.path().join("no-home");
+        let shares = job_shares(&JobPaths {
+            cwd: &cwd,
+            home: Some(&missing),
+            tmpdir: Some(Path::new("/")),
+            script: None,
+            configured: &[],
+        });
+        assert_eq!(shares, [SharedDir::new(&cwd)]);
     }
 
     #[test]

@@ -10,9 +10,11 @@
 //! * [`manifest`]: the manifest record.
 //! * [`verification`]: checksums and the record of the last full check.
 //! * [`debootstrap`]: building an image from a Debian suite without loop mounts.
+//! * [`selection`]: which image a job runs in (its queue's, or one it may ask for).
 
 pub mod debootstrap;
 pub mod manifest;
+pub mod selection;
 pub mod store;
 pub mod verification;
 
@@ -54,6 +56,11 @@ pub enum ImageError {
         store: PathBuf,
         available: String,
     },
+    #[error(
+        "OS image {name:?} may not be requested by jobs here ({}; allowed: {allowed})",
+        selection::JOB_IMAGE_VAR
+    )]
+    NotAllowed { name: String, allowed: String },
     #[error("OS image {name:?} is corrupted: {detail}")]
     Corrupt { name: String, detail: String },
     #[error("OS image {name:?}: manifest {path}: {detail}")]
