@@ -61,6 +61,8 @@ pub struct RunArgs {
     pub cwd: Option<PathBuf>,
     /// Run the command as this user (needs root): its uid, gid, groups and HOME in the guest;
     /// the VM and its file server run as the user too, so host permissions apply on shares.
+    /// Without it the command runs as root in the guest, or, with shared directories and a
+    /// caller who is not root, as the caller.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
     /// The command and its arguments.
@@ -146,7 +148,36 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             spawn.groups = creds.groups.clone();
             Some(creds)
         }
-        None => None,
+        None => {
+            // The file server runs as the caller, so with shared directories the job does too
+            // (root in the guest is only the default where it changes nothing on the host).
+            let uid = nix::unistd::getuid();
+            if !shares.is_empty() && !uid.is_root() {
+                spawn.uid = uid.as_raw();
+                spawn.gid = nix::unistd::getgid().as_raw();
+                spawn.groups = nix::unistd::getgroups()
+                    .context("supplementary groups")?
+                    .iter()
+                    .map(|g| g.as_raw())
+                    .collect();
+                if let Ok(Some(me)) = nix::unistd::User::from_uid(uid) {
+                    let keep = |e: &Vec<u8>| {
+                        !(e.starts_with(b"HOME=")
+                            || e.starts_with(b"USER=")
+                            || e.starts_with(b"LOGNAME="))
+                    };
+                    spawn.env.retain(keep);
+                    for (k, v) in [
+                        ("HOME", me.dir.display().to_string()),
+                        ("USER", me.name.clone()),
+                        ("LOGNAME", me.name),
+                    ] {
+                        spawn.env.push(format!("{k}={v}").into_bytes());
+                    }
+                }
+            }
+            None
+        }
     };
     let filesystems = JobFilesystems {
         image: args.image.map(|name| ImageChoice {

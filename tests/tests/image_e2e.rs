@@ -276,6 +276,66 @@ fn a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user() {
 }
 
 #[test]
+fn a_caller_who_is_not_root_shares_its_cwd_as_itself() {
+    if ensure_image("bullseye", "bullseye").is_none() {
+        return;
+    }
+    let user = job_user();
+    let bin = sge_virtualizer_bin();
+    let guest = guest_image_dir();
+    // The user must reach the binary, the guest image and the VM helpers.
+    let reachable = Command::new("runuser")
+        .args(["-u", &user.name, "--", "test", "-x"])
+        .arg(&bin)
+        .arg("-a")
+        .arg("-r")
+        .arg(guest.join("vmlinux"))
+        .status()
+        .is_ok_and(|s| s.success());
+    if !reachable {
+        println!(
+            "SKIPPED: {} cannot execute {} or read {} (runuser missing or private build \
+             directories)",
+            user.name,
+            bin.display(),
+            guest.display()
+        );
+        return;
+    }
+    let dir = job_dir(&user);
+    let cmd = run_cmd(
+        &store_dir(),
+        &[
+            "--image",
+            "bullseye",
+            "--cwd",
+            dir.path().to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; echo made > made",
+        ],
+    );
+    // Re-run the same command line through runuser as the job user.
+    let mut as_user = Command::new("runuser");
+    as_user.args(["-u", &user.name, "--", "env"]);
+    for (k, v) in cmd.get_envs() {
+        if let (k, Some(v)) = (k.to_string_lossy(), v) {
+            as_user.arg(format!("{k}={}", v.to_string_lossy()));
+        }
+    }
+    as_user.arg(cmd.get_program()).args(cmd.get_args());
+    let out = as_user.stdin(Stdio::null()).output().expect("runuser");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), format!("{}\n", user.uid));
+    let meta = std::fs::metadata(dir.path().join("made")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (user.uid.as_raw(), user.gid.as_raw())
+    );
+}
+
+#[test]
 fn two_jobs_in_different_images_run_at_the_same_time() {
     if ensure_image("bullseye", "bullseye").is_none()
         || ensure_image("bookworm", "bookworm").is_none()
