@@ -230,6 +230,11 @@ impl Connection {
     /// The epoll events this connection wants on its host stream.
     pub fn interest(&self) -> EventSet {
         let mut ev = EventSet::empty();
+        if self.state == ConnState::Closed {
+            // Nothing more goes to or comes from the host stream; watching it would only
+            // spin on its hang-up.
+            return ev;
+        }
         let reading = matches!(self.state, ConnState::Established)
             && !self.host_eof
             && self.peer_shutdown & SHUTDOWN_RCV == 0
@@ -370,6 +375,9 @@ impl Connection {
 
     /// Sends an RST to the guest and ends the connection.
     pub fn reset(&mut self) {
+        self.tx_buf.clear();
+        self.ok_reply = None;
+        self.rx_staging.clear();
         self.pending_rst = true;
         self.pending_request = false;
         self.pending_response = false;
