@@ -18,11 +18,13 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     let g = guest.as_path();
     let mut variants = vec![
         Variant::new("embedded (in-process)", "ms", || {
-            let (run, first, gone) = embedded_vm::boot_in_process(g, MEM_MIB)?;
+            let b = embedded_vm::boot_in_process(g, MEM_MIB)?;
             Ok(vec![
-                ("first_vcpu_run", run),
-                ("first_instruction", first),
-                ("vm_gone", gone),
+                ("vm_created", b.vm_created),
+                ("first_vcpu_run", b.first_vcpu_run),
+                ("first_instruction", b.first_instruction),
+                ("exit_seen", b.exit_seen),
+                ("vm_gone", b.vm_gone),
             ])
         }),
         Variant::new("embedded (fresh process)", "ms", || {
@@ -54,8 +56,13 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         command: ctx.reproduce("boot"),
         finished_utc: utc_now(),
         machine: ctx.machine.clone(),
+        under_test: format!(
+            "the vmm crate as compiled into this bench-report; QEMU {}",
+            ctx.machine.qemu_version
+        ),
         warmup: ctx.warmup,
         runs: ctx.runs,
+        load_average: String::new(),
         series,
         outcomes,
         notes: vec![
@@ -74,7 +81,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
              fork/exec of the process. vm_gone: in-process = VmHandle dropped (threads joined, \
              fds closed); processes = waitpid returned."
                 .into(),
-            "first_vcpu_run (embedded only) = the first KVM_RUN: VMM set-up time.".into(),
+            "Embedded only: vm_created = the VMM's `created` timestamp (after KVM_CREATE_VM, \
+             before guest memory), first_vcpu_run = the first KVM_RUN (end of VMM set-up), \
+             exit_seen = the VMM noticed the triple fault (KVM_EXIT_SHUTDOWN)."
+                .into(),
         ],
     })
 }

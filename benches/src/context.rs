@@ -1,36 +1,69 @@
-//! What every benchmark needs: repetitions, a scratch directory, the shepherd binary, the guest
-//! image and the machine description.
+//! What every benchmark needs: repetitions, a scratch directory, the software under test and the
+//! machine description.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::bail;
 
 use crate::machine::MachineInfo;
 
-pub struct BenchContext {
-    pub runs: usize,
-    pub warmup: usize,
-    /// Scratch files (guests, job output); removed at exit.
-    pub work_dir: PathBuf,
-    /// `sge_virtualizer` release binary under test.
+/// The sge_virtualizer binary and guest image a benchmark runs, and where they came from.
+#[derive(Debug, Clone)]
+pub struct UnderTest {
     pub shepherd: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    pub machine: MachineInfo,
+    /// The commit (and subject) they were built from, or a description of the working tree.
+    pub revision: String,
 }
 
-impl BenchContext {
-    /// The command line that reproduces benchmark `id` with these settings.
-    pub fn reproduce(&self, id: &str) -> String {
+impl UnderTest {
+    /// A directory made by `benches/build-under-test.sh`: `sge_virtualizer`, `guest/` and
+    /// `REVISION`.
+    pub fn from_build_dir(dir: &Path) -> UnderTest {
+        let revision = std::fs::read_to_string(dir.join("REVISION"))
+            .map(|r| format!("commit {}", r.trim()))
+            .unwrap_or_else(|_| format!("{} (no REVISION file)", dir.display()));
+        UnderTest {
+            shepherd: dir.join("sge_virtualizer"),
+            kernel: dir.join("guest/vmlinux"),
+            initrd: dir.join("guest/initramfs.cpio"),
+            revision,
+        }
+    }
+
+    /// The workspace's own build: `target/release/sge_virtualizer` and `build/guest/`.
+    pub fn working_tree(root: &Path) -> UnderTest {
+        let describe = Command::new("git")
+            .args(["-C"])
+            .arg(root)
+            .args(["describe", "--always", "--dirty"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        UnderTest {
+            shepherd: root.join("target/release/sge_virtualizer"),
+            kernel: root.join("build/guest/vmlinux"),
+            initrd: root.join("build/guest/initramfs.cpio"),
+            revision: format!("working tree at {describe} (target/release, build/guest)"),
+        }
+    }
+
+    /// One line for the report.
+    pub fn describe(&self) -> String {
         format!(
-            "cargo build --release -p shepherd && cargo run --release -p benchmarks -- {id} \
-             --runs {} --warmup {}",
-            self.runs, self.warmup
+            "sge_virtualizer {} with guest {} + {}; {}",
+            self.shepherd.display(),
+            self.kernel.display(),
+            self.initrd.display(),
+            self.revision
         )
     }
 
-    /// Fails unless the shepherd binary and guest image exist.
-    pub fn require_shepherd(&self) -> anyhow::Result<()> {
+    /// Fails unless the binary and the guest image exist.
+    pub fn require(&self) -> anyhow::Result<()> {
         for (what, p) in [
             ("sge_virtualizer", &self.shepherd),
             ("guest kernel", &self.kernel),
@@ -41,6 +74,32 @@ impl BenchContext {
             }
         }
         Ok(())
+    }
+}
+
+pub struct BenchContext {
+    pub runs: usize,
+    pub warmup: usize,
+    /// Scratch files (guests, job output); removed at exit.
+    pub work_dir: PathBuf,
+    pub under_test: UnderTest,
+    /// How the software under test was chosen on the command line (for the reproduce line).
+    pub under_test_args: String,
+    pub machine: MachineInfo,
+}
+
+impl BenchContext {
+    /// The command line that reproduces benchmark `id` with these settings.
+    pub fn reproduce(&self, id: &str) -> String {
+        format!(
+            "cargo run --release -p benchmarks -- {id} --runs {} --warmup {}{}",
+            self.runs, self.warmup, self.under_test_args
+        )
+    }
+
+    /// Fails unless the shepherd binary and guest image exist.
+    pub fn require_shepherd(&self) -> anyhow::Result<()> {
+        self.under_test.require()
     }
 }
 

@@ -22,16 +22,34 @@ fn config(guest: &Path, mem_mib: u32) -> vmm::VmConfig {
     c
 }
 
-/// One in-process boot of the exiting guest, in ms since `Vm::start` was called:
-/// (first vCPU run, first instruction = boot-timer write, VM gone = threads joined and fds closed).
-pub fn boot_in_process(guest: &Path, mem_mib: u32) -> anyhow::Result<(f64, f64, f64)> {
+/// Phases of one in-process boot, in ms since `Vm::start` was called.
+pub struct InProcessBoot {
+    /// KVM_CREATE_VM done (the VMM's `created` timestamp).
+    pub vm_created: f64,
+    /// First KVM_RUN.
+    pub first_vcpu_run: f64,
+    /// The guest's boot-timer write.
+    pub first_instruction: f64,
+    /// The VMM saw the triple fault.
+    pub exit_seen: f64,
+    /// The handle is dropped: threads joined, guest memory unmapped, fds closed.
+    pub vm_gone: f64,
+}
+
+/// One in-process boot of the exiting guest.
+pub fn boot_in_process(guest: &Path, mem_mib: u32) -> anyhow::Result<InProcessBoot> {
     let start = Instant::now();
     let vm = vmm::Vm::start(config(guest, mem_mib)).context("vmm::Vm::start")?;
     let Some(reason) = vm.wait_timeout(BOOT_PATIENCE) else {
         bail!("the guest did not end within {BOOT_PATIENCE:?}");
     };
     let ts = vm.timestamps();
-    let (Some(run), Some(timer)) = (ts.first_vcpu_run(), ts.boot_timer()) else {
+    let (Some(created), Some(run), Some(timer), Some(exited)) = (
+        ts.created(),
+        ts.first_vcpu_run(),
+        ts.boot_timer(),
+        ts.exited(),
+    ) else {
         bail!("guest ended ({reason}) without writing the boot timer");
     };
     drop(vm);
@@ -40,7 +58,13 @@ pub fn boot_in_process(guest: &Path, mem_mib: u32) -> anyhow::Result<(f64, f64, 
         bail!("guest ended unexpectedly: {reason}");
     }
     let ms = |t: Instant| t.saturating_duration_since(start).as_secs_f64() * 1000.0;
-    Ok((ms(run), ms(timer), ms(gone)))
+    Ok(InProcessBoot {
+        vm_created: ms(created),
+        first_vcpu_run: ms(run),
+        first_instruction: ms(timer),
+        exit_seen: ms(exited),
+        vm_gone: ms(gone),
+    })
 }
 
 /// What the child process reports: monotonic timestamps (ns) and, when held, its memory.

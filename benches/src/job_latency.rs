@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 
 use crate::clock::{monotonic_ns, ms_between};
-use crate::context::BenchContext;
+use crate::context::{BenchContext, UnderTest};
 use crate::interleave::{run_interleaved, Sample, Variant};
 use crate::results::{utc_now, BenchResult};
 use crate::shepherd_run;
@@ -34,9 +34,10 @@ fn host_true() -> anyhow::Result<Sample> {
     Ok(vec![("wall", ms_between(start, end))])
 }
 
-fn shepherd_true(ctx: &BenchContext, backend: &str) -> anyhow::Result<Sample> {
+/// One `sge_virtualizer run -- /bin/true`: wall time and the `--timings` phases.
+pub fn shepherd_true(ut: &UnderTest, backend: &str) -> anyhow::Result<Sample> {
     let start = monotonic_ns();
-    let output = shepherd_run::command(ctx, backend, &["/bin/true"])
+    let output = shepherd_run::command(ut, backend, &["/bin/true"])
         .output()
         .context("running sge_virtualizer")?;
     let end = monotonic_ns();
@@ -80,7 +81,7 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     let mut variants = vec![
         Variant::new("host fork+exec", "ms", host_true),
         Variant::new("sge_virtualizer, QEMU backend (TCG)", "ms", || {
-            shepherd_true(ctx, "qemu")
+            shepherd_true(&ctx.under_test, "qemu")
         }),
     ];
     let mut notes = vec![
@@ -100,7 +101,7 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         variants.push(Variant::new(
             "sge_virtualizer, embedded backend",
             "ms",
-            || shepherd_true(ctx, "embedded"),
+            || shepherd_true(&ctx.under_test, "embedded"),
         ));
     } else {
         notes.push(format!(
@@ -121,8 +122,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         command: ctx.reproduce("job"),
         finished_utc: utc_now(),
         machine: ctx.machine.clone(),
+        under_test: ctx.under_test.describe(),
         warmup: ctx.warmup,
         runs: ctx.runs,
+        load_average: String::new(),
         series,
         outcomes,
         notes,

@@ -9,10 +9,12 @@ mod chart;
 mod clock;
 mod context;
 mod embedded_vm;
+mod grid_engine;
 mod interleave;
 mod job_latency;
 mod machine;
 mod memory_overhead;
+mod optimisation;
 mod proc_memory;
 mod qemu_microvm;
 mod relay;
@@ -28,7 +30,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use context::{workspace_root, BenchContext};
+use context::{workspace_root, BenchContext, UnderTest};
 use results::BenchResult;
 
 #[derive(Parser)]
@@ -43,9 +45,10 @@ struct Cli {
     /// Warm-up runs per variant (discarded).
     #[arg(long, default_value_t = 2, global = true)]
     warmup: usize,
-    /// The sge_virtualizer binary (default: target/release/sge_virtualizer of the workspace).
+    /// Measure the build in DIR (made by benches/build-under-test.sh: DIR/sge_virtualizer,
+    /// DIR/guest/) instead of target/release/sge_virtualizer and build/guest/.
     #[arg(long, global = true)]
-    shepherd: Option<PathBuf>,
+    under_test: Option<PathBuf>,
     /// Where results/*.json, REPORT.md and the chart go (default: benches/).
     #[arg(long, global = true)]
     out: Option<PathBuf>,
@@ -65,8 +68,33 @@ enum Cmd {
     Relay,
     /// 4b: signal round trip shepherd → job handler → output back.
     Signal,
+    /// 5: Grid Engine qsub -sync y wall time, stock shepherd vs sge_virtualizer.
+    Gridengine,
+    /// Every benchmark (1-5), then the report. A benchmark that cannot run here is reported
+    /// with the reason.
+    All,
+    /// Before/after of an optimisation: `run -- /bin/true` with two builds, interleaved.
+    Compare {
+        /// Result name (stored as results/opt-NAME.json).
+        #[arg(long)]
+        name: String,
+        /// What changed, for the report.
+        #[arg(long)]
+        title: String,
+        /// Build directories (benches/build-under-test.sh), the baseline first.
+        #[arg(required = true, num_args = 2..)]
+        builds: Vec<PathBuf>,
+    },
     /// Render REPORT.md and the chart from the stored results.
     Report,
+    /// Write the tiny test guest (ELF) used by `boot` and `memory`, e.g. for strace/perf runs.
+    TinyGuest {
+        /// Output file.
+        out: PathBuf,
+        /// Halt after signalling instead of triple-faulting.
+        #[arg(long)]
+        halt: bool,
+    },
     /// (internal) Boot the tiny guest with the embedded VMM and report on stdout.
     #[command(hide = true)]
     EmbeddedVm {
@@ -80,9 +108,21 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    if grid_engine::started_as_shepherd() {
+        return grid_engine::dispatch();
+    }
     let cli = Cli::parse();
     if let Cmd::EmbeddedVm { guest, mem, hold } = &cli.command {
         return embedded_vm::child_main(guest, *mem, *hold);
+    }
+    if let Cmd::TinyGuest { out, halt } = &cli.command {
+        let after = if *halt {
+            tiny_guest::AfterSignal::Halt
+        } else {
+            tiny_guest::AfterSignal::Exit
+        };
+        tiny_guest::write(out, after).with_context(|| format!("writing {}", out.display()))?;
+        return Ok(());
     }
     let root = workspace_root();
     let out_dir = cli.out.clone().unwrap_or_else(|| root.join("benches"));
@@ -96,27 +136,76 @@ fn main() -> anyhow::Result<()> {
         .prefix("bench-report.")
         .tempdir()
         .context("creating a scratch directory")?;
+    let (under_test, under_test_args) = match &cli.under_test {
+        Some(dir) => (
+            UnderTest::from_build_dir(dir),
+            format!(" --under-test {}", dir.display()),
+        ),
+        None => (UnderTest::working_tree(&root), String::new()),
+    };
     let ctx = BenchContext {
         runs: cli.runs,
         warmup: cli.warmup,
         work_dir: work.path().to_path_buf(),
-        shepherd: cli
-            .shepherd
-            .clone()
-            .unwrap_or_else(|| root.join("target/release/sge_virtualizer")),
-        kernel: root.join("build/guest/vmlinux"),
-        initrd: root.join("build/guest/initramfs.cpio"),
+        under_test,
+        under_test_args,
         machine: machine::MachineInfo::collect(),
     };
-    let result: BenchResult = match cli.command {
-        Cmd::Boot => boot_latency::run(&ctx)?,
-        Cmd::Job => job_latency::run(&ctx)?,
-        Cmd::Memory => memory_overhead::run(&ctx)?,
-        Cmd::Relay => relay::run(&ctx)?,
-        Cmd::Signal => signal_latency::run(&ctx)?,
-        Cmd::Report | Cmd::EmbeddedVm { .. } => unreachable!("handled above"),
+    let load_before = results::load_average();
+    let single = match &cli.command {
+        Cmd::Boot => Some(boot_latency::run(&ctx)?),
+        Cmd::Job => Some(job_latency::run(&ctx)?),
+        Cmd::Memory => Some(memory_overhead::run(&ctx)?),
+        Cmd::Relay => Some(relay::run(&ctx)?),
+        Cmd::Signal => Some(signal_latency::run(&ctx)?),
+        Cmd::Gridengine => Some(grid_engine::run(&ctx)?),
+        Cmd::Compare {
+            name,
+            title,
+            builds,
+        } => Some(optimisation::run(
+            &ctx,
+            &optimisation::Comparison {
+                name: name.clone(),
+                title: title.clone(),
+                builds: builds.clone(),
+            },
+        )?),
+        Cmd::All => None,
+        Cmd::Report | Cmd::EmbeddedVm { .. } | Cmd::TinyGuest { .. } => {
+            unreachable!("handled above")
+        }
     };
-    let path = result.save(&results_dir)?;
+    if let Some(mut result) = single {
+        result.load_average = format!("{load_before} before, {} after", results::load_average());
+        let path = result.save(&results_dir)?;
+        eprintln!("wrote {}", path.display());
+        return Ok(());
+    }
+    type Bench = fn(&BenchContext) -> anyhow::Result<BenchResult>;
+    let all: [(&str, &str, Bench); 6] = [
+        (
+            "boot",
+            "VMM start to first guest instruction",
+            boot_latency::run,
+        ),
+        ("job", "sge_virtualizer run -- /bin/true", job_latency::run),
+        ("memory", "VMM memory overhead", memory_overhead::run),
+        ("relay", "Output relay throughput", relay::run),
+        ("signal", "Signal round trip", signal_latency::run),
+        ("gridengine", "Grid Engine qsub -sync y", grid_engine::run),
+    ];
+    for (id, title, bench) in all {
+        let before = results::load_average();
+        let mut result = bench(&ctx).unwrap_or_else(|e| {
+            eprintln!("{id}: not measured: {e:#}");
+            BenchResult::not_measured(&ctx, id, title, &format!("{e:#}"))
+        });
+        result.load_average = format!("{before} before, {} after", results::load_average());
+        let path = result.save(&results_dir)?;
+        eprintln!("wrote {}", path.display());
+    }
+    let path = report::write(&out_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

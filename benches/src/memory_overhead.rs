@@ -40,8 +40,11 @@ fn qemu_tiny(guest: &std::path::Path, accel: Accel) -> anyhow::Result<ResidentSp
 
 /// The whole QEMU backend with the Linux guest, measured while the job sleeps.
 fn qemu_backend_job(ctx: &BenchContext) -> anyhow::Result<Vec<(&'static str, f64)>> {
-    let mut shepherd =
-        shepherd_run::spawn(ctx, "qemu", &["/bin/sh", "-c", "echo ready; exec sleep 30"])?;
+    let mut shepherd = shepherd_run::spawn(
+        &ctx.under_test,
+        "qemu",
+        &["/bin/sh", "-c", "echo ready; exec sleep 30"],
+    )?;
     let pid = shepherd.id();
     let result = (|| {
         let out = shepherd.stdout.take().context("no stdout pipe")?;
@@ -153,8 +156,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         command: ctx.reproduce("memory"),
         finished_utc: utc_now(),
         machine: ctx.machine.clone(),
+        under_test: ctx.under_test.describe(),
         warmup: ctx.warmup,
         runs: ctx.runs,
+        load_average: String::new(),
         series,
         outcomes,
         notes,

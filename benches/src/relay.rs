@@ -44,7 +44,7 @@ fn through_shepherd(
     let args = dd_args(to_null);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let output = shepherd_run::command(ctx, backend, &argv)
+    let output = shepherd_run::command(&ctx.under_test, backend, &argv)
         .stdout(Stdio::from(file))
         .output()
         .context("running sge_virtualizer")?;
@@ -155,8 +155,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         command: ctx.reproduce("relay"),
         finished_utc: utc_now(),
         machine: ctx.machine.clone(),
+        under_test: ctx.under_test.describe(),
         warmup: ctx.warmup,
         runs: ctx.runs,
+        load_average: String::new(),
         series,
         outcomes,
         notes,

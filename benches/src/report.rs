@@ -14,8 +14,6 @@ use crate::stats::Summary;
 
 /// The benchmarks in report order.
 pub const IDS: [&str; 6] = ["boot", "job", "memory", "relay", "signal", "gridengine"];
-/// Optimisation experiments (before/after), in report order.
-pub const OPTIMISATION_IDS: [&str; 1] = ["opt-quiet-console"];
 const CHART_FILE: &str = "phases.png";
 
 fn fmt(v: f64) -> String {
@@ -251,12 +249,56 @@ fn result_section(out: &mut String, number: &str, r: &BenchResult) {
          Reproduce: `{}`\n",
         r.finished_utc, r.warmup, r.runs, r.command
     );
-    series_table(out, r);
-    out.push('\n');
+    if !r.load_average.is_empty() {
+        let _ = writeln!(
+            out,
+            "Load average (1/5/15 min) on the {}-core machine: {} — other work was running; \
+             interleaving spreads it over all variants alike.\n",
+            r.machine.cores, r.load_average
+        );
+    }
+    if !r.under_test.is_empty() {
+        let _ = writeln!(out, "Software: {}\n", r.under_test);
+    }
+    if !r.series.is_empty() || !r.outcomes.is_empty() {
+        series_table(out, r);
+        out.push('\n');
+    }
     for n in &r.notes {
         let _ = writeln!(out, "* {n}");
     }
     out.push('\n');
+}
+
+/// The phase chart (PNG next to the report) and the table of phase durations of a result whose
+/// variants have `--timings` phases.
+fn phase_breakdown(
+    out: &mut String,
+    out_dir: &Path,
+    r: &BenchResult,
+    chart_file: &str,
+) -> anyhow::Result<()> {
+    let bars = phase_bars(r);
+    if bars.is_empty() {
+        return Ok(());
+    }
+    match chart::draw_phases(&out_dir.join(chart_file), &r.title, &bars) {
+        Ok(()) => {
+            let _ = writeln!(out, "![phase breakdown]({chart_file})\n");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "(chart not drawn: {e:#})\n");
+        }
+    }
+    out.push_str("Phase durations (differences of the medians):\n\n");
+    out.push_str("| variant | phase | ms |\n|---|---|--:|\n");
+    for b in &bars {
+        for (name, s, e) in &b.segments {
+            let _ = writeln!(out, "| {} | {name} | {} |", b.label, fmt(e - s));
+        }
+    }
+    out.push('\n');
+    Ok(())
 }
 
 /// Writes REPORT.md (and the chart) into `out_dir`; returns the report's path.
@@ -268,8 +310,20 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
             results.push(r);
         }
     }
+    let mut optimisation_ids: Vec<String> = std::fs::read_dir(&results_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix("opt-")?.strip_suffix(".json")?;
+                    Some(name.trim_end_matches(".json").to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    optimisation_ids.sort();
     let mut optimisations = Vec::new();
-    for id in OPTIMISATION_IDS {
+    for id in &optimisation_ids {
         if let Some(r) = BenchResult::load(&results_dir, id)? {
             optimisations.push(r);
         }
@@ -327,27 +381,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
             .unwrap_or("");
         result_section(&mut out, number, r);
         if r.id == "job" {
-            let bars = phase_bars(r);
-            match chart::draw_phases(
-                &out_dir.join(CHART_FILE),
-                "sge_virtualizer run -- /bin/true: phase breakdown",
-                &bars,
-            ) {
-                Ok(()) => {
-                    let _ = writeln!(out, "![phase breakdown]({CHART_FILE})\n");
-                }
-                Err(e) => {
-                    let _ = writeln!(out, "(chart not drawn: {e:#})\n");
-                }
-            }
-            out.push_str("Phase durations (differences of the medians):\n\n");
-            out.push_str("| variant | phase | ms |\n|---|---|--:|\n");
-            for b in &bars {
-                for (name, s, e) in &b.segments {
-                    let _ = writeln!(out, "| {} | {name} | {} |", b.label, fmt(e - s));
-                }
-            }
-            out.push('\n');
+            phase_breakdown(&mut out, out_dir, r, CHART_FILE)?;
         }
     }
     let missing: Vec<&str> = IDS
@@ -368,6 +402,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     }
     for r in &optimisations {
         result_section(&mut out, "", r);
+        phase_breakdown(&mut out, out_dir, r, &format!("{}.png", r.id))?;
     }
     let path = out_dir.join("REPORT.md");
     std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::context::BenchContext;
 use crate::machine::MachineInfo;
 use crate::stats::Summary;
 
@@ -44,8 +45,14 @@ pub struct BenchResult {
     /// UTC time the run finished.
     pub finished_utc: String,
     pub machine: MachineInfo,
+    /// The sge_virtualizer binary and guest image measured, and their revision.
+    #[serde(default)]
+    pub under_test: String,
     pub warmup: usize,
     pub runs: usize,
+    /// /proc/loadavg (1, 5, 15 min) before and after the run: other work on the machine.
+    #[serde(default)]
+    pub load_average: String,
     pub series: Vec<Series>,
     pub outcomes: Vec<VariantOutcome>,
     /// What was measured how, caveats, what could not be measured and why.
@@ -53,6 +60,24 @@ pub struct BenchResult {
 }
 
 impl BenchResult {
+    /// A result that records why a benchmark could not run.
+    pub fn not_measured(ctx: &BenchContext, id: &str, title: &str, why: &str) -> BenchResult {
+        BenchResult {
+            id: id.into(),
+            title: title.into(),
+            command: ctx.reproduce(id),
+            finished_utc: utc_now(),
+            machine: ctx.machine.clone(),
+            under_test: ctx.under_test.describe(),
+            warmup: ctx.warmup,
+            runs: ctx.runs,
+            load_average: String::new(),
+            series: Vec::new(),
+            outcomes: Vec::new(),
+            notes: vec![format!("Not measured: {why}")],
+        }
+    }
+
     /// The series of `variant`'s `metric`, if measured.
     pub fn series(&self, variant: &str, metric: &str) -> Option<&Series> {
         self.series
@@ -101,6 +126,13 @@ impl BenchResult {
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
+}
+
+/// The 1/5/15-minute load averages now.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.

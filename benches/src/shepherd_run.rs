@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::context::BenchContext;
+use crate::context::UnderTest;
 
 /// The `--timings` JSON line (ms since the shepherd's process start).
 #[derive(Debug, Clone, Deserialize)]
@@ -22,22 +22,22 @@ pub struct PhaseTimings {
 }
 
 /// `sge_virtualizer run --backend <backend> -n --timings -- <job…>`, stdout and stderr piped.
-pub fn command(ctx: &BenchContext, backend: &str, job: &[&str]) -> Command {
-    let mut cmd = Command::new(&ctx.shepherd);
+pub fn command(ut: &UnderTest, backend: &str, job: &[&str]) -> Command {
+    let mut cmd = Command::new(&ut.shepherd);
     cmd.args(["run", "--backend", backend, "-n", "--timings", "--"])
         .args(job)
-        .env("SGE_VIRTUALIZER_KERNEL", &ctx.kernel)
-        .env("SGE_VIRTUALIZER_INITRD", &ctx.initrd)
+        .env("SGE_VIRTUALIZER_KERNEL", &ut.kernel)
+        .env("SGE_VIRTUALIZER_INITRD", &ut.initrd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
 }
 
-pub fn spawn(ctx: &BenchContext, backend: &str, job: &[&str]) -> anyhow::Result<Child> {
-    command(ctx, backend, job)
+pub fn spawn(ut: &UnderTest, backend: &str, job: &[&str]) -> anyhow::Result<Child> {
+    command(ut, backend, job)
         .spawn()
-        .with_context(|| format!("starting {}", ctx.shepherd.display()))
+        .with_context(|| format!("starting {}", ut.shepherd.display()))
 }
 
 /// Finds the `--timings` line in the shepherd's stderr.

@@ -131,7 +131,7 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     }
     let mut vms = Vec::new();
     for (label, backend) in &backends {
-        let cmd = shepherd_run::command(ctx, backend, &["/bin/sh", "-c", SCRIPT]);
+        let cmd = shepherd_run::command(&ctx.under_test, backend, &["/bin/sh", "-c", SCRIPT]);
         vms.push((label.to_string(), Responder::start(cmd, false)?));
     }
     let mut variants = vec![Variant::new("host shell (no VM)", "ms", || host.ping())];
@@ -152,8 +152,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         command: ctx.reproduce("signal"),
         finished_utc: utc_now(),
         machine: ctx.machine.clone(),
+        under_test: ctx.under_test.describe(),
         warmup: ctx.warmup,
         runs: ctx.runs,
+        load_average: String::new(),
         series,
         outcomes,
         notes,

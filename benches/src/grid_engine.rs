@@ -1,0 +1,237 @@
+//! Benchmark 5: Grid Engine — wall time of `qsub -sync y -b y /bin/true` on the one-host cell of
+//! `scripts/sge-cell.sh`, with the stock shepherd and with sge_virtualizer, interleaved.
+//!
+//! Switching `shepherd_cmd` between runs would wait on execd's configuration refresh, so for the
+//! benchmark `shepherd_cmd` points at a copy of this binary (the dispatcher): started by execd
+//! as `sge_shepherd-<job>`, it reads a mode file and execs either the stock shepherd or
+//! sge_virtualizer with the same argv[0] and arguments. Both variants pay the same extra exec.
+//! The previous `shepherd_cmd` is restored afterwards.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::clock::{monotonic_ns, ms_between};
+use crate::context::{workspace_root, BenchContext};
+use crate::interleave::{run_interleaved, Sample, Variant};
+use crate::results::{utc_now, BenchResult};
+
+/// Where the dispatcher, its mode file and the copies of the binary and image live (execd
+/// must be able to reach them as the admin user, and the job user must read the image).
+const BENCH_DIR: &str = "/var/tmp/sge-bench";
+const DISPATCHER: &str = "sge_shepherd_dispatch";
+const MODE_FILE: &str = "mode";
+const STOCK_SHEPHERD: &str = "/usr/sbin/sge_shepherd";
+/// The job user of the cell (scripts/sge-cell.sh).
+const JOB_USER: &str = "sgetest";
+
+/// Whether this process was started by execd as a shepherd (argv[0] `sge_shepherd-<job>`).
+pub fn started_as_shepherd() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|n| n.starts_with("sge_shepherd"))
+}
+
+/// The dispatcher: exec the shepherd the mode file names, keeping argv[0] and the arguments.
+pub fn dispatch() -> anyhow::Result<()> {
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_default();
+    let dir = Path::new(BENCH_DIR);
+    let mode = std::fs::read_to_string(dir.join(MODE_FILE)).unwrap_or_default();
+    let mut cmd = if mode.trim() == "stock" {
+        Command::new(STOCK_SHEPHERD)
+    } else {
+        let mut c = Command::new(dir.join("sge_virtualizer"));
+        c.env("SGE_VIRTUALIZER_CONFIG", dir.join("settings.toml"));
+        c
+    };
+    let err = cmd.arg0(argv0).args(args).exec();
+    Err(err).context("exec of the shepherd failed")
+}
+
+fn sh(cmd: &str) -> anyhow::Result<String> {
+    let out = Command::new("/bin/sh")
+        .args(["-c", cmd])
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn install(ctx: &BenchContext) -> anyhow::Result<PathBuf> {
+    let dir = Path::new(BENCH_DIR);
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let copy = |from: &Path, name: &str, mode: u32| -> anyhow::Result<PathBuf> {
+        let to = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::copy(from, &tmp).with_context(|| format!("copying {}", from.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, &to)?;
+        Ok(to)
+    };
+    let dispatcher = copy(&std::env::current_exe()?, DISPATCHER, 0o755)?;
+    copy(&ctx.under_test.shepherd, "sge_virtualizer", 0o755)?;
+    let kernel = copy(&ctx.under_test.kernel, "vmlinux", 0o644)?;
+    let initrd = copy(&ctx.under_test.initrd, "initramfs.cpio", 0o644)?;
+    std::fs::write(
+        dir.join("settings.toml"),
+        format!(
+            "kernel = \"{}\"\ninitramfs = \"{}\"\nbackend = \"{}\"\n",
+            kernel.display(),
+            initrd.display(),
+            if ctx.machine.kvm_can_run_linux {
+                "auto"
+            } else {
+                "qemu"
+            }
+        ),
+    )?;
+    Ok(dispatcher)
+}
+
+fn set_mode(mode: &str) -> anyhow::Result<()> {
+    std::fs::write(Path::new(BENCH_DIR).join(MODE_FILE), mode)?;
+    Ok(())
+}
+
+fn current_shepherd_cmd() -> anyhow::Result<String> {
+    let conf = sh("qconf -sconf global")?;
+    Ok(conf
+        .lines()
+        .find_map(|l| l.strip_prefix("shepherd_cmd"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| "none".into()))
+}
+
+fn set_shepherd_cmd(value: &str) -> anyhow::Result<()> {
+    let script = workspace_root().join("scripts/sge-cell.sh");
+    let out = Command::new(&script)
+        .args(["shepherd", value])
+        .stdout(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "sge-cell.sh shepherd {value} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn qsub_true(mode: &str) -> anyhow::Result<Sample> {
+    set_mode(mode)?;
+    let start = monotonic_ns();
+    let out = Command::new("runuser")
+        .args(["-u", JOB_USER, "--", "qsub", "-sync", "y", "-b", "y"])
+        .args([
+            "-o",
+            "/dev/null",
+            "-e",
+            "/dev/null",
+            "-N",
+            "bench_true",
+            "/bin/true",
+        ])
+        .current_dir("/tmp")
+        .stdin(Stdio::null())
+        .output()
+        .context("running qsub")?;
+    let ms = ms_between(start, monotonic_ns());
+    if !out.status.success() {
+        bail!(
+            "qsub -sync y failed ({}): {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(vec![("wall", ms)])
+}
+
+/// Refuses to touch a cell that is down, has jobs, or has a queue in an error state.
+fn check_cell() -> anyhow::Result<()> {
+    let jobs = sh("qstat -u '*'")?;
+    if !jobs.trim().is_empty() {
+        bail!(
+            "the cell has jobs (qstat -u '*'): not disturbing them\n{}",
+            jobs.trim()
+        );
+    }
+    let queues = sh("qstat -f")?;
+    if let Some(l) = queues.lines().find(|l| {
+        l.starts_with("all.q@") && l.split_whitespace().nth(5).is_some_and(|s| s.contains('E'))
+    }) {
+        bail!("queue in error state: {l}");
+    }
+    Ok(())
+}
+
+pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
+    ctx.require_shepherd()?;
+    sh("command -v qsub qconf runuser >/dev/null")
+        .context("Grid Engine clients not installed (scripts/sge-cell.sh start)")?;
+    check_cell()?;
+    let dispatcher = install(ctx)?;
+    let previous = current_shepherd_cmd()?;
+    set_shepherd_cmd(&dispatcher.to_string_lossy())?;
+    // execd picks the configuration change up with its next load report.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let mut variants = vec![
+        Variant::new("stock sge_shepherd", "ms", || qsub_true("stock")),
+        Variant::new("sge_virtualizer (QEMU backend, TCG)", "ms", || {
+            qsub_true("virtualizer")
+        }),
+    ];
+    eprintln!(
+        "gridengine: {} warm-up + {} runs per variant",
+        ctx.warmup, ctx.runs
+    );
+    let (series, outcomes) = run_interleaved(&mut variants, ctx.warmup, ctx.runs);
+    drop(variants);
+    let restored = set_shepherd_cmd(&previous);
+    let mut notes = vec![
+        format!(
+            "`runuser -u {JOB_USER} -- qsub -sync y -b y -o /dev/null -e /dev/null /bin/true`, \
+             wall time from the harness's fork of runuser to qsub's exit; the cell's scheduler \
+             runs every second (schedule_interval 0:0:1, flush_submit_sec 1, flush_finish_sec 1, \
+             load_report_time 1 s, as scripts/sge-cell.sh sets them), so most of the time is \
+             scheduling, the same for both."
+        ),
+        format!(
+            "shepherd_cmd = {BENCH_DIR}/{DISPATCHER} (a copy of bench-report) for both variants; \
+             it execs {STOCK_SHEPHERD} or a copy of sge_virtualizer (settings: \
+             {BENCH_DIR}/settings.toml) with argv[0] kept. shepherd_cmd was `{previous}` before \
+             and is restored after the run."
+        ),
+    ];
+    if let Err(e) = restored {
+        notes.push(format!("restoring shepherd_cmd failed: {e:#}"));
+    }
+    Ok(BenchResult {
+        id: "gridengine".into(),
+        title: "Grid Engine: qsub -sync y -b y /bin/true, stock shepherd vs sge_virtualizer".into(),
+        command: ctx.reproduce("gridengine"),
+        finished_utc: utc_now(),
+        machine: ctx.machine.clone(),
+        under_test: ctx.under_test.describe(),
+        warmup: ctx.warmup,
+        runs: ctx.runs,
+        load_average: String::new(),
+        series,
+        outcomes,
+        notes,
+    })
+}
