@@ -12,6 +12,11 @@
 //! vmm_overhead_mib = 192    # host memory the VMM needs beyond guest RAM (h_vmem sizing)
 //! stock_shepherd = "/usr/sbin/sge_shepherd"   # for delegated jobs; default from bootstrap
 //! extra_cmdline = ""
+//! share_job_dirs = true     # share cwd, $HOME, $TMPDIR and the script's directory
+//! shares = ["/data"]        # more host directories the jobs see at the same paths
+//! image_store = "/var/lib/sge_virtualizer/images"
+//! image = "bookworm"        # OS image jobs run in (default: the initramfs)
+//! job_images = ["bullseye"] # images a job may ask for with -v SGE_VM_IMAGE=NAME ("*": any)
 //! [queues."gpu.q"]
 //! memory_mib = 4096
 //! kernel = "/srv/images/gpu/vmlinux"
@@ -22,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backend::BackendChoice;
 use crate::guest_image;
+use crate::image;
 
 pub const DEFAULT_PATH: &str = "/etc/sge_virtualizer.toml";
 pub const PATH_ENV: &str = "SGE_VIRTUALIZER_CONFIG";
@@ -53,6 +59,10 @@ pub struct VmOverrides {
     pub vcpus: Option<u8>,
     pub backend: Option<BackendChoice>,
     pub extra_cmdline: Option<String>,
+    pub share_job_dirs: Option<bool>,
+    pub shares: Option<Vec<PathBuf>>,
+    pub image: Option<String>,
+    pub job_images: Option<Vec<String>>,
 }
 
 /// The whole file.
@@ -65,6 +75,11 @@ pub struct Settings {
     pub vcpus: Option<u8>,
     pub backend: Option<BackendChoice>,
     pub extra_cmdline: Option<String>,
+    pub share_job_dirs: Option<bool>,
+    pub shares: Option<Vec<PathBuf>>,
+    pub image: Option<String>,
+    pub job_images: Option<Vec<String>>,
+    pub image_store: Option<PathBuf>,
     pub vmm_overhead_mib: Option<u32>,
     pub stock_shepherd: Option<PathBuf>,
     #[serde(default)]
@@ -82,6 +97,15 @@ pub struct VmSettings {
     pub backend: BackendChoice,
     pub extra_cmdline: String,
     pub vmm_overhead_mib: u32,
+    /// Share the job's cwd, `$HOME`, `$TMPDIR` and script directory into the guest.
+    pub share_job_dirs: bool,
+    /// More host directories to share.
+    pub shares: Vec<PathBuf>,
+    /// The queue's OS image; `None`: the initramfs.
+    pub image: Option<String>,
+    /// Images a job may request.
+    pub job_images: Vec<String>,
+    pub image_store: PathBuf,
 }
 
 impl Settings {
@@ -133,6 +157,14 @@ impl Settings {
                 .or_else(|| d.extra_cmdline.clone())
                 .unwrap_or_default(),
             vmm_overhead_mib: self.vmm_overhead_mib.unwrap_or(DEFAULT_VMM_OVERHEAD_MIB),
+            share_job_dirs: q.share_job_dirs.or(d.share_job_dirs).unwrap_or(true),
+            shares: q.shares.or_else(|| d.shares.clone()).unwrap_or_default(),
+            image: q.image.or_else(|| d.image.clone()),
+            job_images: q
+                .job_images
+                .or_else(|| d.job_images.clone())
+                .unwrap_or_default(),
+            image_store: image::store_dir(self.image_store.as_deref()),
         }
     }
 }
@@ -167,10 +199,16 @@ memory_mib = 512
 backend = "qemu"
 vmm_overhead_mib = 100
 stock_shepherd = "/usr/sbin/sge_shepherd"
+image = "bookworm"
+shares = ["/data"]
+image_store = "/srv/images"
 [queues."big.q"]
 memory_mib = 2048
 vcpus = 4
 kernel = "/k2"
+share_job_dirs = false
+image = "bullseye"
+job_images = ["*"]
 "#,
             "t",
         )
@@ -185,6 +223,14 @@ kernel = "/k2"
         assert_eq!(big.kernel, PathBuf::from("/k2"));
         assert_eq!(big.initramfs, PathBuf::from("/i"));
         assert_eq!((big.memory_mib, big.vcpus), (2048, Some(4)));
+        assert!(all.share_job_dirs && !big.share_job_dirs);
+        assert_eq!(all.shares, [PathBuf::from("/data")]);
+        assert_eq!(big.shares, [PathBuf::from("/data")]);
+        assert_eq!(all.image.as_deref(), Some("bookworm"));
+        assert_eq!(big.image.as_deref(), Some("bullseye"));
+        assert!(all.job_images.is_empty());
+        assert_eq!(big.job_images, ["*"]);
+        assert_eq!(big.image_store, PathBuf::from("/srv/images"));
         assert_eq!(
             s.stock_shepherd,
             Some(PathBuf::from("/usr/sbin/sge_shepherd"))

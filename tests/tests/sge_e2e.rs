@@ -65,7 +65,10 @@ fn text(out: &Output) -> String {
 fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/local/bin"), PathBuf::from("/root/.cargo/bin")])
+        .chain([
+            PathBuf::from("/usr/local/bin"),
+            PathBuf::from("/root/.cargo/bin"),
+        ])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -113,7 +116,8 @@ impl Cell {
             std::fs::copy(image.join(f), root.join(f)).map_err(|e| e.to_string())?;
         }
         // a "kernel" QEMU cannot boot, for the VM-start fault
-        std::fs::write(root.join("garbage-kernel"), b"not a kernel\n").map_err(|e| e.to_string())?;
+        std::fs::write(root.join("garbage-kernel"), b"not a kernel\n")
+            .map_err(|e| e.to_string())?;
         let settings = root.join("settings.toml");
         std::fs::write(
             &settings,
@@ -246,7 +250,12 @@ impl Cell {
     }
 
     /// Waits until `job` has at least `n` accounting records.
-    fn wait_accounting(&self, job: u32, n: usize, timeout: Duration) -> Vec<HashMap<String, String>> {
+    fn wait_accounting(
+        &self,
+        job: u32,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<HashMap<String, String>> {
         let start = Instant::now();
         loop {
             let r = self.accounting(job);
@@ -397,15 +406,28 @@ fn script_job_runs_in_the_guest() {
         c.script(
             &dir,
             "job.sh",
-            "#!/bin/sh\necho \"kernel=$(uname -r)\"\necho \"arg=$1 job=$JOB_ID\"\nsleep 2\necho done\n",
+            "#!/bin/sh\necho \"kernel=$(uname -r)\"\necho \"arg=$1 job=$JOB_ID\"\n\
+             echo \"pwd=$(pwd)\"\necho made > made-in-guest.txt\n\
+             echo tmp > \"$TMPDIR/t\" && cat \"$TMPDIR/t\"\nsleep 2\necho done\n",
         );
         let job = c.qsub(&dir, &["-o", "out.txt", "-e", "err.txt", "job.sh", "first"]);
         let rec = c.wait_accounting(job, 1, JOB_WAIT);
         let out = std::fs::read_to_string(dir.join("out.txt")).unwrap();
         assert_eq!(
             out,
-            format!("kernel={}\narg=first job={job}\ndone\n", c.guest_release)
+            format!(
+                "kernel={}\narg=first job={job}\npwd={}\ntmp\ndone\n",
+                c.guest_release,
+                dir.display()
+            )
         );
+        // the job's cwd is the host's, and what it writes there belongs to the job user
+        let made = dir.join("made-in-guest.txt");
+        assert_eq!(std::fs::read_to_string(&made).unwrap(), "made\n");
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&made).unwrap());
+        let user = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
+        assert_eq!(owner, user.uid.as_raw());
+        assert_eq!(std::fs::read_to_string(dir.join("err.txt")).unwrap(), "");
         let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
         assert_ne!(
             host_release.trim(),
@@ -475,7 +497,10 @@ fn qdel_kills_the_job_and_its_vm() {
         c.wait_running(job, JOB_WAIT);
         c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);
         let gid = c.add_grp_id(job);
-        assert!(!c.processes_with_group(gid).is_empty(), "the VMM carries add_grp_id");
+        assert!(
+            !c.processes_with_group(gid).is_empty(),
+            "the VMM carries add_grp_id"
+        );
         let shepherd: u32 = c
             .active_file(job, "pid")
             .and_then(|p| p.trim().parse().ok())
@@ -504,7 +529,10 @@ fn qdel_kills_the_job_and_its_vm() {
 
 /// Lines in `file`.
 fn line_count(file: &Path) -> usize {
-    std::fs::read_to_string(file).unwrap_or_default().lines().count()
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .count()
 }
 
 #[test]
@@ -528,7 +556,11 @@ fn suspend_and_resume_stop_and_continue_the_job() {
         std::thread::sleep(Duration::from_secs(2));
         let frozen = line_count(&out);
         std::thread::sleep(Duration::from_secs(3));
-        assert_eq!(line_count(&out), frozen, "the counter must not move while suspended");
+        assert_eq!(
+            line_count(&out),
+            frozen,
+            "the counter must not move while suspended"
+        );
         assert!(c.job_state(job).unwrap_or_default().contains('s'));
         out_of(&["-usj", &job.to_string()]);
         std::thread::sleep(Duration::from_secs(3));
@@ -540,35 +572,45 @@ fn suspend_and_resume_stop_and_continue_the_job() {
 
 #[test]
 fn notify_sends_usr1_before_suspend_and_usr2_before_kill() {
-    with_cell("notify_sends_usr1_before_suspend_and_usr2_before_kill", |c| {
-        let dir = c.work_dir("notify");
-        c.script(
-            &dir,
-            "notified.sh",
-            "#!/bin/sh\ntrap 'echo got USR1' USR1\ntrap 'echo got USR2' USR2\necho ready\n\
+    with_cell(
+        "notify_sends_usr1_before_suspend_and_usr2_before_kill",
+        |c| {
+            let dir = c.work_dir("notify");
+            c.script(
+                &dir,
+                "notified.sh",
+                "#!/bin/sh\ntrap 'echo got USR1' USR1\ntrap 'echo got USR2' USR2\necho ready\n\
              while :; do sleep 0.2; done\n",
-        );
-        let job = c.qsub(&dir, &["-notify", "-o", "out.txt", "notified.sh"]);
-        c.wait_running(job, JOB_WAIT);
-        let out = dir.join("out.txt");
-        c.wait_for_text(&out, "ready", JOB_WAIT);
-        let t0 = Instant::now();
-        assert!(run(Command::new("qmod").args(["-sj", &job.to_string()])).status.success());
-        c.wait_for_text(&out, "got USR1", Duration::from_secs(NOTIFY_SECS));
-        assert!(t0.elapsed() < Duration::from_secs(NOTIFY_SECS), "USR1 came before the STOP");
-        assert!(run(Command::new("qmod").args(["-usj", &job.to_string()])).status.success());
-        std::thread::sleep(Duration::from_secs(1));
-        let t1 = Instant::now();
-        c.qdel(job);
-        c.wait_for_text(&out, "got USR2", Duration::from_secs(NOTIFY_SECS));
-        let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
-        let killed_after = t1.elapsed();
-        assert!(
-            killed_after >= Duration::from_secs(NOTIFY_SECS - 1),
-            "KILL only after the notify time, came after {killed_after:?}"
-        );
-        assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
-    });
+            );
+            let job = c.qsub(&dir, &["-notify", "-o", "out.txt", "notified.sh"]);
+            c.wait_running(job, JOB_WAIT);
+            let out = dir.join("out.txt");
+            c.wait_for_text(&out, "ready", JOB_WAIT);
+            let t0 = Instant::now();
+            assert!(run(Command::new("qmod").args(["-sj", &job.to_string()]))
+                .status
+                .success());
+            c.wait_for_text(&out, "got USR1", Duration::from_secs(NOTIFY_SECS));
+            assert!(
+                t0.elapsed() < Duration::from_secs(NOTIFY_SECS),
+                "USR1 came before the STOP"
+            );
+            assert!(run(Command::new("qmod").args(["-usj", &job.to_string()]))
+                .status
+                .success());
+            std::thread::sleep(Duration::from_secs(1));
+            let t1 = Instant::now();
+            c.qdel(job);
+            c.wait_for_text(&out, "got USR2", Duration::from_secs(NOTIFY_SECS));
+            let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
+            let killed_after = t1.elapsed();
+            assert!(
+                killed_after >= Duration::from_secs(NOTIFY_SECS - 1),
+                "KILL only after the notify time, came after {killed_after:?}"
+            );
+            assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
+        },
+    );
 }
 
 #[test]
@@ -580,7 +622,10 @@ fn h_rt_kills_a_sleeping_job_after_10_seconds() {
         let rec = c.wait_accounting(job, 1, Duration::from_secs(90));
         assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
         let wall = number(&rec[0], "ru_wallclock");
-        assert!((9.0..=20.0).contains(&wall), "killed after {wall} s: {rec:?}");
+        assert!(
+            (9.0..=20.0).contains(&wall),
+            "killed after {wall} s: {rec:?}"
+        );
     });
 }
 
@@ -612,7 +657,10 @@ fn ten_mib_of_stdout_stderr_separate_and_merged() {
         let out = std::fs::read(dir.join("out.txt")).unwrap();
         assert_eq!(out.len(), SIZE);
         assert!(out == pattern(SIZE), "stdout differs from the pattern");
-        assert_eq!(std::fs::read_to_string(dir.join("err.txt")).unwrap(), "to-stderr\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("err.txt")).unwrap(),
+            "to-stderr\n"
+        );
 
         let job = c.qsub(&dir, &["-j", "y", "-o", "merged.txt", "big.sh"]);
         c.wait_accounting(job, 1, JOB_WAIT);
@@ -629,7 +677,11 @@ fn assert_requeued_without_queue_error(c: &Cell, queue: &str, needle: &str) {
     let rec = c.wait_accounting(job, 1, JOB_WAIT);
     c.qdel(job);
     assert!(field(&rec[0], "failed").starts_with("25"), "{rec:?}");
-    assert_eq!(c.queue_state(queue), "", "queue {queue} must not be in error");
+    assert_eq!(
+        c.queue_state(queue),
+        "",
+        "queue {queue} must not be in error"
+    );
     assert_eq!(c.queue_state("all.q"), "");
     let error = c.active_file(job, "error").unwrap_or_default();
     assert!(error.contains(needle), "error file: {error:?}");
@@ -683,7 +735,11 @@ fn vm_dying_mid_job_fails_the_job_only() {
 fn execd_restart_keeps_the_job_and_reaps_it_later() {
     with_cell("execd_restart_keeps_the_job_and_reaps_it_later", |c| {
         let dir = c.work_dir("restart");
-        c.script(&dir, "survivor.sh", "#!/bin/sh\necho started\nsleep 20\necho finished\n");
+        c.script(
+            &dir,
+            "survivor.sh",
+            "#!/bin/sh\necho started\nsleep 20\necho finished\n",
+        );
         let job = c.qsub(&dir, &["-o", "out.txt", "survivor.sh"]);
         c.wait_running(job, JOB_WAIT);
         c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);

@@ -1,9 +1,11 @@
 //! The job's command line (`builtin_starter.c`): argv per `shell_start_mode`,
 //! `handle_as_binary`, `no_shell` and `starter_method`, plus how a job script reaches the guest.
 //!
-//! The guest has no view of the host's file systems, so a script job's script travels in the
-//! environment variable [`SCRIPT_ENV`] and a tiny `/bin/sh` bootstrap writes it to
-//! [`GUEST_SCRIPT_PATH`] before exec'ing the argv built here (with that path as the script).
+//! Where the guest sees the script's directory (shared from the host), the script runs from its
+//! own path as with the stock shepherd. Otherwise the script travels in the environment
+//! variable [`SCRIPT_ENV`] and a tiny `/bin/sh` bootstrap writes it to [`GUEST_SCRIPT_PATH`]
+//! before exec'ing the argv built here (with that path as the script). `script_from_stdin`
+//! feeds the script as the job's stdin either way.
 
 use std::path::Path;
 
@@ -33,20 +35,30 @@ pub enum ArgvError {
     ScriptHasNul(String),
 }
 
+/// How a script job's script reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScriptDelivery {
+    /// The guest sees the script at its host path (its directory is shared).
+    SharedPath,
+    /// Through [`SCRIPT_ENV`] and the bootstrap.
+    Environment,
+}
+
 /// What to run in the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobCommand {
     /// The job's argv as the stock shepherd would exec it.
     pub argv: Vec<String>,
-    /// The script to place at [`GUEST_SCRIPT_PATH`] first, if the job has one.
+    /// The script to place at [`GUEST_SCRIPT_PATH`] first ([`ScriptDelivery::Environment`]).
     pub script: Option<Vec<u8>>,
-    /// `script_from_stdin`: the script is the job's stdin.
-    pub script_on_stdin: bool,
+    /// `script_from_stdin`: the script, to be the job's stdin.
+    pub stdin_script: Option<Vec<u8>>,
 }
 
 /// Builds the command; `read_script` reads the job script (as the job user).
 pub fn build(
     config: &JobConfig,
+    delivery: ScriptDelivery,
     read_script: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
 ) -> Result<JobCommand, ArgvError> {
     let script_file = config.require("script_file")?.to_string();
@@ -75,10 +87,23 @@ pub fn build(
         return Ok(JobCommand {
             argv,
             script: None,
-            script_on_stdin: false,
+            stdin_script: None,
         });
     }
 
+    let mode = config.get("shell_start_mode").unwrap_or("posix_compliant");
+    if delivery == ScriptDelivery::SharedPath && mode != "script_from_stdin" {
+        let (mut argv, _) = argv_for_mode(mode, starter.is_some(), shell, script_file);
+        argv.extend(args);
+        if let Some(s) = starter {
+            argv.insert(0, s);
+        }
+        return Ok(JobCommand {
+            argv,
+            script: None,
+            stdin_script: None,
+        });
+    }
     let script = read_script(Path::new(&script_file)).map_err(|source| ArgvError::Script {
         path: script_file.clone(),
         source,
@@ -92,23 +117,45 @@ pub fn build(
     if script.contains(&0) {
         return Err(ArgvError::ScriptHasNul(script_file));
     }
-    let mode = config.get("shell_start_mode").unwrap_or("posix_compliant");
-    let guest_script = GUEST_SCRIPT_PATH.to_string();
-    let (mut argv, on_stdin) = match mode {
-        // a starter method always gets the shell (unix_behavior is treated as posix_compliant)
-        "unix_behavior" | "raw_exec" if starter.is_none() => (vec![guest_script], false),
-        "script_from_stdin" => (vec![shell, "-s".into()], true),
-        _ => (vec![shell, guest_script], false),
-    };
+    let (mut argv, on_stdin) = argv_for_mode(
+        mode,
+        starter.is_some(),
+        shell,
+        GUEST_SCRIPT_PATH.to_string(),
+    );
     argv.extend(args);
     if let Some(s) = starter {
         argv.insert(0, s);
     }
-    Ok(JobCommand {
-        argv,
-        script: Some(script),
-        script_on_stdin: on_stdin,
+    Ok(if on_stdin {
+        JobCommand {
+            argv,
+            script: None,
+            stdin_script: Some(script),
+        }
+    } else {
+        JobCommand {
+            argv,
+            script: Some(script),
+            stdin_script: None,
+        }
     })
+}
+
+/// argv (without the job's arguments) for a script at `script`, and whether the script is
+/// read from stdin instead.
+fn argv_for_mode(
+    mode: &str,
+    has_starter: bool,
+    shell: String,
+    script: String,
+) -> (Vec<String>, bool) {
+    match mode {
+        // a starter method always gets the shell (unix_behavior is treated as posix_compliant)
+        "unix_behavior" | "raw_exec" if !has_starter => (vec![script], false),
+        "script_from_stdin" => (vec![shell, "-s".into()], true),
+        _ => (vec![shell, script], false),
+    }
 }
 
 impl JobCommand {
@@ -118,14 +165,9 @@ impl JobCommand {
         if self.script.is_none() {
             return self.argv.clone();
         }
-        let redirect = if self.script_on_stdin {
-            format!(" <{GUEST_SCRIPT_PATH}")
-        } else {
-            String::new()
-        };
         let boot = format!(
             "printf '%s' \"${SCRIPT_ENV}\" >{GUEST_SCRIPT_PATH} && chmod 700 {GUEST_SCRIPT_PATH} \
-             && unset {SCRIPT_ENV} && exec \"$@\"{redirect}"
+             && unset {SCRIPT_ENV} && exec \"$@\""
         );
         let mut argv = vec!["/bin/sh".to_string(), "-c".into(), boot, "sge_job".into()];
         argv.extend(self.argv.iter().cloned());
@@ -146,7 +188,7 @@ mod tests {
         let c = JobConfig::parse(
             "script_file=/bin/sleep\nhandle_as_binary=1\nno_shell=0\nshell_path=/bin/sh\nnjob_args=1\njob_arg1=300\n",
         );
-        let cmd = build(&c, no_script).unwrap();
+        let cmd = build(&c, ScriptDelivery::Environment, no_script).unwrap();
         assert_eq!(cmd.argv, ["/bin/sh", "-c", "/bin/sleep 300 "]);
         assert_eq!(cmd.guest_argv(), cmd.argv);
     }
@@ -157,7 +199,9 @@ mod tests {
             "script_file=/bin/echo\nhandle_as_binary=1\nno_shell=1\nnjob_args=2\njob_arg1=a b\njob_arg2=c\n",
         );
         assert_eq!(
-            build(&c, no_script).unwrap().argv,
+            build(&c, ScriptDelivery::Environment, no_script)
+                .unwrap()
+                .argv,
             ["/bin/echo", "a b", "c"]
         );
     }
@@ -167,23 +211,38 @@ mod tests {
         let base = "script_file=/spool/job_scripts/3\nhandle_as_binary=0\nshell_path=/bin/sh\nnjob_args=1\njob_arg1=x\n";
         let read = |_: &Path| Ok(b"echo hi\n".to_vec());
         let c = JobConfig::parse(&format!("{base}shell_start_mode=posix_compliant\n"));
-        let cmd = build(&c, read).unwrap();
+        let cmd = build(&c, ScriptDelivery::Environment, read).unwrap();
         assert_eq!(cmd.argv, ["/bin/sh", GUEST_SCRIPT_PATH, "x"]);
         assert_eq!(cmd.script.as_deref(), Some(&b"echo hi\n"[..]));
         let c = JobConfig::parse(&format!("{base}shell_start_mode=unix_behavior\n"));
-        assert_eq!(build(&c, read).unwrap().argv, [GUEST_SCRIPT_PATH, "x"]);
+        assert_eq!(
+            build(&c, ScriptDelivery::Environment, read).unwrap().argv,
+            [GUEST_SCRIPT_PATH, "x"]
+        );
         let c = JobConfig::parse(&format!("{base}shell_start_mode=script_from_stdin\n"));
-        let cmd = build(&c, read).unwrap();
+        let cmd = build(&c, ScriptDelivery::SharedPath, read).unwrap();
         assert_eq!(cmd.argv, ["/bin/sh", "-s", "x"]);
-        assert!(cmd.script_on_stdin);
-        assert!(cmd.guest_argv()[2].ends_with(&format!("<{GUEST_SCRIPT_PATH}")));
+        assert_eq!(cmd.stdin_script.as_deref(), Some(&b"echo hi\n"[..]));
+        assert_eq!(cmd.script, None);
+        assert_eq!(cmd.guest_argv(), cmd.argv);
         let c = JobConfig::parse(&format!(
             "{base}shell_start_mode=unix_behavior\nstarter_method=/opt/starter\n"
         ));
         assert_eq!(
-            build(&c, read).unwrap().argv,
+            build(&c, ScriptDelivery::Environment, read).unwrap().argv,
             ["/opt/starter", "/bin/sh", GUEST_SCRIPT_PATH, "x"]
         );
+    }
+
+    #[test]
+    fn shared_script_runs_from_its_own_path() {
+        let c = JobConfig::parse(
+            "script_file=/spool/job_scripts/3\nhandle_as_binary=0\nshell_path=/bin/bash\n\
+             shell_start_mode=posix_compliant\nnjob_args=1\njob_arg1=x\n",
+        );
+        let cmd = build(&c, ScriptDelivery::SharedPath, no_script).unwrap();
+        assert_eq!(cmd.argv, ["/bin/bash", "/spool/job_scripts/3", "x"]);
+        assert_eq!((cmd.script, cmd.stdin_script), (None, None));
     }
 
     #[test]
@@ -192,7 +251,10 @@ mod tests {
         let c = JobConfig::parse(
             "script_file=/s\nhandle_as_binary=0\nshell_path=/bin/sh\nnjob_args=1\njob_arg1=arg\n",
         );
-        let cmd = build(&c, |_| Ok(b"echo \"$0:$1\"\nexit 3\n".to_vec())).unwrap();
+        let cmd = build(&c, ScriptDelivery::Environment, |_| {
+            Ok(b"echo \"$0:$1\"\nexit 3\n".to_vec())
+        })
+        .unwrap();
         let argv = cmd.guest_argv();
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("script");
@@ -216,11 +278,17 @@ mod tests {
     fn unreadable_or_oversized_script() {
         let c = JobConfig::parse("script_file=/s\nhandle_as_binary=0\n");
         assert!(matches!(
-            build(&c, |_| Err(std::io::Error::from_raw_os_error(libc::ENOENT))),
+            build(&c, ScriptDelivery::Environment, |_| Err(
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )),
             Err(ArgvError::Script { .. })
         ));
         assert!(matches!(
-            build(&c, |_| Ok(vec![b'x'; MAX_SCRIPT_BYTES + 1])),
+            build(&c, ScriptDelivery::Environment, |_| Ok(vec![
+                b'x';
+                MAX_SCRIPT_BYTES
+                    + 1
+            ])),
             Err(ArgvError::ScriptTooLarge { .. })
         ));
     }

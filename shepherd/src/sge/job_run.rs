@@ -15,7 +15,7 @@ use super::config::{JobConfig, TaskKind};
 use super::control_method::{ControlMethod, ControlMethods, MethodRunner};
 use super::delegation;
 use super::environment::JobEnvironment;
-use super::job_argv::{self, JobCommand, SCRIPT_ENV};
+use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
 use super::limits;
 use super::notify::{Notifier, NotifyAction};
@@ -25,10 +25,13 @@ use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
 use super::state::{job_exit_state, ShepherdState};
 use super::usage::{JobEnd, UsageRecord};
+use crate::image::selection::{self, ImagePolicy};
 use crate::launch::{
-    self, JobController, JobError, JobIo, LaunchSpec, StdinSource, VmmCredentials,
+    self, ImageChoice, JobController, JobError, JobFilesystems, JobIo, LaunchError, LaunchSpec,
+    StdinSource, VmmCredentials,
 };
-use crate::settings::Settings;
+use crate::settings::{Settings, VmSettings};
+use crate::shared_dirs::{job_shares, JobPaths, SharedDir};
 
 /// How long a job may take to end after its SIGKILL before its VM is stopped.
 const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -439,7 +442,12 @@ impl JobRun {
         let settings = Settings::load().map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
         let queue = c.get("queue").unwrap_or_default();
         let vm = settings.for_queue(queue);
-        let command = job_argv::build(c, |path| p.user.read(path))
+        let delivery = if vm.share_job_dirs {
+            ScriptDelivery::SharedPath
+        } else {
+            ScriptDelivery::Environment
+        };
+        let command = job_argv::build(c, delivery, |path| p.user.read(path))
             .map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
         let rlimits =
             limits::job_rlimits(c).map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
@@ -448,8 +456,11 @@ impl JobRun {
         let slots = c.number("host_slots", 1).unwrap_or(1).clamp(1, 255) as u8;
         let mem_mib = vm.guest_memory_mib(budget);
         let vcpus = vm.vcpus.unwrap_or(slots).max(1);
+        let filesystems = self.filesystems(p, &vm)?;
 
-        let stdin = if command.script_on_stdin || p.streams.stdin == Path::new("/dev/null") {
+        let stdin: StdinSource = if let Some(script) = &command.stdin_script {
+            StdinSource::Reader(Box::new(std::io::Cursor::new(script.clone())))
+        } else if p.streams.stdin == Path::new("/dev/null") {
             StdinSource::Null
         } else {
             let f = p.user.open_input(&p.streams.stdin).map_err(|e| {
@@ -467,7 +478,13 @@ impl JobRun {
             StdinSource::Null => StdinMode::Null,
             StdinSource::Reader(_) => StdinMode::Frames,
         };
-        let spawn = self.spawn_request(p, &command, rlimits, stdin_mode);
+        let guest_cwd = if vm.share_job_dirs {
+            p.cwd.clone()
+        } else {
+            // without shares the guest does not see the host's directories
+            PathBuf::from("/tmp")
+        };
+        let spawn = self.spawn_request(p, &command, rlimits, stdin_mode, &guest_cwd);
 
         if let Some(g) = p.user.add_grp_id {
             if c.get("write_osjob_id").map(str::trim) != Some("0") {
@@ -494,12 +511,19 @@ impl JobRun {
             stderr: Box::new(clone(&p.stderr)?),
         };
         self.dir.trace(&format!(
-            "starting VM: kernel {} initramfs {} {} MiB {} vCPUs backend {:?}; argv {:?}",
+            "starting VM: kernel {} initramfs {} {} MiB {} vCPUs backend {:?}; image {:?}; \
+             shares {:?}; argv {:?}",
             vm.kernel.display(),
             vm.initramfs.display(),
             mem_mib,
             vcpus,
             vm.backend,
+            filesystems.image.as_ref().map(|i| &i.name),
+            filesystems
+                .shares
+                .iter()
+                .map(|s| s.path.display().to_string())
+                .collect::<Vec<_>>(),
             command.argv
         ));
         let spec = LaunchSpec {
@@ -517,10 +541,19 @@ impl JobRun {
                 groups: p.user.groups.clone(),
             }),
         };
-        let running = launch::launch(spec, io).map_err(|e| {
-            Failure::no_resources(format!(
+        let running = launch::launch_in(spec, &filesystems, io).map_err(|e| match &e {
+            LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. } => Failure::new(
+                ShepherdState::NoCwd,
+                format!("sge_virtualizer: can't give the job its directories: {e}"),
+            ),
+            // the job's own request (an image it may not have, or a broken image): job error
+            _ if e.is_job_error() => Failure::new(
+                ShepherdState::AppError,
+                format!("sge_virtualizer: the job's OS image is unusable: {e}"),
+            ),
+            _ => Failure::no_resources(format!(
                 "sge_virtualizer: can't start the job's VM now: {e}"
-            ))
+            )),
         })?;
         crash_state(ShepherdState::AfterJob);
         let job_pid = vmm_pid().unwrap_or_else(std::process::id);
@@ -540,12 +573,47 @@ impl JobRun {
         self.outcome(result, killed, started_wall)
     }
 
+    /// The OS image (the queue's, or the one the job asked for where allowed) and the shared
+    /// directories (the job's own, where enabled, and the configured ones).
+    fn filesystems(&self, p: &Prepared, vm: &VmSettings) -> Result<JobFilesystems, Failure> {
+        let policy = ImagePolicy {
+            queue_image: vm.image.as_deref(),
+            job_may_request: &vm.job_images,
+        };
+        let image = selection::choose(&policy, p.env.get(selection::JOB_IMAGE_VAR))
+            .map_err(|e| Failure::new(ShepherdState::AppError, format!("sge_virtualizer: {e}")))?;
+        let configured: Vec<SharedDir> = vm.shares.iter().map(SharedDir::new).collect();
+        let shares = if vm.share_job_dirs {
+            let tmpdir = p.env.get("TMPDIR").map(PathBuf::from);
+            let script = (!self.config.flag("handle_as_binary"))
+                .then(|| self.config.get("script_file").map(PathBuf::from))
+                .flatten();
+            job_shares(&JobPaths {
+                cwd: &p.cwd,
+                home: Some(&p.user.home),
+                tmpdir: tmpdir.as_deref(),
+                script: script.as_deref(),
+                configured: &configured,
+            })
+        } else {
+            configured
+        };
+        Ok(JobFilesystems {
+            image: image.map(|name| ImageChoice {
+                store: vm.image_store.clone(),
+                name,
+            }),
+            shares,
+        })
+    }
+
     fn spawn_request(
         &self,
         p: &Prepared,
         command: &JobCommand,
         rlimits: Vec<guest_agent::protocol::Rlimit>,
         stdin: StdinMode,
+        cwd: &Path,
     ) -> Spawn {
         let mut env = p.env.clone();
         if let Some(script) = &command.script {
@@ -558,8 +626,7 @@ impl JobRun {
                 .map(String::into_bytes)
                 .collect(),
             env: env.to_entries(),
-            // the guest does not see the host's file systems: the job starts in its /tmp
-            cwd: b"/tmp".to_vec(),
+            cwd: cwd.as_os_str().as_encoded_bytes().to_vec(),
             uid: p.user.uid,
             gid: p.user.gid,
             groups: p.user.groups.clone(),

@@ -25,8 +25,7 @@ enum Unit {
 fn parse_value(s: &str, unit: Unit) -> Option<Option<u64>> {
     let s = s.trim();
     // execd writes UNDEFINED for the execd_params limits nobody set
-    if s.eq_ignore_ascii_case("infinity") || s.eq_ignore_ascii_case("undefined") || s.is_empty()
-    {
+    if s.eq_ignore_ascii_case("infinity") || s.eq_ignore_ascii_case("undefined") || s.is_empty() {
         return Some(None);
     }
     if unit == Unit::Seconds && s.contains(':') {
