@@ -2,7 +2,7 @@
 //! `Run /init` appears on the console), then prints the process's resident memory split into
 //! guest RAM and VMM overhead — the number the "VMM RSS excluding guest RAM" benchmark tracks.
 //!
-//! `cargo run -p vmm --release --example boot_footprint -- <vmlinux> [initramfs] [--emulated-host]`
+//! `cargo run -p vmm --release --example boot_footprint -- <vmlinux> [initramfs] [--emulated-host] [--vcpus=N] [--print-console]`
 //! `--emulated-host` adds the workarounds a software-emulating KVM (kvm_pvm) needs (see
 //! tests/real_kernel.rs).
 
@@ -13,6 +13,12 @@ use vmm::{CpuFeature, SerialSink, Vm, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let emulated = args.iter().any(|a| a == "--emulated-host");
+    let print_console = args.iter().any(|a| a == "--print-console");
+    let vcpus: u8 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--vcpus="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
     let paths: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let Some(kernel) = paths.first() else {
         eprintln!("usage: boot_footprint <vmlinux> [initramfs] [--emulated-host]");
@@ -22,6 +28,7 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("scratch directory");
     let mut config = VmConfig::new(kernel.as_str());
     config.initrd = paths.get(1).map(|p| p.into());
+    config.vcpus = vcpus;
     config.serial = SerialSink::Memory {
         capacity: 256 * 1024,
     };
@@ -70,5 +77,11 @@ fn main() {
     );
     vm.request_stop();
     println!("VM ended: {}", vm.wait());
+    if print_console {
+        println!(
+            "{}",
+            String::from_utf8_lossy(&vm.console_output().unwrap_or_default())
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

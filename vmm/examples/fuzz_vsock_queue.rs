@@ -24,18 +24,25 @@ fn main() {
         state
     };
     let start = std::time::Instant::now();
+    let (mut activated, mut needs_reset) = (0u64, 0u64);
     for i in 0..iterations {
         let len = (next() % 4096) as usize;
         let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
         let result = std::panic::catch_unwind(|| fuzz_support::run_case(&data, &uds));
-        if result.is_err() {
-            eprintln!("iteration {i} (seed {seed}) panicked; input: {data:?}");
-            std::process::exit(1);
+        match result {
+            Ok(outcome) => {
+                activated += u64::from(outcome.activated);
+                needs_reset += u64::from(outcome.needs_reset);
+            }
+            Err(_) => {
+                eprintln!("iteration {i} (seed {seed}) panicked; input: {data:?}");
+                std::process::exit(1);
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "{iterations} cases, no panic, {:.1} s",
+        "{iterations} cases, no panic, {activated} reached DRIVER_OK, {needs_reset} ended in NEEDS_RESET, {:.1} s",
         start.elapsed().as_secs_f64()
     );
 }

@@ -155,6 +155,12 @@ impl VmHandle {
     }
 }
 
+// The shepherd shares a handle between its waiting and signal-relaying threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<VmHandle>();
+};
+
 impl Drop for VmHandle {
     fn drop(&mut self) {
         self.lifecycle.request_exit(ExitReason::HostRequest);

@@ -43,8 +43,17 @@ fn write_reg(t: &mut MmioTransport, offset: u64, value: u32) {
     t.mmio_write(MmioAddress(0), offset, &value.to_le_bytes());
 }
 
+/// What a case reached, so a fuzz run can show it gets past the set-up.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CaseOutcome {
+    /// The device reached DRIVER_OK.
+    pub activated: bool,
+    /// The device ended in DEVICE_NEEDS_RESET.
+    pub needs_reset: bool,
+}
+
 /// Runs one case. `uds` is a scratch socket path for the muxer.
-pub fn run_case(data: &[u8], uds: &std::path::Path) {
+pub fn run_case(data: &[u8], uds: &std::path::Path) -> CaseOutcome {
     let mut input = Input(data);
     let mem = Arc::new(create_guest_memory(2).unwrap());
     // Random bytes over the first 64 KiB (rings and buffers live there).
@@ -118,6 +127,7 @@ pub fn run_case(data: &[u8], uds: &std::path::Path) {
         write_reg(&mut t, 0x44, 1);
     }
     write_reg(&mut t, 0x70, 15);
+    let activated = t.is_activated();
 
     // Notifications and raw register writes from the rest of the input.
     for _ in 0..16 {
@@ -141,5 +151,9 @@ pub fn run_case(data: &[u8], uds: &std::path::Path) {
                     .unwrap();
             }
         }
+    }
+    CaseOutcome {
+        activated,
+        needs_reset: t.status() & 0x40 != 0,
     }
 }
