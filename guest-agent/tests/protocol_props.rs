@@ -76,8 +76,9 @@ fn filesystems() -> impl Strategy<Value = Filesystems> {
     (
         proptest::option::of((bytes(20), bytes(10))),
         proptest::collection::vec((any::<bool>(), bytes(20), bytes(60), any::<bool>()), 0..4),
+        proptest::option::of((bytes(60), proptest::collection::vec(bytes(30), 0..4))),
     )
-        .prop_map(|(root, mounts)| Filesystems {
+        .prop_map(|(root, mounts, account)| Filesystems {
             root: root.map(|(device, fstype)| RootImage { device, fstype }),
             mounts: mounts
                 .into_iter()
@@ -92,6 +93,7 @@ fn filesystems() -> impl Strategy<Value = Filesystems> {
                     read_only,
                 })
                 .collect(),
+            account: account.map(|(passwd, groups)| Account { passwd, groups }),
         })
 }
 
@@ -224,10 +226,12 @@ fn unknown_share_transport_is_an_error() {
             target: b"/home/u".to_vec(),
             read_only: false,
         }],
+        account: None,
     };
     let mut body = encode(&Frame::Filesystems(fs)).unwrap()[4..].to_vec();
-    // The mount's transport byte sits after its 4-byte count, at: len - (1 + 4+6 + 4+7 + 1).
-    let at = body.len() - (1 + 4 + 6 + 4 + 7 + 1);
+    // The mount's transport byte: before its tag (4+6), target (4+7), read-only flag (1) and
+    // the account flag (1) that ends the frame.
+    let at = body.len() - (1 + 4 + 6 + 4 + 7 + 1 + 1);
     assert_eq!(body[at], 0);
     body[at] = 9;
     assert!(matches!(

@@ -110,7 +110,7 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
     // instruction.
     if let Some(Frame::Filesystems(fs)) = &first {
         let entered = if config.pid1 {
-            rootfs::enter(fs.root.as_ref(), &fs.mounts)
+            rootfs::enter(fs)
         } else {
             Err(rootfs::RootfsError::NotPid1)
         };

@@ -8,7 +8,8 @@
 //! shared directories are mounted inside it, and the agent then switches root the way
 //! `switch_root` does: move the new root onto `/` and `chroot` into it (`pivot_root` cannot
 //! leave an initramfs). The agent keeps running from memory; everything after this (resolving
-//! the program, `execve`, the job's own children) sees the image.
+//! the program, `execve`, the job's own children) sees the image. Last, the job user's account
+//! is added to the root's /etc/passwd and /etc/group where the image does not know its ids.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 
-use crate::protocol::{RootImage, ShareTransport, SharedMount};
+use crate::protocol::{Account, Filesystems, RootImage, ShareTransport, SharedMount};
 
 /// Where the pieces of the new root are mounted in the initramfs.
 const IMAGE_DIR: &str = "/.sge/image";
@@ -58,6 +59,13 @@ pub enum RootfsError {
     RelativeTarget(String),
     #[error("an OS image or shared directories need the agent to run as PID 1 in a guest")]
     NotPid1,
+    #[error("malformed {file} entry for the job user: {line:?}")]
+    BadAccount { file: String, line: String },
+    #[error("adding the job user to {path}: {source}")]
+    AccountFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl RootfsError {
@@ -69,7 +77,8 @@ impl RootfsError {
                 *errno as i32
             }
             RootfsError::CreateDir { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            RootfsError::RelativeTarget(_) => libc::EINVAL,
+            RootfsError::RelativeTarget(_) | RootfsError::BadAccount { .. } => libc::EINVAL,
+            RootfsError::AccountFile { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             RootfsError::NotPid1 => libc::EPERM,
         }
     }
@@ -210,15 +219,151 @@ fn switch_root(new_root: &Path) -> Result<(), RootfsError> {
     Ok(())
 }
 
-/// Sets up the job's file systems: switches into `root` (when given) with `mounts` inside it,
-/// or mounts `mounts` in the initramfs. Must run as PID 1 in a guest, before the job starts.
-pub fn enter(root: Option<&RootImage>, mounts: &[SharedMount]) -> Result<(), RootfsError> {
-    match root {
-        None => mount_shares(Path::new("/"), mounts),
+/// Field `index` (0-based) of a colon-separated passwd/group line.
+fn field(line: &[u8], index: usize) -> Option<&[u8]> {
+    line.split(|&b| b == b':').nth(index)
+}
+
+/// Appends those of `lines` to `path` whose name (field 0) and id (field 2) are both unknown
+/// there. Each line must have `fields` fields and no newline.
+fn append_missing(path: &Path, lines: &[Vec<u8>], fields: usize) -> Result<(), RootfsError> {
+    let io = |source| RootfsError::AccountFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let existing = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(e)),
+    };
+    let known = |i: usize, value: &[u8]| {
+        existing
+            .split(|&b| b == b'\n')
+            .any(|l| field(l, i) == Some(value))
+    };
+    let mut add = Vec::new();
+    for line in lines {
+        let well_formed = !line.contains(&b'\n')
+            && line.split(|&b| b == b':').count() == fields
+            && field(line, 0).is_some_and(|n| !n.is_empty())
+            && field(line, 2).is_some_and(|id| !id.is_empty() && id.iter().all(u8::is_ascii_digit));
+        if !well_formed {
+            return Err(RootfsError::BadAccount {
+                file: path.display().to_string(),
+                line: lossy(line),
+            });
+        }
+        let (name, id) = (
+            field(line, 0).unwrap_or_default(),
+            field(line, 2).unwrap_or_default(),
+        );
+        if !known(0, name) && !known(2, id) {
+            if !existing.is_empty() && !existing.ends_with(b"\n") && add.is_empty() {
+                add.push(b'\n');
+            }
+            add.extend_from_slice(line);
+            add.push(b'\n');
+        }
+    }
+    if add.is_empty() {
+        return Ok(());
+    }
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(&add))
+        .map_err(io)
+}
+
+/// Makes the job user's name and groups resolve in the job's root.
+fn add_account(account: &Account) -> Result<(), RootfsError> {
+    append_missing(
+        Path::new("/etc/passwd"),
+        std::slice::from_ref(&account.passwd),
+        7,
+    )?;
+    append_missing(Path::new("/etc/group"), &account.groups, 4)
+}
+
+/// Sets up the job's file systems: switches into the OS image (when given) with the shares
+/// inside it, or mounts the shares in the initramfs; then adds the job user's account. Must run
+/// as PID 1 in a guest, before the job starts.
+pub fn enter(fs: &Filesystems) -> Result<(), RootfsError> {
+    match &fs.root {
+        None => mount_shares(Path::new("/"), &fs.mounts)?,
         Some(image) => {
             let new_root = assemble_root(image)?;
-            mount_shares(&new_root, mounts)?;
-            switch_root(&new_root)
+            mount_shares(&new_root, &fs.mounts)?;
+            switch_root(&new_root)?;
         }
+    }
+    match &fs.account {
+        Some(account) => add_account(account),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_job_user_is_added_once_and_known_ids_or_names_are_left_alone() {
+        let dir = tempfile_dir();
+        let passwd = dir.join("passwd");
+        std::fs::write(&passwd, "root:x:0:0:root:/root:/bin/sh").unwrap();
+        let user = b"sgetest:x:1500:1500::/home/sgetest:/bin/bash".to_vec();
+        append_missing(&passwd, std::slice::from_ref(&user), 7).unwrap();
+        append_missing(&passwd, std::slice::from_ref(&user), 7).unwrap();
+        // Same uid under another name, and same name with another uid: both already known.
+        let clash = [
+            b"other:x:1500:1500::/:/bin/sh".to_vec(),
+            b"sgetest:x:7:7::/:/bin/sh".to_vec(),
+        ];
+        append_missing(&passwd, &clash, 7).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&passwd).unwrap(),
+            "root:x:0:0:root:/root:/bin/sh\nsgetest:x:1500:1500::/home/sgetest:/bin/bash\n"
+        );
+        let group = dir.join("group");
+        append_missing(&group, &[b"sgetest:x:1500:".to_vec()], 4).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&group).unwrap(),
+            "sgetest:x:1500:\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn malformed_lines_are_refused() {
+        let dir = tempfile_dir();
+        let passwd = dir.join("passwd");
+        for bad in [
+            &b"a:x:1:1::/:/bin/sh\nroot2:x:0:0::/:/bin/sh"[..],
+            b"a:x:1:1:/bin/sh",
+            b"a:x:one:1::/:/bin/sh",
+            b":x:1:1::/:/bin/sh",
+        ] {
+            assert!(matches!(
+                append_missing(&passwd, &[bad.to_vec()], 7),
+                Err(RootfsError::BadAccount { .. })
+            ));
+        }
+        assert!(!passwd.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "rootfs-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 }

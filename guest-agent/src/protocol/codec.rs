@@ -1,8 +1,8 @@
 //! Encoding frames to bytes and decoding them back, with every length checked.
 
 use super::frame::{
-    BootTimes, Filesystems, Frame, Rlimit, RootImage, Rusage, ShareTransport, SharedMount, Spawn,
-    SpawnStage, StdinMode, Stream,
+    Account, BootTimes, Filesystems, Frame, Rlimit, RootImage, Rusage, ShareTransport, SharedMount,
+    Spawn, SpawnStage, StdinMode, Stream,
 };
 use super::MAX_FRAME_LEN;
 
@@ -95,6 +95,14 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
                 w.bytes(&m.target);
                 w.u8(u8::from(m.read_only));
             });
+            match &fs.account {
+                None => w.u8(0),
+                Some(account) => {
+                    w.u8(1);
+                    w.bytes(&account.passwd);
+                    w.list(&account.groups, |w, g| w.bytes(g));
+                }
+            }
         }
         Frame::Started { pid } => {
             w.u8(KIND_STARTED);
@@ -257,7 +265,24 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
                     read_only,
                 })
             })?;
-            Frame::Filesystems(Filesystems { root, mounts })
+            let account = match r.u8("account")? {
+                0 => None,
+                1 => Some(Account {
+                    passwd: r.bytes("passwd line")?,
+                    groups: r.list("group lines", 4, |r| r.bytes("group line"))?,
+                }),
+                v => {
+                    return Err(ProtocolError::InvalidValue {
+                        field: "account",
+                        value: v.into(),
+                    })
+                }
+            };
+            Frame::Filesystems(Filesystems {
+                root,
+                mounts,
+                account,
+            })
         }
         KIND_STARTED => Frame::Started { pid: r.i32("pid")? },
         KIND_SPAWN_FAILED => Frame::SpawnFailed {

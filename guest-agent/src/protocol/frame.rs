@@ -103,6 +103,18 @@ pub struct Filesystems {
     pub root: Option<RootImage>,
     /// Host directories to mount in the job's root, in this order (parents before children).
     pub mounts: Vec<SharedMount>,
+    /// The job user's account, added to the root's /etc/passwd and /etc/group where its uid
+    /// or gids are missing, so names resolve in an image that does not know the user.
+    pub account: Option<Account>,
+}
+
+/// A user account as the host knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Account {
+    /// One passwd(5) line without the newline: `name:x:uid:gid:gecos:home:shell`.
+    pub passwd: Vec<u8>,
+    /// group(5) lines without newlines: `name:x:gid:`, for the primary and supplementary groups.
+    pub groups: Vec<Vec<u8>>,
 }
 
 /// A read-only root file system on a guest block device. The agent puts a writable overlay

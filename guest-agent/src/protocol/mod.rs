@@ -24,8 +24,8 @@ mod stream;
 
 pub use codec::{decode_body, encode, ProtocolError};
 pub use frame::{
-    BootTimes, Filesystems, Frame, Rlimit, RootImage, Rusage, ShareTransport, SharedMount, Spawn,
-    SpawnStage, StdinMode, Stream, RLIM_INFINITY,
+    Account, BootTimes, Filesystems, Frame, Rlimit, RootImage, Rusage, ShareTransport, SharedMount,
+    Spawn, SpawnStage, StdinMode, Stream, RLIM_INFINITY,
 };
 pub use stream::{FrameReader, FrameWriter};
 
