@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use guest_agent::protocol::{
-    Filesystems, RootImage, Rusage, ShareTransport, SharedMount, Spawn, AGENT_VSOCK_PORT,
+    Account, Filesystems, RootImage, Rusage, ShareTransport, SharedMount, Spawn, AGENT_VSOCK_PORT,
 };
 
 use crate::agent_session::{converse, AgentExit};
@@ -167,6 +167,39 @@ struct AttachedFilesystems {
     shares: Vec<VmShare>,
 }
 
+/// The host's passwd and group entries of the job user, for an image that does not know it.
+/// `None` for root (every image has it) and for a uid the host has no name for.
+fn host_account(spawn: &Spawn) -> Option<Account> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    if spawn.uid == 0 {
+        return None;
+    }
+    let user = User::from_uid(Uid::from_raw(spawn.uid)).ok().flatten()?;
+    let clean = |s: &str| s.replace([':', '\n'], " ");
+    let passwd = format!(
+        "{}:x:{}:{}:{}:{}:{}",
+        clean(&user.name),
+        spawn.uid,
+        spawn.gid,
+        clean(&user.gecos.to_string_lossy()),
+        clean(&user.dir.display().to_string()),
+        clean(&user.shell.display().to_string())
+    );
+    let mut gids = vec![spawn.gid];
+    gids.extend(spawn.groups.iter().filter(|g| **g != spawn.gid));
+    let groups = gids
+        .into_iter()
+        .filter_map(|gid| {
+            let group = Group::from_gid(Gid::from_raw(gid)).ok().flatten()?;
+            Some(format!("{}:x:{gid}:", clean(&group.name)).into_bytes())
+        })
+        .collect();
+    Some(Account {
+        passwd: passwd.into_bytes(),
+        groups,
+    })
+}
+
 /// Resolves and verifies the OS image and checks the shares. Changes nothing on the host
 /// except the image store's record of a successful full check.
 fn attach_filesystems(
@@ -213,6 +246,7 @@ fn attach_filesystems(
                 read_only: s.read_only,
             })
             .collect(),
+        account: host_account(spawn),
     });
     Ok(AttachedFilesystems {
         frame,

@@ -233,7 +233,8 @@ fn a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user() {
     )
     .unwrap();
 
-    let script = "set -e; id -u; id -g; pwd; tr a-z A-Z < input.txt > output.txt; \
+    // `id -un`/`id -gn`: the image does not know the user; the agent adds the host's entries.
+    let script = "set -e; id -u; id -g; id -un; id -gn; pwd; tr a-z A-Z < input.txt > output.txt; \
                   mkdir results; echo done > results/status; \
                   if cat root-only 2>/dev/null; then echo READ-ROOT-ONLY; else echo denied; fi";
     let out = run(
@@ -252,7 +253,18 @@ fn a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user() {
         ],
     );
     assert!(out.status.success(), "{out:?}");
-    let expected = format!("{}\n{}\n{}\ndenied\n", user.uid, user.gid, cwd.display());
+    let group = nix::unistd::Group::from_gid(user.gid)
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_default();
+    let expected = format!(
+        "{}\n{}\n{}\n{group}\n{}\ndenied\n",
+        user.uid,
+        user.gid,
+        user.name,
+        cwd.display()
+    );
     assert_eq!(stdout(&out), expected, "{out:?}");
 
     let output = cwd.join("output.txt");
