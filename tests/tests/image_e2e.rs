@@ -506,3 +506,52 @@ fn the_embedded_backend_says_it_cannot_attach_images_yet() {
         "{out:?}"
     );
 }
+
+#[test]
+fn an_unreachable_mirror_is_a_clear_build_error_that_leaves_no_image() {
+    if !is_root() {
+        println!("SKIPPED: building an OS image needs root (debootstrap)");
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    // The leftovers of a killed build of the same name, with something still mounted inside
+    // (as debootstrap leaves /proc and device bind mounts): detached and removed first.
+    let stale = store.path().join(".build-nomirror-999999/root/proc");
+    std::fs::create_dir_all(&stale).unwrap();
+    let mounted = nix::mount::mount(
+        Some("tmpfs"),
+        &stale,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .is_ok();
+    if !mounted {
+        println!("NOTE: cannot mount a tmpfs here; the stale build is checked without a mount");
+    }
+    // Port 9 (discard) on the loopback: nothing listens, the connection is refused at once.
+    let out = Command::new(sge_virtualizer_bin())
+        .args(["image", "build", "--debootstrap", "bullseye", "nomirror"])
+        .args(["--mirror", "http://127.0.0.1:9/debian", "--store"])
+        .arg(store.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("building OS image \"nomirror\": debootstrap failed"),
+        "{err}"
+    );
+    assert!(err.contains("Failed getting release file"), "{err}");
+    let left: Vec<String> = std::fs::read_dir(store.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".nomirror.lock")
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(".build-nomirror-999999"),
+        "the stale mount is still there"
+    );
+}

@@ -3,6 +3,7 @@
 //! moved into the store in one rename. Building an image that already exists from the same
 //! suite, mirror and variant is a no-op.
 
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -119,6 +120,69 @@ fn debootstrap(req: &BuildRequest, root: &Path, log: &Path) -> Result<(), String
     })
 }
 
+/// Decodes the octal escapes (`\040` for a space) of a /proc/self/mountinfo path.
+fn unescape_mount_path(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Mount points at or below `dir` in `mountinfo`, deepest first.
+fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    found
+}
+
+/// Detaches whatever debootstrap left mounted below `dir` (a killed debootstrap leaves /proc,
+/// /sys and, in containers, bind mounts of host devices), so removing `dir` can never reach
+/// into them. Errors when something stays mounted.
+fn unmount_under(dir: &Path) -> Result<(), String> {
+    let read = || std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for mount in mounts_under(&read(), dir) {
+        let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
+    }
+    match mounts_under(&read(), dir).first() {
+        Some(left) => Err(format!(
+            "{} is still mounted; not removing {}",
+            left.display(),
+            dir.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Removes a staging directory, first detaching anything mounted below it.
+fn remove_staging(dir: &Path) -> Result<(), String> {
+    unmount_under(dir)?;
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("removing {}: {e}", dir.display())),
+    }
+}
+
 /// Removes what a job image does not need: downloaded packages and package lists.
 fn trim(root: &Path) {
     for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
@@ -202,14 +266,22 @@ pub fn build(
             "debootstrap needs root (it chroots and creates device nodes)".into(),
         ));
     }
-    let staging = store
-        .dir()
-        .join(format!(".build-{}-{}", req.name, std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
+    // Leftovers of builds of this name that were killed (we hold the name's lock).
+    let prefix = format!(".build-{}-", req.name);
+    if let Ok(entries) = std::fs::read_dir(store.dir()) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                remove_staging(&entry.path()).map_err(fail)?;
+            }
+        }
+    }
+    let staging = store.dir().join(format!("{prefix}{}", std::process::id()));
     std::fs::create_dir_all(&staging).map_err(ImageError::io("creating", &staging))?;
     let result = build_in(req, &staging, &final_dir);
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
+        if let Err(e) = remove_staging(&staging) {
+            tracing::warn!("{e}");
+        }
     }
     result.map(|m| (m, BuildOutcome::Built)).map_err(fail)
 }
@@ -223,7 +295,7 @@ fn build_in(req: &BuildRequest, staging: &Path, final_dir: &Path) -> Result<Mani
         .map(|v| v.trim().to_string());
     let image = staging.join(IMAGE_FILE);
     let size = make_ext4(&req.name, &root, &image, &staging.join("mkfs.log"))?;
-    std::fs::remove_dir_all(&root).map_err(|e| format!("removing {}: {e}", root.display()))?;
+    remove_staging(&root)?;
     std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| format!("{}: {e}", image.display()))?;
     std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o755))
@@ -260,6 +332,24 @@ mod tests {
         let size = estimate_size(tmp.path()).unwrap();
         assert!(size >= (3 << 20) + (32 << 20), "{size}");
         assert_eq!(size % (4 << 20), 0);
+    }
+
+    #[test]
+    fn mounts_below_a_directory_are_found_deepest_first() {
+        let mountinfo = "\
+22 1 8:1 / / rw - ext4 /dev/vda rw
+30 22 0:5 / /var/lib/img/.build-x-1/root/proc rw - proc proc rw
+31 22 0:6 / /var/lib/img/.build-x-1/root/dev rw - tmpfs nodev rw
+32 31 0:7 /null /var/lib/img/.build-x-1/root/dev/null rw - devtmpfs udev rw
+33 22 0:8 / /var/lib/img/.build-x-10/root/proc rw - proc proc rw
+34 22 0:9 / /mnt/with\\040space rw - tmpfs t rw";
+        let found = mounts_under(mountinfo, Path::new("/var/lib/img/.build-x-1"));
+        assert_eq!(found[0], Path::new("/var/lib/img/.build-x-1/root/dev/null"));
+        assert_eq!(found.len(), 3);
+        assert_eq!(
+            mounts_under(mountinfo, Path::new("/mnt/with space")),
+            [PathBuf::from("/mnt/with space")]
+        );
     }
 
     #[test]
