@@ -40,6 +40,17 @@
 //! vCPUs are kicked out of `KVM_RUN` with the real-time signal `SIGRTMIN +`
 //! [`VCPU_KICK_SIGNAL_OFFSET`]; the embedding program must not use it.
 //!
+//! # Tests
+//!
+//! `cargo test -p vmm` runs unit tests, the KVM tests with tiny guests assembled from
+//! `tests/guests/*.S` (serial, i8042 reset, boot timer, triple fault, stop, pause/resume, several
+//! vCPUs, a guest-side virtio-vsock driver against the real device and muxer, hostile chains),
+//! the seccomp checks, a proptest fuzz of the queue + vsock packet path, the backend probe, and
+//! `slow_real_kernel_smoke_*` (the project's guest kernel to `Run /init` and vsock DRIVER_OK; it
+//! prints SKIPPED when no kernel is built). `cargo run -p vmm --release --example
+//! fuzz_vsock_queue -- N` fuzzes longer; `--example boot_footprint` measures the VMM's resident
+//! memory after boot.
+//!
 //! # Module map
 //!
 //! [`layout`] (guest address map), [`memory`] (guest RAM), [`boot`] (kernel, initrd, zero page,

@@ -1,6 +1,6 @@
 //! The i8042 keyboard controller, present only so the guest can reset the machine: writing 0xfe
 //! to port 0x64 (what Linux does with `reboot=k`) ends the VM with
-//! [`ExitReason::GuestReset`](crate::ExitReason::GuestReset).
+//! [`ExitReason::GuestReset`](crate::ExitReason).
 
 use std::sync::{Arc, Mutex};
 

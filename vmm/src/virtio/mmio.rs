@@ -2,7 +2,7 @@
 //! driver programs — identification, feature negotiation, device status, queue set-up,
 //! interrupt status/acknowledge, configuration generation and space — and the step to
 //! DRIVER_OK that hands the queues to the [`VirtioDevice`]. Queue notifications arrive through
-//! ioeventfds (one per queue, data-matched on the queue index), registered by [`super::attach`].
+//! ioeventfds (one per queue, data-matched on the queue index), registered when the device is attached to the VM.
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! Virtio devices over the MMIO transport: the transport ([`mmio`]), the device interface
 //! ([`device`]), interrupts ([`interrupt`]), descriptor-chain validation ([`chain`]), the vsock
-//! device ([`vsock`]), and wiring a device into a VM ([`attach_devices`]: MMIO window, irqfd,
+//! device ([`vsock`]), and wiring a device into a VM (`attach_devices`: MMIO window, irqfd,
 //! one ioeventfd per queue, the event-loop subscriber, the `virtio_mmio.device=` cmdline entry).
 
 pub mod chain;

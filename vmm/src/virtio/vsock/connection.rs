@@ -80,7 +80,7 @@ pub struct Connection {
     peer_fwd_cnt: Wrapping<u32>,
     host_eof: bool,
     shutdown_sent: bool,
-    /// "OK <port>\n" still to be written to a host-initiated stream.
+    /// `OK <port>\n` still to be written to a host-initiated stream.
     ok_reply: Option<Vec<u8>>,
     /// When the connection is reset if it has not moved on (unanswered REQUEST, undrained
     /// close).
