@@ -153,14 +153,36 @@ impl Cell {
             host,
             guest_release,
         };
-        for q in ["nokernel.q", "badvm.q"] {
-            cell.add_queue(q);
+        for q in ["nokernel.q", "badvm.q", "settings.q"] {
+            cell.add_queue(q, &[]);
         }
+        let root = Path::new(TEST_ROOT);
+        for (name, body) in [
+            (
+                "prolog.sh",
+                "#!/bin/sh\necho \"prolog $1 on $(uname -r)\"\n",
+            ),
+            (
+                "epilog.sh",
+                "#!/bin/sh\necho \"epilog exit=$SGE_JOBEXIT_STAT\"\n",
+            ),
+        ] {
+            std::fs::write(root.join(name), body).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(
+                root.join(name),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        let prolog = format!("{TEST_ROOT}/prolog.sh $job_id");
+        let epilog = format!("{TEST_ROOT}/epilog.sh");
+        cell.add_queue("prolog.q", &[("prolog", &prolog), ("epilog", &epilog)]);
         Ok(cell)
     }
 
-    /// A one-slot copy of all.q named `name` (for the fault tests' VM settings).
-    fn add_queue(&self, name: &str) {
+    /// A one-slot copy of all.q named `name` (for the fault tests' VM settings), with some
+    /// attributes replaced.
+    fn add_queue(&self, name: &str, attributes: &[(&str, &str)]) {
         let conf = text(&run(Command::new("qconf").args(["-sq", "all.q"])));
         let conf: String = conf
             .lines()
@@ -169,6 +191,11 @@ impl Cell {
                     format!("qname {name}\n")
                 } else if l.starts_with("slots") {
                     "slots 1\n".into()
+                } else if let Some((k, v)) = attributes
+                    .iter()
+                    .find(|(k, _)| l.split_whitespace().next() == Some(k))
+                {
+                    format!("{k} {v}\n")
                 } else {
                     format!("{l}\n")
                 }
@@ -214,11 +241,18 @@ impl Cell {
         p
     }
 
-    /// Submits as the job user from `dir`; returns the job id.
+    /// Submits as the job user from `dir` (to all.q unless `args` name a queue: the other
+    /// queues are the fault tests'); returns the job id.
     fn qsub(&self, dir: &Path, args: &[&str]) -> u32 {
+        let queue: &[&str] = if args.contains(&"-q") {
+            &[]
+        } else {
+            &["-q", "all.q"]
+        };
         let out = run(Command::new("runuser")
             .args(["-u", JOB_USER, "--", "env", "-C", dir.to_str().unwrap()])
             .args(["qsub", "-terse", "-cwd"])
+            .args(queue)
             .args(args));
         assert!(out.status.success(), "qsub {args:?}: {}", text(&out));
         let s = String::from_utf8_lossy(&out.stdout);
@@ -771,5 +805,89 @@ fn execd_restart_keeps_the_job_and_reaps_it_later() {
         assert!(number(&rec[0], "ru_wallclock") >= 18.0, "{rec:?}");
         let out = std::fs::read_to_string(dir.join("out.txt")).unwrap();
         assert_eq!(out, "started\nfinished\n");
+    });
+}
+
+#[test]
+fn prolog_and_epilog_run_on_the_host_around_the_job() {
+    with_cell("prolog_and_epilog_run_on_the_host_around_the_job", |c| {
+        let dir = c.work_dir("prolog");
+        c.script(
+            &dir,
+            "job.sh",
+            "#!/bin/sh\necho \"job on $(uname -r)\"\nexit 5\n",
+        );
+        let job = c.qsub(
+            &dir,
+            &["-q", "prolog.q", "-j", "y", "-o", "out.txt", "job.sh"],
+        );
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+        assert_eq!(number(&rec[0], "exit_status"), 5.0, "{rec:?}");
+        let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap();
+        assert_eq!(
+            out,
+            format!(
+                "prolog {job} on {}\njob on {}\nepilog exit=5\n",
+                host_release.trim(),
+                c.guest_release
+            )
+        );
+    });
+}
+
+/// Puts the good settings file back, whatever happens in the test.
+struct RestoreSettings(String);
+
+impl Drop for RestoreSettings {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Path::new(TEST_ROOT).join("settings.toml"), &self.0);
+    }
+}
+
+#[test]
+fn bad_settings_file_fails_the_job_in_its_queue_only() {
+    with_cell("bad_settings_file_fails_the_job_in_its_queue_only", |c| {
+        let path = Path::new(TEST_ROOT).join("settings.toml");
+        let restore = RestoreSettings(std::fs::read_to_string(&path).unwrap());
+        std::fs::write(&path, "memory_mib = \"lots\"\n").unwrap();
+        let dir = c.work_dir("badsettings");
+        let job = c.qsub(&dir, &["-q", "settings.q", "-b", "y", "/bin/true"]);
+        let start = Instant::now();
+        while !c.queue_state("settings.q").contains('E') {
+            assert!(
+                start.elapsed() < JOB_WAIT,
+                "settings.q never went into error"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        drop(restore);
+        let error = c.active_file(job, "error").unwrap_or_default();
+        assert!(
+            error.starts_with(&format!(
+                "sge_virtualizer: bad sge_virtualizer settings {}",
+                path.display()
+            )),
+            "error file: {error:?}"
+        );
+        assert_eq!(
+            c.active_file(job, "exit_status").unwrap_or_default(),
+            "11\n"
+        );
+        assert_eq!(
+            c.queue_state("all.q"),
+            "",
+            "only the job's queue is in error"
+        );
+        // with the file repaired and the queue cleared, the re-queued job runs
+        assert!(
+            run(Command::new("qmod").args(["-c", &format!("settings.q@{}", c.host)]))
+                .status
+                .success()
+        );
+        let rec = c.wait_accounting(job, 2, JOB_WAIT);
+        assert!(field(&rec[0], "failed").starts_with("11"), "{rec:?}");
+        assert_eq!(number(&rec[1], "failed"), 0.0, "{rec:?}");
     });
 }

@@ -41,7 +41,8 @@ const KILL_REPEAT_WINDOW: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(100);
 
 /// The state `exit_status` gets if this process dies of a panic now; read by the panic hook.
-static STATE_IF_CRASHED: AtomicI32 = AtomicI32::new(ShepherdState::BeforeProlog as i32);
+/// Before the job it is 11 (queue error, job re-queued), not 7, which would stop the host.
+static STATE_IF_CRASHED: AtomicI32 = AtomicI32::new(ShepherdState::BeforeJob as i32);
 static CRASH_DIR: Mutex<Option<ActiveDir>> = Mutex::new(None);
 
 /// A failure that ends the shepherd with `state`, its message the first line of `error`.
@@ -107,23 +108,17 @@ pub fn run_as_shepherd() -> i32 {
         }
     };
     become_root();
-    if let Err(e) = dir.write_pid(std::process::id()) {
-        return finish_early(&dir, ShepherdState::BeforeProlog, &e.to_string());
-    }
-    let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
     if let Some(admin) = config
         .get("admin_user")
         .and_then(|n| nix::unistd::User::from_name(n).ok().flatten())
     {
         dir.set_admin(Some((admin.uid.as_raw(), admin.gid.as_raw())));
-        // pid was written before the owner was known
-        let _ = std::os::unix::fs::chown(
-            dir.path("pid"),
-            Some(admin.uid.as_raw()),
-            Some(admin.gid.as_raw()),
-        );
     }
     install_panic_hook(&dir);
+    if let Err(e) = dir.write_pid(std::process::id()) {
+        return finish_early(&dir, ShepherdState::BeforeProlog, &e.to_string());
+    }
+    let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
 
     let mut run = JobRun {
         config,
@@ -237,7 +232,6 @@ impl JobRun {
                 return self.state;
             }
         };
-        crash_state(ShepherdState::BeforeJob);
         let mut prolog_ran = false;
         let mut job_exit: Option<i32> = None;
         let started = (|| -> Result<(), Failure> {
