@@ -1,5 +1,5 @@
-//! The embedded VMM (`vmm` crate) booting the tiny test guest, in this process or in a child
-//! process of this binary (`bench-report embedded-vm`), which then reports its timestamps and
+//! The embedded VMM (`vmm` crate) booting the tiny test guest, in this process or in a fresh
+//! minimal process (`bench-vm`, see [`crate::vm_child`]), which then reports its timestamps and
 //! memory on stdout as one JSON line.
 
 use std::io::BufRead;
@@ -8,19 +8,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
 
-use crate::clock::{instant_to_monotonic_ns, monotonic_ns, ms_between};
+use crate::clock::{monotonic_ns, ms_between};
+use crate::vm_child::ChildReport;
+
+/// The minimal child binary (benches/src/vm_child_main.rs), next to bench-report.
+const VM_CHILD_BIN: &str = "bench-vm";
 
 /// Longest a tiny guest may take to signal (it runs a handful of instructions).
-const BOOT_PATIENCE: Duration = Duration::from_secs(10);
-
-fn config(guest: &Path, mem_mib: u32) -> vmm::VmConfig {
-    let mut c = vmm::VmConfig::new(guest);
-    c.mem_mib = mem_mib.into();
-    c.cmdline = String::new();
-    c
-}
+pub const BOOT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Phases of one in-process boot, in ms since `Vm::start` was called.
 pub struct InProcessBoot {
@@ -39,7 +35,7 @@ pub struct InProcessBoot {
 /// One in-process boot of the exiting guest.
 pub fn boot_in_process(guest: &Path, mem_mib: u32) -> anyhow::Result<InProcessBoot> {
     let start = Instant::now();
-    let vm = vmm::Vm::start(config(guest, mem_mib)).context("vmm::Vm::start")?;
+    let vm = vmm::Vm::start(crate::vm_child::config(guest, mem_mib)).context("vmm::Vm::start")?;
     let Some(reason) = vm.wait_timeout(BOOT_PATIENCE) else {
         bail!("the guest did not end within {BOOT_PATIENCE:?}");
     };
@@ -67,54 +63,6 @@ pub fn boot_in_process(guest: &Path, mem_mib: u32) -> anyhow::Result<InProcessBo
     })
 }
 
-/// What the child process reports: monotonic timestamps (ns) and, when held, its memory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ChildReport {
-    pub main_ns: u64,
-    pub first_vcpu_run_ns: u64,
-    pub boot_timer_ns: u64,
-    pub process_rss_bytes: Option<u64>,
-    pub guest_ram_resident_bytes: Option<u64>,
-    pub guest_ram_bytes: Option<u64>,
-}
-
-/// The child side (`bench-report embedded-vm`): boots `guest`; with `hold`, waits for the
-/// boot timer, lets the process settle, reads its memory, then stops the VM; prints the report.
-pub fn child_main(guest: &Path, mem_mib: u32, hold: bool) -> anyhow::Result<()> {
-    let main_ns = monotonic_ns();
-    let vm = vmm::Vm::start(config(guest, mem_mib)).context("vmm::Vm::start")?;
-    let deadline = Instant::now() + BOOT_PATIENCE;
-    let mut memory = None;
-    if hold {
-        while vm.timestamps().boot_timer().is_none() {
-            if Instant::now() > deadline || vm.exit_reason().is_some() {
-                bail!("the guest did not write the boot timer");
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        std::thread::sleep(crate::memory_overhead::SETTLE);
-        memory = Some(vm.memory_usage().context("reading memory usage")?);
-        vm.request_stop();
-        vm.wait();
-    } else if vm.wait_timeout(BOOT_PATIENCE).is_none() {
-        bail!("the guest did not end within {BOOT_PATIENCE:?}");
-    }
-    let ts = vm.timestamps();
-    let (Some(run), Some(timer)) = (ts.first_vcpu_run(), ts.boot_timer()) else {
-        bail!("the guest did not write the boot timer");
-    };
-    let report = ChildReport {
-        main_ns,
-        first_vcpu_run_ns: instant_to_monotonic_ns(run),
-        boot_timer_ns: instant_to_monotonic_ns(timer),
-        process_rss_bytes: memory.map(|m| m.process_rss_bytes),
-        guest_ram_resident_bytes: memory.map(|m| m.guest_ram_resident_bytes),
-        guest_ram_bytes: memory.map(|m| m.guest_ram_bytes),
-    };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
-}
-
 /// Runs the child and returns (start of spawn in monotonic ns, its report, process gone ns).
 pub fn run_child(
     guest: &Path,
@@ -122,9 +70,8 @@ pub fn run_child(
     hold: bool,
 ) -> anyhow::Result<(u64, ChildReport, u64)> {
     let exe: PathBuf = std::env::current_exe().context("locating bench-report")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("embedded-vm")
-        .arg("--guest")
+    let mut cmd = Command::new(exe.with_file_name(VM_CHILD_BIN));
+    cmd.arg("--guest")
         .arg(guest)
         .args(["--mem", &mem_mib.to_string()]);
     if hold {
@@ -136,7 +83,7 @@ pub fn run_child(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting bench-report embedded-vm")?;
+        .with_context(|| format!("starting {VM_CHILD_BIN} (built with bench-report)"))?;
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         std::io::BufReader::new(out).read_line(&mut line)?;
@@ -145,7 +92,7 @@ pub fn run_child(
     let gone = monotonic_ns();
     if !output.status.success() {
         bail!(
-            "embedded-vm child failed ({}): {}",
+            "bench-vm failed ({}): {}",
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );

@@ -9,6 +9,7 @@ mod chart;
 mod clock;
 mod context;
 mod embedded_vm;
+mod findings;
 mod grid_engine;
 mod interleave;
 mod job_latency;
@@ -23,7 +24,11 @@ mod results;
 mod shepherd_run;
 mod signal_latency;
 mod stats;
+mod syscall_profile;
 mod tiny_guest;
+// child_main runs in bench-vm (vm_child_main.rs); bench-report uses the report type and config.
+#[allow(dead_code)]
+mod vm_child;
 
 use std::path::PathBuf;
 
@@ -70,6 +75,8 @@ enum Cmd {
     Signal,
     /// 5: Grid Engine qsub -sync y wall time, stock shepherd vs sge_virtualizer.
     Gridengine,
+    /// Where the embedded VMM's time goes: system calls of a tiny-guest boot under strace.
+    Profile,
     /// Every benchmark (1-5), then the report. A benchmark that cannot run here is reported
     /// with the reason.
     All,
@@ -95,16 +102,6 @@ enum Cmd {
         #[arg(long)]
         halt: bool,
     },
-    /// (internal) Boot the tiny guest with the embedded VMM and report on stdout.
-    #[command(hide = true)]
-    EmbeddedVm {
-        #[arg(long)]
-        guest: PathBuf,
-        #[arg(long, default_value_t = 128)]
-        mem: u32,
-        #[arg(long)]
-        hold: bool,
-    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,9 +109,6 @@ fn main() -> anyhow::Result<()> {
         return grid_engine::dispatch();
     }
     let cli = Cli::parse();
-    if let Cmd::EmbeddedVm { guest, mem, hold } = &cli.command {
-        return embedded_vm::child_main(guest, *mem, *hold);
-    }
     if let Cmd::TinyGuest { out, halt } = &cli.command {
         let after = if *halt {
             tiny_guest::AfterSignal::Halt
@@ -159,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Relay => Some(relay::run(&ctx)?),
         Cmd::Signal => Some(signal_latency::run(&ctx)?),
         Cmd::Gridengine => Some(grid_engine::run(&ctx)?),
+        Cmd::Profile => Some(syscall_profile::run(&ctx)?),
         Cmd::Compare {
             name,
             title,
@@ -172,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             },
         )?),
         Cmd::All => None,
-        Cmd::Report | Cmd::EmbeddedVm { .. } | Cmd::TinyGuest { .. } => {
+        Cmd::Report | Cmd::TinyGuest { .. } => {
             unreachable!("handled above")
         }
     };
@@ -183,7 +178,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     type Bench = fn(&BenchContext) -> anyhow::Result<BenchResult>;
-    let all: [(&str, &str, Bench); 6] = [
+    let all: [(&str, &str, Bench); 7] = [
         (
             "boot",
             "VMM start to first guest instruction",
@@ -194,6 +189,7 @@ fn main() -> anyhow::Result<()> {
         ("relay", "Output relay throughput", relay::run),
         ("signal", "Signal round trip", signal_latency::run),
         ("gridengine", "Grid Engine qsub -sync y", grid_engine::run),
+        ("profile", "Embedded VMM system calls", syscall_profile::run),
     ];
     for (id, title, bench) in all {
         let before = results::load_average();

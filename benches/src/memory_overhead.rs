@@ -3,7 +3,6 @@
 //! backend (shepherd + QEMU + vhost-device-vsock) with the real Linux guest running a job.
 
 use std::io::BufRead;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -16,12 +15,24 @@ use crate::results::{utc_now, BenchResult};
 use crate::shepherd_run;
 use crate::tiny_guest::{self, AfterSignal};
 
-/// Time between the guest's signal and the memory reading, so start-up transients settle.
-pub const SETTLE: Duration = Duration::from_millis(100);
+use crate::vm_child::SETTLE;
 const MEM_MIB: u32 = 128;
 /// QEMU's guest RAM mapping (memory-backend-memfd with id `mem`).
 const QEMU_GUEST_MARKER: &str = "memfd:mem";
 const MIB: f64 = 1024.0 * 1024.0;
+/// The embedded child's resident memory by kind (crate::proc_memory::rss_by_kind) as metrics.
+const KIND_METRICS: [(&str, &str); 7] = [
+    ("executable", "rss_executable"),
+    ("shared libraries", "rss_shared_libraries"),
+    ("heap", "rss_heap"),
+    ("main stack", "rss_main_stack"),
+    ("KVM vCPU mappings", "rss_kvm_vcpu_mappings"),
+    (
+        "anonymous (incl. guest RAM, thread stacks)",
+        "rss_anonymous_without_guest_ram",
+    ),
+    ("other", "rss_other"),
+];
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB
@@ -92,10 +103,22 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
             let (Some(rss), Some(guest)) = (r.process_rss_bytes, r.guest_ram_resident_bytes) else {
                 bail!("the child reported no memory usage");
             };
-            Ok(vec![
+            let mut sample = vec![
                 ("overhead", mib(rss.saturating_sub(guest))),
                 ("guest_ram_resident", mib(guest)),
-            ])
+            ];
+            for (kind, bytes) in &r.rss_by_kind {
+                if let Some((_, metric)) = KIND_METRICS.iter().find(|(k, _)| k == kind) {
+                    // Guest RAM is anonymous memory; count only the rest.
+                    let b = if kind.starts_with("anonymous") {
+                        bytes.saturating_sub(guest)
+                    } else {
+                        *bytes
+                    };
+                    sample.push((metric, mib(b)));
+                }
+            }
+            Ok(sample)
         }),
         Variant::new("QEMU microvm, KVM (tiny guest)", "MiB", || {
             let s = qemu_tiny(g, Accel::Kvm)?;
@@ -131,9 +154,11 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
              resident on the host, {} ms after the guest signalled; guest RAM {MEM_MIB} MiB, 1 vCPU.",
             SETTLE.as_millis()
         ),
-        "Embedded: a fresh `bench-report embedded-vm --hold` process (the VMM plus this \
-         harness's own code and allocator) reads vmm::VmHandle::memory_usage (VmRSS minus \
-         mincore of the guest mapping). QEMU: guest RAM = Rss of the memfd:mem mapping."
+        "Embedded: a fresh `bench-vm --hold` process (benches/src/vm_child_main.rs: the vmm \
+         crate, serde_json and the Rust runtime, nothing else) reads \
+         vmm::VmHandle::memory_usage (VmRSS minus mincore of the guest mapping) and its own \
+         /proc/self/smaps, split by kind (rss_*). QEMU: guest RAM = Rss of the memfd:mem \
+         mapping."
             .into(),
         "Rss counts shared library pages in full (as Firecracker's memory test does); a Linux \
          guest would touch more guest RAM but that is excluded by definition."

@@ -39,6 +39,52 @@ pub fn parse_smaps(text: &str, guest_marker: &str) -> ResidentSplit {
     split
 }
 
+/// Resident bytes by kind of mapping: the executable `exe`, shared libraries, heap, stacks,
+/// KVM's per-vCPU run pages, other anonymous memory (which includes guest RAM), other.
+pub fn rss_by_kind(text: &str, exe: &str) -> Vec<(String, u64)> {
+    const KINDS: [&str; 7] = [
+        "executable",
+        "shared libraries",
+        "heap",
+        "main stack",
+        "KVM vCPU mappings",
+        "anonymous (incl. guest RAM, thread stacks)",
+        "other",
+    ];
+    let mut sums = [0u64; KINDS.len()];
+    let mut kind = 6;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            let path = line.split_whitespace().nth(5).unwrap_or("");
+            kind = if path.is_empty() {
+                5
+            } else if path == exe {
+                0
+            } else if path.contains(".so") {
+                1
+            } else if path == "[heap]" {
+                2
+            } else if path == "[stack]" {
+                3
+            } else if path.starts_with("anon_inode:kvm") {
+                4
+            } else {
+                6
+            };
+        } else if first == "Rss:" {
+            let kb: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            sums[kind] += kb * 1024;
+        }
+    }
+    KINDS
+        .iter()
+        .zip(sums)
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
 /// Reads `/proc/<pid>/smaps`.
 pub fn resident_split(pid: u32, guest_marker: &str) -> anyhow::Result<ResidentSplit> {
     let path = format!("/proc/{pid}/smaps");

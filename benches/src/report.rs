@@ -13,7 +13,15 @@ use crate::results::{utc_now, BenchResult};
 use crate::stats::Summary;
 
 /// The benchmarks in report order.
-pub const IDS: [&str; 6] = ["boot", "job", "memory", "relay", "signal", "gridengine"];
+pub const IDS: [&str; 7] = [
+    "boot",
+    "job",
+    "memory",
+    "relay",
+    "signal",
+    "gridengine",
+    "profile",
+];
 const CHART_FILE: &str = "phases.png";
 
 fn fmt(v: f64) -> String {
@@ -365,6 +373,14 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
          reaches init in about 6 ms of kernel time; fork+exec of a host process is the floor \
          (about 1 ms).\n\n",
     );
+    let found = crate::findings::findings(&results);
+    if !found.is_empty() {
+        out.push_str("## Where the time goes\n\nComputed from the tables below:\n\n");
+        for f in found {
+            let _ = writeln!(out, "* {f}");
+        }
+        out.push('\n');
+    }
     let numbering = [
         ("boot", "1. "),
         ("job", "2. "),
@@ -372,6 +388,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         ("relay", "4a. "),
         ("signal", "4b. "),
         ("gridengine", "5. "),
+        ("profile", "6. "),
     ];
     for r in &results {
         let number = numbering
