@@ -105,7 +105,16 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
     })?;
 
     let mut reader = FrameReader::new(&conn);
-    let mut first = reader.read_frame()?;
+    // A frame the agent cannot read is reported to the host before the agent gives up, so the
+    // host can say why rather than only that the connection closed.
+    let mut next_frame = || {
+        reader.read_frame().inspect_err(|e| {
+            let _ = writer.send(&Frame::Error {
+                message: format!("guest agent: {e}"),
+            });
+        })
+    };
+    let mut first = next_frame()?;
     // The OS image and shared directories come first: the job must see them from its first
     // instruction.
     if let Some(Frame::Filesystems(fs)) = &first {
@@ -122,7 +131,7 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
             })?;
             return Ok(Outcome::SpawnFailed);
         }
-        first = reader.read_frame()?;
+        first = next_frame()?;
     }
     let spawn = match first {
         Some(Frame::Spawn(s)) => s,

@@ -31,7 +31,8 @@ pub use stream::{FrameReader, FrameWriter};
 
 /// Version spoken by this build; carried in [`Frame::Hello`]. The host refuses other versions.
 /// 2: the host may send [`Frame::Filesystems`] (OS image, shared directories) before Spawn.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: [`Frame::Filesystems`] carries the job user's account.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest frame body accepted (kind byte plus payload).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
