@@ -513,6 +513,7 @@ fn an_unreachable_mirror_is_a_clear_build_error_that_leaves_no_image() {
         println!("SKIPPED: building an OS image needs root (debootstrap)");
         return;
     }
+    let bin = sge_virtualizer_bin();
     let store = tempfile::tempdir().unwrap();
     // The leftovers of a killed build of the same name, with something still mounted inside
     // (as debootstrap leaves /proc and device bind mounts): detached and removed first.
@@ -530,7 +531,7 @@ fn an_unreachable_mirror_is_a_clear_build_error_that_leaves_no_image() {
         println!("NOTE: cannot mount a tmpfs here; the stale build is checked without a mount");
     }
     // Port 9 (discard) on the loopback: nothing listens, the connection is refused at once.
-    let out = Command::new(sge_virtualizer_bin())
+    let out = Command::new(bin)
         .args(["image", "build", "--debootstrap", "bullseye", "nomirror"])
         .args(["--mirror", "http://127.0.0.1:9/debian", "--store"])
         .arg(store.path())
@@ -551,7 +552,7 @@ fn an_unreachable_mirror_is_a_clear_build_error_that_leaves_no_image() {
     assert!(left.is_empty(), "left in the store: {left:?}");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
-        !mountinfo.contains(".build-nomirror-999999"),
+        !mountinfo.contains(&stale.display().to_string()),
         "the stale mount is still there"
     );
 }
