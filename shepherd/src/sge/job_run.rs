@@ -19,7 +19,7 @@ use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
 use super::limits;
 use super::notify::{Notifier, NotifyAction};
-use super::output_paths::JobStreams;
+use super::output_paths::{self, JobStreams, OutputKind};
 use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
@@ -331,14 +331,7 @@ impl JobRun {
                 ),
             ));
         }
-        let open = |p: &Path| {
-            user.open_output(p).map_err(|e| {
-                Failure::new(
-                    ShepherdState::OpenOutput,
-                    format!("error: can't open output file \"{}\": {e}", p.display()),
-                )
-            })
-        };
+        let open = |p: &Path| open_output(&user, p);
         let stdout = open(&streams.stdout)?;
         let stderr = match &streams.stderr {
             Some(p) => open(p)?,
@@ -382,14 +375,11 @@ impl JobRun {
         if let Some(s) = exit_stat {
             env.set("SGE_JOBEXIT_STAT", s);
         }
-        let clone = |f: &File| {
-            f.try_clone()
-                .map_err(|e| Failure::new(before, e.to_string()))
-        };
+        let (stdout, stderr) = self.procedure_output(kind, p, before)?;
         self.dir
             .trace(&format!("starting {}: {:?}", kind.key(), proc.argv));
         let mut child = proc
-            .spawn(&env, &p.cwd, clone(&p.stdout)?, clone(&p.stderr)?)
+            .spawn(&env, &p.cwd, stdout, stderr)
             .map_err(|e| Failure::new(before, e.to_string()))?;
         let timeout = Duration::from_secs(self.config.number("script_timeout", 120).unwrap_or(120));
         let start = Instant::now();
@@ -427,6 +417,38 @@ impl JobRun {
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// Where a procedure writes: pe_start/pe_stop to `pe_stdout_path`/`pe_stderr_path` (a
+    /// directory gets `<job_name>.po<job_id>`/`.pe<job_id>`), everything else to the job's files.
+    fn procedure_output(
+        &self,
+        kind: ProcedureKind,
+        p: &Prepared,
+        before: ShepherdState,
+    ) -> Result<(File, File), Failure> {
+        let fail = |e: std::io::Error| Failure::new(before, format!("{}: {e}", kind.key()));
+        let pe = matches!(kind, ProcedureKind::PeStart | ProcedureKind::PeStop);
+        let open = |key: &str, output: OutputKind| -> Option<Result<File, Failure>> {
+            let configured = self.config.get(key).filter(|v| !v.is_empty())?;
+            let path = output_paths::resolve(Path::new(configured), output, &self.config);
+            Some(open_output(&p.user, &path))
+        };
+        let stdout = match pe
+            .then(|| open("pe_stdout_path", OutputKind::PeStdout))
+            .flatten()
+        {
+            Some(f) => f?,
+            None => p.stdout.try_clone().map_err(fail)?,
+        };
+        let stderr = match pe
+            .then(|| open("pe_stderr_path", OutputKind::PeStderr))
+            .flatten()
+        {
+            Some(f) => f?,
+            None => p.stderr.try_clone().map_err(fail)?,
+        };
+        Ok((stdout, stderr))
     }
 
     /// Starts the VM and the job, relays signals until it ends.
@@ -787,6 +809,17 @@ impl JobRun {
             }
         }
     }
+}
+
+/// Opens an output file as the job user; failing is the job's error (state 26), as with the
+/// stock shepherd.
+fn open_output(user: &JobUser, path: &Path) -> Result<File, Failure> {
+    user.open_output(path).map_err(|e| {
+        Failure::new(
+            ShepherdState::OpenOutput,
+            format!("error: can't open output file \"{}\": {e}", path.display()),
+        )
+    })
 }
 
 /// The VMM process: our child that is not a procedure (none runs while the job does).
