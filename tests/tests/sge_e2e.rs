@@ -166,6 +166,14 @@ impl Cell {
                 "epilog.sh",
                 "#!/bin/sh\necho \"epilog exit=$SGE_JOBEXIT_STAT\"\n",
             ),
+            (
+                "pe_start.sh",
+                "#!/bin/sh\necho \"pe_start hosts=$(wc -l < \"$1\")\"\n",
+            ),
+            (
+                "pe_stop.sh",
+                "#!/bin/sh\necho \"pe_stop exit=$SGE_JOBEXIT_STAT\"\n",
+            ),
         ] {
             std::fs::write(root.join(name), body).map_err(|e| e.to_string())?;
             std::fs::set_permissions(
@@ -176,7 +184,38 @@ impl Cell {
         }
         let prolog = format!("{TEST_ROOT}/prolog.sh $job_id");
         let epilog = format!("{TEST_ROOT}/epilog.sh");
-        cell.add_queue("prolog.q", &[("prolog", &prolog), ("epilog", &epilog)]);
+        let pe = root.join("vmpe");
+        std::fs::write(
+            &pe,
+            format!(
+                "pe_name vmpe\nslots 4\nuser_lists NONE\nxuser_lists NONE\n\
+                 start_proc_args {TEST_ROOT}/pe_start.sh $pe_hostfile\n\
+                 stop_proc_args {TEST_ROOT}/pe_stop.sh\nallocation_rule $pe_slots\n\
+                 control_slaves FALSE\njob_is_first_task TRUE\nurgency_slots min\n\
+                 accounting_summary FALSE\nqsort_args NONE\n"
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let verb = if run(Command::new("qconf").args(["-sp", "vmpe"]))
+            .status
+            .success()
+        {
+            "-Mp"
+        } else {
+            "-Ap"
+        };
+        let out = run(Command::new("qconf").arg(verb).arg(&pe));
+        if !out.status.success() {
+            return Err(format!("qconf {verb} vmpe: {}", text(&out)));
+        }
+        cell.add_queue(
+            "prolog.q",
+            &[
+                ("prolog", &prolog),
+                ("epilog", &epilog),
+                ("pe_list", "vmpe"),
+            ],
+        );
         Ok(cell)
     }
 
@@ -837,6 +876,37 @@ fn prolog_and_epilog_run_on_the_host_around_the_job() {
     });
 }
 
+#[test]
+fn pe_start_and_pe_stop_run_on_the_host() {
+    with_cell("pe_start_and_pe_stop_run_on_the_host", |c| {
+        let dir = c.work_dir("pe");
+        c.script(&dir, "pejob.sh", "#!/bin/sh\necho \"job NSLOTS=$NSLOTS\"\n");
+        let job = c.qsub(&dir, &["-q", "prolog.q", "-pe", "vmpe", "1", "pejob.sh"]);
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+        let read = |name: String| std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+        assert_eq!(
+            read(format!("pejob.sh.po{job}")),
+            "pe_start hosts=1\npe_stop exit=0\n"
+        );
+        assert_eq!(read(format!("pejob.sh.pe{job}")), "");
+        assert_eq!(
+            read(format!("pejob.sh.o{job}")),
+            format!(
+                "prolog {job} on {}\njob NSLOTS=1\nepilog exit=0\n",
+                host_release()
+            )
+        );
+    });
+}
+
+fn host_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 /// Puts the good settings file back, whatever happens in the test.
 struct RestoreSettings(String);
 
@@ -889,5 +959,25 @@ fn bad_settings_file_fails_the_job_in_its_queue_only() {
         let rec = c.wait_accounting(job, 2, JOB_WAIT);
         assert!(field(&rec[0], "failed").starts_with("11"), "{rec:?}");
         assert_eq!(number(&rec[1], "failed"), 0.0, "{rec:?}");
+    });
+}
+
+#[test]
+fn interactive_qrsh_is_delegated_to_the_stock_shepherd() {
+    with_cell("interactive_qrsh_is_delegated_to_the_stock_shepherd", |c| {
+        let dir = c.work_dir("qrsh");
+        let out = run(Command::new("runuser")
+            .args(["-u", JOB_USER, "--", "env", "-C", dir.to_str().unwrap()])
+            .args(["qrsh", "-q", "all.q", "uname -r; exit 4"]));
+        // the stock shepherd ran it on the host, not in a VM
+        let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            host_release,
+            "{}",
+            text(&out)
+        );
+        assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+        assert_eq!(c.queue_state("all.q"), "");
     });
 }
