@@ -5,7 +5,8 @@
 //! benchmark `shepherd_cmd` points at a copy of this binary (the dispatcher): started by execd
 //! as `sge_shepherd-<job>`, it reads a mode file and execs either the stock shepherd or
 //! sge_virtualizer with the same argv[0] and arguments. Both variants pay the same extra exec.
-//! The previous `shepherd_cmd` is restored afterwards.
+//! Jobs not submitted by the benchmark (another user of the shared cell) go to the previous
+//! `shepherd_cmd`, which is restored afterwards.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -24,6 +25,13 @@ use crate::results::{utc_now, BenchResult};
 const BENCH_DIR: &str = "/var/tmp/sge-bench";
 const DISPATCHER: &str = "sge_shepherd_dispatch";
 const MODE_FILE: &str = "mode";
+/// Holds the `shepherd_cmd` in force before the benchmark, for other jobs.
+const PREVIOUS_FILE: &str = "previous";
+/// The benchmark's job name; only these jobs follow the mode file.
+const JOB_NAME: &str = "bench_true";
+/// One line per dispatched benchmark job: `<job id> <mode>`, to check each run went where
+/// it should (another user of the cell may change shepherd_cmd meanwhile).
+const DISPATCH_LOG: &str = "dispatch.log";
 const STOCK_SHEPHERD: &str = "/usr/sbin/sge_shepherd";
 /// The job user of the cell (scripts/sge-cell.sh).
 const JOB_USER: &str = "sgetest";
@@ -42,9 +50,33 @@ pub fn dispatch() -> anyhow::Result<()> {
     let mut args = std::env::args_os();
     let argv0 = args.next().unwrap_or_default();
     let dir = Path::new(BENCH_DIR);
-    let mode = std::fs::read_to_string(dir.join(MODE_FILE)).unwrap_or_default();
+    // execd starts the shepherd in the job's active_jobs directory, whose `config` names it.
+    let config = std::fs::read_to_string("config").unwrap_or_default();
+    let ours = config.lines().any(|l| l == format!("job_name={JOB_NAME}"));
+    let mode = if ours {
+        let mode = std::fs::read_to_string(dir.join(MODE_FILE)).unwrap_or_default();
+        let job_id = config
+            .lines()
+            .find_map(|l| l.strip_prefix("job_id="))
+            .unwrap_or("?");
+        let line = format!("{job_id} {}\n", mode.trim());
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(DISPATCH_LOG))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+        mode
+    } else {
+        let previous = std::fs::read_to_string(dir.join(PREVIOUS_FILE)).unwrap_or_default();
+        match previous.trim() {
+            "" | "none" | "NONE" => "stock".to_string(),
+            other => format!("exec {other}"),
+        }
+    };
     let mut cmd = if mode.trim() == "stock" {
         Command::new(STOCK_SHEPHERD)
+    } else if let Some(other) = mode.strip_prefix("exec ") {
+        Command::new(other)
     } else {
         let mut c = Command::new(dir.join("sge_virtualizer"));
         c.env("SGE_VIRTUALIZER_CONFIG", dir.join("settings.toml"));
@@ -150,12 +182,27 @@ fn qsub_true(mode: &str) -> anyhow::Result<Sample> {
         .output()
         .context("running qsub")?;
     let ms = ms_between(start, monotonic_ns());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // "Your job 45 ("bench_true") has been submitted"
+    let job_id = stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .unwrap_or("?")
+        .to_string();
     if !out.status.success() {
         bail!(
             "qsub -sync y failed ({}): {} {}",
             out.status,
             String::from_utf8_lossy(&out.stdout).trim(),
             String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let log = std::fs::read_to_string(Path::new(BENCH_DIR).join(DISPATCH_LOG)).unwrap_or_default();
+    if !log.lines().any(|l| l == format!("{job_id} {mode}")) {
+        bail!(
+            "job {job_id} did not pass the dispatcher in mode {mode} (shepherd_cmd changed by \
+             another user of the cell?)"
         );
     }
     Ok(vec![("wall", ms)])
@@ -186,6 +233,8 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     check_cell()?;
     let dispatcher = install(ctx)?;
     let previous = current_shepherd_cmd()?;
+    std::fs::write(Path::new(BENCH_DIR).join(PREVIOUS_FILE), &previous)?;
+    std::fs::write(Path::new(BENCH_DIR).join(DISPATCH_LOG), "")?;
     set_shepherd_cmd(&dispatcher.to_string_lossy())?;
     // execd picks the configuration change up with its next load report.
     std::thread::sleep(std::time::Duration::from_secs(3));
@@ -201,7 +250,14 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     );
     let (series, outcomes) = run_interleaved(&mut variants, ctx.warmup, ctx.runs);
     drop(variants);
-    let restored = set_shepherd_cmd(&previous);
+    // Put the previous value back unless someone else changed it meanwhile.
+    let restored = match current_shepherd_cmd() {
+        Ok(now) if now == dispatcher.to_string_lossy() => set_shepherd_cmd(&previous),
+        Ok(now) => Err(anyhow::anyhow!(
+            "shepherd_cmd was changed to `{now}` by someone else during the run; left as is"
+        )),
+        Err(e) => Err(e),
+    };
     let mut notes = vec![
         format!(
             "`runuser -u {JOB_USER} -- qsub -sync y -b y -o /dev/null -e /dev/null /bin/true`, \
@@ -213,8 +269,8 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         format!(
             "shepherd_cmd = {BENCH_DIR}/{DISPATCHER} (a copy of bench-report) for both variants; \
              it execs {STOCK_SHEPHERD} or a copy of sge_virtualizer (settings: \
-             {BENCH_DIR}/settings.toml) with argv[0] kept. shepherd_cmd was `{previous}` before \
-             and is restored after the run."
+             {BENCH_DIR}/settings.toml) with argv[0] kept; jobs not named {JOB_NAME} go to \
+             the previous shepherd_cmd, `{previous}`, which is restored after the run."
         ),
     ];
     if let Err(e) = restored {
