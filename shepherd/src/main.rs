@@ -5,6 +5,7 @@
 
 mod image_command;
 mod run_command;
+mod vm_command;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,8 @@ enum Command {
     Run(run_command::RunArgs),
     /// Build, list, verify and remove the OS images jobs run in.
     Image(image_command::ImageArgs),
+    /// Boot a VM directly in the embedded VMM (debugging, benchmarks).
+    Vm(vm_command::VmArgs),
 }
 
 /// True when execd started us as its shepherd: `shepherd_cmd` is exec'd with argv[0]
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_command::run(args),
         Command::Image(args) => image_command::run(args),
+        Command::Vm(args) => vm_command::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
