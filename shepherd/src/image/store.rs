@@ -144,7 +144,8 @@ impl ImageStore {
         let manifest = self.manifest(name)?;
         let dir = self.image_dir(name)?;
         std::fs::remove_dir_all(&dir).map_err(ImageError::io("removing", &dir))?;
-        let _ = std::fs::remove_file(self.dir.join(format!(".{name}.lock")));
+        // The lock file stays: unlinking it while someone waits on it would let a later
+        // builder lock a new file and run beside that waiter.
         Ok(manifest)
     }
 }
