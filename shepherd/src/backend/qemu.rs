@@ -25,13 +25,17 @@ pub struct QemuBackend {
     accel: String,
 }
 
-/// Looks for `name` in `$override_var`, then `PATH`, then `extra` directories.
+/// Looks for `name` in `$override_var`, then `/usr/local/bin` (where set-up installs), then
+/// `PATH`, then `extra` directories. `/usr/local/bin` comes before `PATH` because the program
+/// may run as the job user, who cannot execute from root's `~/.cargo/bin` that root's `PATH`
+/// often lists.
 pub fn find_program(name: &str, override_var: &str, extra: &[PathBuf]) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(override_var) {
         return Some(PathBuf::from(p));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    std::iter::once(PathBuf::from("/usr/local/bin"))
+        .chain(std::env::split_paths(&path))
         .chain(extra.iter().cloned())
         .map(|d| d.join(name))
         .find(|p| p.is_file())
@@ -42,7 +46,7 @@ impl QemuBackend {
     /// `SGE_VIRTUALIZER_QEMU` / `SGE_VIRTUALIZER_VHOST_VSOCK`; `SGE_VIRTUALIZER_QEMU_ACCEL`
     /// picks the accelerator, default `tcg`).
     pub fn locate() -> Result<Self, BackendError> {
-        let mut extra = vec![PathBuf::from("/usr/local/bin")];
+        let mut extra = Vec::new();
         if let Some(home) = std::env::var_os("HOME") {
             extra.push(PathBuf::from(home).join(".cargo/bin"));
         }
