@@ -981,3 +981,72 @@ fn interactive_qrsh_is_delegated_to_the_stock_shepherd() {
         assert_eq!(c.queue_state("all.q"), "");
     });
 }
+
+#[test]
+fn h_vmem_limits_the_job_in_the_guest_and_sizes_the_vm_below_it() {
+    with_cell(
+        "h_vmem_limits_the_job_in_the_guest_and_sizes_the_vm_below_it",
+        |c| {
+            let dir = c.work_dir("h_vmem");
+            c.script(
+                &dir,
+                "limits.sh",
+                "#!/bin/sh\necho \"vmem=$(ulimit -v) cpu=$(ulimit -t)\"\n",
+            );
+            let job = c.qsub(
+                &dir,
+                &[
+                    "-l",
+                    "h_vmem=400M,h_cpu=0:1:40",
+                    "-o",
+                    "out.txt",
+                    "limits.sh",
+                ],
+            );
+            let rec = c.wait_accounting(job, 1, JOB_WAIT);
+            assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+            assert_eq!(
+                std::fs::read_to_string(dir.join("out.txt")).unwrap(),
+                "vmem=409600 cpu=100\n"
+            );
+            // 400 MiB minus the VMM's allowance, so that execd's PDC does not kill the VMM
+            let trace = c.active_file(job, "trace").unwrap_or_default();
+            assert!(trace.contains(" 208 MiB "), "trace: {trace}");
+            let maxvmem = field(&rec[0], "maxvmem");
+            assert!(maxvmem.ends_with("MB"), "maxvmem {maxvmem}");
+            assert!(number(&rec[0], "maxvmem") < 400.0, "maxvmem {maxvmem}");
+        },
+    );
+}
+
+#[test]
+fn unwritable_output_file_puts_only_the_job_in_error_state() {
+    with_cell(
+        "unwritable_output_file_puts_only_the_job_in_error_state",
+        |c| {
+            let dir = c.work_dir("badoutput");
+            // root's home is not writable for the job user
+            let job = c.qsub(&dir, &["-o", "/root/forbidden.txt", "-b", "y", "/bin/true"]);
+            let start = Instant::now();
+            while c.job_state(job).as_deref() != Some("Eqw") {
+                assert!(
+                    start.elapsed() < JOB_WAIT,
+                    "job {job} not in Eqw: {:?}",
+                    c.job_state(job)
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            let error = c.active_file(job, "error").unwrap_or_default();
+            assert!(
+                error.starts_with("error: can't open output file \"/root/forbidden.txt\""),
+                "error file: {error:?}"
+            );
+            assert_eq!(
+                c.active_file(job, "exit_status").unwrap_or_default(),
+                "26\n"
+            );
+            assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+            c.qdel(job);
+        },
+    );
+}
