@@ -991,7 +991,8 @@ fn h_vmem_limits_the_job_in_the_guest_and_sizes_the_vm_below_it() {
             c.script(
                 &dir,
                 "limits.sh",
-                "#!/bin/sh\necho \"vmem=$(ulimit -v) cpu=$(ulimit -t)\"\n",
+                // long enough for execd's PDC (1 s interval) to measure the VMM
+                "#!/bin/sh\necho \"vmem=$(ulimit -v) cpu=$(ulimit -t)\"\nsleep 4\n",
             );
             let job = c.qsub(
                 &dir,
@@ -1013,7 +1014,10 @@ fn h_vmem_limits_the_job_in_the_guest_and_sizes_the_vm_below_it() {
             let trace = c.active_file(job, "trace").unwrap_or_default();
             assert!(trace.contains(" 208 MiB "), "trace: {trace}");
             let maxvmem = field(&rec[0], "maxvmem");
-            assert!(maxvmem.ends_with("MB"), "maxvmem {maxvmem}");
+            assert!(
+                maxvmem.ends_with("MB"),
+                "maxvmem {maxvmem}: the PDC saw the VMM"
+            );
             assert!(number(&rec[0], "maxvmem") < 400.0, "maxvmem {maxvmem}");
         },
     );

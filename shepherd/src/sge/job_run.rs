@@ -195,11 +195,8 @@ struct Prepared {
     stdout: File,
     stderr: File,
     methods: ControlMethods,
-}
-
-/// How the job part ended: the job ran; its end and usage.
-enum JobResult {
-    Ran(UsageRecord),
+    /// The VM settings for the job's queue.
+    vm: VmSettings,
 }
 
 struct JobRun {
@@ -244,29 +241,24 @@ impl JobRun {
             {
                 return Ok(());
             }
-            match self.job(&prepared)? {
-                JobResult::Ran(usage) => {
-                    job_exit = Some(usage.end.exit_status());
-                    crash_state(ShepherdState::AfterJob);
-                    if let Err(e) = self.dir.write_usage(&usage.to_file_text()) {
-                        self.record(Failure::new(ShepherdState::AfterJob, e.to_string()));
-                    }
-                    let exit_state = job_exit_state(
-                        usage.end.exit_status(),
-                        self.config.flag("forbid_reschedule"),
-                        self.config.flag("forbid_apperror"),
-                    );
-                    if exit_state != ShepherdState::NoFailure
-                        && self.state == ShepherdState::NoFailure
-                    {
-                        self.dir.trace(&format!(
-                            "job exit {} -> state {}",
-                            usage.end.exit_status(),
-                            exit_state.code()
-                        ));
-                        self.state = exit_state;
-                    }
-                }
+            let usage = self.job(&prepared)?;
+            job_exit = Some(usage.end.exit_status());
+            crash_state(ShepherdState::AfterJob);
+            if let Err(e) = self.dir.write_usage(&usage.to_file_text()) {
+                self.record(Failure::new(ShepherdState::AfterJob, e.to_string()));
+            }
+            let exit_state = job_exit_state(
+                usage.end.exit_status(),
+                self.config.flag("forbid_reschedule"),
+                self.config.flag("forbid_apperror"),
+            );
+            if exit_state != ShepherdState::NoFailure && self.state == ShepherdState::NoFailure {
+                self.dir.trace(&format!(
+                    "job exit {} -> state {}",
+                    usage.end.exit_status(),
+                    exit_state.code()
+                ));
+                self.state = exit_state;
             }
             Ok(())
         })();
@@ -307,6 +299,10 @@ impl JobRun {
             user.gid,
             user.add_grp_id
         ));
+        // a bad settings file is this host's problem: fail before the prolog, in the queue only
+        let vm = Settings::load()
+            .map_err(|e| Failure::new(ShepherdState::BeforeJob, format!("sge_virtualizer: {e}")))?
+            .for_queue(c.get("queue").unwrap_or_default());
         let methods = ControlMethods::from_config(c).map_err(|e| {
             Failure::new(ShepherdState::BeforeProlog, format!("sge_virtualizer: {e}"))
         })?;
@@ -354,6 +350,7 @@ impl JobRun {
             stdout,
             stderr,
             methods,
+            vm,
         })
     }
 
@@ -452,18 +449,16 @@ impl JobRun {
     }
 
     /// Starts the VM and the job, relays signals until it ends.
-    fn job(&mut self, p: &Prepared) -> Result<JobResult, Failure> {
+    fn job(&mut self, p: &Prepared) -> Result<UsageRecord, Failure> {
         let c = &self.config;
         let before_job = |e: String| Failure::new(ShepherdState::BeforeJob, e);
-        let settings = Settings::load().map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
-        let queue = c.get("queue").unwrap_or_default();
-        let vm = settings.for_queue(queue);
+        let vm = &p.vm;
         let delivery = if vm.share_job_dirs {
             ScriptDelivery::SharedPath
         } else {
             ScriptDelivery::Environment
         };
-        let command = job_argv::build(c, delivery, |path| p.user.read(path))
+        let mut command = job_argv::build(c, delivery, |path| p.user.read(path))
             .map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
         let rlimits =
             limits::job_rlimits(c).map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
@@ -472,10 +467,10 @@ impl JobRun {
         let slots = c.number("host_slots", 1).unwrap_or(1).clamp(1, 255) as u8;
         let mem_mib = vm.guest_memory_mib(budget);
         let vcpus = vm.vcpus.unwrap_or(slots).max(1);
-        let filesystems = self.filesystems(p, &vm)?;
+        let filesystems = self.filesystems(p, vm)?;
 
-        let stdin: StdinSource = if let Some(script) = &command.stdin_script {
-            StdinSource::Reader(Box::new(std::io::Cursor::new(script.clone())))
+        let stdin: StdinSource = if let Some(script) = command.stdin_script.take() {
+            StdinSource::Reader(Box::new(std::io::Cursor::new(script)))
         } else if p.streams.stdin == Path::new("/dev/null") {
             StdinSource::Null
         } else {
@@ -752,7 +747,7 @@ impl JobRun {
         result: Result<launch::JobOutcome, JobError>,
         killed: bool,
         started: SystemTime,
-    ) -> Result<JobResult, Failure> {
+    ) -> Result<UsageRecord, Failure> {
         let killed_record = |start: SystemTime| UsageRecord {
             end: JobEnd::Signaled {
                 signal: libc::SIGKILL,
@@ -767,12 +762,12 @@ impl JobRun {
                 let end = JobEnd::from_wait_status(o.wait_status);
                 self.dir
                     .trace(&format!("job ended: exit status {}", end.exit_status()));
-                Ok(JobResult::Ran(UsageRecord {
+                Ok(UsageRecord {
                     end,
                     start_time: o.job_started,
                     end_time: o.job_ended,
                     rusage: o.rusage,
-                }))
+                })
             }
             Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(Failure::no_resources(
                 format!("sge_virtualizer: the job's VM did not come up: {e}"),
@@ -797,7 +792,7 @@ impl JobRun {
             }
             Err(e) if killed => {
                 self.dir.trace(&format!("job killed; its VM ended: {e}"));
-                Ok(JobResult::Ran(killed_record(started)))
+                Ok(killed_record(started))
             }
             Err(e) => {
                 // the VM or its agent died under the job: report it as killed, with the reason
@@ -805,7 +800,7 @@ impl JobRun {
                     ShepherdState::AfterJob,
                     format!("sge_virtualizer: the job's VM failed: {e}"),
                 ));
-                Ok(JobResult::Ran(killed_record(started)))
+                Ok(killed_record(started))
             }
         }
     }
