@@ -574,6 +574,14 @@ fn qdel_kills_the_job_and_its_vm() {
             !c.processes_with_group(gid).is_empty(),
             "the VMM carries add_grp_id"
         );
+        // job_pid names the VMM (QEMU here), which carries the job's add_grp_id
+        let job_pid: u32 = c
+            .active_file(job, "job_pid")
+            .and_then(|p| p.trim().parse().ok())
+            .expect("job_pid file");
+        let comm = std::fs::read_to_string(format!("/proc/{job_pid}/comm")).unwrap_or_default();
+        assert!(comm.starts_with("qemu"), "job_pid {job_pid} is {comm:?}");
+        assert!(c.processes_with_group(gid).contains(&job_pid));
         let shepherd: u32 = c
             .active_file(job, "pid")
             .and_then(|p| p.trim().parse().ok())
