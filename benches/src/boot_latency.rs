@@ -27,6 +27,22 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
                 ("vm_gone", b.vm_gone),
             ])
         }),
+        Variant::new("embedded (in-process), 16 MiB", "ms", || {
+            let b = embedded_vm::boot_in_process(g, 16)?;
+            Ok(vec![
+                ("first_vcpu_run", b.first_vcpu_run),
+                ("first_instruction", b.first_instruction),
+                ("vm_gone", b.vm_gone),
+            ])
+        }),
+        Variant::new("embedded (in-process), 1024 MiB", "ms", || {
+            let b = embedded_vm::boot_in_process(g, 1024)?;
+            Ok(vec![
+                ("first_vcpu_run", b.first_vcpu_run),
+                ("first_instruction", b.first_instruction),
+                ("vm_gone", b.vm_gone),
+            ])
+        }),
         Variant::new("embedded (fresh process)", "ms", || {
             let (run, first, gone) = embedded_vm::boot_in_child(g, MEM_MIB)?;
             Ok(vec![
@@ -67,7 +83,8 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         outcomes,
         notes: vec![
             format!(
-                "Guest: a {}-byte ELF (benches/src/tiny_guest.rs) with {MEM_MIB} MiB of RAM and \
+                "Guest: a {}-byte ELF (benches/src/tiny_guest.rs) with {MEM_MIB} MiB of RAM \
+                 (the 16/1024 MiB variants: how set-up and tear-down scale with guest RAM) and \
                  1 vCPU. It writes the boot-timer port (embedded VMM) and a byte to COM1 (QEMU), \
                  then triple-faults; QEMU enters it through its PVH note (after QEMU's qboot \
                  firmware and pvh.bin option ROM), the embedded VMM at e_entry in 64-bit mode.",

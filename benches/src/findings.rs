@@ -17,6 +17,53 @@ fn ms(v: f64) -> String {
     }
 }
 
+/// One line per build of an optimisation result: end to end and the phase that changed most.
+pub fn optimisation_summary(r: &BenchResult) -> Vec<String> {
+    let variants = r.variants();
+    let Some(base) = variants.first() else {
+        return Vec::new();
+    };
+    let phases = crate::job_latency::PHASES;
+    // The phase whose median duration differs most between the first and the last build.
+    let duration = |v: &str, i: usize| -> Option<f64> {
+        let end = median(r, v, phases[i])?;
+        let start = phases[..i]
+            .iter()
+            .rev()
+            .find_map(|p| median(r, v, p))
+            .unwrap_or(0.0);
+        Some(end - start)
+    };
+    let last = variants.last().copied().unwrap_or(base);
+    let changed = (0..phases.len())
+        .filter_map(|i| Some((i, (duration(last, i)? - duration(base, i)?).abs())))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i);
+    variants
+        .iter()
+        .filter_map(|v| {
+            let wall = median(r, v, "wall")?;
+            let mut line = format!("{v}: {} end to end", ms(wall));
+            if let Some(i) = changed {
+                if let Some(d) = duration(v, i) {
+                    let from = if i == 0 {
+                        "process start"
+                    } else {
+                        phases[i - 1]
+                    };
+                    line.push_str(&format!(", {from} → {} {}", phases[i], ms(d)));
+                }
+            }
+            if *v != *base {
+                if let Some(b) = median(r, base, "wall") {
+                    line.push_str(&format!(" ({:+.0}% vs {base})", 100.0 * (wall - b) / b));
+                }
+            }
+            Some(line)
+        })
+        .collect()
+}
+
 /// One bullet per finding.
 pub fn findings(results: &[BenchResult]) -> Vec<String> {
     let get = |id: &str| results.iter().find(|r| r.id == id);
@@ -40,6 +87,22 @@ pub fn findings(results: &[BenchResult]) -> Vec<String> {
                 ms(exit - first),
                 ms(gone - exit)
             ));
+            for size in ["16 MiB", "1024 MiB"] {
+                let variant = format!("{v}, {size}");
+                if let Some(r) = median(boot, &variant, "first_vcpu_run") {
+                    let verdict = if (r / run - 1.0).abs() <= 0.25 {
+                        "within 25%"
+                    } else {
+                        "more than 25% apart"
+                    };
+                    out.push(format!(
+                        "Guest RAM size: set-up with {size} {} against {} with 128 MiB \
+                         ({verdict}, same run).",
+                        ms(r),
+                        ms(run)
+                    ));
+                }
+            }
         }
         if let (Some(fresh), Some(inproc)) = (
             median(boot, "embedded (fresh process)", "first_instruction"),
@@ -50,6 +113,36 @@ pub fn findings(results: &[BenchResult]) -> Vec<String> {
                  {} in-process (exec, dynamic loading, the runtime's start-up).",
                 ms(fresh),
                 ms(inproc)
+            ));
+        }
+    }
+    if let Some(kvm) = get("kvm") {
+        let (k, e) = (
+            crate::kvm_primitives::KVM_ONLY,
+            crate::kvm_primitives::EMBEDDED,
+        );
+        if let (Some(ks), Some(kt), Some(region), Some(close), Some(es), Some(et)) = (
+            median(kvm, k, "set_up_total"),
+            median(kvm, k, "tear_down_total"),
+            median(kvm, k, "set_user_memory_region"),
+            median(kvm, k, "close_vm"),
+            median(kvm, e, "set_up_total"),
+            median(kvm, e, "tear_down_total"),
+        ) {
+            out.push(format!(
+                "This host's KVM alone (section 7) needs {} to set up a 1-vCPU 128 MiB VM, {} of \
+                 it in KVM_SET_USER_MEMORY_REGION, and {} to destroy it, {} of it closing the VM \
+                 fd; in the same run the embedded VMM took {} and {}: its own code adds {} and \
+                 {} (differences of medians: small or negative values mean nothing \
+                 measurable).",
+                ms(ks),
+                ms(region),
+                ms(kt),
+                ms(close),
+                ms(es),
+                ms(et),
+                ms(es - ks),
+                ms(et - kt)
             ));
         }
     }

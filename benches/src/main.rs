@@ -13,6 +13,7 @@ mod findings;
 mod grid_engine;
 mod interleave;
 mod job_latency;
+mod kvm_primitives;
 mod machine;
 mod memory_overhead;
 mod optimisation;
@@ -75,6 +76,8 @@ enum Cmd {
     Signal,
     /// 5: Grid Engine qsub -sync y wall time, stock shepherd vs sge_virtualizer.
     Gridengine,
+    /// 7: this host's KVM cost of creating and destroying a VM, step by step.
+    Kvm,
     /// Where the embedded VMM's time goes: system calls of a tiny-guest boot under strace.
     Profile,
     /// Every benchmark (1-5), then the report. A benchmark that cannot run here is reported
@@ -88,6 +91,9 @@ enum Cmd {
         /// What changed, for the report.
         #[arg(long)]
         title: String,
+        /// A note for the report (repeatable): what changed, what could not be isolated.
+        #[arg(long)]
+        note: Vec<String>,
         /// Build directories (benches/build-under-test.sh), the baseline first.
         #[arg(required = true, num_args = 2..)]
         builds: Vec<PathBuf>,
@@ -154,15 +160,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Signal => Some(signal_latency::run(&ctx)?),
         Cmd::Gridengine => Some(grid_engine::run(&ctx)?),
         Cmd::Profile => Some(syscall_profile::run(&ctx)?),
+        Cmd::Kvm => Some(kvm_primitives::run(&ctx)?),
         Cmd::Compare {
             name,
             title,
+            note,
             builds,
         } => Some(optimisation::run(
             &ctx,
             &optimisation::Comparison {
                 name: name.clone(),
                 title: title.clone(),
+                notes: note.clone(),
                 builds: builds.clone(),
             },
         )?),
@@ -178,7 +187,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     type Bench = fn(&BenchContext) -> anyhow::Result<BenchResult>;
-    let all: [(&str, &str, Bench); 7] = [
+    let all: [(&str, &str, Bench); 8] = [
         (
             "boot",
             "VMM start to first guest instruction",
@@ -190,6 +199,7 @@ fn main() -> anyhow::Result<()> {
         ("signal", "Signal round trip", signal_latency::run),
         ("gridengine", "Grid Engine qsub -sync y", grid_engine::run),
         ("profile", "Embedded VMM system calls", syscall_profile::run),
+        ("kvm", "Host KVM primitives", kvm_primitives::run),
     ];
     for (id, title, bench) in all {
         let before = results::load_average();

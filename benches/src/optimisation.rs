@@ -16,6 +16,8 @@ pub struct Comparison {
     /// Result id without the `opt-` prefix.
     pub name: String,
     pub title: String,
+    /// Notes from the command line, first in the report.
+    pub notes: Vec<String>,
     /// Build directories in order, the first being the baseline.
     pub builds: Vec<PathBuf>,
 }
@@ -62,10 +64,12 @@ pub fn run(ctx: &BenchContext, c: &Comparison) -> anyhow::Result<BenchResult> {
     let (series, outcomes) = run_interleaved(&mut variants, ctx.warmup, ctx.runs);
     drop(variants);
     let dirs: Vec<String> = c.builds.iter().map(|d| d.display().to_string()).collect();
-    let mut notes: Vec<String> = builds
-        .iter()
-        .map(|b| format!("{}: {}", short(b), b.revision))
-        .collect();
+    let mut notes = c.notes.clone();
+    notes.extend(
+        builds
+            .iter()
+            .map(|b| format!("{}: {}", short(b), b.revision)),
+    );
     notes.push(format!(
         "Job: `sge_virtualizer run --backend {backend} -n --timings -- /bin/true`, each build \
          with its own guest image (the agent is part of the image)."
