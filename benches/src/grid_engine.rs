@@ -138,29 +138,88 @@ fn set_mode(mode: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn current_shepherd_cmd() -> anyhow::Result<String> {
-    let conf = sh("qconf -sconf global")?;
-    Ok(conf
-        .lines()
-        .find_map(|l| l.strip_prefix("shepherd_cmd"))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_else(|| "none".into()))
+/// Where the shepherd_cmd in force is set: the global configuration, or a host-local one
+/// (`qconf -sconf <host>`), which overrides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConfigScope {
+    Global,
+    Host(String),
 }
 
-fn set_shepherd_cmd(value: &str) -> anyhow::Result<()> {
-    let script = workspace_root().join("scripts/sge-cell.sh");
-    let out = Command::new(&script)
-        .args(["shepherd", value])
-        .stdout(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "sge-cell.sh shepherd {value} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+impl ConfigScope {
+    /// The scope whose shepherd_cmd execd uses on this host.
+    fn effective() -> anyhow::Result<ConfigScope> {
+        let host = sh("SGE_ROOT=/var/lib/gridengine SGE_CELL=default \
+                       /usr/lib/gridengine/gethostname -aname")?
+        .trim()
+        .to_string();
+        let hosts = sh("qconf -sconfl 2>/dev/null || true")?;
+        if hosts.lines().any(|l| l.trim() == host) {
+            let conf = sh(&format!("qconf -sconf '{host}'"))?;
+            if conf.lines().any(|l| l.starts_with("shepherd_cmd")) {
+                return Ok(ConfigScope::Host(host));
+            }
+        }
+        Ok(ConfigScope::Global)
     }
-    Ok(())
+
+    fn name(&self) -> String {
+        match self {
+            ConfigScope::Global => "global configuration".into(),
+            ConfigScope::Host(h) => format!("host-local configuration of {h}"),
+        }
+    }
+
+    fn current(&self) -> anyhow::Result<String> {
+        let conf = match self {
+            ConfigScope::Global => sh("qconf -sconf global")?,
+            ConfigScope::Host(h) => sh(&format!("qconf -sconf '{h}'"))?,
+        };
+        Ok(conf
+            .lines()
+            .find_map(|l| l.strip_prefix("shepherd_cmd"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| "none".into()))
+    }
+
+    fn set(&self, value: &str) -> anyhow::Result<()> {
+        match self {
+            ConfigScope::Global => {
+                let script = workspace_root().join("scripts/sge-cell.sh");
+                let out = Command::new(&script)
+                    .args(["shepherd", value])
+                    .stdout(Stdio::null())
+                    .output()
+                    .with_context(|| format!("running {}", script.display()))?;
+                if !out.status.success() {
+                    bail!(
+                        "sge-cell.sh shepherd {value} failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+            ConfigScope::Host(h) => {
+                // qconf -Mconf takes the configuration's name from the file's name.
+                let conf = sh(&format!("qconf -sconf '{h}'"))?;
+                let body: String = conf
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(|l| {
+                        if l.starts_with("shepherd_cmd") {
+                            format!("shepherd_cmd                 {value}\n")
+                        } else {
+                            format!("{l}\n")
+                        }
+                    })
+                    .collect();
+                let dir = tempfile::tempdir()?;
+                let file = dir.path().join(h);
+                std::fs::write(&file, body)?;
+                sh(&format!("qconf -Mconf '{}' >/dev/null", file.display()))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn qsub_true(mode: &str) -> anyhow::Result<Sample> {
@@ -174,7 +233,7 @@ fn qsub_true(mode: &str) -> anyhow::Result<Sample> {
             "-e",
             "/dev/null",
             "-N",
-            "bench_true",
+            JOB_NAME,
             "/bin/true",
         ])
         .current_dir("/tmp")
@@ -232,12 +291,16 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         .context("Grid Engine clients not installed (scripts/sge-cell.sh start)")?;
     check_cell()?;
     let dispatcher = install(ctx)?;
-    let previous = current_shepherd_cmd()?;
+    let scope = ConfigScope::effective()?;
+    let previous = scope.current()?;
+    if previous == dispatcher.to_string_lossy() {
+        bail!("shepherd_cmd already is {previous} (left from an interrupted run?); reset it first");
+    }
     std::fs::write(Path::new(BENCH_DIR).join(PREVIOUS_FILE), &previous)?;
     std::fs::write(Path::new(BENCH_DIR).join(DISPATCH_LOG), "")?;
-    set_shepherd_cmd(&dispatcher.to_string_lossy())?;
+    scope.set(&dispatcher.to_string_lossy())?;
     // execd picks the configuration change up with its next load report.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    std::thread::sleep(std::time::Duration::from_secs(5));
     let mut variants = vec![
         Variant::new("stock sge_shepherd", "ms", || qsub_true("stock")),
         Variant::new("sge_virtualizer (QEMU backend, TCG)", "ms", || {
@@ -251,8 +314,8 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     let (series, outcomes) = run_interleaved(&mut variants, ctx.warmup, ctx.runs);
     drop(variants);
     // Put the previous value back unless someone else changed it meanwhile.
-    let restored = match current_shepherd_cmd() {
-        Ok(now) if now == dispatcher.to_string_lossy() => set_shepherd_cmd(&previous),
+    let restored = match scope.current() {
+        Ok(now) if now == dispatcher.to_string_lossy() => scope.set(&previous),
         Ok(now) => Err(anyhow::anyhow!(
             "shepherd_cmd was changed to `{now}` by someone else during the run; left as is"
         )),
@@ -270,7 +333,9 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
             "shepherd_cmd = {BENCH_DIR}/{DISPATCHER} (a copy of bench-report) for both variants; \
              it execs {STOCK_SHEPHERD} or a copy of sge_virtualizer (settings: \
              {BENCH_DIR}/settings.toml) with argv[0] kept; jobs not named {JOB_NAME} go to \
-             the previous shepherd_cmd, `{previous}`, which is restored after the run."
+             the previous shepherd_cmd, `{previous}`, which is restored after the run \
+             (set in the cell's {}, the one execd uses on this host).",
+            scope.name()
         ),
     ];
     if let Err(e) = restored {
