@@ -95,7 +95,7 @@ pub fn draw_phases(path: &Path, title: &str, bars: &[Bar]) -> anyhow::Result<()>
         .configure_mesh()
         .disable_y_mesh()
         .disable_y_axis()
-        .x_desc("ms since the process started (medians)")
+        .x_desc("ms since the start (medians)")
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(e)?;

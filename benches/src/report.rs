@@ -272,14 +272,22 @@ fn headlines(results: &[BenchResult], m: &MachineInfo) -> Vec<Headline> {
     rows
 }
 
-/// Bars of the phase chart from benchmark 2.
-fn phase_bars(job: &BenchResult) -> Vec<Bar> {
+/// The boot benchmark's phases (section 1), in order.
+const BOOT_PHASES: [&str; 4] = [
+    "first_vcpu_run",
+    "first_instruction",
+    "exit_seen",
+    "vm_gone",
+];
+
+/// Bars of a phase chart: per variant, the successive medians of `phases` (ms since start).
+fn phase_bars(job: &BenchResult, phases: &[&str]) -> Vec<Bar> {
     let mut bars = Vec::new();
     for v in job.variants() {
         let mut segments = Vec::new();
         let mut prev = 0.0f64;
-        let mut prev_name = "process start";
-        for p in PHASES {
+        let mut prev_name = "start";
+        for &p in phases {
             if let Some(t) = median(job, v, p) {
                 segments.push((format!("{prev_name} → {p}"), prev, t.max(prev)));
                 prev = t.max(prev);
@@ -340,9 +348,10 @@ fn phase_breakdown(
     out: &mut String,
     out_dir: &Path,
     r: &BenchResult,
+    phases: &[&str],
     chart_file: &str,
 ) -> anyhow::Result<()> {
-    let bars = phase_bars(r);
+    let bars = phase_bars(r, phases);
     if bars.is_empty() {
         return Ok(());
     }
@@ -464,7 +473,10 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
             .unwrap_or("");
         result_section(&mut out, number, r);
         if r.id == "job" {
-            phase_breakdown(&mut out, out_dir, r, CHART_FILE)?;
+            phase_breakdown(&mut out, out_dir, r, &PHASES, CHART_FILE)?;
+        }
+        if r.id == "boot" {
+            phase_breakdown(&mut out, out_dir, r, &BOOT_PHASES, "boot.png")?;
         }
     }
     let missing: Vec<&str> = IDS
@@ -490,7 +502,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         }
         out.push('\n');
         result_section(&mut out, "", r);
-        phase_breakdown(&mut out, out_dir, r, &format!("{}.png", r.id))?;
+        phase_breakdown(&mut out, out_dir, r, &PHASES, &format!("{}.png", r.id))?;
     }
     out.push_str(SUGGESTIONS);
     let path = out_dir.join("REPORT.md");
