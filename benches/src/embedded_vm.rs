@@ -70,7 +70,17 @@ pub fn run_child(
     hold: bool,
 ) -> anyhow::Result<(u64, ChildReport, u64)> {
     let exe: PathBuf = std::env::current_exe().context("locating bench-report")?;
-    let mut cmd = Command::new(exe.with_file_name(VM_CHILD_BIN));
+    run_child_binary(&exe.with_file_name(VM_CHILD_BIN), guest, mem_mib, hold)
+}
+
+/// Like [`run_child`] with a given `bench-vm` binary (e.g. one built with a patched vmm).
+pub fn run_child_binary(
+    binary: &Path,
+    guest: &Path,
+    mem_mib: u32,
+    hold: bool,
+) -> anyhow::Result<(u64, ChildReport, u64)> {
+    let mut cmd = Command::new(binary);
     cmd.arg("--guest")
         .arg(guest)
         .args(["--mem", &mem_mib.to_string()]);

@@ -23,6 +23,37 @@ pub fn optimisation_summary(r: &BenchResult) -> Vec<String> {
     let Some(base) = variants.first() else {
         return Vec::new();
     };
+    if median(r, base, "wall").is_none() {
+        // A vmm comparison (tiny guest): first instruction and VM gone.
+        return variants
+            .iter()
+            .filter_map(|v| {
+                let first = median(r, v, "first_instruction")?;
+                let gone = median(r, v, "vm_gone")?;
+                let mut line = format!(
+                    "{v}: first instruction {} after the fork/exec, VM gone {}",
+                    ms(first),
+                    ms(gone)
+                );
+                if v.starts_with("QEMU") {
+                    return Some(line);
+                }
+                if *v != *base {
+                    if let (Some(bf), Some(bg)) = (
+                        median(r, base, "first_instruction"),
+                        median(r, base, "vm_gone"),
+                    ) {
+                        line.push_str(&format!(
+                            " ({:+.0}% and {:+.0}% vs {base})",
+                            100.0 * (first - bf) / bf,
+                            100.0 * (gone - bg) / bg
+                        ));
+                    }
+                }
+                Some(line)
+            })
+            .collect();
+    }
     let phases = crate::job_latency::PHASES;
     // The phase whose median duration differs most between the first and the last build.
     let duration = |v: &str, i: usize| -> Option<f64> {

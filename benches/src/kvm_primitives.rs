@@ -19,6 +19,8 @@ use crate::tiny_guest::{self, AfterSignal};
 const MEM_BYTES: usize = 128 << 20;
 /// The variant names (the report's findings look them up).
 pub const KVM_ONLY: &str = "host KVM primitives only (no VMM)";
+pub const KVM_REGION_FIRST: &str =
+    "host KVM primitives only, guest RAM registered before the IRQ chip";
 pub const EMBEDDED: &str = "embedded VMM, tiny guest (in-process)";
 /// The vmm crate's TSS address (layout::KVM_TSS_ADDR).
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -61,7 +63,15 @@ impl Drop for GuestRam {
     }
 }
 
-fn one_vm() -> anyhow::Result<Sample> {
+/// Whether guest RAM is registered after the in-kernel IRQ chip and PIT (the vmm crate's
+/// order) or right after KVM_CREATE_VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RegionOrder {
+    AfterIrqchip,
+    BeforeIrqchip,
+}
+
+fn one_vm(order: RegionOrder) -> anyhow::Result<Sample> {
     let t = Instant::now();
     let kvm = Kvm::new().context("opening /dev/kvm")?;
     let open = ms_since(t);
@@ -71,31 +81,44 @@ fn one_vm() -> anyhow::Result<Sample> {
     let create_vm = ms_since(t);
 
     let t = Instant::now();
-    vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
-    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
-    vm.create_pit2(kvm_pit_config {
-        flags: PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .context("KVM_CREATE_PIT2")?;
-    let irqchip = ms_since(t);
-
-    let t = Instant::now();
     let ram = GuestRam::new()?;
     let mmap = ms_since(t);
 
-    let t = Instant::now();
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: MEM_BYTES as u64,
-        userspace_addr: ram.0 as u64,
+    let irqchip_step = || -> anyhow::Result<f64> {
+        let t = Instant::now();
+        vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
+        vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+        vm.create_pit2(kvm_pit_config {
+            flags: PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .context("KVM_CREATE_PIT2")?;
+        Ok(ms_since(t))
     };
-    // SAFETY: the region is our live anonymous mapping of exactly memory_size bytes, and it
-    // outlives the VM (dropped after `vm` below).
-    unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
-    let memory_region = ms_since(t);
+    let region_step = || -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: MEM_BYTES as u64,
+            userspace_addr: ram.0 as u64,
+        };
+        // SAFETY: the region is our live anonymous mapping of exactly memory_size bytes, and
+        // it outlives the VM (dropped after `vm` below).
+        unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        Ok(ms_since(t))
+    };
+    let (irqchip, memory_region) = match order {
+        RegionOrder::AfterIrqchip => {
+            let i = irqchip_step()?;
+            (i, region_step()?)
+        }
+        RegionOrder::BeforeIrqchip => {
+            let r = region_step()?;
+            (irqchip_step()?, r)
+        }
+    };
 
     let t = Instant::now();
     let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
@@ -143,7 +166,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     tiny_guest::write(&guest, AfterSignal::Exit)?;
     let g = guest.as_path();
     let mut variants = vec![
-        Variant::new(KVM_ONLY, "ms", one_vm),
+        Variant::new(KVM_ONLY, "ms", || one_vm(RegionOrder::AfterIrqchip)),
+        Variant::new(KVM_REGION_FIRST, "ms", || {
+            one_vm(RegionOrder::BeforeIrqchip)
+        }),
         Variant::new(EMBEDDED, "ms", || {
             let b = embedded_vm::boot_in_process(g, (MEM_BYTES >> 20) as u32)?;
             Ok(vec![
@@ -174,6 +200,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
             "Each step timed alone with the monotonic clock, in this process, with kvm-ioctls; \
              no guest code runs. set_up_total and tear_down_total are the sums: the least any \
              VMM pays on this host before the first KVM_RUN and after the guest stops."
+                .into(),
+            "The second KVM-only variant registers guest RAM right after KVM_CREATE_VM, before \
+             the TSS, IRQ chip and PIT (the vmm crate does it after them): does the order \
+             change what each step costs?"
                 .into(),
             "Interleaved with the embedded VMM booting the tiny guest with the same RAM: its \
              set_up_total = Vm::start → first KVM_RUN, tear_down_total = exit noticed → \

@@ -98,6 +98,25 @@ enum Cmd {
         #[arg(required = true, num_args = 2..)]
         builds: Vec<PathBuf>,
     },
+    /// Before/after of a vmm change: the tiny guest booted by `bench-vm` builds
+    /// (benches/build-bench-vm.sh), interleaved.
+    CompareVmm {
+        /// Result name (stored as results/opt-NAME.json).
+        #[arg(long)]
+        name: String,
+        /// What changed, for the report.
+        #[arg(long)]
+        title: String,
+        /// A note for the report (repeatable).
+        #[arg(long)]
+        note: Vec<String>,
+        /// Boot the same guest with QEMU microvm (KVM, TCG) in the same run, for the ratio.
+        #[arg(long)]
+        with_qemu: bool,
+        /// Build directories (benches/build-bench-vm.sh), the baseline first.
+        #[arg(required = true, num_args = 2..)]
+        builds: Vec<PathBuf>,
+    },
     /// Render REPORT.md and the chart from the stored results.
     Report,
     /// Write the tiny test guest (ELF) used by `boot` and `memory`, e.g. for strace/perf runs.
@@ -173,6 +192,23 @@ fn main() -> anyhow::Result<()> {
                 title: title.clone(),
                 notes: note.clone(),
                 builds: builds.clone(),
+                with_qemu: false,
+            },
+        )?),
+        Cmd::CompareVmm {
+            name,
+            title,
+            note,
+            with_qemu,
+            builds,
+        } => Some(optimisation::run_vmm(
+            &ctx,
+            &optimisation::Comparison {
+                name: name.clone(),
+                title: title.clone(),
+                notes: note.clone(),
+                builds: builds.clone(),
+                with_qemu: *with_qemu,
             },
         )?),
         Cmd::All => None,

@@ -20,6 +20,8 @@ pub struct Comparison {
     pub notes: Vec<String>,
     /// Build directories in order, the first being the baseline.
     pub builds: Vec<PathBuf>,
+    /// compare-vmm: also boot the same guest with QEMU microvm (KVM and TCG) in the same run.
+    pub with_qemu: bool,
 }
 
 fn short(ut: &UnderTest) -> String {
@@ -90,6 +92,119 @@ pub fn run(ctx: &BenchContext, c: &Comparison) -> anyhow::Result<BenchResult> {
         under_test: builds
             .iter()
             .map(UnderTest::describe)
+            .collect::<Vec<_>>()
+            .join("; "),
+        warmup: ctx.warmup,
+        runs: ctx.runs,
+        load_average: String::new(),
+        series,
+        outcomes,
+        notes,
+    })
+}
+
+/// Before/after of a change to the vmm crate: the tiny guest booted by `bench-vm` binaries
+/// built with `benches/build-bench-vm.sh` (first = before), interleaved, in fresh processes.
+pub fn run_vmm(ctx: &BenchContext, c: &Comparison) -> anyhow::Result<BenchResult> {
+    if c.builds.len() < 2 {
+        bail!("compare-vmm needs at least two build directories");
+    }
+    let guest = ctx.work_dir.join("tiny-exit.elf");
+    crate::tiny_guest::write(&guest, crate::tiny_guest::AfterSignal::Exit)?;
+    let g = guest.as_path();
+    let builds: Vec<(PathBuf, String)> = c
+        .builds
+        .iter()
+        .map(|d| {
+            let rev = std::fs::read_to_string(d.join("REVISION"))
+                .map(|r| r.trim().to_string())
+                .unwrap_or_else(|_| d.display().to_string());
+            (d.join("bench-vm"), rev)
+        })
+        .collect();
+    for (bin, _) in &builds {
+        if !bin.is_file() {
+            bail!(
+                "{} not found (benches/build-bench-vm.sh builds it)",
+                bin.display()
+            );
+        }
+    }
+    let mut variants: Vec<Variant<'_>> = builds
+        .iter()
+        .enumerate()
+        .map(|(i, (bin, rev))| {
+            let role = if i == 0 { "before" } else { "after" };
+            let label = if rev.contains("+ patch") {
+                format!(
+                    "{role}: vmm + {}",
+                    rev.rsplit("+ patch ").next().unwrap_or(rev)
+                )
+            } else {
+                format!("{role}: vmm at {}", rev.get(..7).unwrap_or(rev))
+            };
+            Variant::new(label, "ms", move || {
+                let (start, r, gone) = crate::embedded_vm::run_child_binary(bin, g, 128, false)?;
+                let ms = |t: u64| crate::clock::ms_between(start, t);
+                Ok(vec![
+                    ("first_vcpu_run", ms(r.first_vcpu_run_ns)),
+                    ("first_instruction", ms(r.boot_timer_ns)),
+                    ("vm_gone", ms(gone)),
+                    (
+                        "main_to_first_instruction",
+                        crate::clock::ms_between(r.main_ns, r.boot_timer_ns),
+                    ),
+                ])
+            })
+        })
+        .collect();
+    if c.with_qemu {
+        for accel in [
+            crate::qemu_microvm::Accel::Kvm,
+            crate::qemu_microvm::Accel::Tcg,
+        ] {
+            let label = format!("QEMU microvm, {}", accel.name().to_uppercase());
+            variants.push(Variant::new(label, "ms", move || {
+                let (first, gone) = crate::qemu_microvm::boot_once(g, accel, 128)?;
+                Ok(vec![("first_instruction", first), ("vm_gone", gone)])
+            }));
+        }
+    }
+    eprintln!(
+        "opt-{}: {} warm-up + {} runs per variant",
+        c.name, ctx.warmup, ctx.runs
+    );
+    let (series, outcomes) = run_interleaved(&mut variants, ctx.warmup, ctx.runs);
+    drop(variants);
+    let dirs: Vec<String> = c.builds.iter().map(|d| d.display().to_string()).collect();
+    let mut notes = c.notes.clone();
+    notes.extend(
+        builds
+            .iter()
+            .map(|(b, rev)| format!("{}: {rev}", b.display())),
+    );
+    notes.push(
+        "Each run: a fresh `bench-vm` process boots the tiny guest (128 MiB, 1 vCPU) to its \
+         triple fault. first_vcpu_run / first_instruction / vm_gone: ms since the fork/exec; \
+         main_to_first_instruction: from the child's main() (without exec and loading)."
+            .into(),
+    );
+    Ok(BenchResult {
+        id: format!("opt-{}", c.name),
+        title: c.title.clone(),
+        command: format!(
+            "benches/build-bench-vm.sh HEAD <dir> [PATCH] per variant; then cargo run --release \
+             -p benchmarks -- compare-vmm --name {} --title '…' {} --runs {} --warmup {}",
+            c.name,
+            dirs.join(" "),
+            ctx.runs,
+            ctx.warmup
+        ),
+        finished_utc: utc_now(),
+        machine: ctx.machine.clone(),
+        under_test: builds
+            .iter()
+            .map(|(b, rev)| format!("{}: {rev}", b.display()))
             .collect::<Vec<_>>()
             .join("; "),
         warmup: ctx.warmup,
