@@ -30,16 +30,17 @@ const CHART_FILE: &str = "phases.png";
 const SUGGESTIONS: &str = "\
 ## What to optimise next (owners: vmm/, shepherd/, guest-agent/)
 
-* **Embedded VMM set-up and tear-down are this host's KVM** (sections 1, 6 and 7: \
-  KVM_SET_USER_MEMORY_REGION and closing the VM fd cost about what the whole embedded set-up \
-  and tear-down cost, independent of guest RAM size). The VMM's own code is not where the time \
-  goes, so optimise the path around it: (a) the shepherd can start the VM (Vm::start) in \
-  parallel with its host-side work (prolog, pe_start, output files) instead of after it; \
-  (b) report the job's exit status first and drop the `VmHandle` afterwards (or on a helper \
-  thread), so tear-down leaves the critical path; (c) on hosts with cgroup v2 and Linux 6.1+, \
-  apply Firecracker's `favordynmods` advice before measuring KVM_CREATE_VM and memslot costs \
-  inside job cgroups. Re-measure sections 1 and 7 on a hardware-KVM host: the 2 ms set-up target \
-  cannot be reached here because section 7's floor alone is above it.
+* **Embedded VMM set-up: apply `benches/patches/vmm-register-ram-before-irqchip.patch`** \
+  (Optimisations; sections 6 and 7). On this host KVM_SET_USER_MEMORY_REGION is expensive when \
+  it follows KVM_CREATE_IRQCHIP/PIT2 and cheap when it comes first; everything else the VMM does \
+  before the first KVM_RUN is small next to it. Re-measure on a hardware-KVM host, where the \
+  order may not matter, before relying on it there.
+* **Embedded VMM tear-down** (section 1: exit_seen → vm_gone; section 7: closing the VM fd is \
+  nearly all of it, and more with the patch's order). Take it off the job's critical path: the \
+  shepherd can report the exit status first and drop the `VmHandle` afterwards (or on a helper \
+  thread). Also start the VM (`Vm::start`) in parallel with the shepherd's host-side work \
+  (prolog, pe_start, output files) instead of after it. On cgroup v2 hosts with Linux 6.1+, \
+  apply Firecracker's `favordynmods` advice before measuring KVM costs inside job cgroups.
 * **QEMU backend end of job** (section 2: job_exited → vm_gone, and its p90). After the Ack the \
   shepherd waits for the agent to close the vsock connection, then 50 ms, then kills QEMU. \
   When the close is slow to arrive (vhost-device-vsock close/half-close handling), the job's \
@@ -157,8 +158,8 @@ fn machine_section(out: &mut String, m: &MachineInfo) {
     } else {
         out.push_str(
             "**Hardware KVM is absent on this machine.** `/dev/kvm` is there, but without \
-             vmx/svm it emulates guest kernel (ring-0) code in software, about 2000× slower than \
-             hardware, so a Linux guest cannot get to user space under KVM here. What this \
+             vmx/svm it emulates guest kernel (ring-0) code in software (the probe above gives its speed), \
+             so a Linux guest cannot get to user space under KVM here. What this \
              report can measure honestly: the embedded VMM's own set-up, exit and memory cost \
              with a tiny guest of a few instructions (where the emulation adds little), QEMU \
              microvm with the same guest under both KVM and TCG, and the whole job path with \
@@ -469,9 +470,11 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     );
     out.push_str("```\n\nWithout `--under-test` the workspace's own `target/release/sge_virtualizer` and \
                   `build/guest/` are measured. Single benchmarks: `boot`, `job`, `memory`, `relay`, \
-                  `signal`, `gridengine`, `profile`; `compare --name N --title T DIR DIR…` measures \
-                  an optimisation across builds; `tiny-guest FILE` writes the test guest. The \
-                  embedded-VMM sections (1, 3, 6) measure the vmm crate as compiled into \
+                  `signal`, `gridengine`, `profile`, `kvm`; `compare --name N --title T DIR DIR…` \
+                  measures an optimisation across builds of benches/build-under-test.sh, \
+                  `compare-vmm … DIR DIR…` one of the vmm crate across builds of \
+                  benches/build-bench-vm.sh [PATCH]; `tiny-guest FILE` writes the test guest. The \
+                  embedded-VMM sections (1, 3, 6, 7) measure the vmm crate as compiled into \
                   bench-report / bench-vm.\n\n");
     out.push_str(
         "## Targets\n\n| what | target | measured (median) | verdict |\n|---|---|---|---|\n",
