@@ -334,26 +334,15 @@ macro_rules! backend_suite {
     };
 }
 
-backend_suite!(
-    qemu,
-    "qemu",
-    [
-        exit_code_and_separate_streams,
-        echo_hi,
-        killed_by_signal_exits_128_plus_n,
-        runs_on_the_guest_kernel,
-        stdin_is_relayed,
-        timings_line_has_every_phase,
-        sixty_four_mib_of_stdout_arrive_byte_identical,
-        signals_reach_the_jobs_process_group,
-        terminal_stop_suspends_the_job_and_cont_resumes_it,
-        orphaned_background_children_do_not_keep_the_vm_alive,
-        missing_kernel_is_a_clear_error
-    ]
-);
-backend_suite!(
-    embedded,
-    "embedded",
+macro_rules! backend_suites {
+    ($(($module:ident, $backend:literal)),*; $tests:tt) => {
+        $(backend_suite!($module, $backend, $tests);)*
+    };
+}
+
+backend_suites!(
+    (qemu, "qemu"),
+    (embedded, "embedded");
     [
         exit_code_and_separate_streams,
         echo_hi,
