@@ -1062,3 +1062,63 @@ fn unwritable_output_file_puts_only_the_job_in_error_state() {
         },
     );
 }
+
+#[test]
+fn array_tasks_get_their_own_output_files_and_stdin_is_relayed() {
+    with_cell(
+        "array_tasks_get_their_own_output_files_and_stdin_is_relayed",
+        |c| {
+            let dir = c.work_dir("array");
+            c.script(
+                &dir,
+                "task.sh",
+                "#!/bin/sh\necho \"task $SGE_TASK_ID\"\ncat\n",
+            );
+            let input = c.script(&dir, "input.txt", "line one\nline two\n");
+            let job = c.qsub(
+                &dir,
+                &["-t", "1-2", "-i", input.to_str().unwrap(), "task.sh"],
+            );
+            let start = Instant::now();
+            while c.accounting(job).len() < 2 {
+                assert!(start.elapsed() < JOB_WAIT, "array job {job} did not finish");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            for task in 1..=2 {
+                let out = std::fs::read_to_string(dir.join(format!("task.sh.o{job}.{task}")))
+                    .unwrap_or_default();
+                assert_eq!(out, format!("task {task}\nline one\nline two\n"));
+            }
+        },
+    );
+}
+
+#[test]
+fn a_shell_missing_in_the_guest_is_the_jobs_error() {
+    with_cell("a_shell_missing_in_the_guest_is_the_jobs_error", |c| {
+        let dir = c.work_dir("noshell");
+        c.script(&dir, "job.sh", "echo never\n");
+        // the initramfs guest has only BusyBox /bin/sh
+        let job = c.qsub(&dir, &["-S", "/bin/no-such-shell", "job.sh"]);
+        let start = Instant::now();
+        while c.job_state(job).as_deref() != Some("Eqw") {
+            assert!(
+                start.elapsed() < JOB_WAIT,
+                "job {job} not in Eqw: {:?}",
+                c.job_state(job)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert_eq!(
+            c.active_file(job, "exit_status").unwrap_or_default(),
+            "27\n"
+        );
+        let error = c.active_file(job, "error").unwrap_or_default();
+        assert!(
+            error.starts_with("sge_virtualizer: the job could not be started in the VM"),
+            "error file: {error:?}"
+        );
+        assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+        c.qdel(job);
+    });
+}
