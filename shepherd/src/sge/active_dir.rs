@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{fchown, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Why a result file could not be written.
@@ -144,10 +144,6 @@ impl ActiveDir {
     /// `checkpointed` (empty): the job was migrated; execd re-queues it.
     pub fn write_checkpointed(&self) -> Result<(), ResultFileError> {
         self.write("checkpointed", "", false, self.admin)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -88,10 +88,6 @@ impl JobEnvironment {
         }
     }
 
-    pub fn remove(&mut self, name: &str) {
-        self.vars.retain(|(k, _)| k != name);
-    }
-
     pub fn get(&self, name: &str) -> Option<&str> {
         self.vars
             .iter()
