@@ -8,6 +8,7 @@
 //! Jobs not submitted by the benchmark (another user of the shared cell) go to the previous
 //! `shepherd_cmd`, which is restored afterwards.
 
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -270,10 +271,15 @@ fn qsub_true(mode: &str) -> anyhow::Result<Sample> {
 /// Refuses to touch a cell that is down, has jobs, or has a queue in an error state.
 fn check_cell() -> anyhow::Result<()> {
     let jobs = sh("qstat -u '*'")?;
-    if !jobs.trim().is_empty() {
+    let count = jobs
+        .lines()
+        .skip(2)
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    if count > 0 {
         bail!(
-            "the cell has jobs (qstat -u '*'): not disturbing them\n{}",
-            jobs.trim()
+            "the shared cell had {count} job(s) of other users (qstat -u '*'); the benchmark \
+             does not switch shepherd_cmd under them"
         );
     }
     let queues = sh("qstat -f")?;

@@ -85,7 +85,7 @@ pub fn run_interleaved(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    eprintln!("\n  {}: {e:#}", v.name);
+                    let _ = writeln!(std::io::stderr(), "\n  {}: {e:#}", v.name);
                     if measured {
                         outcomes[i].failed += 1;
                     }
@@ -96,7 +96,7 @@ pub fn run_interleaved(
             }
         }
     }
-    eprintln!();
+    let _ = writeln!(std::io::stderr());
     // Group by variant (in variant order), metrics in first-appearance order.
     let order: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
     series.sort_by_key(|s| order.iter().position(|o| *o == s.variant));

@@ -177,7 +177,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Memory => Some(memory_overhead::run(&ctx)?),
         Cmd::Relay => Some(relay::run(&ctx)?),
         Cmd::Signal => Some(signal_latency::run(&ctx)?),
-        Cmd::Gridengine => Some(grid_engine::run(&ctx)?),
+        Cmd::Gridengine => match grid_engine::run(&ctx) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // Record why, so the report says it instead of showing stale numbers.
+                let why = format!("{e:#}");
+                BenchResult::not_measured(&ctx, "gridengine", "Grid Engine qsub -sync y", &why)
+                    .save(&results_dir)?;
+                return Err(e);
+            }
+        },
         Cmd::Profile => Some(syscall_profile::run(&ctx)?),
         Cmd::Kvm => Some(kvm_primitives::run(&ctx)?),
         Cmd::Compare {
