@@ -313,9 +313,11 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
             qsub_true("virtualizer")
         }),
     ];
-    eprintln!(
+    let _ = writeln!(
+        std::io::stderr(),
         "gridengine: {} warm-up + {} runs per variant",
-        ctx.warmup, ctx.runs
+        ctx.warmup,
+        ctx.runs
     );
     let (series, outcomes) = run_interleaved(&mut variants, ctx.warmup, ctx.runs);
     drop(variants);

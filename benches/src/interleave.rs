@@ -51,7 +51,11 @@ pub fn run_interleaved(
     let n = variants.len();
     for round in 0..warmup + runs {
         let measured = round >= warmup;
-        eprint!(
+        // Progress only: a closed stderr must not end the run (a benchmark may have changed
+        // shared state, e.g. the Grid Engine cell's shepherd_cmd, that it restores at the end).
+        let mut err = std::io::stderr();
+        let _ = write!(
+            err,
             "\r  {} {}/{} ",
             if measured { "run" } else { "warm-up" },
             if measured {
@@ -61,7 +65,7 @@ pub fn run_interleaved(
             },
             if measured { runs } else { warmup }
         );
-        let _ = std::io::stderr().flush();
+        let _ = err.flush();
         for k in 0..n {
             let i = (round + k) % n;
             let v = &mut variants[i];
