@@ -1,6 +1,5 @@
 //! One batch job from start to `exit_status`: the order of the stock shepherd (pid, prolog,
-//! pe_start, addgrpid, job, usage, pe_stop, epilog, exit_status) with the job in a microVM, and
-//! the signal loop that turns execd's signals into notify, methods and guest signals.
+//! pe_start, addgrpid, job, usage, pe_stop, epilog, exit_status) with the job in a microVM.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,32 +11,28 @@ use guest_agent::protocol::{Rusage, Spawn, SpawnStage, StdinMode};
 
 use super::active_dir::ActiveDir;
 use super::config::{JobConfig, TaskKind};
-use super::control_method::{ControlMethod, ControlMethods, MethodRunner};
+use super::control_method::{ControlMethods, MethodRunner};
 use super::delegation;
 use super::environment::JobEnvironment;
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
 use super::limits;
-use super::notify::{Notifier, NotifyAction};
 use super::output_paths::{self, JobStreams, OutputKind};
 use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
+use super::signal_relay::SignalRelay;
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
 use super::state::{job_exit_state, ShepherdState};
 use super::usage::{JobEnd, UsageRecord};
 use crate::image::selection::{self, ImagePolicy};
 use crate::launch::{
-    self, ImageChoice, JobController, JobError, JobFilesystems, JobIo, LaunchError, LaunchSpec,
-    StdinSource, VmmCredentials,
+    self, ImageChoice, JobError, JobFilesystems, JobIo, LaunchError, LaunchSpec, StdinSource,
+    VmmCredentials,
 };
 use crate::settings::{Settings, VmSettings};
 use crate::shared_dirs::{job_shares, JobPaths, SharedDir};
 
-/// How long a job may take to end after its SIGKILL before its VM is stopped.
-const KILL_GRACE: Duration = Duration::from_secs(2);
-/// Repeated KILLs within this time are dropped, as the stock shepherd does.
-const KILL_REPEAT_WINDOW: Duration = Duration::from_secs(10);
-/// Signal-loop tick while nothing is due.
+/// Poll tick while a procedure runs.
 const TICK: Duration = Duration::from_millis(100);
 
 /// The state `exit_status` gets if this process dies of a panic now; read by the panic hook.
@@ -125,7 +120,6 @@ pub fn run_as_shepherd() -> i32 {
         dir,
         signals,
         state: ShepherdState::NoFailure,
-        kill_seen: None,
     };
     let state = run.run();
     run.dir.trace(&format!("exit_status {}", state.code()));
@@ -205,8 +199,6 @@ struct JobRun {
     signals: SignalSource,
     /// The first failure; later ones only go to `error`/`trace`.
     state: ShepherdState,
-    /// When the last KILL was delivered.
-    kill_seen: Option<Instant>,
 }
 
 impl JobRun {
@@ -579,7 +571,9 @@ impl JobRun {
             })
             .map_err(|e| Failure::new(ShepherdState::AfterJob, e.to_string()))?;
         let started_wall = SystemTime::now();
-        let (result, killed) = self.relay_signals(p, &controller, &rx);
+        let runner = MethodRunner::new(RunAs::from(&p.user), p.env.clone(), p.cwd.clone());
+        let relay = SignalRelay::new(&self.dir, &self.config, &p.methods, runner);
+        let (result, killed) = relay.run(&mut self.signals, &controller, &rx);
         drop(run_dir);
         self.outcome(result, killed, started_wall)
     }
@@ -644,100 +638,6 @@ impl JobRun {
             rlimits,
             nice: limits::nice(&self.config),
             stdin,
-        }
-    }
-
-    /// Forwards execd's signals to the job until it ends. Returns its result and whether it was
-    /// killed on request.
-    fn relay_signals(
-        &mut self,
-        p: &Prepared,
-        controller: &JobController,
-        rx: &mpsc::Receiver<Result<launch::JobOutcome, JobError>>,
-    ) -> (Result<launch::JobOutcome, JobError>, bool) {
-        let mut notifier = Notifier::from_config(&self.config);
-        let mut methods = MethodRunner::new(RunAs::from(&p.user), p.env.clone(), p.cwd.clone());
-        let mut vm_kill_at: Option<Instant> = None;
-        let mut killed = false;
-        loop {
-            match rx.recv_timeout(Duration::from_millis(1)) {
-                Ok(result) => return (result, killed),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return (
-                        Err(JobError::Vm("job waiter ended without a result".into())),
-                        killed,
-                    )
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-            }
-            let now = Instant::now();
-            let mut wait = TICK;
-            for at in [notifier.deadline(), vm_kill_at].into_iter().flatten() {
-                wait = wait.min(at.saturating_duration_since(now));
-            }
-            let mut actions = Vec::new();
-            for sig in self.signals.wait(wait) {
-                match execd_intent(sig, || read_signal_file(&self.dir.path("signal"))) {
-                    Ok(intent) => {
-                        self.dir
-                            .trace(&format!("received signal {sig} -> {intent}"));
-                        if intent == libc::SIGTTOU {
-                            // migrate request: only checkpointing jobs support it; they are
-                            // delegated, so the job is killed and re-queued
-                            let _ = self.dir.write_checkpointed();
-                            actions.extend(notifier.on_signal(libc::SIGKILL, Instant::now()));
-                        } else {
-                            actions.extend(notifier.on_signal(intent, Instant::now()));
-                        }
-                    }
-                    Err(e) => self.dir.trace(&format!("signal {sig}: {e}")),
-                }
-            }
-            actions.extend(notifier.on_time(Instant::now()));
-            for action in actions {
-                match action {
-                    NotifyAction::Notify(sig) => {
-                        self.dir.trace(&format!("notify: sending {sig}"));
-                        controller.signal(sig);
-                    }
-                    NotifyAction::Deliver(sig) => {
-                        if sig == libc::SIGKILL {
-                            if self
-                                .kill_seen
-                                .is_some_and(|t| t.elapsed() < KILL_REPEAT_WINDOW)
-                            {
-                                continue;
-                            }
-                            self.kill_seen = Some(Instant::now());
-                        }
-                        match p.methods.for_signal(sig) {
-                            Some(ControlMethod::Command(cmd)) => {
-                                let msg = methods.start(cmd, &self.config);
-                                self.dir.trace(&msg);
-                            }
-                            Some(ControlMethod::Signal(s)) => {
-                                self.dir.trace(&format!("method: sending {s} for {sig}"));
-                                controller.signal(*s);
-                            }
-                            _ => {
-                                self.dir.trace(&format!("sending {sig} to the job"));
-                                controller.signal(sig);
-                                if sig == libc::SIGKILL {
-                                    killed = true;
-                                    vm_kill_at.get_or_insert(Instant::now() + KILL_GRACE);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            if vm_kill_at.is_some_and(|at| Instant::now() >= at) {
-                self.dir
-                    .trace("job still running after SIGKILL: stopping its VM");
-                controller.kill_vm();
-                vm_kill_at = None;
-            }
-            methods.reap();
         }
     }
 

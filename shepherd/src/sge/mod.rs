@@ -18,6 +18,7 @@ pub mod limits;
 pub mod notify;
 pub mod output_paths;
 pub mod procedure;
+mod signal_relay;
 pub mod signal_source;
 pub mod signals;
 pub mod state;

@@ -1,0 +1,152 @@
+//! While the job runs: execd's signals, through the notify state machine and the
+//! suspend/resume/terminate methods, to the job's process group in the guest; and the VM's hard
+//! stop when the job outlives its SIGKILL.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::active_dir::ActiveDir;
+use super::config::JobConfig;
+use super::control_method::{ControlMethod, ControlMethods, MethodRunner};
+use super::notify::{Notifier, NotifyAction};
+use super::signal_source::SignalSource;
+use super::signals::{execd_intent, read_signal_file};
+use crate::launch::{JobController, JobError, JobOutcome};
+
+/// How long a job may take to end after its SIGKILL before its VM is stopped.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Repeated KILLs within this time are dropped, as the stock shepherd does.
+const KILL_REPEAT_WINDOW: Duration = Duration::from_secs(10);
+/// Loop tick while nothing is due.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The job's end as the waiter thread reports it.
+pub type JobResult = Result<JobOutcome, JobError>;
+
+/// Relays signals for one running job.
+pub struct SignalRelay<'a> {
+    dir: &'a ActiveDir,
+    config: &'a JobConfig,
+    methods: &'a ControlMethods,
+    runner: MethodRunner,
+    notifier: Notifier,
+    last_kill: Option<Instant>,
+    vm_kill_at: Option<Instant>,
+    killed: bool,
+}
+
+impl<'a> SignalRelay<'a> {
+    pub fn new(
+        dir: &'a ActiveDir,
+        config: &'a JobConfig,
+        methods: &'a ControlMethods,
+        runner: MethodRunner,
+    ) -> Self {
+        SignalRelay {
+            dir,
+            config,
+            methods,
+            runner,
+            notifier: Notifier::from_config(config),
+            last_kill: None,
+            vm_kill_at: None,
+            killed: false,
+        }
+    }
+
+    /// Relays until the job's result arrives on `done`. Returns it, and whether the job was
+    /// killed on execd's request.
+    pub fn run(
+        mut self,
+        signals: &mut SignalSource,
+        controller: &JobController,
+        done: &mpsc::Receiver<JobResult>,
+    ) -> (JobResult, bool) {
+        loop {
+            match done.recv_timeout(Duration::from_millis(1)) {
+                Ok(result) => return (result, self.killed),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let lost = JobError::Vm("job waiter ended without a result".into());
+                    return (Err(lost), self.killed);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let now = Instant::now();
+            let mut wait = TICK;
+            for at in [self.notifier.deadline(), self.vm_kill_at]
+                .into_iter()
+                .flatten()
+            {
+                wait = wait.min(at.saturating_duration_since(now));
+            }
+            let mut actions = Vec::new();
+            for sig in signals.wait(wait) {
+                match execd_intent(sig, || read_signal_file(&self.dir.path("signal"))) {
+                    Ok(intent) => {
+                        self.dir
+                            .trace(&format!("received signal {sig} -> {intent}"));
+                        let intent = if intent == libc::SIGTTOU {
+                            // migrate: only checkpointing jobs support it, and they are
+                            // delegated; so the job is killed and re-queued
+                            let _ = self.dir.write_checkpointed();
+                            libc::SIGKILL
+                        } else {
+                            intent
+                        };
+                        actions.extend(self.notifier.on_signal(intent, Instant::now()));
+                    }
+                    Err(e) => self.dir.trace(&format!("signal {sig}: {e}")),
+                }
+            }
+            actions.extend(self.notifier.on_time(Instant::now()));
+            for action in actions {
+                self.act(action, controller);
+            }
+            if self.vm_kill_at.is_some_and(|at| Instant::now() >= at) {
+                self.dir
+                    .trace("job still running after SIGKILL: stopping its VM");
+                controller.kill_vm();
+                self.vm_kill_at = None;
+            }
+            self.runner.reap();
+        }
+    }
+
+    fn act(&mut self, action: NotifyAction, controller: &JobController) {
+        let sig = match action {
+            NotifyAction::Notify(sig) => {
+                self.dir.trace(&format!("notify: sending {sig}"));
+                controller.signal(sig);
+                return;
+            }
+            NotifyAction::Deliver(sig) => sig,
+        };
+        if sig == libc::SIGKILL {
+            if self
+                .last_kill
+                .is_some_and(|t| t.elapsed() < KILL_REPEAT_WINDOW)
+            {
+                return;
+            }
+            self.last_kill = Some(Instant::now());
+        }
+        match self.methods.for_signal(sig) {
+            Some(ControlMethod::Command(cmd)) => {
+                let msg = self.runner.start(cmd, self.config);
+                self.dir.trace(&msg);
+            }
+            Some(ControlMethod::Signal(s)) => {
+                self.dir.trace(&format!("method: sending {s} for {sig}"));
+                controller.signal(*s);
+            }
+            _ => {
+                self.dir.trace(&format!("sending {sig} to the job"));
+                controller.signal(sig);
+                if sig == libc::SIGKILL {
+                    self.killed = true;
+                    self.vm_kill_at.get_or_insert(Instant::now() + KILL_GRACE);
+                }
+            }
+        }
+    }
+}
