@@ -33,7 +33,12 @@ impl SignalSource {
         for s in EXECD_SIGNALS {
             set.add(s);
         }
-        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+        // SIGHUP stays blocked too and is never read: a shepherd must outlive its execd and
+        // the terminal or session that started execd (std::process::Command children start
+        // with an empty mask)
+        let mut blocked = set;
+        blocked.add(Signal::SIGHUP);
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None)?;
         let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
         Ok(SignalSource { fd })
     }
@@ -64,8 +69,13 @@ mod tests {
                     let mut src = SignalSource::new().ok()?;
                     nix::sys::signal::raise(Signal::SIGUSR1).ok()?;
                     nix::sys::signal::raise(Signal::SIGTSTP).ok()?;
+                    // blocked, not read, and not fatal
+                    nix::sys::signal::raise(Signal::SIGHUP).ok()?;
                     let got = src.wait(Duration::from_millis(500));
-                    (got.contains(&libc::SIGUSR1) && got.contains(&libc::SIGTSTP)).then_some(())
+                    (got.contains(&libc::SIGUSR1)
+                        && got.contains(&libc::SIGTSTP)
+                        && !got.contains(&libc::SIGHUP))
+                    .then_some(())
                 })();
                 unsafe { libc::_exit(if ok.is_some() { 0 } else { 1 }) };
             }
