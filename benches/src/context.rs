@@ -16,6 +16,8 @@ pub struct UnderTest {
     pub initrd: PathBuf,
     /// The commit (and subject) they were built from, or a description of the working tree.
     pub revision: String,
+    /// Extra guest kernel command-line words (`run --cmdline`), empty for the default.
+    pub extra_cmdline: String,
 }
 
 impl UnderTest {
@@ -30,6 +32,7 @@ impl UnderTest {
             kernel: dir.join("guest/vmlinux"),
             initrd: dir.join("guest/initramfs.cpio"),
             revision,
+            extra_cmdline: String::new(),
         }
     }
 
@@ -48,6 +51,7 @@ impl UnderTest {
             kernel: root.join("build/guest/vmlinux"),
             initrd: root.join("build/guest/initramfs.cpio"),
             revision: format!("working tree at {describe} (target/release, build/guest)"),
+            extra_cmdline: String::new(),
         }
     }
 

@@ -77,11 +77,12 @@ pub fn optimisation_summary(r: &BenchResult) -> Vec<String> {
             let mut line = format!("{v}: {} end to end", ms(wall));
             if let Some(i) = changed {
                 if let Some(d) = duration(v, i) {
-                    let from = if i == 0 {
-                        "process start"
-                    } else {
-                        phases[i - 1]
-                    };
+                    let from = phases[..i]
+                        .iter()
+                        .rev()
+                        .find(|p| median(r, v, p).is_some())
+                        .copied()
+                        .unwrap_or("process start");
                     line.push_str(&format!(", {from} → {} {}", phases[i], ms(d)));
                 }
             }

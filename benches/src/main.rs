@@ -117,6 +117,21 @@ enum Cmd {
         #[arg(required = true, num_args = 2..)]
         builds: Vec<PathBuf>,
     },
+    /// Before/after of guest kernel command-line words with one build (`run --cmdline`).
+    CompareCmdline {
+        /// Result name (stored as results/opt-NAME.json).
+        #[arg(long)]
+        name: String,
+        /// What changed, for the report.
+        #[arg(long)]
+        title: String,
+        /// A note for the report (repeatable).
+        #[arg(long)]
+        note: Vec<String>,
+        /// Extra command-line words per variant, the baseline first ("" = default).
+        #[arg(long, required = true, num_args = 1, allow_hyphen_values = true)]
+        cmdline: Vec<String>,
+    },
     /// Render REPORT.md and the chart from the stored results.
     Report,
     /// Write the tiny test guest (ELF) used by `boot` and `memory`, e.g. for strace/perf runs.
@@ -219,6 +234,22 @@ fn main() -> anyhow::Result<()> {
                 builds: builds.clone(),
                 with_qemu: *with_qemu,
             },
+        )?),
+        Cmd::CompareCmdline {
+            name,
+            title,
+            note,
+            cmdline,
+        } => Some(optimisation::run_cmdline(
+            &ctx,
+            &optimisation::Comparison {
+                name: name.clone(),
+                title: title.clone(),
+                notes: note.clone(),
+                builds: Vec::new(),
+                with_qemu: false,
+            },
+            cmdline,
         )?),
         Cmd::All => None,
         Cmd::Report | Cmd::TinyGuest { .. } => {

@@ -215,3 +215,79 @@ pub fn run_vmm(ctx: &BenchContext, c: &Comparison) -> anyhow::Result<BenchResult
         notes,
     })
 }
+
+/// Before/after of guest kernel command-line words: the same build, `run --cmdline` varied
+/// (the first value is the baseline; "" is the default command line).
+pub fn run_cmdline(
+    ctx: &BenchContext,
+    c: &Comparison,
+    cmdlines: &[String],
+) -> anyhow::Result<BenchResult> {
+    if cmdlines.len() < 2 {
+        bail!("compare-cmdline needs at least two --cmdline values");
+    }
+    ctx.under_test.require()?;
+    let backend = if ctx.machine.kvm_can_run_linux {
+        "embedded"
+    } else {
+        "qemu"
+    };
+    let uts: Vec<UnderTest> = cmdlines
+        .iter()
+        .map(|cl| UnderTest {
+            extra_cmdline: cl.clone(),
+            ..ctx.under_test.clone()
+        })
+        .collect();
+    let mut variants: Vec<Variant<'_>> = uts
+        .iter()
+        .enumerate()
+        .map(|(i, ut)| {
+            let role = if i == 0 { "before" } else { "after" };
+            let label = if ut.extra_cmdline.is_empty() {
+                format!("{role}: default command line")
+            } else {
+                format!("{role}: + `{}`", ut.extra_cmdline)
+            };
+            Variant::new(label, "ms", move || shepherd_true(ut, backend))
+        })
+        .collect();
+    eprintln!(
+        "opt-{}: {} warm-up + {} runs per variant",
+        c.name, ctx.warmup, ctx.runs
+    );
+    let (series, outcomes) = run_interleaved(&mut variants, ctx.warmup, ctx.runs);
+    drop(variants);
+    let mut notes = c.notes.clone();
+    notes.push(format!(
+        "Job: `sge_virtualizer run --backend {backend} -n --timings [--cmdline …] -- /bin/true`, \
+         one build ({}), the extra kernel command-line words varied.",
+        ctx.under_test.revision
+    ));
+    let args: Vec<String> = cmdlines
+        .iter()
+        .map(|c| format!("--cmdline '{c}'"))
+        .collect();
+    Ok(BenchResult {
+        id: format!("opt-{}", c.name),
+        title: c.title.clone(),
+        command: format!(
+            "cargo run --release -p benchmarks -- compare-cmdline --name {} --title '…' {} \
+             --runs {} --warmup {}{}",
+            c.name,
+            args.join(" "),
+            ctx.runs,
+            ctx.warmup,
+            ctx.under_test_args
+        ),
+        finished_utc: utc_now(),
+        machine: ctx.machine.clone(),
+        under_test: ctx.under_test.describe(),
+        warmup: ctx.warmup,
+        runs: ctx.runs,
+        load_average: String::new(),
+        series,
+        outcomes,
+        notes,
+    })
+}

@@ -24,7 +24,11 @@ pub struct PhaseTimings {
 /// `sge_virtualizer run --backend <backend> -n --timings -- <job…>`, stdout and stderr piped.
 pub fn command(ut: &UnderTest, backend: &str, job: &[&str]) -> Command {
     let mut cmd = Command::new(&ut.shepherd);
-    cmd.args(["run", "--backend", backend, "-n", "--timings", "--"])
+    cmd.args(["run", "--backend", backend, "-n", "--timings"]);
+    if !ut.extra_cmdline.is_empty() {
+        cmd.args(["--cmdline", &ut.extra_cmdline]);
+    }
+    cmd.arg("--")
         .args(job)
         .env("SGE_VIRTUALIZER_KERNEL", &ut.kernel)
         .env("SGE_VIRTUALIZER_INITRD", &ut.initrd)
