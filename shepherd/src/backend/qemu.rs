@@ -74,17 +74,33 @@ impl QemuBackend {
     }
 }
 
-fn with_credentials(cmd: &mut Command, creds: Option<&VmmCredentials>) {
-    let Some(c) = creds.cloned() else { return };
+/// Prepares a helper process (QEMU, the vsock daemon): the job's credentials if given, and
+/// death with the shepherd. A shepherd that is killed outright (SIGKILL: no destructor runs)
+/// must not leave its VM or daemon behind. The parent-death signal is tied to the thread that
+/// spawns the child, which is the thread that runs the job to its end.
+fn prepare_helper(cmd: &mut Command, creds: Option<&VmmCredentials>) {
+    let creds = creds.cloned();
+    // SAFETY: getpid has no preconditions.
+    let shepherd = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
     // on data captured by value.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
-                || libc::setgid(c.gid) < 0
-                || libc::setuid(c.uid) < 0
-            {
+            if let Some(c) = &creds {
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
+                    || libc::setgid(c.gid) < 0
+                    || libc::setuid(c.uid) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // After the credential change, which clears the parent-death signal.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != shepherd {
+                // The shepherd died before the signal was armed.
+                libc::_exit(1);
             }
             Ok(())
         });
@@ -171,7 +187,7 @@ impl VmBackend for QemuBackend {
             .stdin(Stdio::null())
             .stdout(daemon_log.try_clone()?)
             .stderr(daemon_log);
-        with_credentials(&mut daemon_cmd, spec.credentials.as_ref());
+        prepare_helper(&mut daemon_cmd, spec.credentials.as_ref());
         let mut daemon = daemon_cmd
             .spawn()
             .map_err(|e| BackendError::Start(format!("{}: {e}", self.vhost_vsock.display())))?;
@@ -222,7 +238,7 @@ impl VmBackend for QemuBackend {
             .stdin(Stdio::null())
             .stdout(qemu_log.try_clone()?)
             .stderr(qemu_log);
-        with_credentials(&mut qemu_cmd, spec.credentials.as_ref());
+        prepare_helper(&mut qemu_cmd, spec.credentials.as_ref());
         let qemu = match qemu_cmd.spawn() {
             Ok(q) => q,
             Err(e) => {
