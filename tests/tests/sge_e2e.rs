@@ -20,6 +20,9 @@ use integration_tests::{repo_root, report_skip, sge_virtualizer_bin};
 const TEST_ROOT: &str = "/var/tmp/sge_virtualizer-e2e";
 const JOB_USER: &str = "sgetest";
 const SPOOL: &str = "/var/spool/gridengine/execd";
+/// The OS image store the cell's jobs use (the image tests build bullseye and bookworm there;
+/// building is cached).
+const IMAGE_STORE: &str = "/var/lib/sge_virtualizer/images";
 /// The queue notify time sge-cell.sh configures (`SGE_CELL_NOTIFY`).
 const NOTIFY_SECS: u64 = 5;
 
@@ -123,6 +126,8 @@ impl Cell {
             &settings,
             format!(
                 "kernel = \"{r}/vmlinux\"\ninitramfs = \"{r}/initramfs.cpio\"\nbackend = \"qemu\"\n\
+                 image_store = \"{IMAGE_STORE}\"\njob_images = [\"bookworm\", \"nosuch\"]\n\
+                 [queues.\"bullseye.q\"]\nimage = \"bullseye\"\n\
                  [queues.\"nokernel.q\"]\nkernel = \"{r}/missing/vmlinux\"\n\
                  [queues.\"badvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n",
                 r = TEST_ROOT
@@ -153,7 +158,7 @@ impl Cell {
             host,
             guest_release,
         };
-        for q in ["nokernel.q", "badvm.q", "settings.q"] {
+        for q in ["nokernel.q", "badvm.q", "settings.q", "bullseye.q"] {
             cell.add_queue(q, &[]);
         }
         let root = Path::new(TEST_ROOT);
@@ -1118,6 +1123,138 @@ fn a_shell_missing_in_the_guest_is_the_jobs_error() {
             error.starts_with("sge_virtualizer: the job could not be started in the VM"),
             "error file: {error:?}"
         );
+        assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+        c.qdel(job);
+    });
+}
+
+/// Builds (or finds, cached) OS image `name` from Debian `suite` in [`IMAGE_STORE`]; `Err` says
+/// why the test cannot run (debootstrap cannot reach the mirror).
+fn ensure_image(suite: &str) -> Result<(), String> {
+    let out = run(Command::new(sge_virtualizer_bin()).args([
+        "image",
+        "build",
+        "--debootstrap",
+        suite,
+        suite,
+        "--store",
+        IMAGE_STORE,
+    ]));
+    if out.status.success() {
+        return Ok(());
+    }
+    let t = text(&out);
+    if [
+        "Failed getting release file",
+        "Couldn't download",
+        "Temporary failure resolving",
+    ]
+    .iter()
+    .any(|m| t.contains(m))
+    {
+        return Err(format!("debootstrap cannot reach the Debian mirror: {t}"));
+    }
+    panic!("image build {suite}: {t}");
+}
+
+/// Runs `body` when the cell and the named images are there, or says why not.
+fn with_cell_and_images(test: &str, suites: &[&str], body: impl FnOnce(&Cell)) {
+    with_cell(test, |c| {
+        for suite in suites {
+            if let Err(why) = ensure_image(suite) {
+                report_skip(test, &why);
+                return;
+            }
+        }
+        body(c)
+    });
+}
+
+#[test]
+fn a_queue_with_a_bullseye_image_runs_its_jobs_in_debian_11() {
+    let test = "a_queue_with_a_bullseye_image_runs_its_jobs_in_debian_11";
+    with_cell_and_images(test, &["bullseye"], |c| {
+        let dir = c.work_dir("bullseyeq");
+        c.script(
+            &dir,
+            "job.sh",
+            "#!/bin/sh\ncat /etc/debian_version\nreadlink -f /bin/sh\ncat input.txt > output.txt\n",
+        );
+        std::fs::write(dir.join("input.txt"), "from the host\n").unwrap();
+        let job = c.qsub(
+            &dir,
+            &["-q", "bullseye.q", "-o", "out.txt", "-j", "y", "job.sh"],
+        );
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap();
+        let host = std::fs::read_to_string("/etc/debian_version").unwrap();
+        assert!(out.starts_with("11."), "job output: {out:?}");
+        assert!(
+            !host.starts_with("11."),
+            "host must not be Debian 11: {host}"
+        );
+        assert!(out.contains("dash"), "the image's own /bin/sh: {out:?}");
+        let made = dir.join("output.txt");
+        assert_eq!(std::fs::read_to_string(&made).unwrap(), "from the host\n");
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&made).unwrap());
+        let user = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
+        assert_eq!(owner, user.uid.as_raw());
+    });
+}
+
+#[test]
+fn jobs_in_two_images_run_at_the_same_time() {
+    let test = "jobs_in_two_images_run_at_the_same_time";
+    with_cell_and_images(test, &["bullseye", "bookworm"], |c| {
+        let dir = c.work_dir("twoimages");
+        // Each job marks that it runs, then waits for the other's mark: both finish only if
+        // they ran at the same time.
+        let body = |me: &str, other: &str| {
+            format!(
+                "#!/bin/sh\ntouch {me}.running\ni=0\nwhile [ ! -e {other}.running ]; do\n\
+                 sleep 0.2; i=$((i+1)); [ $i -gt 600 ] && exit 3\ndone\ncat /etc/debian_version\n"
+            )
+        };
+        c.script(&dir, "a.sh", &body("a", "b"));
+        c.script(&dir, "b.sh", &body("b", "a"));
+        let a = c.qsub(&dir, &["-q", "bullseye.q", "-o", "a.out", "a.sh"]);
+        let b = c.qsub(
+            &dir,
+            &["-v", "SGE_VM_IMAGE=bookworm", "-o", "b.out", "b.sh"],
+        );
+        for job in [a, b] {
+            let rec = c.wait_accounting(job, 1, JOB_WAIT * 2);
+            assert_eq!(number(&rec[0], "exit_status"), 0.0, "{rec:?}");
+        }
+        let a_out = std::fs::read_to_string(dir.join("a.out")).unwrap();
+        let b_out = std::fs::read_to_string(dir.join("b.out")).unwrap();
+        assert!(a_out.starts_with("11."), "{a_out:?}");
+        assert!(b_out.starts_with("12."), "{b_out:?}");
+    });
+}
+
+#[test]
+fn an_unknown_image_is_the_jobs_error_not_the_queues() {
+    with_cell("an_unknown_image_is_the_jobs_error_not_the_queues", |c| {
+        let dir = c.work_dir("unknownimage");
+        // allowed by the settings, but no such image in the store
+        let job = c.qsub(&dir, &["-v", "SGE_VM_IMAGE=nosuch", "-b", "y", "/bin/true"]);
+        let start = Instant::now();
+        while c.job_state(job).as_deref() != Some("Eqw") {
+            assert!(
+                start.elapsed() < JOB_WAIT,
+                "job {job} not in Eqw: {:?}",
+                c.job_state(job)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let error = c.active_file(job, "error").unwrap_or_default();
+        assert!(
+            error.starts_with("sge_virtualizer: ") && error.contains("nosuch"),
+            "error file: {error:?}"
+        );
+        assert_exit_status_written(c, job);
         assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
         c.qdel(job);
     });
