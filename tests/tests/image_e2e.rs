@@ -14,7 +14,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use integration_tests::{guest_image_dir, sge_virtualizer_bin};
+use integration_tests::{guest_image_dir, report_skip, sge_virtualizer_bin};
 
 /// Where a job user's VM helpers can be executed from (not root's ~/.cargo/bin).
 const SHARED_VHOST_VSOCK: &str = "/usr/local/bin/vhost-device-vsock";
@@ -42,7 +42,7 @@ const MIRROR_UNREACHABLE: [&str; 6] = [
 /// Builds (or finds) image `name` from `suite` in the store. `None`: the test must skip.
 fn ensure_image(suite: &str, name: &str) -> Option<Output> {
     if !is_root() {
-        println!("SKIPPED: building an OS image needs root (debootstrap)");
+        report_skip("image_e2e", "building an OS image needs root (debootstrap)");
         return None;
     }
     let out = Command::new(sge_virtualizer_bin())
@@ -55,7 +55,10 @@ fn ensure_image(suite: &str, name: &str) -> Option<Output> {
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     if MIRROR_UNREACHABLE.iter().any(|m| stderr.contains(m)) {
-        println!("SKIPPED: debootstrap cannot reach the Debian mirror: {stderr}");
+        report_skip(
+            "image_e2e",
+            &format!("debootstrap cannot reach the Debian mirror: {stderr}"),
+        );
         return None;
     }
     panic!("image build {suite} {name} failed: {out:?}");
@@ -176,7 +179,10 @@ fn store_with_image(name: &str, image_file: &Path) -> tempfile::TempDir {
 fn a_job_in_a_bullseye_image_sees_debian_11_on_a_debian_12_host() {
     let host = std::fs::read_to_string("/etc/debian_version").unwrap_or_default();
     if !host.starts_with("12") {
-        println!("SKIPPED: the host is not Debian 12 (/etc/debian_version {host:?})");
+        report_skip(
+            "image_e2e",
+            &format!("the host is not Debian 12 (/etc/debian_version {host:?})"),
+        );
         return;
     }
     let Some(first) = ensure_image("bullseye", "bullseye") else {
@@ -510,7 +516,7 @@ fn the_embedded_backend_says_it_cannot_attach_images_yet() {
 #[test]
 fn an_unreachable_mirror_is_a_clear_build_error_that_leaves_no_image() {
     if !is_root() {
-        println!("SKIPPED: building an OS image needs root (debootstrap)");
+        report_skip("image_e2e", "building an OS image needs root (debootstrap)");
         return;
     }
     let bin = sge_virtualizer_bin();

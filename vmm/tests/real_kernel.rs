@@ -14,6 +14,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// Says that the test did not run and why, straight to stderr, past the harness's capture.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
+}
+
 use vmm::{CpuFeature, SerialSink, Vm, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 
 /// Under 10 minutes in CI even on an emulating host.
@@ -32,9 +38,7 @@ fn guest_kernel() -> Option<PathBuf> {
 #[test]
 fn slow_real_kernel_smoke_boots_to_init_with_vsock_driver_ok() {
     let Some(kernel) = guest_kernel() else {
-        eprintln!(
-            "SKIPPED: no guest kernel (set SGE_VM_KERNEL or run scripts/build-guest-image.sh)"
-        );
+        skipped("no guest kernel (set SGE_VM_KERNEL or run scripts/build-guest-image.sh)");
         return;
     };
     if std::fs::OpenOptions::new()
@@ -43,7 +47,7 @@ fn slow_real_kernel_smoke_boots_to_init_with_vsock_driver_ok() {
         .open("/dev/kvm")
         .is_err()
     {
-        eprintln!("SKIPPED: /dev/kvm cannot be opened");
+        skipped("/dev/kvm cannot be opened");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -42,7 +42,7 @@ pub fn kvm_available() -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm cannot be opened: {e}");
+            skipped(&format!("/dev/kvm cannot be opened: {e}"));
             false
         }
     }
@@ -56,4 +56,11 @@ pub fn tiny_config(guest: &Path) -> vmm::VmConfig {
         capacity: 64 * 1024,
     };
     c
+}
+
+/// Says that a test did not run and why, straight to the process's stderr: past the test
+/// harness's capture, which hides `eprintln!` of passing tests.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
 }
