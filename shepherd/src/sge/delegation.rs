@@ -96,9 +96,11 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
+        // SAFETY: the child only execs or leaves with _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
                 let _ = exec_stock(&fake, OsStr::new("sge_shepherd-7"));
+                // SAFETY: _exit ends the forked child without running the parent's destructors.
                 unsafe { libc::_exit(9) };
             }
             nix::unistd::ForkResult::Parent { child } => {

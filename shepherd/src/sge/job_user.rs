@@ -218,6 +218,7 @@ mod tests {
         )
         .unwrap();
         // credentials are per process: switch them in a child, not under the other test threads
+        // SAFETY: the child only runs this test's code and leaves with _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
                 let refused = u
@@ -225,6 +226,7 @@ mod tests {
                     .is_err_and(|e| e.raw_os_error() == Some(libc::EACCES));
                 let root_again = nix::unistd::geteuid().is_root()
                     && std::fs::write(tmp.path().join("y"), "ok").is_ok();
+                // SAFETY: _exit ends the forked child without running the parent's destructors.
                 unsafe { libc::_exit(if refused && root_again { 0 } else { 1 }) };
             }
             nix::unistd::ForkResult::Parent { child } => {

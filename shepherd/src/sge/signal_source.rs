@@ -63,6 +63,7 @@ mod tests {
     #[test]
     fn reads_a_pending_blocked_signal() {
         // run in a child: the mask and the signal are per process
+        // SAFETY: the child only runs this test's code and leaves with _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
                 let ok = (|| {
@@ -77,6 +78,7 @@ mod tests {
                         && !got.contains(&libc::SIGHUP))
                     .then_some(())
                 })();
+                // SAFETY: _exit ends the forked child without running the parent's destructors.
                 unsafe { libc::_exit(if ok.is_some() { 0 } else { 1 }) };
             }
             nix::unistd::ForkResult::Parent { child } => {
