@@ -33,6 +33,8 @@ const JOB_NAME: &str = "bench_true";
 /// One line per dispatched benchmark job: `<job id> <mode>`, to check each run went where
 /// it should (another user of the cell may change shepherd_cmd meanwhile).
 const DISPATCH_LOG: &str = "dispatch.log";
+/// One line per start of the dispatcher, ours or not (argv[0], cwd, decision).
+const DEBUG_LOG: &str = "dispatch-debug.log";
 const STOCK_SHEPHERD: &str = "/usr/sbin/sge_shepherd";
 /// The job user of the cell (scripts/sge-cell.sh).
 const JOB_USER: &str = "sgetest";
@@ -60,12 +62,10 @@ pub fn dispatch() -> anyhow::Result<()> {
             .lines()
             .find_map(|l| l.strip_prefix("job_id="))
             .unwrap_or("?");
-        let line = format!("{job_id} {}\n", mode.trim());
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(DISPATCH_LOG))
-            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+        append_line(
+            &dir.join(DISPATCH_LOG),
+            &format!("{job_id} {}", mode.trim()),
+        );
         mode
     } else {
         let previous = std::fs::read_to_string(dir.join(PREVIOUS_FILE)).unwrap_or_default();
@@ -74,6 +74,18 @@ pub fn dispatch() -> anyhow::Result<()> {
             other => format!("exec {other}"),
         }
     };
+    // Every start, ours or not, for diagnosing where execd runs shepherds.
+    let cwd = std::env::current_dir().unwrap_or_default();
+    append_line(
+        &dir.join(DEBUG_LOG),
+        &format!(
+            "argv0={} cwd={} config_lines={} ours={ours} mode={}",
+            argv0.to_string_lossy(),
+            cwd.display(),
+            config.lines().count(),
+            mode.trim()
+        ),
+    );
     let mut cmd = if mode.trim() == "stock" {
         Command::new(STOCK_SHEPHERD)
     } else if let Some(other) = mode.strip_prefix("exec ") {
@@ -85,6 +97,14 @@ pub fn dispatch() -> anyhow::Result<()> {
     };
     let err = cmd.arg0(argv0).args(args).exec();
     Err(err).context("exec of the shepherd failed")
+}
+
+fn append_line(path: &Path, line: &str) {
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
 }
 
 fn sh(cmd: &str) -> anyhow::Result<String> {
@@ -307,6 +327,20 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     scope.set(&dispatcher.to_string_lossy())?;
     // execd picks the configuration change up with its next load report.
     std::thread::sleep(std::time::Duration::from_secs(5));
+    // One probe job: if execd did not start it through the dispatcher, the switch did not
+    // take effect and every measurement would be of some other shepherd.
+    if let Err(e) = qsub_true("stock") {
+        let now = scope.current().unwrap_or_default();
+        if now == dispatcher.to_string_lossy() {
+            let _ = scope.set(&previous);
+        }
+        bail!(
+            "execd did not start a probe job through the new shepherd_cmd ({e:#}); on this \
+             shared cell the {} change did not reach execd's job starts. Measure on a cell of \
+             your own (scripts/sge-cell.sh start; bench-report gridengine).",
+            scope.name()
+        );
+    }
     let mut variants = vec![
         Variant::new("stock sge_shepherd", "ms", || qsub_true("stock")),
         Variant::new("sge_virtualizer (QEMU backend, TCG)", "ms", || {
