@@ -198,8 +198,9 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         outcomes,
         notes: vec![
             "Each step timed alone with the monotonic clock, in this process, with kvm-ioctls; \
-             no guest code runs. set_up_total and tear_down_total are the sums: the least any \
-             VMM pays on this host before the first KVM_RUN and after the guest stops."
+             no guest code runs. set_up_total and tear_down_total are the sums: what a VMM \
+             pays on this host for these steps, in this order, before the first KVM_RUN and \
+             after the guest stops."
                 .into(),
             "The second KVM-only variant registers guest RAM right after KVM_CREATE_VM, before \
              the TSS, IRQ chip and PIT (the vmm crate does it after them): does the order \
