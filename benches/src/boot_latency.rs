@@ -73,7 +73,8 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         finished_utc: utc_now(),
         machine: ctx.machine.clone(),
         under_test: format!(
-            "the vmm crate as compiled into this bench-report; QEMU {}",
+            "the vmm crate as compiled into this bench-report (workspace at {} when run); QEMU {}",
+            crate::context::workspace_describe(),
             ctx.machine.qemu_version
         ),
         warmup: ctx.warmup,

@@ -107,6 +107,18 @@ impl BenchContext {
     }
 }
 
+/// `git describe --always --dirty` of the workspace (at run time).
+pub fn workspace_describe() -> String {
+    Command::new("git")
+        .arg("-C")
+        .arg(workspace_root())
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The workspace root: the parent of this package's directory.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -188,8 +188,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         finished_utc: utc_now(),
         machine: ctx.machine.clone(),
         under_test: format!(
-            "this host's /dev/kvm (modules: {})",
-            ctx.machine.kvm_modules.join(", ")
+            "this host's /dev/kvm (modules: {}); the vmm crate as compiled into this \
+             bench-report (workspace at {} when run)",
+            ctx.machine.kvm_modules.join(", "),
+            crate::context::workspace_describe()
         ),
         warmup: ctx.warmup,
         runs: ctx.runs,

@@ -30,13 +30,15 @@ const CHART_FILE: &str = "phases.png";
 const SUGGESTIONS: &str = "\
 ## What to optimise next (owners: vmm/, shepherd/, guest-agent/)
 
-* **Embedded VMM set-up: apply `benches/patches/vmm-register-ram-before-irqchip.patch`** \
-  (Optimisations; sections 6 and 7). On this host KVM_SET_USER_MEMORY_REGION is expensive when \
-  it follows KVM_CREATE_IRQCHIP/PIT2 and cheap when it comes first; everything else the VMM does \
-  before the first KVM_RUN is small next to it. Re-measure on a hardware-KVM host, where the \
-  order may not matter, before relying on it there.
+* **Embedded VMM set-up: guest RAM registered before the IRQ chip** \
+  (`benches/patches/vmm-register-ram-before-irqchip.patch`, measured in Optimisations; the vmm \
+  crate adopted it in 5b3956a, so sections 1, 3, 6 and 7 measure it when rerun from a tree \
+  that has it). On this host KVM_SET_USER_MEMORY_REGION is expensive when it follows \
+  KVM_CREATE_IRQCHIP/PIT2 and cheap when it comes first. Re-measure on a hardware-KVM host, \
+  where the order may not matter.
 * **Embedded VMM tear-down** (section 1: exit_seen → vm_gone; section 7: closing the VM fd is \
-  nearly all of it, and more with the patch's order). Take it off the job's critical path: the \
+  nearly all of it, it varies widely from run to run on this host, and registering RAM first \
+  can move time from set-up to tear-down). Take it off the job's critical path: the \
   shepherd can report the exit status first and drop the `VmHandle` afterwards (or on a helper \
   thread). Also start the VM (`Vm::start`) in parallel with the shepherd's host-side work \
   (prolog, pe_start, output files) instead of after it. On cgroup v2 hosts with Linux 6.1+, \

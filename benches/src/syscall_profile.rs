@@ -119,7 +119,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         command: ctx.reproduce("profile"),
         finished_utc: utc_now(),
         machine: ctx.machine.clone(),
-        under_test: "the vmm crate as compiled into this bench-report".into(),
+        under_test: format!(
+            "the vmm crate as compiled into bench-vm (workspace at {} when run)",
+            crate::context::workspace_describe()
+        ),
         warmup: ctx.warmup,
         runs: ctx.runs,
         load_average: String::new(),
