@@ -45,8 +45,8 @@ const SUGGESTIONS: &str = "\
   apply Firecracker's `favordynmods` advice before measuring KVM costs inside job cgroups.
 * **QEMU backend end of job** (section 2: job_exited → vm_gone, and its p90). After the Ack the \
   shepherd waits for the agent to close the vsock connection, then 50 ms, then kills QEMU. \
-  When the close is slow to arrive (vhost-device-vsock close/half-close handling), the job's \
-  end waits for it. An explicit final frame from the agent after it has synced (instead of \
+  If the close is slow to arrive (a suspect: vhost-device-vsock's close/half-close handling; \
+  not measured here), the job's end waits for it. An explicit final frame from the agent after it has synced (instead of \
   relying on the connection close, as the architecture's wire-protocol rules ask) would bound \
   this phase.
 * **Relay throughput** (section 4a: relayed vs /dev/null). The relay path costs several times \
@@ -67,15 +67,17 @@ const SUGGESTIONS: &str = "\
 * Everything that needs a Linux user space under the embedded VMM: the job's first \
   instruction ≤ 15 ms target, the embedded backend's end-to-end phases, relay throughput and \
   signal latency with the embedded backend. This host's /dev/kvm has no vmx/svm: guest ring-0 \
-  code is emulated in software (see Machine), so a Linux guest needs minutes to reach init and \
-  its first system call faults. The harness measures those variants automatically on a host \
+  code is emulated in software (see Machine); per shared/reference/kvm-on-these-machines.md a \
+  Linux guest then needs minutes to reach init and its first system call faults. The harness measures those variants automatically on a host \
   where `vmm::kvm_can_run_linux()` says yes.
 * One-way signal latency: the guest clock is not synchronised with the host's (and runs at \
   TCG's pace); section 4b gives the round trip instead.
 * Hardware-KVM numbers for QEMU: QEMU's `-accel kvm` here runs on the same software-emulated \
   KVM, so its firmware and PVH entry run slowly too; section 1 labels both QEMU accelerators.
-* Grid Engine comparison, when the shared cell was busy: the benchmark refuses to switch \
-  `shepherd_cmd` while other jobs run or while someone else changes it, and says so in section 5.
+* Grid Engine comparison (section 5) on the shared cell: the benchmark refuses to switch \
+  `shepherd_cmd` while other users' jobs run, checks with a probe job that execd really starts \
+  jobs through the new value, restores the old value, and says in section 5 why it could not \
+  measure. Run it on a cell of your own.
 ";
 
 fn fmt(v: f64) -> String {
