@@ -27,7 +27,7 @@ pub fn sge_virtualizer_bin() -> PathBuf {
     let bin = profile_dir.join("sge_virtualizer");
     assert!(
         bin.is_file(),
-        "{} not built: run the tests with `cargo test --workspace`",
+        "{} not built: `cargo build -p shepherd` first (scripts/test.sh does)",
         bin.display()
     );
     bin
