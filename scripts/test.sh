@@ -14,4 +14,4 @@ echo "--- cargo build --workspace --bins (the end-to-end tests run the built sge
 cargo build --workspace --bins
 echo "--- cargo test --workspace" >&2
 # Two test threads: each VM test boots a guest under software emulation, on two cores.
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2
