@@ -282,6 +282,34 @@ pub fn findings(results: &[BenchResult]) -> Vec<String> {
             ));
         }
     }
+    if let Some(ge) = get("gridengine") {
+        let stock = "stock sge_shepherd";
+        let virt = ge
+            .variants()
+            .into_iter()
+            .find(|v| v.starts_with("sge_virtualizer"));
+        if let (Some(v), Some(s)) = (virt, ge.series(stock, "wall")) {
+            if let (Some(vs), Some(sm), Some(vm)) = (
+                ge.series(v, "wall"),
+                median(ge, stock, "wall"),
+                median(ge, v, "wall"),
+            ) {
+                let slow = |x: &[f64]| x.iter().filter(|w| **w >= 1500.0).count();
+                out.push(format!(
+                    "Grid Engine: qsub -sync y takes {} with the stock shepherd and {} with \
+                     sge_virtualizer (medians); runs of 1.5 s or more: {} of {} against {} of {}. \
+                     With the cell's 1 s scheduling interval the wall time comes in steps of \
+                     about a second, and the VM's boot mostly fits inside the same step.",
+                    ms(sm),
+                    ms(vm),
+                    slow(&s.samples),
+                    s.samples.len(),
+                    slow(&vs.samples),
+                    vs.samples.len()
+                ));
+            }
+        }
+    }
     if let Some(sig) = get("signal") {
         if let (Some(h), Some(q)) = (
             median(sig, "host shell (no VM)", "round_trip"),

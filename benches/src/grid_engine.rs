@@ -281,8 +281,8 @@ fn qsub_true(mode: &str) -> anyhow::Result<Sample> {
     let log = std::fs::read_to_string(Path::new(BENCH_DIR).join(DISPATCH_LOG)).unwrap_or_default();
     if !log.lines().any(|l| l == format!("{job_id} {mode}")) {
         bail!(
-            "job {job_id} did not pass the dispatcher in mode {mode} (shepherd_cmd changed by \
-             another user of the cell?)"
+            "job {job_id} was not recorded by the dispatcher in mode {mode} (shepherd_cmd not \
+             in force for it, or the dispatcher could not write its log)"
         );
     }
     Ok(vec![("wall", ms)])
@@ -323,7 +323,12 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         bail!("shepherd_cmd already is {previous} (left from an interrupted run?); reset it first");
     }
     std::fs::write(Path::new(BENCH_DIR).join(PREVIOUS_FILE), &previous)?;
-    std::fs::write(Path::new(BENCH_DIR).join(DISPATCH_LOG), "")?;
+    // execd may start shepherds under its admin user's effective uid: let any uid append.
+    for log in [DISPATCH_LOG, DEBUG_LOG] {
+        let path = Path::new(BENCH_DIR).join(log);
+        std::fs::write(&path, "")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    }
     scope.set(&dispatcher.to_string_lossy())?;
     // execd picks the configuration change up with its next load report.
     std::thread::sleep(std::time::Duration::from_secs(5));
@@ -335,9 +340,8 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
             let _ = scope.set(&previous);
         }
         bail!(
-            "execd did not start a probe job through the new shepherd_cmd ({e:#}); on this \
-             shared cell the {} change did not reach execd's job starts. Measure on a cell of \
-             your own (scripts/sge-cell.sh start; bench-report gridengine).",
+            "a probe job did not go through the dispatcher ({e:#}) after setting shepherd_cmd in \
+             the cell's {}; see {BENCH_DIR}/{DEBUG_LOG}",
             scope.name()
         );
     }

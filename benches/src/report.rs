@@ -74,10 +74,10 @@ const SUGGESTIONS: &str = "\
   TCG's pace); section 4b gives the round trip instead.
 * Hardware-KVM numbers for QEMU: QEMU's `-accel kvm` here runs on the same software-emulated \
   KVM, so its firmware and PVH entry run slowly too; section 1 labels both QEMU accelerators.
-* Grid Engine comparison (section 5) on the shared cell: the benchmark refuses to switch \
-  `shepherd_cmd` while other users' jobs run, checks with a probe job that execd really starts \
-  jobs through the new value, restores the old value, and says in section 5 why it could not \
-  measure. Run it on a cell of your own.
+* Grid Engine with the embedded backend (section 5 uses the QEMU backend here, for the same \
+  reason). On a shared cell the benchmark refuses to switch `shepherd_cmd` while other users' \
+  jobs run, checks with a probe job that execd starts jobs through the new value, restores the \
+  old value afterwards, and says in section 5 when it could not measure.
 ";
 
 fn fmt(v: f64) -> String {
