@@ -164,6 +164,22 @@ fn disk_and_share_args(spec: &VmSpec) -> Vec<String> {
     args
 }
 
+impl QemuBackend {
+    /// The kernel command line for this backend: microvm has no i8042 to pulse, so a
+    /// triple-fault reset ends it (with -no-reboot) about a second sooner than the
+    /// keyboard-controller method's fallbacks. Under TCG with one vCPU, `noapictimer` skips
+    /// the emulated APIC timer's calibration, about 0.2 s of every boot
+    /// (benches/REPORT.md, compare-cmdline); with more vCPUs it gains nothing.
+    fn cmdline(&self, spec: &VmSpec) -> String {
+        let tcg_single = self.accel == "tcg" && spec.vcpus <= 1;
+        format!(
+            "reboot=t {}{}",
+            if tcg_single { "noapictimer " } else { "" },
+            spec.cmdline
+        )
+    }
+}
+
 impl VmBackend for QemuBackend {
     fn name(&self) -> &'static str {
         "qemu"
@@ -232,9 +248,7 @@ impl VmBackend for QemuBackend {
             .arg(&spec.kernel)
             .arg("-initrd")
             .arg(&spec.initrd)
-            // microvm has no i8042 to pulse: a triple-fault reset ends it (with -no-reboot)
-            // about a second sooner than the keyboard-controller method's fallbacks.
-            .args(["-append", &format!("reboot=t {}", spec.cmdline)])
+            .args(["-append", &self.cmdline(spec)])
             .stdin(Stdio::null())
             .stdout(qemu_log.try_clone()?)
             .stderr(qemu_log);
