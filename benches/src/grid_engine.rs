@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use crate::clock::{monotonic_ns, ms_between};
 use crate::context::{workspace_root, BenchContext};
 use crate::interleave::{run_interleaved, Sample, Variant};
-use crate::results::{utc_now, BenchResult};
+use crate::results::BenchResult;
 
 /// Where the dispatcher, its mode file and the copies of the binary and image live (execd
 /// must be able to reach them as the admin user, and the job user must read the image).
@@ -387,18 +387,12 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     if let Err(e) = restored {
         notes.push(format!("restoring shepherd_cmd failed: {e:#}"));
     }
-    Ok(BenchResult {
-        id: "gridengine".into(),
-        title: "Grid Engine: qsub -sync y -b y /bin/true, stock shepherd vs sge_virtualizer".into(),
-        command: ctx.reproduce("gridengine"),
-        finished_utc: utc_now(),
-        machine: ctx.machine.clone(),
-        under_test: ctx.under_test.describe(),
-        warmup: ctx.warmup,
-        runs: ctx.runs,
-        load_average: String::new(),
+    Ok(BenchResult::measured(
+        ctx,
+        "gridengine",
+        "Grid Engine: qsub -sync y -b y /bin/true, stock shepherd vs sge_virtualizer",
         series,
         outcomes,
         notes,
-    })
+    ))
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use crate::clock::{monotonic_ns, ms_between};
 use crate::context::{BenchContext, UnderTest};
 use crate::interleave::{run_interleaved, Sample, Variant};
-use crate::results::{utc_now, BenchResult};
+use crate::results::BenchResult;
 use crate::shepherd_run;
 
 /// The phases of `--timings`, in order, with the report's names.
@@ -116,18 +116,12 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     );
     let (series, outcomes) = run_interleaved(&mut variants, ctx.warmup, ctx.runs);
     drop(variants);
-    Ok(BenchResult {
-        id: "job".into(),
-        title: "sge_virtualizer run -- /bin/true end to end, phase by phase".into(),
-        command: ctx.reproduce("job"),
-        finished_utc: utc_now(),
-        machine: ctx.machine.clone(),
-        under_test: ctx.under_test.describe(),
-        warmup: ctx.warmup,
-        runs: ctx.runs,
-        load_average: String::new(),
+    Ok(BenchResult::measured(
+        ctx,
+        "job",
+        "sge_virtualizer run -- /bin/true end to end, phase by phase",
         series,
         outcomes,
         notes,
-    })
+    ))
 }

@@ -11,7 +11,7 @@ use crate::embedded_vm;
 use crate::interleave::{run_interleaved, Variant};
 use crate::proc_memory::{children, comm, resident_split, ResidentSplit};
 use crate::qemu_microvm::{self, Accel};
-use crate::results::{utc_now, BenchResult};
+use crate::results::BenchResult;
 use crate::shepherd_run;
 use crate::tiny_guest::{self, AfterSignal};
 
@@ -175,18 +175,12 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
             "QEMU backend with the Linux guest not measured: {e:#}"
         )),
     }
-    Ok(BenchResult {
-        id: "memory".into(),
-        title: "VMM memory overhead after boot".into(),
-        command: ctx.reproduce("memory"),
-        finished_utc: utc_now(),
-        machine: ctx.machine.clone(),
-        under_test: ctx.under_test.describe(),
-        warmup: ctx.warmup,
-        runs: ctx.runs,
-        load_average: String::new(),
+    Ok(BenchResult::measured(
+        ctx,
+        "memory",
+        "VMM memory overhead after boot",
         series,
         outcomes,
         notes,
-    })
+    ))
 }

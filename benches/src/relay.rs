@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use crate::clock::{monotonic_ns, ms_between};
 use crate::context::BenchContext;
 use crate::interleave::{run_interleaved, Sample, Variant};
-use crate::results::{utc_now, BenchResult};
+use crate::results::BenchResult;
 use crate::shepherd_run;
 
 /// Bytes the job writes per run.
@@ -149,18 +149,12 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         }
         .into();
     }
-    Ok(BenchResult {
-        id: "relay".into(),
-        title: "Output relay throughput, guest → host file".into(),
-        command: ctx.reproduce("relay"),
-        finished_utc: utc_now(),
-        machine: ctx.machine.clone(),
-        under_test: ctx.under_test.describe(),
-        warmup: ctx.warmup,
-        runs: ctx.runs,
-        load_average: String::new(),
+    Ok(BenchResult::measured(
+        ctx,
+        "relay",
+        "Output relay throughput, guest → host file",
         series,
         outcomes,
         notes,
-    })
+    ))
 }

@@ -60,8 +60,16 @@ pub struct BenchResult {
 }
 
 impl BenchResult {
-    /// A result that records why a benchmark could not run.
-    pub fn not_measured(ctx: &BenchContext, id: &str, title: &str, why: &str) -> BenchResult {
+    /// A result of benchmark `id` run just now in `ctx`, reproduced by `ctx.reproduce(id)` and
+    /// measuring `ctx`'s software under test (callers override fields that differ).
+    pub fn measured(
+        ctx: &BenchContext,
+        id: &str,
+        title: &str,
+        series: Vec<Series>,
+        outcomes: Vec<VariantOutcome>,
+        notes: Vec<String>,
+    ) -> BenchResult {
         BenchResult {
             id: id.into(),
             title: title.into(),
@@ -72,10 +80,22 @@ impl BenchResult {
             warmup: ctx.warmup,
             runs: ctx.runs,
             load_average: String::new(),
-            series: Vec::new(),
-            outcomes: Vec::new(),
-            notes: vec![format!("Not measured: {why}")],
+            series,
+            outcomes,
+            notes,
         }
+    }
+
+    /// A result that records why a benchmark could not run.
+    pub fn not_measured(ctx: &BenchContext, id: &str, title: &str, why: &str) -> BenchResult {
+        BenchResult::measured(
+            ctx,
+            id,
+            title,
+            Vec::new(),
+            Vec::new(),
+            vec![format!("Not measured: {why}")],
+        )
     }
 
     /// The series of `variant`'s `metric`, if measured.

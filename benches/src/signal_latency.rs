@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use crate::clock::{monotonic_ns, ms_between};
 use crate::context::BenchContext;
 use crate::interleave::{run_interleaved, Sample, Variant};
-use crate::results::{utc_now, BenchResult};
+use crate::results::BenchResult;
 use crate::shepherd_run;
 
 /// The job: a shell whose USR1 trap prints a line; `wait` returns at once on a trapped signal.
@@ -146,18 +146,12 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     drop(variants);
     drop(vms);
     drop(host);
-    Ok(BenchResult {
-        id: "signal".into(),
-        title: "Signal round trip: shepherd → job's handler → output back on the host".into(),
-        command: ctx.reproduce("signal"),
-        finished_utc: utc_now(),
-        machine: ctx.machine.clone(),
-        under_test: ctx.under_test.describe(),
-        warmup: ctx.warmup,
-        runs: ctx.runs,
-        load_average: String::new(),
+    Ok(BenchResult::measured(
+        ctx,
+        "signal",
+        "Signal round trip: shepherd → job's handler → output back on the host",
         series,
         outcomes,
         notes,
-    })
+    ))
 }
