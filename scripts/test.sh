@@ -10,6 +10,8 @@ if [ -x scripts/sge-cell.sh ]; then
 fi
 echo "--- cargo fmt --check" >&2
 cargo fmt --all -- --check
+echo "--- cargo clippy --workspace --all-targets -D warnings" >&2
+cargo clippy --workspace --all-targets -- -D warnings
 echo "--- cargo build --workspace --bins (the end-to-end tests run the built sge_virtualizer)" >&2
 cargo build --workspace --bins
 echo "--- cargo test --workspace" >&2
