@@ -44,7 +44,7 @@ pub fn find_program(name: &str, override_var: &str, extra: &[PathBuf]) -> Option
 impl QemuBackend {
     /// Finds `qemu-system-x86_64` and `vhost-device-vsock` (override with
     /// `SGE_VIRTUALIZER_QEMU` / `SGE_VIRTUALIZER_VHOST_VSOCK`; `SGE_VIRTUALIZER_QEMU_ACCEL`
-    /// picks the accelerator, default `tcg`).
+    /// picks the accelerator; by default `kvm` where KVM can run a Linux guest, else `tcg`).
     pub fn locate() -> Result<Self, BackendError> {
         let mut extra = Vec::new();
         if let Some(home) = std::env::var_os("HOME") {
@@ -65,7 +65,15 @@ impl QemuBackend {
                         .into(),
                 )
             })?;
-        let accel = std::env::var("SGE_VIRTUALIZER_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
+        // Jobs with shared directories always take QEMU, so on hosts with hardware
+        // virtualization QEMU must use it too rather than emulate the CPU.
+        let accel = std::env::var("SGE_VIRTUALIZER_QEMU_ACCEL").unwrap_or_else(|_| {
+            if super::embedded::usable().0 {
+                "kvm".into()
+            } else {
+                "tcg".into()
+            }
+        });
         Ok(QemuBackend {
             qemu,
             vhost_vsock,
