@@ -1,5 +1,5 @@
 //! What a caller asks for: [`VmConfig`] (kernel, initrd, command line, memory, vCPUs, console,
-//! vsock, seccomp, CPU features to hide).
+//! vsock, disks, seccomp, CPU features to hide).
 
 use std::path::PathBuf;
 
@@ -25,6 +25,15 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// A virtio-blk disk backed by a host file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image; its size is rounded down to whole 512-byte sectors.
+    pub path: PathBuf,
+    /// Open it read-only and offer VIRTIO_BLK_F_RO (writes are answered IOERR).
+    pub read_only: bool,
+}
+
 /// A microVM to start.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -40,6 +49,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// The virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// virtio-blk disks, in order: the guest sees `/dev/vda`, `/dev/vdb`...
+    pub disks: Vec<DiskConfig>,
     /// Where the serial console goes.
     pub serial: SerialSink,
     /// Install the seccomp filters on the VMM and vCPU threads (see [`crate::seccomp`]).
@@ -50,7 +61,7 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// A VM with 128 MiB, one vCPU, [`DEFAULT_CMDLINE`], no console, no vsock, seccomp on.
+    /// A VM with 128 MiB, one vCPU, [`DEFAULT_CMDLINE`], no console, no vsock, no disks, seccomp on.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
             kernel: kernel.into(),
@@ -59,6 +70,7 @@ impl VmConfig {
             mem_mib: 128,
             vcpus: 1,
             vsock: None,
+            disks: Vec::new(),
             serial: SerialSink::Discard,
             seccomp: true,
             hidden_cpu_features: Vec::new(),

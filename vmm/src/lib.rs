@@ -1,6 +1,7 @@
 //! `vmm`: an embedded KVM microVM monitor on the rust-vmm crates. It boots a Linux kernel (or any
-//! 64-bit ELF) in-process with an 8250 serial console, an i8042 reset line, a boot timer and a
-//! virtio-vsock device whose host side is Unix sockets (Firecracker's hybrid-vsock convention).
+//! 64-bit ELF) in-process with an 8250 serial console, an i8042 reset line, a boot timer, a
+//! virtio-vsock device whose host side is Unix sockets (Firecracker's hybrid-vsock convention),
+//! and virtio-blk disks backed by host files ([`VmConfig::disks`], read-only or read-write).
 //! It knows nothing about Grid Engine.
 //!
 //! # Using it
@@ -44,7 +45,8 @@
 //!
 //! `cargo test -p vmm` runs unit tests, the KVM tests with tiny guests assembled from
 //! `tests/guests/*.S` (serial, i8042 reset, boot timer, triple fault, stop, pause/resume, several
-//! vCPUs, a guest-side virtio-vsock driver against the real device and muxer, hostile chains),
+//! vCPUs, a guest-side virtio-vsock driver against the real device and muxer, hostile chains,
+//! a guest-side virtio-blk driver that reads a host image and is refused a write),
 //! the seccomp checks, a proptest fuzz of the queue + vsock packet path, the backend probe, and
 //! `slow_real_kernel_smoke_*` (the project's guest kernel to `Run /init` and vsock DRIVER_OK; it
 //! prints SKIPPED when no kernel is built). `cargo run -p vmm --release --example
@@ -56,7 +58,7 @@
 //! [`layout`] (guest address map), [`memory`] (guest RAM), [`boot`] (kernel, initrd, zero page,
 //! MP table), [`cpu`] (CPUID, MSRs, registers), `vcpu` (threads, exits, kicks), `lifecycle` (run
 //! state, exit reasons, timestamps), [`devices`] (serial, i8042, boot timer, console),
-//! [`virtio`] (MMIO transport, queues, vsock), `event_loop` (the VMM thread), [`seccomp`],
+//! [`virtio`] (MMIO transport, queues, vsock, block), `event_loop` (the VMM thread), [`seccomp`],
 //! [`probe`], [`resources`].
 
 pub mod boot;
@@ -75,7 +77,7 @@ mod vcpu;
 pub mod virtio;
 mod vm;
 
-pub use config::{VmConfig, VsockConfig, DEFAULT_CMDLINE, MAX_VCPUS};
+pub use config::{DiskConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, MAX_VCPUS};
 pub use cpu::CpuFeature;
 pub use devices::boot_timer::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
 pub use devices::console::SerialSink;

@@ -5,7 +5,8 @@
 //!   on a virtio device reset, thread exit). Queue processing never runs there: the transport
 //!   hands it to the VMM thread through the queue eventfds.
 //! * the VMM thread (the event loop of the virtio devices): epoll, Unix-socket I/O for the vsock
-//!   muxer (`socket` limited to `AF_UNIX`), eventfds, locks, allocation, thread exit.
+//!   muxer (`socket` limited to `AF_UNIX`), positioned file I/O and `fdatasync` for the
+//!   virtio-blk disks, eventfds, locks, allocation, thread exit.
 //!
 //! Each thread installs its filter itself before it runs guest code or handles guest-driven
 //! events. Anything else kills the process (`SECCOMP_RET_KILL_PROCESS`): a VMM thread making an
@@ -74,6 +75,9 @@ const VMM_THREAD: &[i64] = &[
     libc::SYS_fcntl,
     libc::SYS_getrandom,
     libc::SYS_timerfd_settime,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
 ];
 
 fn eq(arg: u8, value: u64) -> Result<SeccompRule, SeccompError> {

@@ -1,6 +1,7 @@
 //! The embedded backend: the in-process KVM VMM of the `vmm` crate. No helper process: the
 //! vCPU threads and the virtio-vsock device run in the shepherd itself, so Grid Engine accounts
-//! the guest's CPU time to the shepherd.
+//! the guest's CPU time to the shepherd. [`VmSpec::root_disk`] becomes a read-only virtio-blk
+//! disk (`/dev/vda`); [`VmSpec::shares`] are refused (no virtio-fs in the VMM yet).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,20 +41,7 @@ impl VmBackend for EmbeddedBackend {
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
         Self::check_credentials(spec)?;
-        let mut config = vmm::VmConfig::new(&spec.kernel);
-        config.initrd = Some(spec.initrd.clone());
-        // The i8042 reset is how the guest ends the VM; no PCI, no modules in our guest.
-        config.cmdline = format!("reboot=k pci=off nomodule {}", spec.cmdline);
-        config.mem_mib = spec.mem_mib.into();
-        config.vcpus = spec.vcpus;
-        config.vsock = Some(vmm::VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: spec.vsock_uds.clone(),
-        });
-        config.serial = vmm::SerialSink::File {
-            path: spec.console_log.clone(),
-            max_bytes: CONSOLE_LOG_MAX,
-        };
+        let config = vm_config(spec)?;
         let handle = vmm::Vm::start(config).map_err(|e| BackendError::Start(e.to_string()))?;
         Ok(Box::new(EmbeddedVm {
             handle: Arc::new(handle),
@@ -83,6 +71,41 @@ impl RunningVm for EmbeddedVm {
     }
 }
 
+/// The VMM configuration for `spec`: the root disk as the first (read-only) virtio-blk disk;
+/// shared directories are refused.
+fn vm_config(spec: &VmSpec) -> Result<vmm::VmConfig, BackendError> {
+    if !spec.shares.is_empty() {
+        return Err(BackendError::Unavailable(
+            "the embedded VMM cannot serve shared directories: it has no virtio-fs device yet"
+                .into(),
+        ));
+    }
+    let mut config = vmm::VmConfig::new(&spec.kernel);
+    config.initrd = Some(spec.initrd.clone());
+    // The i8042 reset is how the guest ends the VM; no PCI, no modules in our guest.
+    config.cmdline = format!("reboot=k pci=off nomodule {}", spec.cmdline);
+    config.mem_mib = spec.mem_mib.into();
+    config.vcpus = spec.vcpus;
+    config.vsock = Some(vmm::VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: spec.vsock_uds.clone(),
+    });
+    // The root disk is the first virtio-blk disk: /dev/vda in the guest.
+    config.disks = spec
+        .root_disk
+        .iter()
+        .map(|path| vmm::DiskConfig {
+            path: path.clone(),
+            read_only: true,
+        })
+        .collect();
+    config.serial = vmm::SerialSink::File {
+        path: spec.console_log.clone(),
+        max_bytes: CONSOLE_LOG_MAX,
+    };
+    Ok(config)
+}
+
 /// Whether `auto` should pick this backend, and why (probed once per host boot).
 pub fn usable() -> (bool, String) {
     super::probe_cache::cached(|| {
@@ -93,10 +116,57 @@ pub fn usable() -> (bool, String) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::backend::VmShare;
+    use std::path::PathBuf;
+
     #[test]
     fn agent_and_vmm_agree_on_the_boot_timer() {
         use guest_agent::agent::pid1;
         assert_eq!(pid1::BOOT_TIMER_PORT, vmm::BOOT_TIMER_PORT);
         assert_eq!(pid1::BOOT_TIMER_MAGIC, vmm::BOOT_TIMER_MAGIC);
+    }
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_mib: 64,
+            vsock_uds: PathBuf::from("/run/v"),
+            console_log: PathBuf::from("/run/c"),
+            run_dir: PathBuf::from("/run"),
+            credentials: None,
+            root_disk: None,
+            shares: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_root_disk_is_the_first_read_only_disk() {
+        assert!(vm_config(&spec()).unwrap().disks.is_empty());
+        let mut s = spec();
+        s.root_disk = Some(PathBuf::from("/images/os.img"));
+        let c = vm_config(&s).unwrap();
+        assert_eq!(
+            c.disks,
+            vec![vmm::DiskConfig {
+                path: PathBuf::from("/images/os.img"),
+                read_only: true
+            }]
+        );
+    }
+
+    #[test]
+    fn shares_are_refused_until_there_is_virtio_fs() {
+        let mut s = spec();
+        s.shares.push(VmShare {
+            tag: "home".into(),
+            host_path: PathBuf::from("/home"),
+            read_only: false,
+        });
+        let err = vm_config(&s).err().unwrap().to_string();
+        assert!(err.contains("virtio-fs"), "{err}");
     }
 }

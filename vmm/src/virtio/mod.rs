@@ -1,8 +1,9 @@
 //! Virtio devices over the MMIO transport: the transport ([`mmio`]), the device interface
 //! ([`device`]), interrupts ([`interrupt`]), descriptor-chain validation ([`chain`]), the vsock
-//! device ([`vsock`]), and wiring a device into a VM (`attach_devices`: MMIO window, irqfd,
+//! device ([`vsock`]), the block device ([`block`]), and wiring a device into a VM (`attach_devices`: MMIO window, irqfd,
 //! one ioeventfd per queue, the event-loop subscriber, the `virtio_mmio.device=` cmdline entry).
 
+pub mod block;
 pub mod chain;
 pub mod device;
 pub mod interrupt;
@@ -39,6 +40,12 @@ pub enum VirtioError {
     /// The vsock muxer could not be set up.
     #[error(transparent)]
     Muxer(#[from] MuxerError),
+    /// A disk image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] block::DiskError),
+    /// More virtio devices than GSIs to give them.
+    #[error("too many virtio devices ({0}); at most {MAX_DEVICES}")]
+    TooManyDevices(usize),
     /// A queue could not be created.
     #[error("cannot create a virtqueue: {0}")]
     Queue(virtio_queue::Error),
@@ -177,7 +184,11 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VirtioError 
     move |source| VirtioError::Kvm { what, source }
 }
 
-/// Creates the configured virtio devices and wires them into the VM.
+/// Most virtio devices a VM may have: one GSI each, up to the IO-APIC's last pin.
+pub const MAX_DEVICES: usize = (layout::MAX_LEGACY_GSI - layout::VIRTIO_FIRST_GSI + 1) as usize;
+
+/// Creates the configured virtio devices and wires them into the VM: the vsock device first (if
+/// any), then the disks in order.
 pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &VmFd,
@@ -185,28 +196,69 @@ pub(crate) fn attach_devices(
     mem: &Arc<GuestMemory>,
     cmdline: &mut Cmdline,
 ) -> Result<AttachedDevices, VirtioError> {
+    let count = usize::from(config.vsock.is_some()) + config.disks.len();
+    if count > MAX_DEVICES {
+        return Err(VirtioError::TooManyDevices(count));
+    }
     let mut attached = AttachedDevices {
         subscribers: Vec::new(),
         vsock: None,
     };
-    let Some(vc) = &config.vsock else {
-        return Ok(attached);
-    };
-    let index = 0;
+    let mut index = 0;
+    if let Some(vc) = &config.vsock {
+        let device = VsockDevice::new(vc.guest_cid, Muxer::new(vc.guest_cid, &vc.uds_path)?);
+        let stats = device.stats();
+        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.vsock = Some(VsockDeviceInfo {
+            transport: wired.transport.clone(),
+            stats,
+            mmio_base: wired.base,
+            gsi: wired.gsi,
+        });
+        attached.subscribers.push(wired.events);
+        index += 1;
+    }
+    for (n, disk) in config.disks.iter().enumerate() {
+        let device = block::BlockDevice::new(
+            block::Disk::open(&disk.path, disk.read_only)?,
+            format!("vmm-disk{n}"),
+        );
+        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.subscribers.push(wired.events);
+        index += 1;
+    }
+    Ok(attached)
+}
+
+/// A device wired into the VM.
+struct Wired {
+    transport: Arc<Mutex<MmioTransport>>,
+    events: Subscriber,
+    base: u64,
+    gsi: u32,
+}
+
+/// Puts `device` in virtio-mmio slot `index`: its irqfd, one ioeventfd per queue, the MMIO
+/// window, the `virtio_mmio.device=` command line entry, and its event-loop subscriber.
+fn wire_device(
+    device: Box<dyn device::VirtioDevice>,
+    index: u32,
+    vm: &VmFd,
+    io: &mut IoManager,
+    mem: &Arc<GuestMemory>,
+    cmdline: &mut Cmdline,
+) -> Result<Wired, VirtioError> {
     let base = layout::virtio_mmio_addr(index);
     let gsi = layout::VIRTIO_FIRST_GSI + index;
-
-    let device = VsockDevice::new(vc.guest_cid, Muxer::new(vc.guest_cid, &vc.uds_path)?);
-    let stats = device.stats();
-    let backend_fd = vsock_backend_fd(&device);
-    let queue_count = virtio_device_queue_count(&device);
+    let backend_fd = device.backend_fd();
+    let queue_count = device.queue_max_sizes().len();
 
     let irq = IrqTrigger::new().map_err(VirtioError::EventFd)?;
     vm.register_irqfd(irq.eventfd(), gsi)
         .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
     let interrupt = Arc::new(InterruptLine::new(irq));
     let transport = Arc::new(Mutex::new(
-        MmioTransport::new(Box::new(device), mem.clone(), interrupt).map_err(VirtioError::Queue)?,
+        MmioTransport::new(device, mem.clone(), interrupt).map_err(VirtioError::Queue)?,
     ));
 
     let mut queue_evts = Vec::with_capacity(queue_count);
@@ -234,24 +286,15 @@ pub(crate) fn attach_devices(
         .add_virtio_mmio_device(layout::VIRTIO_MMIO_SIZE, GuestAddress(base), gsi, None)
         .map_err(VirtioError::Cmdline)?;
 
-    attached.subscribers.push(Box::new(TransportEvents {
+    let events: Subscriber = Box::new(TransportEvents {
         transport: transport.clone(),
         queue_evts,
         backend_fd,
-    }));
-    attached.vsock = Some(VsockDeviceInfo {
-        transport,
-        stats,
-        mmio_base: base,
-        gsi,
     });
-    Ok(attached)
-}
-
-fn vsock_backend_fd(d: &VsockDevice) -> Option<RawFd> {
-    device::VirtioDevice::backend_fd(d)
-}
-
-fn virtio_device_queue_count(d: &VsockDevice) -> usize {
-    device::VirtioDevice::queue_max_sizes(d).len()
+    Ok(Wired {
+        transport,
+        events,
+        base,
+        gsi,
+    })
 }
