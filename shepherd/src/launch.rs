@@ -275,21 +275,30 @@ pub fn launch_in(
         return Err(LaunchError::InitrdMissing(spec.initrd));
     }
     let mut selection = backend::select(spec.backend)?;
-    if attached.frame.is_some()
-        && !selection.backend.attaches_disks_and_shares()
-        && spec.backend == BackendChoice::Auto
-    {
+    // What the job needs attached that the chosen backend cannot attach, in words.
+    let missing = |b: &dyn backend::VmBackend| {
+        let mut m = Vec::new();
+        if attached.root_disk.is_some() && !b.attaches_disks() {
+            m.push("an OS image");
+        }
+        if !attached.shares.is_empty() && !b.attaches_shares() {
+            m.push("shared directories");
+        }
+        m.join(" and ")
+    };
+    let unmet = missing(selection.backend.as_ref());
+    if !unmet.is_empty() && spec.backend == BackendChoice::Auto {
         let unable = selection.backend.name();
         selection = backend::select(BackendChoice::Qemu)?;
         selection.reason = format!(
-            "auto: QEMU, because the job has an OS image or shared directories, which the \
-             {unable} backend cannot attach yet"
+            "auto: QEMU, because the job has {unmet}, which the {unable} backend cannot \
+             attach yet"
         );
     }
-    if attached.frame.is_some() && !selection.backend.attaches_disks_and_shares() {
+    let unmet = missing(selection.backend.as_ref());
+    if !unmet.is_empty() {
         return Err(LaunchError::BackendUnavailable(format!(
-            "the {} backend cannot attach OS images or shared directories yet; use the qemu \
-             backend",
+            "the {} backend cannot attach {unmet} yet; use the qemu backend",
             selection.backend.name()
         )));
     }

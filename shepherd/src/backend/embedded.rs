@@ -35,6 +35,10 @@ impl EmbeddedBackend {
 }
 
 impl VmBackend for EmbeddedBackend {
+    fn attaches_disks(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "embedded"
     }

@@ -116,9 +116,12 @@ pub trait RunningVm: Send {
 /// A way to boot VMs.
 pub trait VmBackend {
     fn name(&self) -> &'static str;
-    /// Whether [`VmSpec::root_disk`] and [`VmSpec::shares`] are attached; a backend that
-    /// cannot is never given them.
-    fn attaches_disks_and_shares(&self) -> bool {
+    /// Whether [`VmSpec::root_disk`] is attached; a backend that cannot is never given one.
+    fn attaches_disks(&self) -> bool {
+        false
+    }
+    /// Whether [`VmSpec::shares`] are attached; a backend that cannot is never given any.
+    fn attaches_shares(&self) -> bool {
         false
     }
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError>;

@@ -193,7 +193,11 @@ impl VmBackend for QemuBackend {
         "qemu"
     }
 
-    fn attaches_disks_and_shares(&self) -> bool {
+    fn attaches_disks(&self) -> bool {
+        true
+    }
+
+    fn attaches_shares(&self) -> bool {
         true
     }
 
