@@ -399,6 +399,19 @@ impl Cell {
         }
     }
 
+    /// Waits until `job` is in the error state Eqw (a job error).
+    fn wait_eqw(&self, job: u32) {
+        let start = Instant::now();
+        while self.job_state(job).as_deref() != Some("Eqw") {
+            assert!(
+                start.elapsed() < JOB_WAIT,
+                "job {job} not in Eqw: {:?}",
+                self.job_state(job)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// qstat's state letters for `job`, `None` once it left qstat.
     fn job_state(&self, job: u32) -> Option<String> {
         let out = run(Command::new("qstat").args(["-u", "*"]));
@@ -552,15 +565,7 @@ fn exit_99_reschedules_and_100_sets_error_state() {
         let dir = c.work_dir("exit100");
         c.script(&dir, "apperror.sh", "#!/bin/sh\nexit 100\n");
         let job = c.qsub(&dir, &["apperror.sh"]);
-        let start = Instant::now();
-        while c.job_state(job).as_deref() != Some("Eqw") {
-            assert!(
-                start.elapsed() < JOB_WAIT,
-                "job {job} not in Eqw: {:?}",
-                c.job_state(job)
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        c.wait_eqw(job);
         assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
         c.qdel(job);
     });
@@ -1044,15 +1049,7 @@ fn unwritable_output_file_puts_only_the_job_in_error_state() {
             let dir = c.work_dir("badoutput");
             // root's home is not writable for the job user
             let job = c.qsub(&dir, &["-o", "/root/forbidden.txt", "-b", "y", "/bin/true"]);
-            let start = Instant::now();
-            while c.job_state(job).as_deref() != Some("Eqw") {
-                assert!(
-                    start.elapsed() < JOB_WAIT,
-                    "job {job} not in Eqw: {:?}",
-                    c.job_state(job)
-                );
-                std::thread::sleep(Duration::from_millis(250));
-            }
+            c.wait_eqw(job);
             let error = c.active_file(job, "error").unwrap_or_default();
             assert!(
                 error.starts_with("error: can't open output file \"/root/forbidden.txt\""),
@@ -1105,15 +1102,7 @@ fn a_shell_missing_in_the_guest_is_the_jobs_error() {
         c.script(&dir, "job.sh", "echo never\n");
         // the initramfs guest has only BusyBox /bin/sh
         let job = c.qsub(&dir, &["-S", "/bin/no-such-shell", "job.sh"]);
-        let start = Instant::now();
-        while c.job_state(job).as_deref() != Some("Eqw") {
-            assert!(
-                start.elapsed() < JOB_WAIT,
-                "job {job} not in Eqw: {:?}",
-                c.job_state(job)
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        c.wait_eqw(job);
         assert_eq!(
             c.active_file(job, "exit_status").unwrap_or_default(),
             "27\n"
@@ -1240,15 +1229,7 @@ fn an_unknown_image_is_the_jobs_error_not_the_queues() {
         let dir = c.work_dir("unknownimage");
         // allowed by the settings, but no such image in the store
         let job = c.qsub(&dir, &["-v", "SGE_VM_IMAGE=nosuch", "-b", "y", "/bin/true"]);
-        let start = Instant::now();
-        while c.job_state(job).as_deref() != Some("Eqw") {
-            assert!(
-                start.elapsed() < JOB_WAIT,
-                "job {job} not in Eqw: {:?}",
-                c.job_state(job)
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        c.wait_eqw(job);
         let error = c.active_file(job, "error").unwrap_or_default();
         assert!(
             error.starts_with("sge_virtualizer: ") && error.contains("nosuch"),

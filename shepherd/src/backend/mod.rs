@@ -82,6 +82,26 @@ pub struct VmShare {
     pub read_only: bool,
 }
 
+#[cfg(test)]
+impl VmSpec {
+    /// A spec with placeholder paths and nothing attached, for the backends' unit tests.
+    pub(crate) fn for_tests() -> VmSpec {
+        VmSpec {
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_mib: 64,
+            vsock_uds: PathBuf::from("/run/v"),
+            console_log: PathBuf::from("/run/c"),
+            run_dir: PathBuf::from("/run"),
+            credentials: None,
+            root_disk: None,
+            shares: Vec::new(),
+        }
+    }
+}
+
 /// Why a VM could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

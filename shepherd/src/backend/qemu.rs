@@ -360,19 +360,7 @@ mod tests {
     use crate::backend::VmShare;
 
     fn spec() -> VmSpec {
-        VmSpec {
-            kernel: PathBuf::from("/k"),
-            initrd: PathBuf::from("/i"),
-            cmdline: String::new(),
-            vcpus: 1,
-            mem_mib: 64,
-            vsock_uds: PathBuf::from("/run/v"),
-            console_log: PathBuf::from("/run/c"),
-            run_dir: PathBuf::from("/run"),
-            credentials: None,
-            root_disk: None,
-            shares: Vec::new(),
-        }
+        VmSpec::for_tests()
     }
 
     #[test]
