@@ -227,6 +227,14 @@ fn supervise(
         }
     }
 
+    // Everything of the job is reaped (not just dead) before its end is reported: the reaper
+    // thread collects the killed group; zombies would still answer kill(-pgid, 0).
+    let deadline = Instant::now() + DRAIN_GRACE;
+    // SAFETY: kill with signal 0 only checks whether the group still has members.
+    while unsafe { libc::kill(-pgid, 0) } == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
     if writer
         .send(&Frame::Exit {
             wait_status: exit.0,
