@@ -44,3 +44,15 @@ pub trait VirtioDevice: Send {
     /// Device reset: drops the queues and all device state tied to the driver.
     fn reset(&mut self);
 }
+
+/// Copies `config[offset..]` into `data`, as a device's [`VirtioDevice::read_config`] does:
+/// bytes past the end of the configuration space (or an offset beyond it) read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}

@@ -22,7 +22,7 @@ use super::disk::{Disk, SECTOR_SIZE};
 use super::request::{parse_request, BadRequest, MalformedRequest, Request, RequestKind};
 use crate::memory::GuestMemory;
 use crate::virtio::chain::{validate_chain, MAX_CHAIN_DESCRIPTORS};
-use crate::virtio::device::{DeviceFault, VirtioDevice};
+use crate::virtio::device::{read_config_bytes, DeviceFault, VirtioDevice};
 use crate::virtio::interrupt::InterruptLine;
 
 /// Size of the request queue.
@@ -249,14 +249,7 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}

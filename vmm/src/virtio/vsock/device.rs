@@ -17,7 +17,7 @@ use super::muxer::Muxer;
 use super::packet::{PacketHeader, MAX_PKT_DATA};
 use crate::memory::GuestMemory;
 use crate::virtio::chain::{validate_chain, ChainError};
-use crate::virtio::device::{DeviceFault, VirtioDevice};
+use crate::virtio::device::{read_config_bytes, DeviceFault, VirtioDevice};
 use crate::virtio::interrupt::InterruptLine;
 
 /// RX queue index.
@@ -248,14 +248,7 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
