@@ -64,8 +64,10 @@
 pub mod boot;
 pub mod config;
 pub mod cpu;
+pub mod credentials;
 pub mod devices;
 mod event_loop;
+pub mod fuse;
 mod handle;
 pub mod layout;
 mod lifecycle;
