@@ -240,7 +240,8 @@ fn attach_filesystems(
         mounts: vm_shares
             .iter()
             .map(|s| SharedMount {
-                transport: ShareTransport::NineP,
+                // Set from the backend once it is chosen.
+                transport: ShareTransport::default(),
                 tag: s.tag.clone().into_bytes(),
                 target: s.host_path.as_os_str().as_encoded_bytes().to_vec(),
                 read_only: s.read_only,
@@ -345,7 +346,12 @@ pub fn launch_in(
         killer: vm.killer(),
     };
     let console_log = vm_spec.console_log.clone();
-    let fs_frame = attached.frame;
+    let mut fs_frame = attached.frame;
+    // The agent mounts the shares with the file system the chosen backend serves them by.
+    let transport = selection.backend.share_transport();
+    for mount in fs_frame.iter_mut().flat_map(|f| f.mounts.iter_mut()) {
+        mount.transport = transport;
+    }
     let session = std::thread::Builder::new()
         .name("agent-session".into())
         .spawn(move || {

@@ -1,6 +1,7 @@
 //! Host directories shared into the job's VM, each at the same path as on the host.
 //!
-//! The file server (QEMU's 9p server for the QEMU backend) runs with the job user's identity, so
+//! The file server (QEMU's 9p server for the QEMU backend; the VMM's own virtio-fs device for the
+//! embedded backend) runs with the job user's identity, so
 //! host permissions apply to everything the job does there: files it creates belong to the job
 //! user, and what the job user cannot read on the host the job cannot read either.
 

@@ -74,3 +74,20 @@ pub fn report_skip(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
 }
+
+/// Whether `backend` can run a Linux guest on this machine; says why not (as `SKIPPED
+/// embedded::<test>` with the reason) where it cannot.
+pub fn backend_runnable(backend: &str, test: &str) -> bool {
+    if backend == "embedded" && !hardware_virtualization() {
+        report_skip(
+            &format!("embedded::{test}"),
+            &format!(
+                "no vmx/svm in /proc/cpuinfo, so KVM on this machine emulates guest kernel code \
+                 in software and cannot run a Linux user space; the embedded backend's job path \
+                 needs hardware virtualization (qemu::{test} ran instead)"
+            ),
+        );
+        return false;
+    }
+    true
+}

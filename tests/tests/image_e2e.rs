@@ -1,4 +1,4 @@
-//! OS images and shared directories end to end with the QEMU backend: `sge_virtualizer image`
+//! OS images and shared directories end to end: `sge_virtualizer image`
 //! builds Debian images with debootstrap (cached in the image store: building twice is a
 //! no-op), and `sge_virtualizer run --image NAME --cwd DIR --user USER` runs a real guest that
 //! switches root into the image with the job's working directory shared from the host.
@@ -7,8 +7,9 @@
 //! Debian mirror for the first build; a test that cannot have them prints `SKIPPED: <why>`.
 //! The store is `$SGE_VIRTUALIZER_IMAGES`, else the default `/var/lib/sge_virtualizer/images`.
 //!
-//! The embedded VMM cannot attach images or shares yet; `run --backend embedded --image` must
-//! say so (checked here too).
+//! The image and cwd tests run for both backends (`qemu::*`: 9p from QEMU's server;
+//! `embedded::*`: virtio-fs from the VMM's own FUSE server); the embedded ones need hardware
+//! virtualization and print `SKIPPED embedded::<test>` with the reason where there is none.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -92,9 +93,13 @@ fn job_dir(user: &nix::unistd::User) -> tempfile::TempDir {
 }
 
 fn run_cmd(store: &Path, args: &[&str]) -> Command {
+    run_cmd_on("qemu", store, args)
+}
+
+fn run_cmd_on(backend: &str, store: &Path, args: &[&str]) -> Command {
     let guest = guest_image_dir();
     let mut cmd = Command::new(sge_virtualizer_bin());
-    cmd.args(["run", "--backend", "qemu", "-n"])
+    cmd.args(["run", "--backend", backend, "-n"])
         .arg("--kernel")
         .arg(guest.join("vmlinux"))
         .arg("--initrd")
@@ -110,7 +115,13 @@ fn run_cmd(store: &Path, args: &[&str]) -> Command {
 }
 
 fn run(store: &Path, args: &[&str]) -> Output {
-    run_cmd(store, args).output().expect("run sge_virtualizer")
+    run_on("qemu", store, args)
+}
+
+fn run_on(backend: &str, store: &Path, args: &[&str]) -> Output {
+    run_cmd_on(backend, store, args)
+        .output()
+        .expect("run sge_virtualizer")
 }
 
 fn stdout(out: &Output) -> String {
@@ -175,8 +186,40 @@ fn store_with_image(name: &str, image_file: &Path) -> tempfile::TempDir {
     store
 }
 
-#[test]
-fn a_job_in_a_bullseye_image_sees_debian_11_on_a_debian_12_host() {
+/// The tests that run for each backend: `qemu::<test>` and `embedded::<test>`.
+macro_rules! backend_suite {
+    ($module:ident, $backend:literal, [$($test:ident),* $(,)?]) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    if integration_tests::backend_runnable($backend, stringify!($test)) {
+                        super::$test($backend);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+backend_suite!(
+    qemu,
+    "qemu",
+    [
+        a_job_in_a_bullseye_image_sees_debian_11_on_a_debian_12_host,
+        a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user
+    ]
+);
+backend_suite!(
+    embedded,
+    "embedded",
+    [
+        a_job_in_a_bullseye_image_sees_debian_11_on_a_debian_12_host,
+        a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user
+    ]
+);
+
+fn a_job_in_a_bullseye_image_sees_debian_11_on_a_debian_12_host(backend: &str) {
     let host = std::fs::read_to_string("/etc/debian_version").unwrap_or_default();
     if !host.starts_with("12") {
         report_skip(
@@ -195,7 +238,8 @@ fn a_job_in_a_bullseye_image_sees_debian_11_on_a_debian_12_host() {
         "{first:?} / {again:?}"
     );
 
-    let out = run(
+    let out = run_on(
+        backend,
         &store_dir(),
         &[
             "--image",
@@ -217,8 +261,7 @@ fn a_job_in_a_bullseye_image_sees_debian_11_on_a_debian_12_host() {
     assert!(libc.contains("2.31"), "bullseye's glibc is 2.31: {libc:?}");
 }
 
-#[test]
-fn a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user() {
+fn a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user(backend: &str) {
     if ensure_image("bullseye", "bullseye").is_none() {
         return;
     }
@@ -243,7 +286,8 @@ fn a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user() {
     let script = "set -e; id -u; id -g; id -un; id -gn; pwd; tr a-z A-Z < input.txt > output.txt; \
                   mkdir results; echo done > results/status; \
                   if cat root-only 2>/dev/null; then echo READ-ROOT-ONLY; else echo denied; fi";
-    let out = run(
+    let out = run_on(
+        backend,
         &store_dir(),
         &[
             "--image",
@@ -486,30 +530,6 @@ fn image_list_and_rm() {
     let again = image(&["rm", "scratch"]);
     assert!(!again.status.success());
     assert!(stderr(&again).contains("unknown OS image"), "{again:?}");
-}
-
-#[test]
-fn the_embedded_backend_says_it_cannot_share_directories_yet() {
-    // The embedded VMM attaches OS images (virtio-blk) but has no virtio-fs yet: a job with
-    // shared directories is refused before any VM starts, never run without them.
-    let shared = tempfile::tempdir().unwrap();
-    let guest = guest_image_dir();
-    let out = Command::new(sge_virtualizer_bin())
-        .args(["run", "--backend", "embedded", "-n"])
-        .arg("--kernel")
-        .arg(guest.join("vmlinux"))
-        .arg("--initrd")
-        .arg(guest.join("initramfs.cpio"))
-        .arg("--share")
-        .arg(shared.path())
-        .args(["--", "/bin/true"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(125), "{out:?}");
-    assert!(
-        stderr(&out).contains("the embedded backend cannot attach shared directories"),
-        "{out:?}"
-    );
 }
 
 #[test]

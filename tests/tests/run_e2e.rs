@@ -8,10 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{
-    guest_image_dir, guest_kernel_release, hardware_virtualization, report_skip,
-    sge_virtualizer_bin,
-};
+use integration_tests::{guest_image_dir, guest_kernel_release, sge_virtualizer_bin};
 
 fn run_cmd(backend: &str, args: &[&str]) -> Command {
     let dir = guest_image_dir();
@@ -303,29 +300,13 @@ fn missing_kernel_is_a_clear_error(backend: &str) {
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
 }
 
-/// Whether `backend` can run a Linux guest on this machine; says why not.
-fn runnable(backend: &str, test: &str) -> bool {
-    if backend == "embedded" && !hardware_virtualization() {
-        report_skip(
-            &format!("embedded::{test}"),
-            &format!(
-                "no vmx/svm in /proc/cpuinfo, so KVM on this machine emulates guest kernel code \
-                 in software and cannot run a Linux user space; the embedded backend's job path \
-                 needs hardware virtualization (qemu::{test} ran instead)"
-            ),
-        );
-        return false;
-    }
-    true
-}
-
 macro_rules! backend_suite {
     ($module:ident, $backend:literal, [$($test:ident),* $(,)?]) => {
         mod $module {
             $(
                 #[test]
                 fn $test() {
-                    if super::runnable($backend, stringify!($test)) {
+                    if integration_tests::backend_runnable($backend, stringify!($test)) {
                         super::$test($backend);
                     }
                 }

@@ -1,9 +1,11 @@
 //! What a caller asks for: [`VmConfig`] (kernel, initrd, command line, memory, vCPUs, console,
-//! vsock, disks, seccomp, CPU features to hide).
+//! vsock, disks, shared directories, the identity of the VMM's threads, seccomp, CPU features to
+//! hide).
 
 use std::path::PathBuf;
 
 use crate::cpu::CpuFeature;
+use crate::credentials::ThreadCredentials;
 use crate::devices::console::SerialSink;
 
 /// Command line used when the caller gives none: serial console, reset through the i8042
@@ -34,6 +36,17 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A host directory served to the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The tag the guest mounts it by (`mount -t virtiofs <tag> <dir>`), 1 to 36 bytes.
+    pub tag: String,
+    /// The host directory.
+    pub path: PathBuf,
+    /// Modifying requests are answered EROFS.
+    pub read_only: bool,
+}
+
 /// A microVM to start.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -51,6 +64,12 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-blk disks, in order: the guest sees `/dev/vda`, `/dev/vdb`...
     pub disks: Vec<DiskConfig>,
+    /// Host directories served over virtio-fs, after the disks.
+    pub shares: Vec<ShareConfig>,
+    /// The identity the VMM's threads (vCPUs, event loop, file servers) take before they run
+    /// guest code; the caller's other threads keep theirs. `None` keeps the caller's. File
+    /// servers open their directories with it, so the guest reaches exactly what this user can.
+    pub run_as: Option<ThreadCredentials>,
     /// Where the serial console goes.
     pub serial: SerialSink,
     /// Install the seccomp filters on the VMM and vCPU threads (see [`crate::seccomp`]).
@@ -61,7 +80,8 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// A VM with 128 MiB, one vCPU, [`DEFAULT_CMDLINE`], no console, no vsock, no disks, seccomp on.
+    /// A VM with 128 MiB, one vCPU, [`DEFAULT_CMDLINE`], no console, no vsock, no disks, no
+    /// shares, the caller's identity, seccomp on.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
             kernel: kernel.into(),
@@ -71,6 +91,8 @@ impl VmConfig {
             vcpus: 1,
             vsock: None,
             disks: Vec::new(),
+            shares: Vec::new(),
+            run_as: None,
             serial: SerialSink::Discard,
             seccomp: true,
             hidden_cpu_features: Vec::new(),

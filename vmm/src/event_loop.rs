@@ -9,6 +9,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::credentials::ThreadCredentials;
 use crate::lifecycle::{ExitReason, Lifecycle};
 
 /// A boxed subscriber the loop drives.
@@ -40,10 +41,12 @@ pub(crate) struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the thread with `subscribers`, installing `seccomp` on it first.
+    /// Starts the thread with `subscribers`; it takes `run_as`, then installs `seccomp`, before
+    /// it handles any event.
     pub(crate) fn spawn(
         subscribers: Vec<Subscriber>,
         seccomp: Option<seccompiler::BpfProgram>,
+        run_as: Option<ThreadCredentials>,
         lifecycle: Arc<Lifecycle>,
     ) -> std::io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
@@ -60,6 +63,14 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
+                if let Some(creds) = run_as {
+                    if let Err(e) = creds.apply_to_current_thread() {
+                        lifecycle.request_exit(ExitReason::DeviceError {
+                            message: e.to_string(),
+                        });
+                        return;
+                    }
+                }
                 if let Some(filter) = seccomp {
                     if let Err(e) = seccompiler::apply_filter(&filter) {
                         lifecycle.request_exit(ExitReason::DeviceError {

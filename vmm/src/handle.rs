@@ -13,7 +13,7 @@ use crate::event_loop::EventLoop;
 use crate::lifecycle::{ExitReason, Lifecycle, Timestamps};
 use crate::memory::{self, GuestMemory};
 use crate::resources::MemoryUsage;
-use crate::virtio::VsockDeviceInfo;
+use crate::virtio::{DeviceInfo, ShareDeviceInfo, VsockDeviceInfo};
 use crate::vm::VmError;
 
 /// How long [`VmHandle::pause`] waits for every vCPU to park.
@@ -30,6 +30,7 @@ pub struct VmHandle {
     threads: Mutex<Threads>,
     console: Option<ConsoleRing>,
     vsock: Option<VsockDeviceInfo>,
+    shares: Vec<ShareDeviceInfo>,
     memory: Arc<GuestMemory>,
     // Declared last: the VM and KVM fds are closed only after the threads using them are joined
     // (in Drop) and the fields above are dropped.
@@ -44,7 +45,7 @@ impl VmHandle {
         memory: Arc<GuestMemory>,
         lifecycle: Arc<Lifecycle>,
         console: Option<ConsoleRing>,
-        vsock: Option<VsockDeviceInfo>,
+        devices: DeviceInfo,
         event_loop: Option<EventLoop>,
     ) -> Self {
         Self {
@@ -54,7 +55,8 @@ impl VmHandle {
                 event_loop,
             }),
             console,
-            vsock,
+            vsock: devices.vsock,
+            shares: devices.shares,
             memory,
             _vm: vm,
             _kvm: kvm,
@@ -128,6 +130,11 @@ impl VmHandle {
     /// console; `None` otherwise).
     pub fn console_output(&self) -> Option<Vec<u8>> {
         self.console.as_ref().map(|c| c.contents())
+    }
+
+    /// The virtio-fs devices' state, in [`crate::VmConfig::shares`] order.
+    pub fn shares(&self) -> &[ShareDeviceInfo] {
+        &self.shares
     }
 
     /// The virtio-vsock device's state, if the VM has one.

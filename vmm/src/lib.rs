@@ -1,8 +1,9 @@
 //! `vmm`: an embedded KVM microVM monitor on the rust-vmm crates. It boots a Linux kernel (or any
 //! 64-bit ELF) in-process with an 8250 serial console, an i8042 reset line, a boot timer, a
 //! virtio-vsock device whose host side is Unix sockets (Firecracker's hybrid-vsock convention),
-//! and virtio-blk disks backed by host files ([`VmConfig::disks`], read-only or read-write).
-//! It knows nothing about Grid Engine.
+//! virtio-blk disks backed by host files ([`VmConfig::disks`], read-only or read-write), and
+//! virtio-fs devices that share host directories through an in-process FUSE passthrough server
+//! ([`VmConfig::shares`], [`fuse`]). It knows nothing about Grid Engine.
 //!
 //! # Using it
 //!
@@ -37,7 +38,9 @@
 //! # Threads
 //!
 //! One thread per vCPU (`vcpuN`) and, when there are virtio devices, one VMM thread (`vmm`) that
-//! runs the event loop. Each installs its seccomp filter ([`seccomp`]) before running guest code.
+//! runs the event loop (and serves the shared directories). Each takes [`VmConfig::run_as`]
+//! ([`credentials`]: per thread, so a root caller's other threads keep root) and then installs
+//! its seccomp filter ([`seccomp`]) before running guest code.
 //! vCPUs are kicked out of `KVM_RUN` with the real-time signal `SIGRTMIN +`
 //! [`VCPU_KICK_SIGNAL_OFFSET`]; the embedding program must not use it.
 //!
@@ -46,10 +49,12 @@
 //! `cargo test -p vmm` runs unit tests, the KVM tests with tiny guests assembled from
 //! `tests/guests/*.S` (serial, i8042 reset, boot timer, triple fault, stop, pause/resume, several
 //! vCPUs, a guest-side virtio-vsock driver against the real device and muxer, hostile chains,
-//! a guest-side virtio-blk driver that reads a host image and is refused a write),
+//! a guest-side virtio-blk driver that reads a host image and is refused a write), the FUSE
+//! server over `/dev/fuse` with the host kernel's FUSE client (`fuse_passthrough`, as root),
 //! the seccomp checks, a proptest fuzz of the queue + vsock packet path, the backend probe, and
-//! `slow_real_kernel_smoke_*` (the project's guest kernel to `Run /init` and vsock DRIVER_OK; it
-//! prints SKIPPED when no kernel is built). `cargo run -p vmm --release --example
+//! `slow_real_kernel_smoke_*` (the project's guest kernel to `Run /init` and vsock DRIVER_OK,
+//! and to a virtio-fs root from which it executes `/sbin/init`; they print SKIPPED when no kernel
+//! is built). `cargo run -p vmm --release --example
 //! fuzz_vsock_queue -- N` fuzzes longer; `--example boot_footprint` measures the VMM's resident
 //! memory after boot.
 //!
@@ -58,8 +63,9 @@
 //! [`layout`] (guest address map), [`memory`] (guest RAM), [`boot`] (kernel, initrd, zero page,
 //! MP table), [`cpu`] (CPUID, MSRs, registers), `vcpu` (threads, exits, kicks), `lifecycle` (run
 //! state, exit reasons, timestamps), [`devices`] (serial, i8042, boot timer, console),
-//! [`virtio`] (MMIO transport, queues, vsock, block), `event_loop` (the VMM thread), [`seccomp`],
-//! [`probe`], [`resources`].
+//! [`virtio`] (MMIO transport, queues, vsock, block, fs), [`fuse`] (the FUSE passthrough server
+//! behind virtio-fs), [`credentials`] (per-thread identity), `event_loop` (the VMM thread),
+//! [`seccomp`], [`probe`], [`resources`].
 
 pub mod boot;
 pub mod config;
@@ -79,8 +85,9 @@ mod vcpu;
 pub mod virtio;
 mod vm;
 
-pub use config::{DiskConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, MAX_VCPUS};
+pub use config::{DiskConfig, ShareConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, MAX_VCPUS};
 pub use cpu::CpuFeature;
+pub use credentials::ThreadCredentials;
 pub use devices::boot_timer::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
 pub use devices::console::SerialSink;
 pub use handle::VmHandle;

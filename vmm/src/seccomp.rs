@@ -6,7 +6,8 @@
 //!   hands it to the VMM thread through the queue eventfds.
 //! * the VMM thread (the event loop of the virtio devices): epoll, Unix-socket I/O for the vsock
 //!   muxer (`socket` limited to `AF_UNIX`), positioned file I/O and `fdatasync` for the
-//!   virtio-blk disks, eventfds, locks, allocation, thread exit.
+//!   virtio-blk disks, eventfds, locks, allocation, thread exit; where the VM has shared
+//!   directories, the file system calls of their servers ([`FILE_SERVER`]).
 //!
 //! Each thread installs its filter itself before it runs guest code or handles guest-driven
 //! events. Anything else kills the process (`SECCOMP_RET_KILL_PROCESS`): a VMM thread making an
@@ -80,6 +81,41 @@ const VMM_THREAD: &[i64] = &[
     libc::SYS_fdatasync,
 ];
 
+/// Additional syscalls of a VMM thread that serves shared directories ([`crate::fuse`]): file
+/// system calls relative to the server's own descriptors (the `*at` family), file I/O, and
+/// metadata. Never `open` by absolute path, `chroot`, `mount` or credential changes.
+const FILE_SERVER: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_getdents64,
+    libc::SYS_lseek,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_linkat,
+    libc::SYS_symlinkat,
+    libc::SYS_readlinkat,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fstatfs,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_syncfs,
+    libc::SYS_dup,
+];
+
 fn eq(arg: u8, value: u64) -> Result<SeccompRule, SeccompError> {
     Ok(SeccompRule::new(vec![SeccompCondition::new(
         arg,
@@ -111,11 +147,14 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     compile(rules)
 }
 
-/// The allow-list of the VMM (event loop) thread.
-pub fn vmm_thread_filter() -> Result<BpfProgram, SeccompError> {
+/// The allow-list of the VMM (event loop) thread; with `file_server`, also what serving shared
+/// directories needs ([`FILE_SERVER`]).
+pub fn vmm_thread_filter(file_server: bool) -> Result<BpfProgram, SeccompError> {
+    let extra: &[i64] = if file_server { FILE_SERVER } else { &[] };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
         .iter()
         .chain(VMM_THREAD)
+        .chain(extra)
         .map(|s| (*s, vec![]))
         .collect();
     rules.insert(libc::SYS_socket, vec![eq(0, libc::AF_UNIX as u64)?]);
@@ -130,6 +169,8 @@ mod tests {
     #[test]
     fn filters_compile() {
         assert!(!vcpu_filter().unwrap().is_empty());
-        assert!(vmm_thread_filter().unwrap().len() > vcpu_filter().unwrap().len());
+        let plain = vmm_thread_filter(false).unwrap();
+        assert!(plain.len() > vcpu_filter().unwrap().len());
+        assert!(vmm_thread_filter(true).unwrap().len() > plain.len());
     }
 }

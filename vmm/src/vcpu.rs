@@ -14,6 +14,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 
+use crate::credentials::ThreadCredentials;
 use crate::lifecycle::{ExitReason, Lifecycle, RunState};
 
 /// Offset from `SIGRTMIN` of the signal used to kick vCPU threads. The VMM installs a handler
@@ -96,6 +97,8 @@ pub(crate) struct Vcpu {
     pub(crate) lifecycle: Arc<Lifecycle>,
     /// Seccomp filter to install on the thread before the first `KVM_RUN`.
     pub(crate) seccomp: Option<seccompiler::BpfProgram>,
+    /// Identity the thread takes before the first `KVM_RUN`.
+    pub(crate) run_as: Option<ThreadCredentials>,
 }
 
 impl Vcpu {
@@ -115,6 +118,17 @@ impl Vcpu {
             .kicker
             .set(usize::from(index), Some(unsafe { libc::pthread_self() }));
 
+        // A vCPU that cannot take the job user's identity never runs guest code.
+        let mut ready = true;
+        if let Some(creds) = self.run_as.take() {
+            if let Err(e) = creds.apply_to_current_thread() {
+                ready = false;
+                self.lifecycle.request_exit(ExitReason::VcpuError {
+                    vcpu: index,
+                    message: e.to_string(),
+                });
+            }
+        }
         if let Some(filter) = self.seccomp.take() {
             if let Err(e) = seccompiler::apply_filter(&filter) {
                 self.lifecycle.request_exit(ExitReason::VcpuError {
@@ -124,7 +138,9 @@ impl Vcpu {
             }
         }
 
-        self.run_loop();
+        if ready {
+            self.run_loop();
+        }
 
         self.lifecycle.kicker.set(usize::from(index), None);
         KVM_RUN_PAGE.with(|p| p.set(std::ptr::null_mut()));

@@ -266,7 +266,7 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
     let (vcpu_filter, vmm_filter) = if config.seccomp {
         (
             Some(seccomp::vcpu_filter()?),
-            Some(seccomp::vmm_thread_filter()?),
+            Some(seccomp::vmm_thread_filter(!config.shares.is_empty())?),
         )
     } else {
         (None, None)
@@ -277,8 +277,13 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
         None
     } else {
         Some(
-            EventLoop::spawn(subscribers, vmm_filter, lifecycle.clone())
-                .map_err(VmError::Thread)?,
+            EventLoop::spawn(
+                subscribers,
+                vmm_filter,
+                config.run_as.clone(),
+                lifecycle.clone(),
+            )
+            .map_err(VmError::Thread)?,
         )
     };
 
@@ -289,7 +294,7 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
         mem,
         lifecycle.clone(),
         console,
-        virtio.vsock,
+        virtio.info,
         event_loop,
     );
     for (index, fd) in vcpu_fds.into_iter().enumerate() {
@@ -299,6 +304,7 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
             io: io.clone(),
             lifecycle: lifecycle.clone(),
             seccomp: vcpu_filter.clone(),
+            run_as: config.run_as.clone(),
         };
         let t = std::thread::Builder::new()
             .name(format!("vcpu{index}"))

@@ -120,7 +120,7 @@ fn vmm_thread_filter_blocks_ip_sockets() {
     if std::env::var(CHILD_ENV).is_ok() {
         child_body(
             "vmm",
-            vmm::seccomp::vmm_thread_filter().unwrap(),
+            vmm::seccomp::vmm_thread_filter(false).unwrap(),
             vmm_prepare,
             vmm_allowed,
             vmm_forbidden,

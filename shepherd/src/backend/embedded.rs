@@ -1,10 +1,14 @@
 //! The embedded backend: the in-process KVM VMM of the `vmm` crate. No helper process: the
-//! vCPU threads and the virtio-vsock device run in the shepherd itself, so Grid Engine accounts
-//! the guest's CPU time to the shepherd. [`VmSpec::root_disk`] becomes a read-only virtio-blk
-//! disk (`/dev/vda`); [`VmSpec::shares`] are refused (no virtio-fs in the VMM yet).
+//! vCPU threads, the virtio-vsock device and the virtio-fs file servers run in the shepherd
+//! itself, so Grid Engine accounts the guest's CPU time to the shepherd. [`VmSpec::root_disk`]
+//! becomes a read-only virtio-blk disk (`/dev/vda`); each of [`VmSpec::shares`] a virtio-fs
+//! device served with the job user's identity: the VMM's threads take
+//! [`VmSpec::credentials`] (per thread; the shepherd's own threads keep theirs).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use guest_agent::protocol::ShareTransport;
 
 use super::{BackendError, RunningVm, VmBackend, VmExit, VmKiller, VmSpec};
 
@@ -16,21 +20,25 @@ const CONSOLE_LOG_MAX: u64 = 1 << 20;
 /// Boots VMs with the `vmm` crate.
 pub struct EmbeddedBackend;
 
-impl EmbeddedBackend {
-    /// Checks that this process can run the VMM for `spec`'s credentials: the VMM is this
-    /// process, so it must already run as the job user (the Grid Engine shepherd switches before
-    /// it launches).
-    fn check_credentials(spec: &VmSpec) -> Result<(), BackendError> {
-        if let Some(c) = &spec.credentials {
-            let euid = nix::unistd::geteuid().as_raw();
-            if euid != c.uid {
-                return Err(BackendError::Unavailable(format!(
-                    "the embedded VMM runs in this process (euid {euid}) and must run as uid {}",
-                    c.uid
-                )));
-            }
-        }
-        Ok(())
+/// The identity the VMM's threads take for `spec`: none when this process already runs as the
+/// job user; the job user's when it runs as root (the Grid Engine shepherd); anything else
+/// cannot switch and is refused.
+fn thread_identity(
+    spec: &VmSpec,
+    euid: u32,
+) -> Result<Option<vmm::ThreadCredentials>, BackendError> {
+    match &spec.credentials {
+        None => Ok(None),
+        Some(c) if c.uid == euid => Ok(None),
+        Some(c) if euid == 0 => Ok(Some(vmm::ThreadCredentials {
+            uid: c.uid,
+            gid: c.gid,
+            groups: c.groups.clone(),
+        })),
+        Some(c) => Err(BackendError::Unavailable(format!(
+            "the embedded VMM runs in this process (euid {euid}), which cannot take uid {}",
+            c.uid
+        ))),
     }
 }
 
@@ -39,13 +47,21 @@ impl VmBackend for EmbeddedBackend {
         true
     }
 
+    fn attaches_shares(&self) -> bool {
+        true
+    }
+
+    fn share_transport(&self) -> ShareTransport {
+        ShareTransport::VirtioFs
+    }
+
     fn name(&self) -> &'static str {
         "embedded"
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
-        Self::check_credentials(spec)?;
-        let config = vm_config(spec)?;
+        let mut config = vm_config(spec);
+        config.run_as = thread_identity(spec, nix::unistd::geteuid().as_raw())?;
         let handle = vmm::Vm::start(config).map_err(|e| BackendError::Start(e.to_string()))?;
         Ok(Box::new(EmbeddedVm {
             handle: Arc::new(handle),
@@ -75,15 +91,9 @@ impl RunningVm for EmbeddedVm {
     }
 }
 
-/// The VMM configuration for `spec`: the root disk as the first (read-only) virtio-blk disk;
-/// shared directories are refused.
-fn vm_config(spec: &VmSpec) -> Result<vmm::VmConfig, BackendError> {
-    if !spec.shares.is_empty() {
-        return Err(BackendError::Unavailable(
-            "the embedded VMM cannot serve shared directories: it has no virtio-fs device yet"
-                .into(),
-        ));
-    }
+/// The VMM configuration for `spec`: the root disk as the first (read-only) virtio-blk disk,
+/// each share a virtio-fs device under its tag.
+fn vm_config(spec: &VmSpec) -> vmm::VmConfig {
     let mut config = vmm::VmConfig::new(&spec.kernel);
     config.initrd = Some(spec.initrd.clone());
     // The i8042 reset is how the guest ends the VM; no PCI, no modules in our guest.
@@ -103,11 +113,20 @@ fn vm_config(spec: &VmSpec) -> Result<vmm::VmConfig, BackendError> {
             read_only: true,
         })
         .collect();
+    config.shares = spec
+        .shares
+        .iter()
+        .map(|share| vmm::ShareConfig {
+            tag: share.tag.clone(),
+            path: share.host_path.clone(),
+            read_only: share.read_only,
+        })
+        .collect();
     config.serial = vmm::SerialSink::File {
         path: spec.console_log.clone(),
         max_bytes: CONSOLE_LOG_MAX,
     };
-    Ok(config)
+    config
 }
 
 /// Whether `auto` should pick this backend, and why (probed once per host boot).
@@ -121,7 +140,7 @@ pub fn usable() -> (bool, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::VmShare;
+    use crate::backend::{VmShare, VmmCredentials};
     use std::path::PathBuf;
 
     #[test]
@@ -137,10 +156,10 @@ mod tests {
 
     #[test]
     fn the_root_disk_is_the_first_read_only_disk() {
-        assert!(vm_config(&spec()).unwrap().disks.is_empty());
+        assert!(vm_config(&spec()).disks.is_empty());
         let mut s = spec();
         s.root_disk = Some(PathBuf::from("/images/os.img"));
-        let c = vm_config(&s).unwrap();
+        let c = vm_config(&s);
         assert_eq!(
             c.disks,
             vec![vmm::DiskConfig {
@@ -151,14 +170,61 @@ mod tests {
     }
 
     #[test]
-    fn shares_are_refused_until_there_is_virtio_fs() {
+    fn shares_become_virtio_fs_devices_under_their_tags() {
         let mut s = spec();
         s.shares.push(VmShare {
-            tag: "home".into(),
-            host_path: PathBuf::from("/home"),
+            tag: "sge0".into(),
+            host_path: PathBuf::from("/home/alice"),
             read_only: false,
         });
-        let err = vm_config(&s).err().unwrap().to_string();
-        assert!(err.contains("virtio-fs"), "{err}");
+        s.shares.push(VmShare {
+            tag: "sge1".into(),
+            host_path: PathBuf::from("/opt/apps"),
+            read_only: true,
+        });
+        let c = vm_config(&s);
+        assert_eq!(
+            c.shares,
+            vec![
+                vmm::ShareConfig {
+                    tag: "sge0".into(),
+                    path: PathBuf::from("/home/alice"),
+                    read_only: false
+                },
+                vmm::ShareConfig {
+                    tag: "sge1".into(),
+                    path: PathBuf::from("/opt/apps"),
+                    read_only: true
+                }
+            ]
+        );
+        assert_eq!(EmbeddedBackend.share_transport(), ShareTransport::VirtioFs);
+    }
+
+    #[test]
+    fn the_vmm_threads_take_the_job_users_identity_only_when_they_must() {
+        let mut s = spec();
+        assert_eq!(thread_identity(&s, 0).unwrap(), None);
+        s.credentials = Some(VmmCredentials {
+            uid: 1000,
+            gid: 100,
+            groups: vec![100, 20017],
+        });
+        assert_eq!(
+            thread_identity(&s, 1000).unwrap(),
+            None,
+            "already the job user"
+        );
+        assert_eq!(
+            thread_identity(&s, 0).unwrap(),
+            Some(vmm::ThreadCredentials {
+                uid: 1000,
+                gid: 100,
+                groups: vec![100, 20017]
+            }),
+            "root switches the VMM's threads"
+        );
+        let err = thread_identity(&s, 1001).unwrap_err().to_string();
+        assert!(err.contains("cannot take uid 1000"), "{err}");
     }
 }

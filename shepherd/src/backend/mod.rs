@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guest_agent::protocol::ShareTransport;
+
 /// Which backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -143,6 +145,10 @@ pub trait VmBackend {
     /// Whether [`VmSpec::shares`] are attached; a backend that cannot is never given any.
     fn attaches_shares(&self) -> bool {
         false
+    }
+    /// How the guest reaches the shares: the file system type the agent mounts them with.
+    fn share_transport(&self) -> ShareTransport {
+        ShareTransport::NineP
     }
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError>;
 }

@@ -6,7 +6,7 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// Most descriptors a chain may have.
 pub const MAX_CHAIN_DESCRIPTORS: usize = 64;
@@ -49,6 +49,84 @@ pub struct ValidChain {
     pub readable: Vec<(GuestAddress, u32)>,
     /// Device-writable buffers, in order.
     pub writable: Vec<(GuestAddress, u32)>,
+}
+
+impl ValidChain {
+    /// Total length of the device-writable buffers.
+    pub fn writable_len(&self) -> usize {
+        self.writable.iter().map(|&(_, len)| len as usize).sum()
+    }
+
+    /// Copies the device-readable buffers, in order, into `out` (cleared first). Refuses a
+    /// chain whose readable part exceeds `max` bytes, before copying anything.
+    pub fn gather_readable(
+        &self,
+        mem: &impl GuestMemory,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TransferError> {
+        out.clear();
+        let total: usize = self.readable.iter().map(|&(_, len)| len as usize).sum();
+        if total > max {
+            return Err(TransferError::TooLong { len: total, max });
+        }
+        out.resize(total, 0);
+        let mut at = 0;
+        for &(addr, len) in &self.readable {
+            let end = at + len as usize;
+            mem.read_slice(&mut out[at..end], addr)
+                .map_err(|e| TransferError::Memory(e.to_string()))?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the device-writable buffers, in order; returns the bytes written.
+    /// Refuses data longer than the buffers, before copying anything.
+    pub fn scatter_writable(
+        &self,
+        mem: &impl GuestMemory,
+        data: &[u8],
+    ) -> Result<u32, TransferError> {
+        let room = self.writable_len();
+        if data.len() > room {
+            return Err(TransferError::TooLong {
+                len: data.len(),
+                max: room,
+            });
+        }
+        let mut rest = data;
+        for &(addr, len) in &self.writable {
+            if rest.is_empty() {
+                break;
+            }
+            let n = rest.len().min(len as usize);
+            mem.write_slice(&rest[..n], addr)
+                .map_err(|e| TransferError::Memory(e.to_string()))?;
+            rest = &rest[n..];
+        }
+        // The used ring's length is a u32; the buffers' total may not be.
+        u32::try_from(data.len()).map_err(|_| TransferError::TooLong {
+            len: data.len(),
+            max: u32::MAX as usize,
+        })
+    }
+}
+
+/// Why bytes could not be moved between a chain's buffers and the host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    /// More bytes than the buffers (or the caller's bound) allow.
+    #[error("{len} bytes do not fit in {max}")]
+    TooLong {
+        /// Bytes to move.
+        len: usize,
+        /// Room available.
+        max: usize,
+    },
+    /// Guest memory refused the access (checked at validation, so not expected).
+    #[error("guest memory: {0}")]
+    Memory(String),
 }
 
 /// Walks and checks `chain` (consuming it; pass a clone to parse it again afterwards).

@@ -1,11 +1,12 @@
 //! Virtio devices over the MMIO transport: the transport ([`mmio`]), the device interface
 //! ([`device`]), interrupts ([`interrupt`]), descriptor-chain validation ([`chain`]), the vsock
-//! device ([`vsock`]), the block device ([`block`]), and wiring a device into a VM (`attach_devices`: MMIO window, irqfd,
+//! device ([`vsock`]), the block device ([`block`]), the file-system device ([`fs`]), and wiring a device into a VM (`attach_devices`: MMIO window, irqfd,
 //! one ioeventfd per queue, the event-loop subscriber, the `virtio_mmio.device=` cmdline entry).
 
 pub mod block;
 pub mod chain;
 pub mod device;
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod vsock;
@@ -26,8 +27,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
+use crate::credentials::ThreadCredentials;
 use crate::devices::irq_trigger::IrqTrigger;
 use crate::event_loop::Subscriber;
+use crate::fuse::FuseServer;
 use crate::layout;
 use crate::memory::GuestMemory;
 use interrupt::InterruptLine;
@@ -43,6 +46,14 @@ pub enum VirtioError {
     /// A disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] block::DiskError),
+    /// A shared directory could not be served.
+    #[error("virtio-fs share {tag}: {message}")]
+    Share {
+        /// The share's tag.
+        tag: String,
+        /// What went wrong.
+        message: String,
+    },
     /// More virtio devices than GSIs to give them.
     #[error("too many virtio devices ({0}); at most {MAX_DEVICES}")]
     TooManyDevices(usize),
@@ -174,10 +185,54 @@ impl VsockDeviceInfo {
     }
 }
 
+/// A virtio-fs device as the VM handle sees it.
+#[derive(Clone)]
+pub struct ShareDeviceInfo {
+    transport: Arc<Mutex<MmioTransport>>,
+    stats: Arc<fs::FsStats>,
+    /// The tag the guest mounts it by.
+    pub tag: String,
+}
+
+impl std::fmt::Debug for ShareDeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareDeviceInfo")
+            .field("tag", &self.tag)
+            .field("driver_ok", &self.driver_ok())
+            .field("requests", &self.requests())
+            .finish()
+    }
+}
+
+impl ShareDeviceInfo {
+    /// Whether the guest driver brought the device to DRIVER_OK and it is running.
+    pub fn driver_ok(&self) -> bool {
+        let t = lock(&self.transport);
+        t.status() & VIRTIO_CONFIG_S_DRIVER_OK != 0 && t.is_activated()
+    }
+
+    /// FUSE requests served.
+    pub fn requests(&self) -> u64 {
+        self.stats.requests.load(Ordering::Relaxed)
+    }
+
+    /// Descriptor chains dropped as malformed.
+    pub fn malformed_chains(&self) -> u64 {
+        self.stats.malformed_chains.load(Ordering::Relaxed)
+    }
+}
+
+/// What the VM handle keeps of the attached devices.
+#[derive(Debug, Default)]
+pub(crate) struct DeviceInfo {
+    pub(crate) vsock: Option<VsockDeviceInfo>,
+    pub(crate) shares: Vec<ShareDeviceInfo>,
+}
+
 /// Devices attached to a VM.
 pub(crate) struct AttachedDevices {
     pub(crate) subscribers: Vec<Subscriber>,
-    pub(crate) vsock: Option<VsockDeviceInfo>,
+    pub(crate) info: DeviceInfo,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VirtioError {
@@ -188,7 +243,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VirtioError 
 pub const MAX_DEVICES: usize = (layout::MAX_LEGACY_GSI - layout::VIRTIO_FIRST_GSI + 1) as usize;
 
 /// Creates the configured virtio devices and wires them into the VM: the vsock device first (if
-/// any), then the disks in order.
+/// any), then the disks, then the shared directories, in order.
 pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &VmFd,
@@ -196,20 +251,20 @@ pub(crate) fn attach_devices(
     mem: &Arc<GuestMemory>,
     cmdline: &mut Cmdline,
 ) -> Result<AttachedDevices, VirtioError> {
-    let count = usize::from(config.vsock.is_some()) + config.disks.len();
+    let count = usize::from(config.vsock.is_some()) + config.disks.len() + config.shares.len();
     if count > MAX_DEVICES {
         return Err(VirtioError::TooManyDevices(count));
     }
     let mut attached = AttachedDevices {
         subscribers: Vec::new(),
-        vsock: None,
+        info: DeviceInfo::default(),
     };
     let mut index = 0;
     if let Some(vc) = &config.vsock {
         let device = VsockDevice::new(vc.guest_cid, Muxer::new(vc.guest_cid, &vc.uds_path)?);
         let stats = device.stats();
         let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
-        attached.vsock = Some(VsockDeviceInfo {
+        attached.info.vsock = Some(VsockDeviceInfo {
             transport: wired.transport.clone(),
             stats,
             mmio_base: wired.base,
@@ -227,7 +282,50 @@ pub(crate) fn attach_devices(
         attached.subscribers.push(wired.events);
         index += 1;
     }
+    for share in &config.shares {
+        let server = open_share(share, config.run_as.as_ref())?;
+        let device = fs::FsDevice::new(&share.tag, server).map_err(|e| VirtioError::Share {
+            tag: share.tag.clone(),
+            message: e.to_string(),
+        })?;
+        let stats = device.stats();
+        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.info.shares.push(ShareDeviceInfo {
+            transport: wired.transport.clone(),
+            stats,
+            tag: share.tag.clone(),
+        });
+        attached.subscribers.push(wired.events);
+        index += 1;
+    }
     Ok(attached)
+}
+
+/// Opens the file server of `share` with the identity the VMM thread will serve it with: on a
+/// short-lived thread that takes `run_as` first, so a directory that user cannot reach is
+/// refused here, with its reason, rather than served with the caller's rights.
+fn open_share(
+    share: &crate::config::ShareConfig,
+    run_as: Option<&ThreadCredentials>,
+) -> Result<FuseServer, VirtioError> {
+    let err = |message: String| VirtioError::Share {
+        tag: share.tag.clone(),
+        message,
+    };
+    let open = || FuseServer::new(&share.path, share.read_only).map_err(|e| e.to_string());
+    let Some(creds) = run_as else {
+        return open().map_err(err);
+    };
+    let creds = creds.clone();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            creds.apply_to_current_thread().map_err(|e| e.to_string())?;
+            open()
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the thread opening it panicked".into()))
+    })
+    .map_err(err)
 }
 
 /// A device wired into the VM.
