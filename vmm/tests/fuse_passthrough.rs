@@ -243,11 +243,47 @@ fn files_written_through_the_mount_are_the_hosts_files() {
     let through = fs::metadata(mnt.join("big.bin")).unwrap();
     assert_eq!(through.modified().unwrap(), then);
     assert_eq!(through.ino(), host.ino(), "attr.ino is the host's st_ino");
+    // touch: UTIME_NOW for both times.
+    nix::sys::stat::utimensat(
+        None,
+        &mnt.join("big.bin"),
+        &nix::sys::time::TimeSpec::UTIME_NOW,
+        &nix::sys::time::TimeSpec::UTIME_NOW,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .expect("utimensat UTIME_NOW");
+    let touched = fs::metadata(share.path().join("big.bin")).unwrap();
+    assert!(touched.modified().unwrap() > then + Duration::from_secs(1_000_000));
+
+    // fsync, fallocate, SEEK_DATA/SEEK_HOLE reach the host file.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("big.bin"))
+        .expect("open");
+    file.sync_all().expect("fsync");
+    nix::fcntl::fallocate(
+        file.as_raw_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        1 << 20,
+    )
+    .expect("fallocate");
+    assert_eq!(
+        fs::metadata(share.path().join("big.bin")).unwrap().len(),
+        1 << 20
+    );
+    let data = nix::unistd::lseek(file.as_raw_fd(), 0, nix::unistd::Whence::SeekData);
+    assert_eq!(data, Ok(0));
+    let hole =
+        nix::unistd::lseek(file.as_raw_fd(), 0, nix::unistd::Whence::SeekHole).expect("SEEK_HOLE");
+    assert!(hole > 0 && hole <= 1 << 20, "{hole}");
+    drop(file);
 
     fs::remove_file(mnt.join("big.bin")).expect("unlink");
     assert!(!share.path().join("big.bin").exists());
     eprintln!(
-        "fuse_passthrough: wrote, read back (1 MiB checksum), truncated, chmod, utimes, unlinked"
+        "fuse_passthrough: wrote, read back (1 MiB checksum), wrote at an offset, truncated, chmod, utimes (set and NOW), fsync, fallocate, SEEK_DATA/SEEK_HOLE, unlinked"
     );
 }
 
@@ -377,6 +413,15 @@ fn the_server_acts_as_the_job_user() {
 
     let denied = fs::read(mnt.join("root-only")).expect_err("root's 0600 file is not readable");
     assert_eq!(denied.kind(), ErrorKind::PermissionDenied, "{denied}");
+    // access(2) answers for the server's user too, not for the caller (root).
+    assert_eq!(
+        nix::unistd::access(&mnt.join("root-only"), nix::unistd::AccessFlags::R_OK),
+        Err(Errno::EACCES)
+    );
+    assert_eq!(
+        nix::unistd::access(&mnt.join("made-by-guest"), nix::unistd::AccessFlags::W_OK),
+        Ok(())
+    );
     // Nor can the job user give its file away.
     let chown = nix::unistd::chown(
         &mnt.join("made-by-guest"),
@@ -384,7 +429,7 @@ fn the_server_acts_as_the_job_user() {
         None,
     );
     assert_eq!(chown, Err(Errno::EPERM));
-    eprintln!("fuse_passthrough: files made through the mount belong to 65534; root's 0600 file: EACCES; chown to root: EPERM");
+    eprintln!("fuse_passthrough: files made through the mount belong to 65534; root's 0600 file: read and access(R_OK) EACCES; chown to root: EPERM");
 }
 
 #[test]

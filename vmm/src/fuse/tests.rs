@@ -104,6 +104,12 @@ fn read_in(fh: u64, offset: u64, size: u32) -> Vec<u8> {
 }
 
 #[test]
+fn the_server_can_move_to_the_device_thread() {
+    fn assert_send<T: Send>() {}
+    assert_send::<FuseServer>();
+}
+
+#[test]
 fn requests_too_short_for_a_header_get_no_reply() {
     let (_share, mut server) = server(false);
     let mut reply = vec![1, 2, 3];
