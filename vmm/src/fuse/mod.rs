@@ -34,6 +34,10 @@ pub const MAX_WRITE: u32 = 128 * 1024;
 /// Largest request the server accepts: a WRITE of [`MAX_WRITE`] plus its headers.
 pub const MAX_REQUEST: usize = MAX_WRITE as usize + 4096;
 
+/// Largest reply the server builds: a READ or READDIR of [`MAX_WRITE`] bytes after the
+/// `fuse_out_header` (every other reply is smaller), so a device can size its buffers.
+pub const MAX_REPLY: usize = MAX_WRITE as usize + abi::OUT_HEADER_SIZE;
+
 /// The INIT flags the server accepts when the kernel offers them. Not offered on purpose:
 /// READDIRPLUS (plain READDIR is enough and cheaper), MAX_PAGES (requests must fit the
 /// virtqueue's chains at the kernel's default of 32 pages), POSIX locks (not implemented),

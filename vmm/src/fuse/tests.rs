@@ -411,6 +411,12 @@ fn files_are_created_written_and_read() {
     assert_eq!(fs::read(share.path().join("new")).unwrap(), b"\0\0\0hello");
     let (error, body) = call(&mut server, opcode::READ, nodeid, &read_in(fh, 2, 1 << 30));
     assert_eq!((error, body.as_slice()), (0, &b"\0hello"[..]));
+    // A READ larger than MAX_WRITE is cut to it, so the reply fits MAX_REPLY.
+    fs::write(share.path().join("new"), vec![7u8; 3 * MAX_WRITE as usize]).unwrap();
+    let mut reply = Vec::new();
+    let read = request(opcode::READ, nodeid, &read_in(fh, 0, u32::MAX));
+    assert_eq!(server.handle(&read, &mut reply), Handled::Reply);
+    assert_eq!(reply.len(), MAX_REPLY);
     // O_EXCL on an existing file.
     assert_eq!(
         errno(&mut server, opcode::CREATE, 1, &create),
@@ -471,7 +477,7 @@ fn check_reply(server: &mut FuseServer, request: &[u8]) -> Result<(), TestCaseEr
     let mut reply = Vec::new();
     if server.handle(request, &mut reply) == Handled::Reply {
         prop_assert!(request.len() >= IN_HEADER_SIZE);
-        prop_assert!(reply.len() >= 16);
+        prop_assert!(reply.len() >= 16 && reply.len() <= MAX_REPLY);
         prop_assert_eq!(u32_at(&reply, 0) as usize, reply.len());
         prop_assert_eq!(&reply[8..16], &request[8..16]);
         let error = u32_at(&reply, 4) as i32;
