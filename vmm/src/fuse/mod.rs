@@ -1,6 +1,31 @@
-//! PLACEHOLDER API (being implemented): a FUSE passthrough server for one shared host directory.
+//! A FUSE passthrough server for one shared host directory: the file system behind the
+//! virtio-fs device, spoken to by the guest kernel's FUSE client (and, in tests, by the host's
+//! own through `/dev/fuse`).
+//!
+//! This module owns the protocol state (whether INIT happened and at which protocol version),
+//! the dispatch of each request to its host operation, and the read-only policy. The wire format
+//! is in `abi`, request parsing in `request`, reply building in `reply`, and the host side in
+//! `passthrough` with its `inode_table` and `handle_table`.
+//!
+//! The server acts with the credentials of the thread that calls [`FuseServer::handle`] (the
+//! VMM switches that thread to the job user): the uid, gid and pid in each request header are
+//! ignored, so the guest can do on the share exactly what the job user can do on the host.
+
+mod abi;
+mod handle_table;
+mod inode_table;
+mod passthrough;
+mod reply;
+mod request;
 
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+use abi::{init_flags, InitOut, OpenOut, IN_HEADER_SIZE};
+use handle_table::HandleKind;
+use passthrough::Passthrough;
+use request::{InHeader, Operation};
 
 /// Largest WRITE payload the server accepts (and offers in INIT): 32 pages, the kernel's
 /// default `max_pages`, so a request fits in a descriptor chain of the virtio-fs queue.
@@ -8,6 +33,18 @@ pub const MAX_WRITE: u32 = 128 * 1024;
 
 /// Largest request the server accepts: a WRITE of [`MAX_WRITE`] plus its headers.
 pub const MAX_REQUEST: usize = MAX_WRITE as usize + 4096;
+
+/// Largest reply the server builds: a READ or READDIR of [`MAX_WRITE`] bytes after the
+/// `fuse_out_header` (every other reply is smaller), so a device can size its buffers.
+pub const MAX_REPLY: usize = MAX_WRITE as usize + abi::OUT_HEADER_SIZE;
+
+/// The INIT flags the server accepts when the kernel offers them. Not offered on purpose:
+/// READDIRPLUS (plain READDIR is enough and cheaper), MAX_PAGES (requests must fit the
+/// virtqueue's chains at the kernel's default of 32 pages), POSIX locks (not implemented),
+/// EXPORT_SUPPORT (no NFS export of the guest's mount), writeback caching (the host may change
+/// files under the guest).
+const SUPPORTED_INIT_FLAGS: u32 =
+    init_flags::ASYNC_READ | init_flags::ATOMIC_O_TRUNC | init_flags::BIG_WRITES;
 
 /// Why a server could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +55,9 @@ pub enum FuseError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// `/proc/self/fd`, through which the server reopens inodes, could not be opened.
+    #[error("cannot open /proc/self/fd (is /proc mounted?): {source}")]
+    OpenProcSelfFd { source: std::io::Error },
 }
 
 /// Whether a request is answered.
@@ -30,30 +70,305 @@ pub enum Handled {
 }
 
 /// A passthrough server exporting one host directory.
+#[derive(Debug)]
 pub struct FuseServer {
-    _root: PathBuf,
-    _read_only: bool,
+    fs: Passthrough,
+    read_only: bool,
+    /// The negotiated protocol minor version; None until INIT (and again after DESTROY).
+    minor: Option<u32>,
 }
 
 impl FuseServer {
     /// Opens `root` (must be a directory). With `read_only`, modifying requests get EROFS.
     pub fn new(root: &Path, read_only: bool) -> Result<Self, FuseError> {
+        raise_open_file_limit();
         Ok(Self {
-            _root: root.to_path_buf(),
-            _read_only: read_only,
+            fs: Passthrough::new(root)?,
+            read_only,
+            minor: None,
         })
+    }
+
+    /// How many inodes the guest holds (the root included); each holds a host descriptor.
+    pub fn inode_count(&self) -> usize {
+        self.fs.inodes.len()
+    }
+
+    /// How many files and directories the guest holds open.
+    pub fn open_handle_count(&self) -> usize {
+        self.fs.handles.len()
+    }
+
+    /// Lowers the inode and handle limits (tests of exhaustion).
+    #[cfg(test)]
+    fn set_limits(&mut self, inodes: usize, handles: usize) {
+        self.fs.inodes.set_limit(inodes);
+        self.fs.handles.set_limit(handles);
     }
 
     /// Handles one request (fuse_in_header + arguments); fills `reply` (cleared first).
     pub fn handle(&mut self, request: &[u8], reply: &mut Vec<u8>) -> Handled {
         reply.clear();
-        if request.len() < 40 {
+        let Some(header) = InHeader::parse(request) else {
+            tracing::debug!(len = request.len(), "FUSE request too short for a header");
+            return Handled::NoReply;
+        };
+        let well_formed = header.len as usize == request.len() && request.len() <= MAX_REQUEST;
+        let body = &request[IN_HEADER_SIZE..];
+        if matches!(
+            header.opcode,
+            abi::opcode::FORGET | abi::opcode::BATCH_FORGET | abi::opcode::INTERRUPT
+        ) {
+            // Never answered, even when malformed. INTERRUPT needs nothing: every request is
+            // answered before the next is read.
+            if well_formed {
+                self.forget(&header, body);
+            }
             return Handled::NoReply;
         }
-        let unique = &request[8..16];
-        reply.extend_from_slice(&16u32.to_le_bytes());
-        reply.extend_from_slice(&(-libc::ENOSYS).to_le_bytes());
-        reply.extend_from_slice(unique);
+        let result = if well_formed {
+            self.dispatch(&header, body, reply)
+        } else {
+            Err(Errno::EINVAL)
+        };
+        match result {
+            Ok(()) => reply::finish(reply),
+            Err(errno) => {
+                tracing::debug!(
+                    opcode = header.opcode,
+                    unique = header.unique,
+                    nodeid = header.nodeid,
+                    %errno,
+                    "FUSE request failed"
+                );
+                reply::error(reply, header.unique, errno);
+            }
+        }
         Handled::Reply
     }
+
+    fn forget(&mut self, header: &InHeader, body: &[u8]) {
+        let minor = self.minor.unwrap_or(0);
+        match Operation::parse(header.opcode, body, minor) {
+            Ok(Operation::Forget { nlookup }) => self.fs.inodes.forget(header.nodeid, nlookup),
+            Ok(Operation::BatchForget { entries }) => {
+                for (nodeid, nlookup) in entries {
+                    self.fs.inodes.forget(nodeid, nlookup);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Performs one request, appending the reply body after a header begun here.
+    fn dispatch(
+        &mut self,
+        header: &InHeader,
+        body: &[u8],
+        reply: &mut Vec<u8>,
+    ) -> Result<(), Errno> {
+        let op = Operation::parse(header.opcode, body, self.minor.unwrap_or(0))?;
+        tracing::trace!(
+            unique = header.unique,
+            nodeid = header.nodeid,
+            ?op,
+            "FUSE request"
+        );
+        let Some(minor) = self.minor else {
+            if let Operation::Init {
+                major,
+                minor,
+                max_readahead,
+                flags,
+            } = op
+            {
+                return self.init(header.unique, major, minor, max_readahead, flags, reply);
+            }
+            // Nothing is served before the protocol version is known.
+            return Err(Errno::EIO);
+        };
+        if self.read_only && op.modifies() {
+            return Err(Errno::EROFS);
+        }
+        // Structures before 7.9 lack their last fields.
+        let compat = minor < 9;
+        let nodeid = header.nodeid;
+        let fs = &mut self.fs;
+        reply::begin(reply, header.unique);
+        match op {
+            Operation::Init { .. } => return Err(Errno::EIO),
+            Operation::Destroy => {
+                // The guest unmounted: drop everything it held; a new mount starts with INIT.
+                fs.inodes.forget_all();
+                fs.handles.clear();
+                self.minor = None;
+            }
+            Operation::Lookup { name } => {
+                let (id, st) = fs.lookup(nodeid, name)?;
+                reply::entry_out(id, &st).encode(reply, compat);
+            }
+            Operation::Forget { .. } | Operation::BatchForget { .. } | Operation::Interrupt => {
+                // Answered in `handle` (never).
+            }
+            Operation::Getattr { fh } => {
+                let st = fs.getattr(nodeid, fh)?;
+                reply::attr_out(&st).encode(reply, compat);
+            }
+            Operation::Setattr(setattr) => {
+                let st = fs.setattr(nodeid, &setattr)?;
+                reply::attr_out(&st).encode(reply, compat);
+            }
+            Operation::Readlink => reply.extend_from_slice(&fs.readlink(nodeid)?),
+            Operation::Symlink { name, target } => {
+                let (id, st) = fs.symlink(nodeid, name, target)?;
+                reply::entry_out(id, &st).encode(reply, compat);
+            }
+            Operation::Mknod {
+                name, mode, umask, ..
+            } => {
+                let (id, st) = fs.mknod(nodeid, name, mode, umask)?;
+                reply::entry_out(id, &st).encode(reply, compat);
+            }
+            Operation::Mkdir { name, mode, umask } => {
+                let (id, st) = fs.mkdir(nodeid, name, mode, umask)?;
+                reply::entry_out(id, &st).encode(reply, compat);
+            }
+            Operation::Unlink { name } => fs.unlink(nodeid, name, false)?,
+            Operation::Rmdir { name } => fs.unlink(nodeid, name, true)?,
+            Operation::Rename {
+                newdir,
+                flags,
+                oldname,
+                newname,
+            } => fs.rename(nodeid, oldname, newdir, newname, flags)?,
+            Operation::Link { oldnodeid, newname } => {
+                let (id, st) = fs.link(oldnodeid, nodeid, newname)?;
+                reply::entry_out(id, &st).encode(reply, compat);
+            }
+            Operation::Open { flags } => {
+                let fh = fs.open(nodeid, flags)?;
+                OpenOut { fh, open_flags: 0 }.encode(reply);
+            }
+            Operation::Read { fh, offset, size } => fs.read(fh, offset, size, reply)?,
+            Operation::Write { fh, offset, data } => {
+                let written = fs.write(fh, offset, data)?;
+                // At most MAX_REQUEST bytes arrive, so the count fits.
+                reply.extend_from_slice(&(written as u32).to_le_bytes());
+                reply.extend_from_slice(&0u32.to_le_bytes());
+            }
+            Operation::Statfs => reply::statfs_out(&fs.statfs(nodeid)?).encode(reply),
+            Operation::Release { fh } => fs.release(fh, HandleKind::File)?,
+            Operation::Releasedir { fh } => fs.release(fh, HandleKind::Directory)?,
+            Operation::Fsync { fh, datasync } => fs.fsync(fh, HandleKind::File, datasync)?,
+            Operation::Fsyncdir { fh, datasync } => {
+                fs.fsync(fh, HandleKind::Directory, datasync)?
+            }
+            Operation::Flush { fh } => {
+                // Nothing is buffered in the server, and no locks are held to drop.
+                fs.handles.fd(fh, HandleKind::File)?;
+            }
+            Operation::Opendir { .. } => {
+                let fh = fs.opendir(nodeid)?;
+                OpenOut { fh, open_flags: 0 }.encode(reply);
+            }
+            Operation::Readdir { fh, offset, size } => fs.readdir(fh, offset, size, reply)?,
+            Operation::Access { mask } => fs.access(nodeid, mask)?,
+            Operation::Create {
+                name,
+                flags,
+                mode,
+                umask,
+            } => {
+                let (id, st, fh) = fs.create(nodeid, name, flags, mode, umask)?;
+                reply::entry_out(id, &st).encode(reply, compat);
+                OpenOut { fh, open_flags: 0 }.encode(reply);
+            }
+            Operation::Fallocate {
+                fh,
+                offset,
+                length,
+                mode,
+            } => fs.fallocate(fh, mode, offset, length)?,
+            Operation::Lseek { fh, offset, whence } => {
+                let pos = fs.lseek(fh, offset, whence)?;
+                reply.extend_from_slice(&pos.to_le_bytes());
+            }
+            Operation::Syncfs => fs.syncfs()?,
+            Operation::ModifyingUnsupported | Operation::Unsupported(_) => {
+                return Err(Errno::ENOSYS)
+            }
+        }
+        Ok(())
+    }
+
+    /// Negotiates the protocol version: the lower of the kernel's minor and ours, and the reply
+    /// sized for what the kernel's minor expects.
+    fn init(
+        &mut self,
+        unique: u64,
+        major: u32,
+        minor: u32,
+        max_readahead: u32,
+        flags: u32,
+        reply: &mut Vec<u8>,
+    ) -> Result<(), Errno> {
+        if major < abi::KERNEL_VERSION {
+            return Err(Errno::EPROTO);
+        }
+        reply::begin(reply, unique);
+        if major > abi::KERNEL_VERSION {
+            // The protocol's answer to a newer kernel: state our major only; the kernel then
+            // sends INIT again with ours.
+            let ours = InitOut {
+                major: abi::KERNEL_VERSION,
+                minor: abi::KERNEL_MINOR_VERSION,
+                max_readahead: 0,
+                flags: 0,
+                max_background: 0,
+                congestion_threshold: 0,
+                max_write: 0,
+                time_gran: 0,
+            };
+            ours.encode(reply, abi::KERNEL_MINOR_VERSION);
+            return Ok(());
+        }
+        let negotiated = minor.min(abi::KERNEL_MINOR_VERSION);
+        InitOut {
+            major: abi::KERNEL_VERSION,
+            minor: negotiated,
+            max_readahead,
+            flags: flags & SUPPORTED_INIT_FLAGS,
+            // 0: the kernel keeps its defaults.
+            max_background: 0,
+            congestion_threshold: 0,
+            max_write: MAX_WRITE,
+            // Host timestamps have nanosecond resolution.
+            time_gran: 1,
+        }
+        .encode(reply, minor);
+        tracing::debug!(kernel_minor = minor, negotiated, flags, "FUSE INIT");
+        self.minor = Some(negotiated);
+        Ok(())
+    }
 }
+
+/// Raises this process's soft limit on open files to the hard limit. Each inode the guest looks
+/// up and each file it opens holds a host descriptor (up to `inode_table::MAX_INODES` and
+/// `handle_table::MAX_HANDLES`), and the usual soft limit of 1024 would let an ordinary `find`
+/// in the guest exhaust the descriptors the whole VMM needs. Done once per server, not per
+/// request; failure is not fatal (the guest then sees EMFILE sooner).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise RLIMIT_NOFILE");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
