@@ -31,6 +31,42 @@ struct Mounted {
     server: Option<JoinHandle<()>>,
 }
 
+/// Where the kernel's FUSE connection ends: its `/dev/fuse` descriptor and the mount point.
+struct KernelMount {
+    dev: OwnedFd,
+    mountpoint: tempfile::TempDir,
+}
+
+/// Opens `/dev/fuse` and mounts a FUSE file system served through it on a fresh directory.
+/// Err is the reason the test cannot run here.
+fn kernel_mount() -> Result<KernelMount, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("not root (mounting a FUSE file system needs CAP_SYS_ADMIN)".into());
+    }
+    let dev: OwnedFd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| format!("cannot open /dev/fuse: {e}"))?
+        .into();
+    let mountpoint = tempfile::tempdir().expect("mount point");
+    let data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other",
+        dev.as_raw_fd()
+    );
+    match nix::mount::mount(
+        Some("sgevfs-test"),
+        mountpoint.path(),
+        Some("fuse"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    ) {
+        Ok(()) => Ok(KernelMount { dev, mountpoint }),
+        Err(Errno::EPERM) => Err("mount(2) of a fuse file system: EPERM".into()),
+        Err(e) => panic!("mount fuse on {}: {e}", mountpoint.path().display()),
+    }
+}
+
 impl Mounted {
     fn path(&self) -> &Path {
         self.mountpoint.path()
@@ -59,32 +95,8 @@ fn mount(
     read_only: bool,
     credentials: Option<ThreadCredentials>,
 ) -> Result<Mounted, String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err("not root (mounting a FUSE file system needs CAP_SYS_ADMIN)".into());
-    }
-    let dev: OwnedFd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .map_err(|e| format!("cannot open /dev/fuse: {e}"))?
-        .into();
+    let KernelMount { dev, mountpoint } = kernel_mount()?;
     let server = FuseServer::new(share, read_only).expect("FuseServer::new");
-    let mountpoint = tempfile::tempdir().expect("mount point");
-    let data = format!(
-        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other",
-        dev.as_raw_fd()
-    );
-    match nix::mount::mount(
-        Some("sgevfs-test"),
-        mountpoint.path(),
-        Some("fuse"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(data.as_str()),
-    ) {
-        Ok(()) => {}
-        Err(Errno::EPERM) => return Err("mount(2) of a fuse file system: EPERM".into()),
-        Err(e) => panic!("mount fuse on {}: {e}", mountpoint.path().display()),
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let server_stop = stop.clone();
     let server = std::thread::spawn(move || serve(dev, server, credentials, &server_stop));
@@ -531,4 +543,168 @@ fn forged_lookups_do_not_leave_the_share() {
     server.handle(&request(LOOKUP, 6, 999, b"outside\0"), &mut reply);
     assert_eq!(parse_reply(&reply).0, -libc::EBADF);
     eprintln!("fuse_passthrough: forged LOOKUPs (.., a/../.., /, symlinks as parents, unknown node id) refused");
+}
+
+/// The server in a child process that takes the job user's credentials and then the VMM
+/// thread's seccomp filter for file servers (`vmm_thread_filter(true)`), as the VMM thread that
+/// serves a virtio-fs share does. A process, not a thread: a system call the filter lacks kills
+/// the server (SIGSYS), which closes its `/dev/fuse` and aborts the connection, so the test
+/// fails with the signal instead of hanging on requests its own dead thread would never answer.
+struct FilteredServer {
+    mountpoint: tempfile::TempDir,
+    child: nix::unistd::Pid,
+}
+
+impl FilteredServer {
+    fn start(share: &Path, credentials: ThreadCredentials) -> Result<Self, String> {
+        let KernelMount { dev, mountpoint } = kernel_mount()?;
+        let filter = vmm::seccomp::vmm_thread_filter(true).expect("the VMM thread's filter");
+        let mut request = vec![0u8; MAX_REQUEST + 4096];
+        let mut reply = Vec::with_capacity(MAX_REQUEST + 4096);
+        // SAFETY: the child only opens the share, runs the server loop and leaves with _exit;
+        // it takes no lock another thread of the test process could hold (glibc resets its
+        // malloc locks in the child of a fork).
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                let code = (|| {
+                    // As the VMM does: the identity, then the server (its /proc/self/fd is
+                    // this process's), then the filter.
+                    credentials.apply_to_current_thread().ok()?;
+                    let mut server = FuseServer::new(share, false).ok()?;
+                    seccompiler::apply_filter(&filter).ok()?;
+                    loop {
+                        let n = match nix::unistd::read(dev.as_raw_fd(), &mut request) {
+                            Ok(n) => n,
+                            Err(Errno::EINTR | Errno::ENOENT | Errno::EAGAIN) => continue,
+                            Err(Errno::ENODEV) => return Some(()),
+                            Err(_) => return None,
+                        };
+                        if server.handle(&request[..n], &mut reply) == Handled::Reply {
+                            match nix::unistd::write(&dev, &reply) {
+                                Ok(_) | Err(Errno::ENOENT) => {}
+                                Err(Errno::ENODEV) => return Some(()),
+                                Err(_) => return None,
+                            }
+                        }
+                    }
+                })();
+                // SAFETY: _exit ends the child without running the parent's atexit handlers.
+                unsafe { libc::_exit(if code.is_some() { 0 } else { 3 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                // Only the child holds the connection now.
+                drop(dev);
+                Ok(Self { mountpoint, child })
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.mountpoint.path()
+    }
+
+    /// Unmounts and returns how the server process ended (it ends on ENODEV).
+    fn finish(self) -> nix::sys::wait::WaitStatus {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let _ = nix::mount::umount2(self.mountpoint.path(), MntFlags::MNT_DETACH);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match waitpid(self.child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(self.child, nix::sys::signal::SIGKILL);
+                    return waitpid(self.child, None).expect("waitpid");
+                }
+                Ok(status) => return status,
+                Err(e) => panic!("waitpid: {e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_vmm_threads_seccomp_filter_allows_everything_the_server_does() {
+    const NOBODY: u32 = 65534;
+    let share = tempfile::tempdir().expect("share");
+    nix::unistd::chown(
+        share.path(),
+        Some(nix::unistd::Uid::from_raw(NOBODY)),
+        Some(nix::unistd::Gid::from_raw(NOBODY)),
+    )
+    .expect("chown share");
+    let credentials = ThreadCredentials {
+        uid: NOBODY,
+        gid: NOBODY,
+        groups: vec![],
+    };
+    let server = match FilteredServer::start(share.path(), credentials) {
+        Ok(s) => s,
+        Err(reason) => {
+            eprintln!("SKIPPED fuse_passthrough: {reason}");
+            return;
+        }
+    };
+    let mnt = server.path().to_path_buf();
+    // Every kind of request a guest's jobs make, each checked against the host.
+    // The failing step's line, with the error.
+    fn at(line: u32, e: impl Into<std::io::Error>) -> std::io::Error {
+        let e = e.into();
+        std::io::Error::new(e.kind(), format!("line {line}: {e}"))
+    }
+    let workload = || -> std::io::Result<()> {
+        fs::create_dir(mnt.join("d")).map_err(|e| at(line!(), e))?;
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(mnt.join("d/f"))
+            .map_err(|e| at(line!(), e))?;
+        f.write_all(&[7u8; 300_000]).map_err(|e| at(line!(), e))?;
+        f.seek(SeekFrom::Start(10)).map_err(|e| at(line!(), e))?;
+        let mut b = [0u8; 4];
+        f.read_exact(&mut b).map_err(|e| at(line!(), e))?;
+        assert_eq!(b, [7; 4]);
+        nix::fcntl::fallocate(
+            f.as_raw_fd(),
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            400_000,
+        )
+        .map_err(|e| at(line!(), e))?;
+        f.set_len(200_000).map_err(|e| at(line!(), e))?;
+        f.sync_all().map_err(|e| at(line!(), e))?;
+        f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+            .map_err(|e| at(line!(), e))?;
+        f.set_permissions(fs::Permissions::from_mode(0o640))
+            .map_err(|e| at(line!(), e))?;
+        drop(f);
+        assert_eq!(fs::read_dir(mnt.join("d"))?.count(), 1);
+        fs::rename(mnt.join("d/f"), mnt.join("d/g")).map_err(|e| at(line!(), e))?;
+        fs::hard_link(mnt.join("d/g"), mnt.join("d/h")).map_err(|e| at(line!(), e))?;
+        std::os::unix::fs::symlink("g", mnt.join("d/s")).map_err(|e| at(line!(), e))?;
+        assert_eq!(fs::read_link(mnt.join("d/s"))?, Path::new("g"));
+        nix::unistd::mkfifo(&mnt.join("d/p"), Mode::from_bits_truncate(0o600))
+            .map_err(|e| at(line!(), e))?;
+        nix::sys::statvfs::statvfs(&mnt).map_err(|e| at(line!(), e))?;
+        nix::unistd::access(&mnt.join("d/g"), nix::unistd::AccessFlags::W_OK)
+            .map_err(|e| at(line!(), e))?;
+        for name in ["g", "h", "s", "p"] {
+            fs::remove_file(mnt.join("d").join(name)).map_err(|e| at(line!(), e))?;
+        }
+        fs::remove_dir(mnt.join("d")).map_err(|e| at(line!(), e))?;
+        Ok(())
+    };
+    let result = workload();
+    let status = server.finish();
+    assert_eq!(
+        status,
+        nix::sys::wait::WaitStatus::Exited(status.pid().expect("pid"), 0),
+        "the filtered server process ended abnormally (SIGSYS: a system call missing from \
+         vmm::seccomp's FILE_SERVER list); workload: {result:?}"
+    );
+    result.expect("every operation through the filtered server");
+    assert!(fs::read_dir(share.path()).expect("share").next().is_none());
+    eprintln!("fuse_passthrough: a server under the VMM thread's seccomp filter served mkdir, create, write, seek, read, fallocate, truncate, fsync, utimes, chmod, readdir, rename, link, symlink, readlink, mkfifo, statfs, access, unlink, rmdir");
 }

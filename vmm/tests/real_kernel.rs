@@ -163,6 +163,12 @@ fn slow_real_kernel_smoke_mounts_a_virtio_fs_root_and_executes_init_from_it() {
         share.requests(),
         share.malformed_chains()
     );
+    for line in text
+        .lines()
+        .filter(|l| l.contains("virtiofs") || l.contains("init") && !l.contains("initcall"))
+    {
+        eprintln!("  console: {line}");
+    }
     if ended.is_none() {
         vm.request_stop();
         vm.wait();

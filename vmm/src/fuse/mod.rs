@@ -89,6 +89,15 @@ impl FuseServer {
         })
     }
 
+    /// Forgets the session: every inode but the root and every open handle, and the protocol
+    /// version, as DESTROY does. For a transport that the guest reset (its driver then sends
+    /// INIT again).
+    pub fn reset(&mut self) {
+        self.fs.inodes.forget_all();
+        self.fs.handles.clear();
+        self.minor = None;
+    }
+
     /// How many inodes the guest holds (the root included); each holds a host descriptor.
     pub fn inode_count(&self) -> usize {
         self.fs.inodes.len()
@@ -199,9 +208,7 @@ impl FuseServer {
             Operation::Init { .. } => return Err(Errno::EIO),
             Operation::Destroy => {
                 // The guest unmounted: drop everything it held; a new mount starts with INIT.
-                fs.inodes.forget_all();
-                fs.handles.clear();
-                self.minor = None;
+                self.reset();
             }
             Operation::Lookup { name } => {
                 let (id, st) = fs.lookup(nodeid, name)?;

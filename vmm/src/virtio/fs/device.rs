@@ -233,9 +233,9 @@ impl VirtioDevice for FsDevice {
     }
 
     fn reset(&mut self) {
-        // The server's inodes and open files stay: a driver that comes back sends INIT again
-        // and looks its files up anew; what it had open is released with the VM.
+        // A driver that comes back sends INIT again and looks its files up anew.
         self.active = None;
+        self.server.reset();
     }
 }
 
@@ -289,6 +289,21 @@ mod tests {
         u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
     }
 
+    fn ready_queues() -> Vec<Queue> {
+        RINGS
+            .iter()
+            .map(|&(desc, avail, used)| {
+                let mut q = Queue::new(SIZE).unwrap();
+                q.set_size(SIZE);
+                q.set_desc_table_address(Some(desc as u32), Some(0));
+                q.set_avail_ring_address(Some(avail as u32), Some(0));
+                q.set_used_ring_address(Some(used as u32), Some(0));
+                q.set_ready(true);
+                q
+            })
+            .collect()
+    }
+
     impl Rig {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
@@ -297,18 +312,7 @@ mod tests {
             let server = FuseServer::new(dir.path(), false).unwrap();
             let mut dev = FsDevice::new("sgejob", server).unwrap();
             let mem = Arc::new(create_guest_memory(2).unwrap());
-            let queues = RINGS
-                .iter()
-                .map(|&(desc, avail, used)| {
-                    let mut q = Queue::new(SIZE).unwrap();
-                    q.set_size(SIZE);
-                    q.set_desc_table_address(Some(desc as u32), Some(0));
-                    q.set_avail_ring_address(Some(avail as u32), Some(0));
-                    q.set_used_ring_address(Some(used as u32), Some(0));
-                    q.set_ready(true);
-                    q
-                })
-                .collect();
+            let queues = ready_queues();
             let irq = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
             dev.activate(mem.clone(), queues, irq, 0).unwrap();
             Self {
@@ -448,6 +452,29 @@ mod tests {
         rig.mem.write_slice(&forget, GuestAddress(REQ)).unwrap();
         assert_eq!(rig.post(HIPRIO_QUEUE, &[(REQ, forget.len() as u32, 0)]), 0);
         assert_eq!(rig.dev.stats().malformed_chains.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn after_a_device_reset_the_driver_starts_a_new_session() {
+        let mut rig = Rig::new();
+        rig.init();
+        let entry = rig.call(FUSE_LOOKUP, ROOT, b"input.dat\0", &[144]);
+        let nodeid = le64(&entry, 16);
+        rig.dev.reset();
+        let irq = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        rig.mem
+            .write_obj(0u16, GuestAddress(RINGS[1].1 + 2))
+            .unwrap();
+        rig.dev
+            .activate(rig.mem.clone(), ready_queues(), irq, 0)
+            .unwrap();
+        rig.avail = [0; 2];
+        // The old session's node is gone; a new INIT is accepted.
+        let stale = rig.call(FUSE_LOOKUP, nodeid, b"x\0", &[144]);
+        assert_eq!(le32(&stale, 4) as i32, -libc::EIO, "nothing before INIT");
+        rig.init();
+        let stale = rig.call(FUSE_LOOKUP, nodeid, b"x\0", &[144]);
+        assert_ne!(le32(&stale, 4), 0, "the old node id is not valid any more");
     }
 
     #[test]
