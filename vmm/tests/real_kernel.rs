@@ -4,8 +4,9 @@
 //!   brings the device to DRIVER_OK;
 //! * without an initramfs, it mounts a host directory served by the VMM's virtio-fs device as
 //!   its root (`root=<tag> rootfstype=virtiofs`) and executes `/sbin/init` from it: the kernel's
-//!   own FUSE client (INIT, LOOKUP, GETATTR, OPEN, READ) against our device and server. Kernel
-//!   code only, so it runs even where KVM cannot run a Linux user space.
+//!   own FUSE client (INIT, LOOKUP, GETATTR, OPEN, READ) against our device and server, whose
+//!   threads run as `nobody` when the test runs as root (as under a Grid Engine shepherd).
+//!   Kernel code only, so it runs even where KVM cannot run a Linux user space.
 //!
 //! On hosts whose KVM emulates guest kernel code in software (kvm_pvm, no vmx/svm) this takes
 //! minutes and needs workarounds for instructions the emulator lacks: they are applied here
@@ -148,6 +149,31 @@ fn slow_real_kernel_smoke_mounts_a_virtio_fs_root_and_executes_init_from_it() {
         path: root.path().to_path_buf(),
         read_only: true,
     }];
+    // As under a Grid Engine shepherd (root): the VMM's threads, and so the file server, run
+    // as the job user (here nobody, who owns the root directory).
+    // The kernel tries /etc/init next: root's own, mode 0700, which the guest's root may
+    // execute but the job user on the host may not open, so the host's answer (EACCES, -13)
+    // shows whose identity the server has.
+    let as_job_user = nix::unistd::geteuid().is_root();
+    if as_job_user {
+        const NOBODY: u32 = 65534;
+        for path in [root.path(), &root.path().join("sbin"), &init] {
+            std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let root_only = root.path().join("etc/init");
+        std::fs::write(&root_only, "not a program either\n").unwrap();
+        std::fs::set_permissions(
+            &root_only,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        config.run_as = Some(vmm::ThreadCredentials {
+            uid: NOBODY,
+            gid: NOBODY,
+            groups: vec![NOBODY],
+        });
+    }
     let start = Instant::now();
     let vm = Vm::start(config).unwrap();
     let console = || String::from_utf8_lossy(&vm.console_output().unwrap_or_default()).into_owned();
@@ -175,6 +201,10 @@ fn slow_real_kernel_smoke_mounts_a_virtio_fs_root_and_executes_init_from_it() {
     }
     assert!(text.contains(MOUNTED), "no '{MOUNTED}'; console:\n{text}");
     assert!(text.contains(EXECUTED), "no '{EXECUTED}'; console:\n{text}");
+    if as_job_user {
+        const REFUSED: &str = "/etc/init exists but couldn't execute it (error -13)";
+        assert!(text.contains(REFUSED), "no '{REFUSED}'; console:\n{text}");
+    }
     // INIT, and at least a LOOKUP of sbin and of init, an OPEN and a READ.
     assert!(share.requests() >= 5, "{share:?}");
     assert_eq!(share.malformed_chains(), 0);
