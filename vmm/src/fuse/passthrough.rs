@@ -68,6 +68,41 @@ fn open_at<P: ?Sized + nix::NixPath>(
     fcntl::openat(Some(dir), path, flags | OFlag::O_CLOEXEC, mode).map(owned)
 }
 
+/// Opens `path` in `dir` as a regular file for I/O: never blocks and never opens anything else.
+/// The open is non-blocking (a FIFO or a terminal would otherwise stall the VMM thread that
+/// serves the guest, which the guest could do on purpose with a forged OPEN); anything but a
+/// regular file is closed again and refused (EISDIR for a directory, ENXIO otherwise: the guest
+/// kernel handles FIFOs, sockets and devices itself and never opens them through FUSE); the
+/// descriptor is made blocking again unless `flags` asked for O_NONBLOCK.
+fn open_regular_at<P: ?Sized + nix::NixPath>(
+    dir: RawFd,
+    path: &P,
+    flags: OFlag,
+    mode: Mode,
+) -> Result<OwnedFd, Errno> {
+    let fd = open_at(dir, path, flags | OFlag::O_NONBLOCK, mode)?;
+    let st = stat::fstat(fd.as_raw_fd())?;
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => {}
+        libc::S_IFDIR => return Err(Errno::EISDIR),
+        _ => return Err(Errno::ENXIO),
+    }
+    if !flags.contains(OFlag::O_NONBLOCK) {
+        let status = OFlag::from_bits_truncate(fcntl::fcntl(fd.as_raw_fd(), fcntl::F_GETFL)?);
+        fcntl::fcntl(fd.as_raw_fd(), fcntl::F_SETFL(status & !OFlag::O_NONBLOCK))?;
+    }
+    Ok(fd)
+}
+
+/// What an inode is reopened for.
+#[derive(Debug, Clone, Copy)]
+enum Reopen {
+    /// With the flags as given (directories).
+    AsIs,
+    /// File I/O: regular files only, never blocking ([`open_regular_at`]).
+    RegularFile,
+}
+
 /// The attributes of the inode `fd` refers to, without following it if it is a symlink.
 fn stat_fd(fd: RawFd) -> Result<FileStat, Errno> {
     stat::fstatat(
@@ -127,13 +162,18 @@ impl Passthrough {
         Ok(self.inodes.get(nodeid)?.raw_fd())
     }
 
-    /// Opens inode `nodeid` anew with `flags`, through `/proc/self/fd` (the inode, not a path).
-    fn reopen(&self, nodeid: u64, flags: OFlag) -> Result<OwnedFd, Errno> {
+    /// Opens inode `nodeid` anew with `flags`, through `/proc/self/fd` (the inode, not a path);
+    /// symlinks are never reopened.
+    fn reopen(&self, nodeid: u64, flags: OFlag, how: Reopen) -> Result<OwnedFd, Errno> {
         let inode = self.inodes.get(nodeid)?;
         if inode.is_symlink() {
             return Err(Errno::ELOOP);
         }
-        open_at(
+        let open = match how {
+            Reopen::AsIs => open_at::<str>,
+            Reopen::RegularFile => open_regular_at::<str>,
+        };
+        open(
             self.proc_self_fd.as_raw_fd(),
             proc_name(inode.raw_fd()).as_str(),
             flags,
@@ -213,7 +253,7 @@ impl Passthrough {
             match handle {
                 Some(fd) => unistd::ftruncate(fd, size)?,
                 None => {
-                    let file = self.reopen(nodeid, OFlag::O_WRONLY)?;
+                    let file = self.reopen(nodeid, OFlag::O_WRONLY, Reopen::RegularFile)?;
                     unistd::ftruncate(&file, size)?;
                 }
             }
@@ -413,13 +453,13 @@ impl Passthrough {
     pub fn open(&mut self, nodeid: u64, flags: u32) -> Result<u64, Errno> {
         self.handles.check_room()?;
         let flags = OFlag::from_bits_truncate(flags as i32 & PASSED_OPEN_FLAGS);
-        let fd = self.reopen(nodeid, flags)?;
+        let fd = self.reopen(nodeid, flags, Reopen::RegularFile)?;
         self.handles.insert(fd, HandleKind::File)
     }
 
     pub fn opendir(&mut self, nodeid: u64) -> Result<u64, Errno> {
         self.handles.check_room()?;
-        let fd = self.reopen(nodeid, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        let fd = self.reopen(nodeid, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Reopen::AsIs)?;
         self.handles.insert(fd, HandleKind::Directory)
     }
 
@@ -444,7 +484,7 @@ impl Passthrough {
         let mut attempt = 0;
         let (file, created) = loop {
             attempt += 1;
-            match open_at(
+            match open_regular_at(
                 parent_fd,
                 name,
                 base | OFlag::O_CREAT | OFlag::O_EXCL,
@@ -454,7 +494,7 @@ impl Passthrough {
                 Err(Errno::EEXIST) if !exclusive => {}
                 Err(e) => return Err(e),
             }
-            match open_at(parent_fd, name, base, Mode::empty()) {
+            match open_regular_at(parent_fd, name, base, Mode::empty()) {
                 Ok(fd) => break (fd, false),
                 // Removed in between: try creating again, a bounded number of times.
                 Err(Errno::ENOENT) if attempt < 3 => {}
@@ -576,7 +616,7 @@ impl Passthrough {
     }
 
     pub fn syncfs(&self) -> Result<(), Errno> {
-        let dir = self.reopen(ROOT_ID, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        let dir = self.reopen(ROOT_ID, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Reopen::AsIs)?;
         unistd::syncfs(dir.as_raw_fd())
     }
 

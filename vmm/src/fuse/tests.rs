@@ -521,3 +521,51 @@ proptest! {
         prop_assert_eq!(call(&mut server, opcode::GETATTR, 1, &[0u8; 16]).0, expected);
     }
 }
+
+/// Runs `f` on another thread and fails the test if it has not returned within 5 s (a blocked
+/// server would otherwise hang the test run instead of failing it).
+fn within_five_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the server blocked")
+}
+
+#[test]
+fn fifos_and_directories_are_never_opened_for_io_so_the_server_cannot_block() {
+    let (share, mut server) = server(false);
+    nix::unistd::mkfifo(
+        &share.path().join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    fs::create_dir(share.path().join("dir")).unwrap();
+    let errors = within_five_seconds(move || {
+        let fifo = lookup(&mut server, 1, "fifo").unwrap();
+        let dir = lookup(&mut server, 1, "dir").unwrap();
+        // Each would wait forever for the FIFO's other end if the server opened it plainly: a
+        // guest kernel never sends them (it handles FIFOs itself), a hostile guest can.
+        let read = open(&mut server, fifo, libc::O_RDONLY);
+        let write = open(&mut server, fifo, libc::O_WRONLY);
+        let mut truncate = words(&[super::abi::setattr_valid::SIZE, 0]);
+        truncate.resize(88, 0);
+        let setattr = errno(&mut server, opcode::SETATTR, fifo, &truncate);
+        let mut create = words(&[libc::O_WRONLY as u32, 0o600, 0o022, 0]);
+        create.extend_from_slice(&name("fifo"));
+        let create = errno(&mut server, opcode::CREATE, 1, &create);
+        let directory = open(&mut server, dir, libc::O_RDONLY);
+        (read, write, setattr, create, directory)
+    });
+    assert_eq!(
+        errors,
+        (
+            Err(-libc::ENXIO),
+            Err(-libc::ENXIO),
+            -libc::ENXIO,
+            -libc::ENXIO,
+            Err(-libc::EISDIR)
+        )
+    );
+}
