@@ -9,7 +9,9 @@ mod chart;
 mod clock;
 mod context;
 mod embedded_vm;
+mod file_server;
 mod findings;
+mod fuse_mount;
 mod grid_engine;
 mod interleave;
 mod job_latency;
@@ -27,6 +29,7 @@ mod signal_latency;
 mod stats;
 mod syscall_profile;
 mod tiny_guest;
+mod virtio_fs_driver;
 // child_main runs in bench-vm (vm_child_main.rs); bench-report uses the report type and config.
 #[allow(dead_code)]
 mod vm_child;
@@ -80,7 +83,10 @@ enum Cmd {
     Kvm,
     /// Where the embedded VMM's time goes: system calls of a tiny-guest boot under strace.
     Profile,
-    /// Every benchmark (1-5), then the report. A benchmark that cannot run here is reported
+    /// 8: the virtio-fs file server: device + FUSE server vs direct host I/O, and a
+    /// /dev/fuse mount (root) vs the host directory.
+    Fs,
+    /// Every benchmark (1-8), then the report. A benchmark that cannot run here is reported
     /// with the reason.
     All,
     /// Before/after of an optimisation: `run -- /bin/true` with two builds, interleaved.
@@ -204,6 +210,7 @@ fn main() -> anyhow::Result<()> {
         },
         Cmd::Profile => Some(syscall_profile::run(&ctx)?),
         Cmd::Kvm => Some(kvm_primitives::run(&ctx)?),
+        Cmd::Fs => Some(file_server::run(&ctx)?),
         Cmd::Compare {
             name,
             title,
@@ -263,7 +270,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     type Bench = fn(&BenchContext) -> anyhow::Result<BenchResult>;
-    let all: [(&str, &str, Bench); 8] = [
+    let all: [(&str, &str, Bench); 9] = [
         (
             "boot",
             "VMM start to first guest instruction",
@@ -276,6 +283,7 @@ fn main() -> anyhow::Result<()> {
         ("gridengine", "Grid Engine qsub -sync y", grid_engine::run),
         ("profile", "Embedded VMM system calls", syscall_profile::run),
         ("kvm", "Host KVM primitives", kvm_primitives::run),
+        ("fs", "virtio-fs file server", file_server::run),
     ];
     for (id, title, bench) in all {
         let before = results::load_average();

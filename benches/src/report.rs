@@ -13,7 +13,7 @@ use crate::results::{utc_now, BenchResult};
 use crate::stats::Summary;
 
 /// The benchmarks in report order.
-pub const IDS: [&str; 8] = [
+pub const IDS: [&str; 9] = [
     "boot",
     "job",
     "memory",
@@ -22,6 +22,7 @@ pub const IDS: [&str; 8] = [
     "gridengine",
     "profile",
     "kvm",
+    "fs",
 ];
 const CHART_FILE: &str = "phases.png";
 
@@ -61,6 +62,14 @@ const SUGGESTIONS: &str = "\
 * **Guest kernel boot in general** (section 2: guest_kernel_boot). On hardware KVM a tuned \
   kernel should reach init in milliseconds (anchor); check `initcall_debug` output for the \
   slowest initcalls once a hardware-KVM host is available.
+* **virtio-fs data path** (section 8: READ and WRITE through the device against pread and \
+  pwrite of the same bytes). A READ zero-fills the server's reply buffer, preads into it and the \
+  device then copies the reply into the guest's buffers; a WRITE is first gathered from guest \
+  memory into a zero-filled buffer (`ValidChain::gather_readable`), then pwritten. Reading and \
+  writing straight between the file and the chain's guest buffers (preadv / pwritev over the \
+  descriptors' host addresses) would save a copy and a memset per request. Per request, the \
+  device also signals the interrupt eventfd once (a system call each time a driver asks for \
+  notification).
 
 ## What could not be measured here, and why
 
@@ -422,6 +431,38 @@ fn phase_breakdown(
     Ok(())
 }
 
+/// The file-server benchmark's medians against their direct-host baselines.
+fn ratio_table(out: &mut String, r: &BenchResult) {
+    let rows: Vec<String> = crate::file_server::COMPARISONS
+        .iter()
+        .filter_map(|&(what, variant, baseline, metric, higher_is_better)| {
+            let (v, b) = (median(r, variant, metric)?, median(r, baseline, metric)?);
+            let unit = r.series(variant, metric).map(|s| s.unit.as_str())?;
+            // "slower" reads the same way for rates and for times.
+            let slower = if higher_is_better { b / v } else { v / b };
+            Some(format!(
+                "| {what} | {metric} ({unit}) | {} | {} | {:.2} | {slower:.1}× |",
+                fmt(v),
+                fmt(b),
+                v / b
+            ))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str(
+        "Against the direct-host baselines (medians of the table above; ratio = through the \
+         server / direct, slower = how many times the direct path's speed or time):\n\n\
+         | comparison | metric | through the server | direct host | ratio | slower |\n\
+         |---|---|--:|--:|--:|--:|\n",
+    );
+    for row in rows {
+        let _ = writeln!(out, "{row}");
+    }
+    out.push('\n');
+}
+
 /// Writes REPORT.md (and the chart) into `out_dir`; returns the report's path.
 pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let results_dir = out_dir.join("results");
@@ -479,7 +520,8 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     );
     out.push_str("```\n\nWithout `--under-test` the workspace's own `target/release/sge_virtualizer` and \
                   `build/guest/` are measured. Single benchmarks: `boot`, `job`, `memory`, `relay`, \
-                  `signal`, `gridengine`, `profile`, `kvm`; `compare --name N --title T DIR DIR…` \
+                  `signal`, `gridengine`, `profile`, `kvm`, `fs` (the virtio-fs file server; its /dev/fuse part \
+                  needs root); `compare --name N --title T DIR DIR…` \
                   measures an optimisation across builds of benches/build-under-test.sh, \
                   `compare-vmm … DIR DIR…` one of the vmm crate across builds of \
                   benches/build-bench-vm.sh [PATCH]; `tiny-guest FILE` writes the test guest. The \
@@ -514,6 +556,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         ("gridengine", "5. "),
         ("profile", "6. "),
         ("kvm", "7. "),
+        ("fs", "8. "),
     ];
     for r in &results {
         let number = numbering
@@ -527,6 +570,9 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         }
         if r.id == "boot" {
             phase_breakdown(&mut out, out_dir, r, &BOOT_PHASES, "boot.png")?;
+        }
+        if r.id == "fs" {
+            ratio_table(&mut out, r);
         }
     }
     let missing: Vec<&str> = IDS
