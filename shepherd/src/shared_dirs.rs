@@ -31,6 +31,12 @@ pub enum SharedDirError {
     },
     #[error("shared directory {0}: not a directory")]
     NotADirectory(PathBuf),
+    #[error("shared directory {path}: uid {uid} cannot reach it: {source}")]
+    Unreachable {
+        path: PathBuf,
+        uid: u32,
+        source: std::io::Error,
+    },
 }
 
 impl SharedDir {
@@ -144,6 +150,44 @@ pub fn prepare(dirs: &[SharedDir]) -> Result<Vec<SharedDir>, SharedDirError> {
         }
     }
     Ok(kept)
+}
+
+/// Checks that the job user can reach, open and list every directory, as the file server will
+/// have to: the check runs on a short-lived thread that takes the job
+/// user's identity, so a root caller's answer does not stand in for the job user's. A directory
+/// the job user cannot reach is the job's error, found here before any VM starts.
+pub fn check_reachable_as(
+    dirs: &[SharedDir],
+    user: &vmm::ThreadCredentials,
+) -> Result<(), SharedDirError> {
+    let unreachable = |path: &Path, source| SharedDirError::Unreachable {
+        path: path.to_path_buf(),
+        uid: user.uid,
+        source,
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            user.apply_to_current_thread()
+                .map_err(|e| unreachable(Path::new("/"), std::io::Error::other(e)))?;
+            for dir in dirs {
+                // Search and read: the file servers open the directory itself and list it.
+                // access(2) answers for the real ids, which this thread has just set.
+                nix::unistd::access(
+                    &dir.path,
+                    nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::X_OK,
+                )
+                .map_err(|errno| unreachable(&dir.path, errno.into()))?;
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(unreachable(
+                Path::new("/"),
+                std::io::Error::other("the checking thread panicked"),
+            ))
+        })
+    })
 }
 
 #[cfg(test)]
@@ -274,5 +318,41 @@ mod tests {
             prepare(&[SharedDir::new(&file)]),
             Err(SharedDirError::NotADirectory(_))
         ));
+    }
+
+    #[test]
+    fn a_directory_the_job_user_cannot_reach_is_refused_with_the_reason() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED shared_dirs reachability: needs root to take another uid");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let open = tmp.path().join("open");
+        let closed = tmp.path().join("closed");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::create_dir_all(closed.join("inside")).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let nobody = vmm::ThreadCredentials {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![],
+        };
+        assert!(check_reachable_as(&[SharedDir::new(&open)], &nobody).is_ok());
+        for unreachable in [closed.clone(), closed.join("inside")] {
+            let err = check_reachable_as(
+                &[SharedDir::new(&open), SharedDir::new(&unreachable)],
+                &nobody,
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, SharedDirError::Unreachable { uid: 65534, source, .. }
+                    if source.kind() == std::io::ErrorKind::PermissionDenied),
+                "{err}"
+            );
+        }
+        // Root itself reaches it: the answer is the job user's, not the caller's.
+        assert!(prepare(&[SharedDir::new(closed.join("inside"))]).is_ok());
     }
 }

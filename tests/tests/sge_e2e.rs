@@ -1061,6 +1061,7 @@ fn unwritable_output_file_puts_only_the_job_in_error_state() {
             );
             assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
             c.qdel(job);
+            let _ = std::fs::remove_dir_all(&dir);
         },
     );
 }
@@ -1221,6 +1222,43 @@ fn jobs_in_two_images_run_at_the_same_time() {
         assert!(a_out.starts_with("11."), "{a_out:?}");
         assert!(b_out.starts_with("12."), "{b_out:?}");
     });
+}
+
+#[test]
+fn a_cwd_the_job_user_cannot_reach_is_the_jobs_error_not_a_requeue() {
+    with_cell(
+        "a_cwd_the_job_user_cannot_reach_is_the_jobs_error_not_a_requeue",
+        |c| {
+            // Outside $HOME, so it is a share of its own (a directory inside the $HOME share
+            // is reached through it, and the guest's chdir reports it instead).
+            let dir = PathBuf::from("/var/tmp/sge_e2e_unreachablecwd");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir(&dir).unwrap();
+            let u = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
+            std::os::unix::fs::chown(&dir, Some(u.uid.as_raw()), Some(u.gid.as_raw())).unwrap();
+            // Submitted on hold, then taken from the job user: the shepherd (root) still sees
+            // it, the job user's file server would not. Output goes elsewhere, so opening the
+            // output files (as the job user, first) does not fail instead.
+            let job = c.qsub(
+                &dir,
+                &["-h", "-o", "/dev/null", "-j", "y", "-b", "y", "/bin/true"],
+            );
+            std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .unwrap();
+            let out = run(Command::new("qrls").arg(job.to_string()));
+            assert!(out.status.success(), "qrls: {}", text(&out));
+            c.wait_eqw(job);
+            let error = c.active_file(job, "error").unwrap_or_default();
+            assert!(
+                error.starts_with("sge_virtualizer: ") && error.contains("cannot reach it"),
+                "error file: {error:?}"
+            );
+            assert_exit_status_written(c, job);
+            assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+            c.qdel(job);
+        },
+    );
 }
 
 #[test]
