@@ -53,8 +53,8 @@
 //! server over `/dev/fuse` with the host kernel's FUSE client (`fuse_passthrough`, as root),
 //! the seccomp checks, a proptest fuzz of the queue + vsock packet path, the backend probe, and
 //! `slow_real_kernel_smoke_*` (the project's guest kernel to `Run /init` and vsock DRIVER_OK,
-//! and to a virtio-fs root from which it executes `/sbin/init`; they print SKIPPED when no kernel
-//! is built). `cargo run -p vmm --release --example
+//! and to a virtio-fs root or an ext4 root on virtio-blk from which it executes `/sbin/init`;
+//! they print SKIPPED when no kernel is built). `cargo run -p vmm --release --example
 //! fuzz_vsock_queue -- N` fuzzes longer; `--example boot_footprint` measures the VMM's resident
 //! memory after boot.
 //!

@@ -6,7 +6,9 @@
 //!   its root (`root=<tag> rootfstype=virtiofs`) and executes `/sbin/init` from it: the kernel's
 //!   own FUSE client (INIT, LOOKUP, GETATTR, OPEN, READ) against our device and server, whose
 //!   threads run as `nobody` when the test runs as root (as under a Grid Engine shepherd).
-//!   Kernel code only, so it runs even where KVM cannot run a Linux user space.
+//!   Kernel code only, so it runs even where KVM cannot run a Linux user space;
+//! * without an initramfs, it mounts an ext4 image on the VMM's read-only virtio-blk disk as
+//!   its root (`root=/dev/vda`) and executes `/sbin/init` from it.
 //!
 //! On hosts whose KVM emulates guest kernel code in software (kvm_pvm, no vmx/svm) this takes
 //! minutes and needs workarounds for instructions the emulator lacks: they are applied here
@@ -26,7 +28,9 @@ fn skipped(why: &str) {
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
 }
 
-use vmm::{CpuFeature, SerialSink, ShareConfig, Vm, VmConfig, VsockConfig, DEFAULT_CMDLINE};
+use vmm::{
+    CpuFeature, DiskConfig, SerialSink, ShareConfig, Vm, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+};
 
 /// Under 10 minutes in CI even on an emulating host.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(540);
@@ -208,4 +212,63 @@ fn slow_real_kernel_smoke_mounts_a_virtio_fs_root_and_executes_init_from_it() {
     // INIT, and at least a LOOKUP of sbin and of init, an OPEN and a READ.
     assert!(share.requests() >= 5, "{share:?}");
     assert_eq!(share.malformed_chains(), 0);
+}
+
+#[test]
+fn slow_real_kernel_smoke_mounts_an_ext4_root_from_virtio_blk_and_executes_init_from_it() {
+    let Some(kernel) = kernel_and_kvm() else {
+        return;
+    };
+    // An ext4 image made as the OS images are (`mkfs.ext4 -d`, no loop mount), with an
+    // /sbin/init the kernel finds, reads and cannot execute.
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sbin")).unwrap();
+    let init = tree.join("sbin/init");
+    std::fs::write(&init, "not a program\n").unwrap();
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let image = dir.path().join("root.ext4");
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("8M")
+        .output();
+    match mkfs {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!("mkfs.ext4 failed: {out:?}"),
+        Err(e) => {
+            skipped(&format!(
+                "mkfs.ext4 cannot run ({e}); e2fsprogs is not installed"
+            ));
+            return;
+        }
+    }
+    let mut config = emulation_friendly_config(&kernel, "root=/dev/vda rootfstype=ext4 ro");
+    config.disks = vec![DiskConfig {
+        path: image,
+        read_only: true,
+    }];
+    let start = Instant::now();
+    let vm = Vm::start(config).unwrap();
+    let ended = vm.wait_timeout(BOOT_TIMEOUT);
+    let text = String::from_utf8_lossy(&vm.console_output().unwrap_or_default()).into_owned();
+    eprintln!(
+        "real-kernel ext4 root on virtio-blk: {ended:?} after {:?}",
+        start.elapsed()
+    );
+    for line in text
+        .lines()
+        .filter(|l| l.contains("vda") || l.contains("EXT4") || l.contains("/sbin/init"))
+    {
+        eprintln!("  console: {line}");
+    }
+    if ended.is_none() {
+        vm.request_stop();
+        vm.wait();
+    }
+    const MOUNTED: &str = "VFS: Mounted root (ext4 filesystem) readonly";
+    const EXECUTED: &str = "/sbin/init exists but couldn't execute it (error -8)";
+    assert!(text.contains(MOUNTED), "no '{MOUNTED}'; console:\n{text}");
+    assert!(text.contains(EXECUTED), "no '{EXECUTED}'; console:\n{text}");
 }
