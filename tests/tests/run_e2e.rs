@@ -281,6 +281,14 @@ fn orphaned_background_children_do_not_keep_the_vm_alive(backend: &str) {
     );
 }
 
+/// Refused before any VM starts, so it runs for both backends everywhere.
+#[test]
+fn a_missing_kernel_is_a_clear_error_for_every_backend() {
+    for backend in ["qemu", "embedded"] {
+        missing_kernel_is_a_clear_error(backend);
+    }
+}
+
 fn missing_kernel_is_a_clear_error(backend: &str) {
     let out = Command::new(sge_virtualizer_bin())
         .args([
@@ -334,7 +342,6 @@ backend_suites!(
         sixty_four_mib_of_stdout_arrive_byte_identical,
         signals_reach_the_jobs_process_group,
         terminal_stop_suspends_the_job_and_cont_resumes_it,
-        orphaned_background_children_do_not_keep_the_vm_alive,
-        missing_kernel_is_a_clear_error
+        orphaned_background_children_do_not_keep_the_vm_alive
     ]
 );
