@@ -4,7 +4,7 @@
 //! Switching `shepherd_cmd` between runs would wait on execd's configuration refresh, so for the
 //! benchmark `shepherd_cmd` points at a copy of this binary (the dispatcher): started by execd
 //! as `sge_shepherd-<job>`, it reads a mode file and execs either the stock shepherd or
-//! sge_virtualizer with the same argv[0] and arguments. Both variants pay the same extra exec.
+//! sge_virtualizer with the same `argv[0]` and arguments. Both variants pay the same extra exec.
 //! Jobs not submitted by the benchmark (another user of the shared cell) go to the previous
 //! `shepherd_cmd`, which is restored afterwards.
 
@@ -33,13 +33,13 @@ const JOB_NAME: &str = "bench_true";
 /// One line per dispatched benchmark job: `<job id> <mode>`, to check each run went where
 /// it should (another user of the cell may change shepherd_cmd meanwhile).
 const DISPATCH_LOG: &str = "dispatch.log";
-/// One line per start of the dispatcher, ours or not (argv[0], cwd, decision).
+/// One line per start of the dispatcher, ours or not (`argv[0]`, cwd, decision).
 const DEBUG_LOG: &str = "dispatch-debug.log";
 const STOCK_SHEPHERD: &str = "/usr/sbin/sge_shepherd";
 /// The job user of the cell (scripts/sge-cell.sh).
 const JOB_USER: &str = "sgetest";
 
-/// Whether this process was started by execd as a shepherd (argv[0] `sge_shepherd-<job>`).
+/// Whether this process was started by execd as a shepherd (`argv[0]` `sge_shepherd-<job>`).
 pub fn started_as_shepherd() -> bool {
     std::env::args_os()
         .next()
@@ -48,7 +48,7 @@ pub fn started_as_shepherd() -> bool {
         .is_some_and(|n| n.starts_with("sge_shepherd"))
 }
 
-/// The dispatcher: exec the shepherd the mode file names, keeping argv[0] and the arguments.
+/// The dispatcher: exec the shepherd the mode file names, keeping `argv[0]` and the arguments.
 pub fn dispatch() -> anyhow::Result<()> {
     let mut args = std::env::args_os();
     let argv0 = args.next().unwrap_or_default();

@@ -1,6 +1,6 @@
 //! The `sge_virtualizer` binary.
 //!
-//! Started by `sge_execd` as `shepherd_cmd` (argv[0] `sge_shepherd-<job>`), it acts as the
+//! Started by `sge_execd` as `shepherd_cmd` (`argv[0]` `sge_shepherd-<job>`), it acts as the
 //! job's shepherd; otherwise it is a command-line tool with subcommands.
 
 mod image_command;
@@ -32,7 +32,7 @@ enum Command {
     Vm(vm_command::VmArgs),
 }
 
-/// True when execd started us as its shepherd: `shepherd_cmd` is exec'd with argv[0]
+/// True when execd started us as its shepherd: `shepherd_cmd` is exec'd with `argv[0]`
 /// `sge_shepherd-<job_id>` and no arguments.
 fn started_by_execd() -> bool {
     std::env::args_os()

@@ -7,7 +7,7 @@
 //! * the VMM thread (the event loop of the virtio devices): epoll, Unix-socket I/O for the vsock
 //!   muxer (`socket` limited to `AF_UNIX`), positioned file I/O and `fdatasync` for the
 //!   virtio-blk disks, eventfds, locks, allocation, thread exit; where the VM has shared
-//!   directories, the file system calls of their servers ([`FILE_SERVER`]).
+//!   directories, the file system calls of their servers (`FILE_SERVER`).
 //!
 //! Each thread installs its filter itself before it runs guest code or handles guest-driven
 //! events. Anything else kills the process (`SECCOMP_RET_KILL_PROCESS`): a VMM thread making an
@@ -148,7 +148,7 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
 }
 
 /// The allow-list of the VMM (event loop) thread; with `file_server`, also what serving shared
-/// directories needs ([`FILE_SERVER`]).
+/// directories needs (`FILE_SERVER`).
 pub fn vmm_thread_filter(file_server: bool) -> Result<BpfProgram, SeccompError> {
     let extra: &[i64] = if file_server { FILE_SERVER } else { &[] };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON

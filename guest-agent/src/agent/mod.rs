@@ -1,9 +1,9 @@
 //! The guest agent: connects to the host, starts the job it is sent, relays its stdio and
 //! signals, reaps everything, reports the exit, and ends the VM.
 //!
-//! Threads: the main loop below; a reaper ([`reaper`]); one pump per output pipe
-//! ([`output_pump`]); a reader of host frames ([`host_reader`]) with its stdin feeder. They talk
-//! to the main loop through one channel of [`event::Event`]s.
+//! Threads: the main loop below; a reaper (`reaper`); one pump per output pipe
+//! (`output_pump`); a reader of host frames (`host_reader`) with its stdin feeder. They talk
+//! to the main loop through one channel of `event::Event`s.
 //!
 //! The same code runs as PID 1 in a guest (over vsock) and as an ordinary process over a Unix
 //! socket in tests; only mounting (done by the caller) and ending the VM differ.

@@ -1,6 +1,6 @@
 //! Tasks this shepherd does not virtualize yet (interactive jobs, `qrsh -inherit` PE tasks,
 //! checkpointing jobs) go to the stock `sge_shepherd`, exec'd in place: same PID, cwd, signal
-//! mask and argv[0], with `-bg` as execd would have passed it.
+//! mask and `argv[0]`, with `-bg` as execd would have passed it.
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;

@@ -1,5 +1,5 @@
 //! Grid Engine shepherd mode: `sge_virtualizer` started by `sge_execd` as `shepherd_cmd`
-//! (argv[0] `sge_shepherd-<job>`, no arguments, cwd = the job's active directory).
+//! (`argv[0]` `sge_shepherd-<job>`, no arguments, cwd = the job's active directory).
 //!
 //! Host side as the stock shepherd (config, result files, prolog/epilog, signals, notify,
 //! methods, accounting); the job itself runs in a microVM through [`crate::launch`]. The
