@@ -224,12 +224,7 @@ fn attach_filesystems(
         }
         // `prepare` looked with this process's eyes; the file server has the job user's.
         if let Some(c) = creds.filter(|c| c.uid != nix::unistd::geteuid().as_raw()) {
-            let user = vmm::ThreadCredentials {
-                uid: c.uid,
-                gid: c.gid,
-                groups: c.groups.clone(),
-            };
-            shared_dirs::check_reachable_as(&shares, &user)?;
+            shared_dirs::check_reachable_as(&shares, &c.for_thread())?;
         }
     }
     let vm_shares: Vec<VmShare> = shares

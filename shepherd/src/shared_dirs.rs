@@ -165,29 +165,19 @@ pub fn check_reachable_as(
         uid: user.uid,
         source,
     };
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            user.apply_to_current_thread()
-                .map_err(|e| unreachable(Path::new("/"), std::io::Error::other(e)))?;
-            for dir in dirs {
-                // Search and read: the file servers open the directory itself and list it.
-                // access(2) answers for the real ids, which this thread has just set.
-                nix::unistd::access(
-                    &dir.path,
-                    nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::X_OK,
-                )
-                .map_err(|errno| unreachable(&dir.path, errno.into()))?;
-            }
-            Ok(())
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(unreachable(
-                Path::new("/"),
-                std::io::Error::other("the checking thread panicked"),
-            ))
-        })
+    user.run_on_own_thread(|| {
+        for dir in dirs {
+            // Search and read: the file servers open the directory itself and list it.
+            // access(2) answers for the real ids, which this thread has just set.
+            nix::unistd::access(
+                &dir.path,
+                nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::X_OK,
+            )
+            .map_err(|errno| unreachable(&dir.path, errno.into()))?;
+        }
+        Ok(())
     })
+    .map_err(|e| unreachable(Path::new("/"), std::io::Error::other(e)))?
 }
 
 #[cfg(test)]

@@ -65,6 +65,26 @@ impl ThreadCredentials {
     }
 }
 
+impl ThreadCredentials {
+    /// Runs `f` on a short-lived thread that first takes these credentials, and returns its
+    /// result: a root caller acts as the user for one task without changing its own threads.
+    /// A panic in `f` is passed on to the caller.
+    pub fn run_on_own_thread<T: Send>(
+        &self,
+        f: impl FnOnce() -> T + Send,
+    ) -> Result<T, CredentialsError> {
+        std::thread::scope(|s| {
+            let thread = s.spawn(|| {
+                self.apply_to_current_thread()?;
+                Ok(f())
+            });
+            thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

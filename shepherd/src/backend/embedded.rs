@@ -30,11 +30,7 @@ fn thread_identity(
     match &spec.credentials {
         None => Ok(None),
         Some(c) if c.uid == euid => Ok(None),
-        Some(c) if euid == 0 => Ok(Some(vmm::ThreadCredentials {
-            uid: c.uid,
-            gid: c.gid,
-            groups: c.groups.clone(),
-        })),
+        Some(c) if euid == 0 => Ok(Some(c.for_thread())),
         Some(c) => Err(BackendError::Unavailable(format!(
             "the embedded VMM runs in this process (euid {euid}), which cannot take uid {}",
             c.uid

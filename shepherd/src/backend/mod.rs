@@ -48,6 +48,18 @@ pub struct VmmCredentials {
     pub groups: Vec<u32>,
 }
 
+impl VmmCredentials {
+    /// The same identity for one thread of this process (the embedded VMM's threads, checks
+    /// made as the job user).
+    pub fn for_thread(&self) -> vmm::ThreadCredentials {
+        vmm::ThreadCredentials {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmSpec {

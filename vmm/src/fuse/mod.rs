@@ -46,6 +46,14 @@ pub const MAX_REPLY: usize = MAX_WRITE as usize + abi::OUT_HEADER_SIZE;
 const SUPPORTED_INIT_FLAGS: u32 =
     init_flags::ASYNC_READ | init_flags::ATOMIC_O_TRUNC | init_flags::BIG_WRITES;
 
+/// Replaces `reply` with a reply to `request` that carries only `errno` (with the request's
+/// `unique`, or 0 when it has no header): for a transport that cannot deliver the reply the
+/// server built.
+pub fn error_reply(request: &[u8], errno: i32, reply: &mut Vec<u8>) {
+    let unique = InHeader::parse(request).map_or(0, |h| h.unique);
+    reply::error(reply, unique, Errno::from_raw(errno));
+}
+
 /// Why a server could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {

@@ -1,10 +1,12 @@
 //! What a virtio device implements to sit behind the MMIO transport: identity, features,
-//! configuration space, activation with the driver's queues, queue notifications, and reset.
+//! configuration space, activation with the driver's queues, queue notifications, and reset;
+//! and the pieces every device's queue handling shares (config-space reads, answering each
+//! available chain).
 
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
 use super::interrupt::InterruptLine;
 use crate::memory::GuestMemory;
@@ -14,6 +16,12 @@ use crate::memory::GuestMemory;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("virtqueue fault: {0}")]
 pub struct DeviceFault(pub String);
+
+impl From<virtio_queue::Error> for DeviceFault {
+    fn from(e: virtio_queue::Error) -> Self {
+        DeviceFault(e.to_string())
+    }
+}
 
 /// A virtio device model.
 pub trait VirtioDevice: Send {
@@ -55,4 +63,25 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
             .and_then(|o| config.get(o).copied())
             .unwrap_or(0);
     }
+}
+
+/// Answers every chain the driver has made available on `queue` with `serve`, which returns the
+/// bytes it wrote (the used length), then interrupts the driver if it asked to be told.
+pub fn serve_available_chains(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    interrupt: &InterruptLine,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemory>) -> u32,
+) -> Result<(), DeviceFault> {
+    let mut used_any = false;
+    while let Some(chain) = queue.iter(mem)?.next() {
+        let head = chain.head_index();
+        let used_len = serve(chain);
+        queue.add_used(mem, head, used_len)?;
+        used_any = true;
+    }
+    if used_any && queue.needs_notification(mem)? {
+        interrupt.signal_used_queue();
+    }
+    Ok(())
 }

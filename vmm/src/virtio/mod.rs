@@ -313,18 +313,13 @@ fn open_share(
         message,
     };
     let open = || FuseServer::new(&share.path, share.read_only).map_err(|e| e.to_string());
-    let Some(creds) = run_as else {
-        return open().map_err(err);
-    };
-    let creds = creds.clone();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            creds.apply_to_current_thread().map_err(|e| e.to_string())?;
-            open()
-        })
-        .join()
-        .unwrap_or_else(|_| Err("the thread opening it panicked".into()))
-    })
+    match run_as {
+        None => open(),
+        Some(creds) => creds
+            .run_on_own_thread(open)
+            .map_err(|e| e.to_string())
+            .and_then(|opened| opened),
+    }
     .map_err(err)
 }
 

@@ -15,14 +15,14 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes};
 
 use super::disk::{Disk, SECTOR_SIZE};
 use super::request::{parse_request, BadRequest, MalformedRequest, Request, RequestKind};
 use crate::memory::GuestMemory;
 use crate::virtio::chain::{validate_chain, MAX_CHAIN_DESCRIPTORS};
-use crate::virtio::device::{read_config_bytes, DeviceFault, VirtioDevice};
+use crate::virtio::device::{read_config_bytes, serve_available_chains, DeviceFault, VirtioDevice};
 use crate::virtio::interrupt::InterruptLine;
 
 /// Size of the request queue.
@@ -57,10 +57,6 @@ pub struct BlockDevice {
     active: Option<Active>,
     stats: Arc<BlockStats>,
     buf: Vec<u8>,
-}
-
-fn fault(e: virtio_queue::Error) -> DeviceFault {
-    DeviceFault(e.to_string())
 }
 
 impl BlockDevice {
@@ -215,18 +211,9 @@ impl BlockDevice {
 
     fn process_active(&mut self, active: &mut Active) -> Result<(), DeviceFault> {
         let mem = active.mem.clone();
-        let mem = mem.as_ref();
-        let mut used_any = false;
-        while let Some(chain) = active.queue.iter(mem).map_err(fault)?.next() {
-            let head = chain.head_index();
-            let used_len = self.handle_chain(mem, chain);
-            active.queue.add_used(mem, head, used_len).map_err(fault)?;
-            used_any = true;
-        }
-        if used_any && active.queue.needs_notification(mem).map_err(fault)? {
-            active.interrupt.signal_used_queue();
-        }
-        Ok(())
+        serve_available_chains(&mut active.queue, &mem, &active.interrupt, |chain| {
+            self.handle_chain(&mem, chain)
+        })
     }
 }
 

@@ -15,12 +15,12 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 
-use crate::fuse::{FuseServer, Handled, MAX_REQUEST};
+use crate::fuse::{error_reply, FuseServer, Handled, MAX_REQUEST};
 use crate::memory::GuestMemory;
 use crate::virtio::chain::{validate_chain, ValidChain};
-use crate::virtio::device::{read_config_bytes, DeviceFault, VirtioDevice};
+use crate::virtio::device::{read_config_bytes, serve_available_chains, DeviceFault, VirtioDevice};
 use crate::virtio::interrupt::InterruptLine;
 
 /// Size of each queue.
@@ -32,10 +32,6 @@ const HIPRIO_QUEUE: usize = 0;
 const REQUEST_QUEUE: usize = 1;
 /// Longest tag the configuration space holds.
 pub const TAG_MAX_LEN: usize = 36;
-/// Size of a FUSE reply header (`fuse_out_header`): len, error, unique.
-const OUT_HEADER_LEN: usize = 16;
-/// Offset of `unique` in a FUSE request header (`fuse_in_header`).
-const IN_HEADER_UNIQUE: usize = 8;
 
 /// Counters of the device.
 #[derive(Debug, Default)]
@@ -62,10 +58,6 @@ pub struct FsDevice {
     stats: Arc<FsStats>,
     request: Vec<u8>,
     reply: Vec<u8>,
-}
-
-fn fault(e: virtio_queue::Error) -> DeviceFault {
-    DeviceFault(e.to_string())
 }
 
 /// Why a device could not be created.
@@ -132,18 +124,7 @@ impl FsDevice {
                 self.reply.len(),
                 valid.writable_len()
             );
-            let mut unique = [0u8; 8];
-            if let Some(u) = self
-                .request
-                .get(IN_HEADER_UNIQUE..IN_HEADER_UNIQUE + unique.len())
-            {
-                unique.copy_from_slice(u);
-            }
-            self.reply.clear();
-            self.reply
-                .extend_from_slice(&(OUT_HEADER_LEN as u32).to_le_bytes());
-            self.reply.extend_from_slice(&(-libc::EIO).to_le_bytes());
-            self.reply.extend_from_slice(&unique);
+            error_reply(&self.request, libc::EIO, &mut self.reply);
         }
         match valid.scatter_writable(mem, &self.reply) {
             Ok(n) => n,
@@ -162,21 +143,12 @@ impl FsDevice {
 
     fn process_active(&mut self, active: &mut Active, index: usize) -> Result<(), DeviceFault> {
         let mem = active.mem.clone();
-        let mem = mem.as_ref();
         let Some(queue) = active.queues.get_mut(index) else {
             return Ok(());
         };
-        let mut used_any = false;
-        while let Some(chain) = queue.iter(mem).map_err(fault)?.next() {
-            let head = chain.head_index();
-            let used_len = self.serve(mem, chain);
-            queue.add_used(mem, head, used_len).map_err(fault)?;
-            used_any = true;
-        }
-        if used_any && queue.needs_notification(mem).map_err(fault)? {
-            active.interrupt.signal_used_queue();
-        }
-        Ok(())
+        serve_available_chains(queue, &mem, &active.interrupt, |chain| {
+            self.serve(&mem, chain)
+        })
     }
 }
 

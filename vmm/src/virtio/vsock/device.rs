@@ -70,10 +70,6 @@ pub struct VsockDevice {
     scratch: Vec<u8>,
 }
 
-fn fault(e: virtio_queue::Error) -> DeviceFault {
-    DeviceFault(e.to_string())
-}
-
 /// Validates and parses a TX chain into a header and a copy of its data.
 pub fn parse_tx_chain<M>(
     mem: &GuestMemory,
@@ -135,7 +131,7 @@ impl VsockDevice {
         };
         let mem = active.mem.clone();
         let queue = &mut active.queues[TX_QUEUE];
-        let chains: Vec<_> = queue.iter(mem.as_ref()).map_err(fault)?.collect();
+        let chains: Vec<_> = queue.iter(mem.as_ref())?.collect();
         if chains.is_empty() {
             return Ok(());
         }
@@ -151,9 +147,9 @@ impl VsockDevice {
                     tracing::debug!("vsock: dropping TX chain {head}: {e}");
                 }
             }
-            queue.add_used(mem.as_ref(), head, 0).map_err(fault)?;
+            queue.add_used(mem.as_ref(), head, 0)?;
         }
-        if queue.needs_notification(mem.as_ref()).map_err(fault)? {
+        if queue.needs_notification(mem.as_ref())? {
             active.interrupt.signal_used_queue();
         }
         Ok(())
@@ -167,7 +163,7 @@ impl VsockDevice {
         let queue = &mut active.queues[RX_QUEUE];
         let mut used_any = false;
         while self.muxer.has_pending_rx() {
-            let Some(chain) = queue.iter(mem.as_ref()).map_err(fault)?.next() else {
+            let Some(chain) = queue.iter(mem.as_ref())?.next() else {
                 break;
             };
             let head = chain.head_index();
@@ -222,12 +218,10 @@ impl VsockDevice {
                     0
                 }
             };
-            queue
-                .add_used(mem.as_ref(), head, used_len)
-                .map_err(fault)?;
+            queue.add_used(mem.as_ref(), head, used_len)?;
             used_any = true;
         }
-        if used_any && queue.needs_notification(mem.as_ref()).map_err(fault)? {
+        if used_any && queue.needs_notification(mem.as_ref())? {
             active.interrupt.signal_used_queue();
         }
         Ok(())
