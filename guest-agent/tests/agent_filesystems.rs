@@ -79,6 +79,11 @@ fn outside_a_guest_the_agent_refuses_filesystems_with_a_spawn_failure() {
         }
         other => panic!("expected SpawnFailed, got {other:?}"),
     }
+    // The agent ends only once the host has closed the connection (having read the failure),
+    // so the frame cannot be lost with the VM.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(a.child.try_wait().unwrap().is_none(), "agent ended first");
+    a.stream.shutdown(std::net::Shutdown::Both).unwrap();
     // Nothing ran: the agent ends without starting the job.
     assert!(a.child.wait().unwrap().success());
 }

@@ -113,6 +113,8 @@ fn collect(s: &mut Session, mut on_started: impl FnMut(&mut FrameWriter<UnixStre
                 message,
             }) => {
                 c.spawn_failed = Some((stage, errno, message));
+                // As the shepherd does: no Exit follows, so the host hangs up.
+                let _ = s.writer.get_ref().shutdown(std::net::Shutdown::Both);
                 break;
             }
             other => panic!("unexpected {other:?}"),

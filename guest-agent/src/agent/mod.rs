@@ -34,6 +34,8 @@ use crate::protocol::{
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the host's Ack of Exit.
 const ACK_PATIENCE: Duration = Duration::from_secs(30);
+/// How long to wait, after SpawnFailed, for the host to close the connection.
+const SPAWN_FAILED_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -85,6 +87,25 @@ fn kill_group(pgid: libc::pid_t) {
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
 }
 
+/// Sends `failed` (a SpawnFailed frame) and waits, at most [`SPAWN_FAILED_PATIENCE`], until the
+/// host has read it: the host closes the connection once it has. Ending the VM straight after
+/// sending could lose the frame in the vsock transport (seen with QEMU under load), and the
+/// host would then only know that the connection closed.
+fn report_spawn_failure(
+    writer: &SharedWriter,
+    conn: &std::fs::File,
+    reader: &mut FrameReader<&std::fs::File>,
+    failed: &Frame,
+) -> Result<Outcome, AgentError> {
+    writer.send(failed)?;
+    let patience = nix::sys::time::TimeVal::new(SPAWN_FAILED_PATIENCE.as_secs() as i64, 0);
+    // Without the timeout the wait below could only be longer, never wrong: not worth failing.
+    let _ =
+        nix::sys::socket::setsockopt(conn, nix::sys::socket::sockopt::ReceiveTimeout, &patience);
+    while let Ok(Some(_)) = reader.read_frame() {}
+    Ok(Outcome::SpawnFailed)
+}
+
 /// Runs one job session to its end.
 pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
     if !config.pid1 {
@@ -124,12 +145,12 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
             Err(rootfs::RootfsError::NotPid1)
         };
         if let Err(e) = entered {
-            writer.send(&Frame::SpawnFailed {
+            let failed = Frame::SpawnFailed {
                 stage: SpawnStage::Filesystems,
                 errno: e.errno(),
                 message: e.to_string(),
-            })?;
-            return Ok(Outcome::SpawnFailed);
+            };
+            return report_spawn_failure(&writer, &conn, &mut reader, &failed);
         }
         first = next_frame()?;
     }
@@ -142,12 +163,12 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
     let job = match job_process::start(&spawn) {
         Ok(job) => job,
         Err(e) => {
-            writer.send(&Frame::SpawnFailed {
+            let failed = Frame::SpawnFailed {
                 stage: e.stage,
                 errno: e.errno,
                 message: e.message,
-            })?;
-            return Ok(Outcome::SpawnFailed);
+            };
+            return report_spawn_failure(&writer, &conn, &mut reader, &failed);
         }
     };
     let pgid = job.pid; // The job called setsid: its pid is its process group id.
