@@ -31,6 +31,8 @@ pub enum SharedDirError {
     },
     #[error("shared directory {0}: not a directory")]
     NotADirectory(PathBuf),
+    #[error("shared directory {path}: {kind} is a kernel interface file system and is never shared into a VM")]
+    KernelFileSystem { path: PathBuf, kind: &'static str },
     #[error("shared directory {path}: uid {uid} cannot reach it: {source}")]
     Unreachable {
         path: PathBuf,
@@ -124,6 +126,16 @@ pub fn prepare(dirs: &[SharedDir]) -> Result<Vec<SharedDir>, SharedDirError> {
         })?;
         if !meta.is_dir() {
             return Err(SharedDirError::NotADirectory(path));
+        }
+        match vmm::fuse::kernel_file_system_at(&path) {
+            Ok(None) => {}
+            Ok(Some(kind)) => return Err(SharedDirError::KernelFileSystem { path, kind }),
+            Err(errno) => {
+                return Err(SharedDirError::Inaccessible {
+                    path,
+                    source: errno.into(),
+                })
+            }
         }
         match out.iter_mut().find(|d| d.path == path) {
             Some(existing) => existing.read_only &= dir.read_only,
@@ -308,6 +320,25 @@ mod tests {
             prepare(&[SharedDir::new(&file)]),
             Err(SharedDirError::NotADirectory(_))
         ));
+    }
+
+    #[test]
+    fn kernel_interface_file_systems_are_never_shared() {
+        for (dir, kind) in [
+            ("/proc", "proc"),
+            ("/proc/self", "proc"),
+            ("/proc/./1/", "proc"),
+            ("/sys", "sysfs"),
+        ] {
+            let err = prepare(&[SharedDir::new(dir)]).unwrap_err();
+            assert!(
+                matches!(&err, SharedDirError::KernelFileSystem { kind: k, .. } if *k == kind),
+                "{dir}: {err}"
+            );
+            assert!(err.to_string().contains("never shared"), "{err}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(prepare(&[SharedDir::new(tmp.path())]).is_ok());
     }
 
     #[test]

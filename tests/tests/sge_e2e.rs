@@ -1262,6 +1262,41 @@ fn a_cwd_the_job_user_cannot_reach_is_the_jobs_error_not_a_requeue() {
 }
 
 #[test]
+fn a_cwd_on_procfs_is_never_shared_and_is_the_jobs_error() {
+    with_cell(
+        "a_cwd_on_procfs_is_never_shared_and_is_the_jobs_error",
+        |c| {
+            // `qsub -wd /proc`: served by the VMM's file server (a thread of the shepherd), the guest
+            // would read the shepherd's own /proc/self (maps, descriptors, environment).
+            let job = c.qsub(
+                Path::new("/proc"),
+                &[
+                    "-o",
+                    "/dev/null",
+                    "-j",
+                    "y",
+                    "-b",
+                    "y",
+                    "/bin/cat",
+                    "/proc/self/environ",
+                ],
+            );
+            c.wait_eqw(job);
+            let error = c.active_file(job, "error").unwrap_or_default();
+            assert!(
+                error.starts_with("sge_virtualizer: ")
+                    && error.contains("/proc")
+                    && error.contains("kernel interface file system"),
+                "error file: {error:?}"
+            );
+            assert_exit_status_written(c, job);
+            assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+            c.qdel(job);
+        },
+    );
+}
+
+#[test]
 fn an_unknown_image_is_the_jobs_error_not_the_queues() {
     with_cell("an_unknown_image_is_the_jobs_error_not_the_queues", |c| {
         let dir = c.work_dir("unknownimage");

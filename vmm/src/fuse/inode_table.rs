@@ -31,6 +31,11 @@ impl Inode {
         self.fd.as_raw_fd()
     }
 
+    /// The host device the inode is on (`st_dev`).
+    pub fn dev(&self) -> u64 {
+        self.key.0
+    }
+
     pub fn is_symlink(&self) -> bool {
         self.file_type == libc::S_IFMT & libc::S_IFLNK
     }

@@ -14,6 +14,7 @@
 mod abi;
 mod handle_table;
 mod inode_table;
+mod kernel_fs;
 mod passthrough;
 mod reply;
 mod request;
@@ -26,6 +27,8 @@ use abi::{init_flags, InitOut, OpenOut, IN_HEADER_SIZE};
 use handle_table::HandleKind;
 use passthrough::Passthrough;
 use request::{InHeader, Operation};
+
+pub use kernel_fs::{kernel_file_system_at, kernel_file_system_of};
 
 /// Largest WRITE payload the server accepts (and offers in INIT): 32 pages, the kernel's
 /// default `max_pages`, so a request fits in a descriptor chain of the virtio-fs queue.
@@ -66,6 +69,9 @@ pub enum FuseError {
     /// `/proc/self/fd`, through which the server reopens inodes, could not be opened.
     #[error("cannot open /proc/self/fd (is /proc mounted?): {source}")]
     OpenProcSelfFd { source: std::io::Error },
+    /// The shared directory is on a kernel interface file system (procfs, sysfs, …).
+    #[error("shared directory {path} is on {kind}, a kernel interface file system, which is never shared")]
+    KernelFileSystem { path: PathBuf, kind: &'static str },
 }
 
 /// Whether a request is answered.

@@ -23,6 +23,7 @@ use nix::unistd::{self, AccessFlags, Gid, Uid, UnlinkatFlags, Whence};
 use super::abi::{self, setattr_valid, ROOT_ID};
 use super::handle_table::{HandleKind, HandleTable};
 use super::inode_table::InodeTable;
+use super::kernel_fs::kernel_file_system_of;
 use super::request::SetattrIn;
 use super::{FuseError, MAX_WRITE};
 
@@ -144,6 +145,21 @@ impl Passthrough {
             path: root.to_path_buf(),
             source: e.into(),
         })?;
+        match kernel_file_system_of(&root_fd) {
+            Ok(None) => {}
+            Ok(Some(kind)) => {
+                return Err(FuseError::KernelFileSystem {
+                    path: root.to_path_buf(),
+                    kind,
+                })
+            }
+            Err(e) => {
+                return Err(FuseError::OpenRoot {
+                    path: root.to_path_buf(),
+                    source: e.into(),
+                })
+            }
+        }
         let proc_self_fd = fcntl::open(
             "/proc/self/fd",
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -184,19 +200,29 @@ impl Passthrough {
     /// Looks `name` up in directory `parent`; on success the kernel holds one more lookup of the
     /// returned node id.
     pub fn lookup(&mut self, parent: u64, name: &CStr) -> Result<(u64, FileStat), Errno> {
-        let parent_fd = self.inode_fd(parent)?;
+        let parent = self.inodes.get(parent)?;
         let fd = open_at(
-            parent_fd,
+            parent.raw_fd(),
             name,
             OFlag::O_PATH | OFlag::O_NOFOLLOW,
             Mode::empty(),
         )?;
-        self.register(fd)
+        let st = stat_fd(fd.as_raw_fd())?;
+        // A mount below the share: procfs or the like mounted there is refused like a share of it.
+        if st.st_dev != parent.dev() && kernel_file_system_of(&fd)?.is_some() {
+            return Err(Errno::EACCES);
+        }
+        self.register_stat(fd, st)
     }
 
     /// Enters the inode of `fd` (an O_PATH descriptor) in the inode table.
     fn register(&mut self, fd: OwnedFd) -> Result<(u64, FileStat), Errno> {
         let st = stat_fd(fd.as_raw_fd())?;
+        self.register_stat(fd, st)
+    }
+
+    /// [`Self::register`] for a descriptor already stat'ed as `st`.
+    fn register_stat(&mut self, fd: OwnedFd, st: FileStat) -> Result<(u64, FileStat), Errno> {
         let id = self
             .inodes
             .insert_lookup(fd, inode_key(&st), st.st_mode & libc::S_IFMT)?;

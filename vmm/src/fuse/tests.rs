@@ -230,6 +230,61 @@ fn symlinks_are_never_followed_on_the_host() {
 }
 
 #[test]
+fn a_kernel_interface_file_system_is_refused_as_a_share() {
+    for root in ["/proc", "/sys"] {
+        let err = FuseServer::new(std::path::Path::new(root), true).unwrap_err();
+        assert!(
+            matches!(err, FuseError::KernelFileSystem { .. }),
+            "{root}: {err}"
+        );
+    }
+}
+
+/// procfs mounted at `dir` for the guard's life (detached on drop, so a failing test leaves no
+/// busy mount behind).
+struct ProcMount(std::path::PathBuf);
+
+impl ProcMount {
+    fn at(dir: &std::path::Path) -> nix::Result<Self> {
+        nix::mount::mount(
+            Some("proc"),
+            dir,
+            Some("proc"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )?;
+        Ok(Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for ProcMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_lookup_into_a_kernel_interface_mount_below_the_share_is_refused() {
+    let (share, mut server) = server(false);
+    let dir = share.path().join("p");
+    fs::create_dir(&dir).unwrap();
+    let _mount = match ProcMount::at(&dir) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIPPED fuse a_lookup_into_a_kernel_interface_mount…: cannot mount procfs here ({e}); needs root");
+            return;
+        }
+    };
+    // Before the fix this reached the shepherd's own /proc/self/environ.
+    assert_eq!(lookup(&mut server, 1, "p"), Err(-libc::EACCES));
+    // An ordinary directory beside it is still served.
+    fs::create_dir(share.path().join("d")).unwrap();
+    assert!(lookup(&mut server, 1, "d").is_ok());
+}
+
+#[test]
 fn unknown_node_ids_and_handles_are_errors() {
     let (_share, mut server) = server(false);
     assert_eq!(
