@@ -435,7 +435,11 @@ fn run_session(
     mut timings: Timings,
     console_log: PathBuf,
 ) -> Result<JobOutcome, JobError> {
-    let result = accept_agent(&mut vm, &listener, &console_log).and_then(|stream| {
+    let accepted = accept_agent(&mut vm, &listener, &console_log);
+    // One agent, one connection: later connections to its port are refused at once by the
+    // host kernel instead of filling a backlog nobody drains.
+    drop(listener);
+    let result = accepted.and_then(|stream| {
         let mut job_started = SystemTime::now();
         let exit: Result<AgentExit, JobError> =
             converse(stream, filesystems, spawn, io, &link, &mut timings, || {
@@ -443,7 +447,6 @@ fn run_session(
             });
         exit.map(|e| (e, job_started))
     });
-    drop(listener);
     let job_ended = SystemTime::now();
 
     // An orderly end: the agent resets the VM after our Ack. Anything else: stop it now.

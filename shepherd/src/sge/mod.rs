@@ -23,5 +23,6 @@ pub mod signal_source;
 pub mod signals;
 pub mod state;
 pub mod usage;
+mod vm_stop;
 
 pub use job_run::run_as_shepherd;

@@ -11,10 +11,9 @@ use super::control_method::{ControlMethod, ControlMethods, MethodRunner};
 use super::notify::{Notifier, NotifyAction};
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
+use super::vm_stop::{VmStop, VmStopStep, STOP_PATIENCE};
 use crate::launch::{JobController, JobError, JobOutcome};
 
-/// How long a job may take to end after its SIGKILL before its VM is stopped.
-const KILL_GRACE: Duration = Duration::from_secs(2);
 /// Repeated KILLs within this time are dropped, as the stock shepherd does.
 const KILL_REPEAT_WINDOW: Duration = Duration::from_secs(10);
 /// Loop tick while nothing is due.
@@ -31,7 +30,7 @@ pub struct SignalRelay<'a> {
     runner: MethodRunner,
     notifier: Notifier,
     last_kill: Option<Instant>,
-    vm_kill_at: Option<Instant>,
+    stop: VmStop,
     killed: bool,
 }
 
@@ -49,7 +48,7 @@ impl<'a> SignalRelay<'a> {
             runner,
             notifier: Notifier::from_config(config),
             last_kill: None,
-            vm_kill_at: None,
+            stop: VmStop::Running,
             killed: false,
         }
     }
@@ -73,7 +72,7 @@ impl<'a> SignalRelay<'a> {
             }
             let now = Instant::now();
             let mut wait = TICK;
-            for at in [self.notifier.deadline(), self.vm_kill_at]
+            for at in [self.notifier.deadline(), self.stop.deadline()]
                 .into_iter()
                 .flatten()
             {
@@ -102,11 +101,21 @@ impl<'a> SignalRelay<'a> {
             for action in actions {
                 self.act(action, controller);
             }
-            if self.vm_kill_at.is_some_and(|at| Instant::now() >= at) {
-                self.dir
-                    .trace("job still running after SIGKILL: stopping its VM");
-                controller.kill_vm();
-                self.vm_kill_at = None;
+            match self.stop.due(Instant::now()) {
+                Some(VmStopStep::StopVm) => {
+                    self.dir
+                        .trace("job still running after SIGKILL: stopping its VM");
+                    controller.kill_vm();
+                }
+                Some(VmStopStep::GiveUp) => {
+                    let msg = format!(
+                        "its VM did not stop within {STOP_PATIENCE:?} of being told to; \
+                         the shepherd ends it by exiting"
+                    );
+                    self.dir.trace(&format!("job killed: {msg}"));
+                    return (Err(JobError::Vm(msg)), self.killed);
+                }
+                None => {}
             }
             self.runner.reap();
         }
@@ -144,7 +153,7 @@ impl<'a> SignalRelay<'a> {
                 controller.signal(sig);
                 if sig == libc::SIGKILL {
                     self.killed = true;
-                    self.vm_kill_at.get_or_insert(Instant::now() + KILL_GRACE);
+                    self.stop.job_killed(Instant::now());
                 }
             }
         }

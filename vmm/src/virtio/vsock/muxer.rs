@@ -301,7 +301,7 @@ impl Muxer {
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), hdr.dst_port);
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        match connect_without_blocking(&path) {
             Ok(stream) => {
                 self.conns
                     .insert(key, Connection::peer_init(stream, hdr, self.guest_cid));
@@ -469,6 +469,23 @@ impl Muxer {
 }
 
 /// Parses `CONNECT <port>` (without the newline).
+/// Connects to the Unix stream listener at `path` without ever waiting for it: a listener
+/// whose backlog is full (its owner is slow, or a guest floods it with connections) answers
+/// EAGAIN at once instead of blocking the VMM's event thread, and the guest gets a RST.
+fn connect_without_blocking(path: &str) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // A Unix stream connect on a non-blocking socket completes or fails at once (EAGAIN for a
+    // full backlog); it never returns EINPROGRESS.
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
+}
+
 pub fn parse_connect(line: &[u8]) -> Option<u32> {
     let s = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
     let port = s.strip_prefix("CONNECT ")?;
@@ -519,6 +536,46 @@ mod tests {
             (OP_RST, 5000, 1234, 3)
         );
         assert!(!m.has_pending_rx());
+    }
+
+    /// A host listener whose backlog is full (nobody accepts): before, the muxer's `connect`
+    /// blocked the VMM's event thread, with the transport lock held, until somebody accepted.
+    #[test]
+    fn guest_requests_to_a_full_listener_are_reset_without_blocking() {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("v.sock");
+        let path = format!("{}_5000", base.display());
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(listener.as_raw_fd(), &UnixAddr::new(path.as_str()).unwrap()).unwrap();
+        listen(&listener, Backlog::new(1).unwrap()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut m = Muxer::new(3, &base).unwrap();
+            let mut resets = 0;
+            let mut buf = [0u8; 64];
+            for port in 0..16 {
+                m.send_pkt(&guest(OP_REQUEST, 2000 + port, 5000), &[]);
+                while let Some(h) = m.recv_pkt(&mut buf) {
+                    resets += usize::from(h.op == OP_RST);
+                }
+            }
+            let _ = tx.send((resets, m.connection_count()));
+        });
+        let (resets, connected) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the muxer blocked in connect on a full backlog");
+        assert!(resets >= 10, "{resets} of 16 reset");
+        assert_eq!(resets + connected, 16);
+        drop(listener);
     }
 
     #[test]
