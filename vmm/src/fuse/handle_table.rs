@@ -7,6 +7,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 
+use super::descriptor_budget::{Charge, DescriptorBudget};
+
 /// How many files and directories the guest may hold open at once.
 pub const MAX_HANDLES: usize = 65536;
 
@@ -22,6 +24,8 @@ pub enum HandleKind {
 pub struct Handle {
     pub fd: OwnedFd,
     pub kind: HandleKind,
+    /// The descriptor's share of the VM's budget, given back on close.
+    _charge: Charge,
 }
 
 /// `fh` → open descriptor.
@@ -30,19 +34,20 @@ pub struct HandleTable {
     handles: HashMap<u64, Handle>,
     next_fh: u64,
     limit: usize,
+    budget: DescriptorBudget,
 }
 
-impl Default for HandleTable {
-    fn default() -> Self {
+impl HandleTable {
+    /// An empty table whose handles draw on `budget`.
+    pub fn new(budget: DescriptorBudget) -> Self {
         Self {
             handles: HashMap::new(),
             next_fh: 1,
             limit: MAX_HANDLES,
+            budget,
         }
     }
-}
 
-impl HandleTable {
     /// Lowers the limit (tests).
     #[cfg(test)]
     pub fn set_limit(&mut self, limit: usize) {
@@ -51,7 +56,7 @@ impl HandleTable {
 
     /// Whether another handle can be opened (checked before creating anything on the host).
     pub fn check_room(&self) -> Result<(), Errno> {
-        if self.handles.len() >= self.limit {
+        if self.handles.len() >= self.limit || self.budget.left() == 0 {
             return Err(Errno::ENFILE);
         }
         Ok(())
@@ -59,10 +64,20 @@ impl HandleTable {
 
     /// Keeps `fd` open as a new handle.
     pub fn insert(&mut self, fd: OwnedFd, kind: HandleKind) -> Result<u64, Errno> {
-        self.check_room()?;
+        if self.handles.len() >= self.limit {
+            return Err(Errno::ENFILE);
+        }
+        let charge = self.budget.charge()?;
         let fh = self.next_fh;
         self.next_fh = self.next_fh.checked_add(1).ok_or(Errno::ENFILE)?;
-        self.handles.insert(fh, Handle { fd, kind });
+        self.handles.insert(
+            fh,
+            Handle {
+                fd,
+                kind,
+                _charge: charge,
+            },
+        );
         Ok(fh)
     }
 
@@ -106,7 +121,7 @@ mod tests {
 
     #[test]
     fn handles_are_typed_and_bounded() {
-        let mut table = HandleTable::default();
+        let mut table = HandleTable::new(DescriptorBudget::new(1 << 20));
         table.set_limit(2);
         let file = table.insert(some_fd(), HandleKind::File).unwrap();
         let dir = table.insert(some_fd(), HandleKind::Directory).unwrap();

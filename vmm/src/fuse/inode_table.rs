@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use nix::errno::Errno;
 
 use super::abi::ROOT_ID;
+use super::descriptor_budget::{Charge, DescriptorBudget};
 
 /// How many inodes the guest may hold at once (each costs a host descriptor).
 pub const MAX_INODES: usize = 65536;
@@ -24,6 +25,9 @@ pub struct Inode {
     key: (u64, u64),
     /// The kernel's lookup count; the entry goes when FORGET brings it to zero.
     lookups: u64,
+    /// The descriptor's share of the VM's budget (none for the root, opened before the guest
+    /// ran), given back when the entry goes.
+    _charge: Option<Charge>,
 }
 
 impl Inode {
@@ -48,16 +52,19 @@ pub struct InodeTable {
     by_key: HashMap<(u64, u64), u64>,
     next_id: u64,
     limit: usize,
+    budget: DescriptorBudget,
 }
 
 impl InodeTable {
     /// A table holding only the root, `root_fd` with host identity `key`.
-    pub fn new(root_fd: OwnedFd, key: (u64, u64)) -> Self {
+    /// New inodes draw on `budget`.
+    pub fn new(root_fd: OwnedFd, key: (u64, u64), budget: DescriptorBudget) -> Self {
         let mut table = Self {
             by_id: HashMap::new(),
             by_key: HashMap::new(),
             next_id: ROOT_ID + 1,
             limit: MAX_INODES,
+            budget,
         };
         table.by_key.insert(key, ROOT_ID);
         table.by_id.insert(
@@ -67,6 +74,7 @@ impl InodeTable {
                 file_type: libc::S_IFDIR,
                 key,
                 lookups: 1,
+                _charge: None,
             },
         );
         table
@@ -101,6 +109,7 @@ impl InodeTable {
         if self.by_id.len() >= self.limit {
             return Err(Errno::ENFILE);
         }
+        let charge = self.budget.charge()?;
         let id = self.next_id;
         // 2^64 lookups cannot happen within a VM's life; wrapping onto the root is still refused.
         self.next_id = self.next_id.checked_add(1).ok_or(Errno::ENFILE)?;
@@ -112,6 +121,7 @@ impl InodeTable {
                 file_type,
                 key,
                 lookups: 1,
+                _charge: Some(charge),
             },
         );
         Ok(id)
@@ -119,7 +129,7 @@ impl InodeTable {
 
     /// Whether a new inode could be added now.
     pub fn is_full(&self) -> bool {
-        self.by_id.len() >= self.limit
+        self.by_id.len() >= self.limit || self.budget.left() == 0
     }
 
     /// The kernel forgets `nlookup` lookups of `nodeid`; unknown ids and the root are ignored.
@@ -161,7 +171,7 @@ mod tests {
 
     #[test]
     fn one_host_inode_has_one_node_id_until_forgotten() {
-        let mut table = InodeTable::new(some_fd(), (1, 2));
+        let mut table = InodeTable::new(some_fd(), (1, 2), DescriptorBudget::new(1 << 20));
         let a = table
             .insert_lookup(some_fd(), (1, 10), libc::S_IFREG)
             .unwrap();
@@ -182,7 +192,7 @@ mod tests {
 
     #[test]
     fn the_root_is_never_forgotten() {
-        let mut table = InodeTable::new(some_fd(), (1, 2));
+        let mut table = InodeTable::new(some_fd(), (1, 2), DescriptorBudget::new(1 << 20));
         table.forget(ROOT_ID, u64::MAX);
         table.forget_all();
         assert!(table.get(ROOT_ID).is_ok());
@@ -195,7 +205,7 @@ mod tests {
 
     #[test]
     fn the_table_is_bounded() {
-        let mut table = InodeTable::new(some_fd(), (1, 2));
+        let mut table = InodeTable::new(some_fd(), (1, 2), DescriptorBudget::new(1 << 20));
         table.set_limit(3);
         table
             .insert_lookup(some_fd(), (1, 3), libc::S_IFREG)

@@ -12,6 +12,7 @@
 //! ignored, so the guest can do on the share exactly what the job user can do on the host.
 
 mod abi;
+mod descriptor_budget;
 mod handle_table;
 mod inode_table;
 mod kernel_fs;
@@ -28,6 +29,7 @@ use handle_table::HandleKind;
 use passthrough::Passthrough;
 use request::{InHeader, Operation};
 
+pub use descriptor_budget::DescriptorBudget;
 pub use kernel_fs::{kernel_file_system_at, kernel_file_system_of};
 
 /// Largest WRITE payload the server accepts (and offers in INIT): 32 pages, the kernel's
@@ -94,10 +96,20 @@ pub struct FuseServer {
 
 impl FuseServer {
     /// Opens `root` (must be a directory). With `read_only`, modifying requests get EROFS.
+    /// Its inodes and handles draw on a budget of their own (see [`Self::with_budget`]).
     pub fn new(root: &Path, read_only: bool) -> Result<Self, FuseError> {
-        raise_open_file_limit();
+        Self::with_budget(root, read_only, DescriptorBudget::for_this_process())
+    }
+
+    /// Like [`Self::new`], with the host descriptors the guest holds (inodes and open handles)
+    /// drawn from `budget`, which the servers of one VM share.
+    pub fn with_budget(
+        root: &Path,
+        read_only: bool,
+        budget: DescriptorBudget,
+    ) -> Result<Self, FuseError> {
         Ok(Self {
-            fs: Passthrough::new(root)?,
+            fs: Passthrough::new(root, budget)?,
             read_only,
             minor: None,
         })
@@ -370,24 +382,6 @@ impl FuseServer {
         tracing::debug!(kernel_minor = minor, negotiated, flags, "FUSE INIT");
         self.minor = Some(negotiated);
         Ok(())
-    }
-}
-
-/// Raises this process's soft limit on open files to the hard limit. Each inode the guest looks
-/// up and each file it opens holds a host descriptor (up to `inode_table::MAX_INODES` and
-/// `handle_table::MAX_HANDLES`), and the usual soft limit of 1024 would let an ordinary `find`
-/// in the guest exhaust the descriptors the whole VMM needs. Done once per server, not per
-/// request; failure is not fatal (the guest then sees EMFILE sooner).
-fn raise_open_file_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(soft, hard, error = %e, "cannot raise RLIMIT_NOFILE");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE"),
     }
 }
 

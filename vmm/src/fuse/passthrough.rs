@@ -21,6 +21,7 @@ use nix::sys::uio;
 use nix::unistd::{self, AccessFlags, Gid, Uid, UnlinkatFlags, Whence};
 
 use super::abi::{self, setattr_valid, ROOT_ID};
+use super::descriptor_budget::DescriptorBudget;
 use super::handle_table::{HandleKind, HandleTable};
 use super::inode_table::InodeTable;
 use super::kernel_fs::kernel_file_system_of;
@@ -130,7 +131,7 @@ fn file_offset(offset: u64) -> Result<libc::off_t, Errno> {
 
 impl Passthrough {
     /// Opens the share `root` and `/proc/self/fd`.
-    pub fn new(root: &Path) -> Result<Self, FuseError> {
+    pub fn new(root: &Path, budget: DescriptorBudget) -> Result<Self, FuseError> {
         let open_root = || -> Result<(OwnedFd, FileStat), Errno> {
             let fd = fcntl::open(
                 root,
@@ -168,8 +169,8 @@ impl Passthrough {
         .map(owned)
         .map_err(|e| FuseError::OpenProcSelfFd { source: e.into() })?;
         Ok(Self {
-            inodes: InodeTable::new(root_fd, inode_key(&root_st)),
-            handles: HandleTable::default(),
+            inodes: InodeTable::new(root_fd, inode_key(&root_st), budget.clone()),
+            handles: HandleTable::new(budget),
             proc_self_fd,
         })
     }

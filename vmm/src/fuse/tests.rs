@@ -284,6 +284,34 @@ fn a_lookup_into_a_kernel_interface_mount_below_the_share_is_refused() {
     assert!(lookup(&mut server, 1, "d").is_ok());
 }
 
+/// Before, each share allowed 65536 inodes and 65536 handles of its own, all drawn from the
+/// one process limit: a guest opening directories in a loop took the shepherd to EMFILE.
+#[test]
+fn the_shares_of_one_vm_draw_on_one_descriptor_budget() {
+    let budget = DescriptorBudget::new(4);
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    fs::create_dir(b_dir.path().join("sub")).unwrap();
+    let mut a = FuseServer::with_budget(a_dir.path(), false, budget.clone()).unwrap();
+    let mut b = FuseServer::with_budget(b_dir.path(), false, budget.clone()).unwrap();
+    assert_eq!(init(&mut a, 38).0, 0);
+    assert_eq!(init(&mut b, 38).0, 0);
+    let held: Vec<u64> = (0..3).map(|_| opendir(&mut a, 1).unwrap()).collect();
+    let sub = lookup(&mut b, 1, "sub").unwrap();
+    assert_eq!(budget.left(), 0);
+    assert_eq!(opendir(&mut b, 1), Err(-libc::ENFILE));
+    assert_eq!(opendir(&mut a, 1), Err(-libc::ENFILE));
+    // A lookup of an inode already held costs nothing more.
+    assert_eq!(lookup(&mut b, 1, "sub"), Ok(sub));
+    let mut release = held[0].to_le_bytes().to_vec();
+    release.extend_from_slice(&[0u8; 16]);
+    assert_eq!(errno(&mut a, opcode::RELEASEDIR, 1, &release), 0);
+    assert_eq!(budget.left(), 1);
+    assert!(opendir(&mut b, 1).is_ok());
+    // DESTROY (or a transport reset) gives back everything the guest held.
+    a.reset();
+    assert_eq!(budget.left(), 2);
+}
+
 #[test]
 fn unknown_node_ids_and_handles_are_errors() {
     let (_share, mut server) = server(false);

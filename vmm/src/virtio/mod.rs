@@ -11,6 +11,7 @@ pub mod interrupt;
 pub mod mmio;
 pub mod vsock;
 
+use std::cell::LazyCell;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -282,8 +283,11 @@ pub(crate) fn attach_devices(
         attached.subscribers.push(wired.events);
         index += 1;
     }
+    // One descriptor budget for all the VM's shares, sized once before any is open (and not at
+    // all for a VM without shares).
+    let budget = LazyCell::new(crate::fuse::DescriptorBudget::for_this_process);
     for share in &config.shares {
-        let server = open_share(share, config.run_as.as_ref())?;
+        let server = open_share(share, config.run_as.as_ref(), budget.clone())?;
         let device = fs::FsDevice::new(&share.tag, server).map_err(|e| VirtioError::Share {
             tag: share.tag.clone(),
             message: e.to_string(),
@@ -307,12 +311,14 @@ pub(crate) fn attach_devices(
 fn open_share(
     share: &crate::config::ShareConfig,
     run_as: Option<&ThreadCredentials>,
+    budget: crate::fuse::DescriptorBudget,
 ) -> Result<FuseServer, VirtioError> {
     let err = |message: String| VirtioError::Share {
         tag: share.tag.clone(),
         message,
     };
-    let open = || FuseServer::new(&share.path, share.read_only).map_err(|e| e.to_string());
+    let open =
+        || FuseServer::with_budget(&share.path, share.read_only, budget).map_err(|e| e.to_string());
     match run_as {
         None => open(),
         Some(creds) => creds

@@ -75,6 +75,10 @@ pub struct Muxer {
     /// Ticks while some connection has a deadline (see [`Connection::deadline`]).
     timer: TimerFd,
     timer_armed: bool,
+    /// The listener is out of the epoll set after `accept` failed for want of descriptors
+    /// (EMFILE, ENFILE, ENOMEM): left in, its pending connection would keep it readable and
+    /// the event loop would spin. It is put back on the next timer tick.
+    listener_paused: bool,
 }
 
 impl Muxer {
@@ -124,13 +128,15 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             timer,
             timer_armed: false,
+            listener_paused: false,
         })
     }
 
-    /// Runs the deadline timer while some connection has a deadline. Called only from the VMM
-    /// thread's entry points (the vCPU threads' seccomp filter has no timerfd calls).
+    /// Runs the deadline timer while some connection has a deadline or the listener is paused.
+    /// Called only from the VMM thread's entry points (the vCPU threads' seccomp filter has no
+    /// timerfd calls).
     fn arm_timer(&mut self) {
-        let needed = self.conns.values().any(|c| c.deadline().is_some());
+        let needed = self.listener_paused || self.conns.values().any(|c| c.deadline().is_some());
         let result = match (needed, self.timer_armed) {
             (true, false) => self.timer.reset(DEADLINE_TICK, Some(DEADLINE_TICK)),
             (false, true) => self.timer.clear(),
@@ -142,9 +148,12 @@ impl Muxer {
         }
     }
 
-    /// Resets connections whose deadline passed.
+    /// Resets connections whose deadline passed, and puts a paused listener back.
     fn expire_deadlines(&mut self) {
         let _ = self.timer.wait();
+        if self.listener_paused {
+            self.listener_paused = !self.watch_listener(ControlOperation::Add);
+        }
         let now = Instant::now();
         let expired: Vec<ConnKey> = self
             .conns
@@ -407,9 +416,25 @@ impl Muxer {
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // Out of descriptors (or another lasting error): stop watching until the
+                    // next tick rather than spin on a listener that stays readable.
+                    tracing::warn!("vsock: cannot accept host connections for now: {e}");
+                    self.listener_paused = self.watch_listener(ControlOperation::Delete);
+                    self.arm_timer();
+                    return;
+                }
             }
         }
+    }
+
+    /// Adds the listener to the epoll set or deletes it; whether that worked.
+    fn watch_listener(&self, op: ControlOperation) -> bool {
+        let fd = self.listener.as_raw_fd();
+        self.epoll
+            .ctl(op, fd, EpollEvent::new(EventSet::IN, fd as u64))
+            .is_ok()
     }
 
     fn allocate_local_port(&mut self) -> u32 {
@@ -576,6 +601,56 @@ mod tests {
         assert!(resets >= 10, "{resets} of 16 reset");
         assert_eq!(resets + connected, 16);
         drop(listener);
+    }
+
+    /// Before, an `accept` that failed for want of descriptors left the listener readable in
+    /// the epoll set, and `process_events` looped on it for ever (the event thread wedged at
+    /// 100% CPU). Runs in a child process of its own: it lowers the open-files limit.
+    #[test]
+    fn a_host_connection_that_cannot_be_accepted_for_want_of_descriptors_does_not_spin() {
+        const CHILD: &str = "SGE_VMM_TEST_MUXER_EMFILE_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "--nocapture"])
+                .arg("virtio::vsock::muxer::tests::a_host_connection_that_cannot_be_accepted_for_want_of_descriptors_does_not_spin")
+                .env(CHILD, "1")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let start = Instant::now();
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if start.elapsed() > Duration::from_secs(20) {
+                    let _ = child.kill();
+                    panic!("the muxer spun on a listener it could not accept from");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert!(status.success(), "child: {status}");
+            return;
+        }
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("v.sock");
+        let mut m = Muxer::new(3, &base).unwrap();
+        let _host = UnixStream::connect(&base).unwrap();
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, 64, hard).unwrap();
+        let mut fillers = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            fillers.push(f);
+        }
+        m.process_events(); // returns: the listener is paused, not spun on
+        assert_eq!(m.pending_hosts.len(), 0);
+        assert!(m.listener_paused);
+        fillers.truncate(fillers.len() - 2);
+        std::thread::sleep(DEADLINE_TICK * 2);
+        m.process_events(); // the tick puts the listener back ...
+        m.process_events(); // ... and the connection is accepted
+        assert_eq!(m.pending_hosts.len(), 1);
+        assert!(!m.listener_paused);
     }
 
     #[test]
