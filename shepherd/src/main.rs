@@ -3,6 +3,7 @@
 //! Started by `sge_execd` as `shepherd_cmd` (`argv[0]` `sge_shepherd-<job>`), it acts as the
 //! job's shepherd; otherwise it is a command-line tool with subcommands.
 
+mod check_command;
 mod image_command;
 mod run_command;
 mod vm_command;
@@ -30,6 +31,9 @@ enum Command {
     Image(image_command::ImageArgs),
     /// Boot a VM directly in the embedded VMM (debugging, benchmarks).
     Vm(vm_command::VmArgs),
+    /// Check that this host can run jobs in VMs (settings, guest kernel and initramfs, OS
+    /// images, backend, directories); exits 1 and prints each problem's fix when it cannot.
+    Check(check_command::CheckArgs),
 }
 
 /// True when execd started us as its shepherd: `shepherd_cmd` is exec'd with `argv[0]`
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_command::run(args),
         Command::Image(args) => image_command::run(args),
         Command::Vm(args) => vm_command::run(args),
+        Command::Check(args) => check_command::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -1,0 +1,306 @@
+//! What a job on this host needs, checked ahead of any job: the settings file, each queue's
+//! guest kernel, initramfs and OS images, a backend that can run VMs, and the directories the
+//! shepherd writes to as root. Each problem says what is wrong, whose it is and how to fix it.
+//! Used by `sge_virtualizer check` (an administrator's command and a Grid Engine load sensor).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::backend;
+use crate::image::store::ImageStore;
+use crate::settings::{Settings, VmSettings};
+
+/// The name of the top-level settings, used by queues without a section of their own.
+pub const DEFAULT_SCOPE: &str = "(default)";
+
+/// One thing that keeps jobs from running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `settings`, `host`, or the queue whose jobs it stops.
+    pub scope: String,
+    pub what: String,
+    pub fix: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}\n    fix: {}", self.scope, self.what, self.fix)
+    }
+}
+
+/// Where the settings come from.
+#[derive(Debug, Clone)]
+pub struct SettingsSource {
+    pub path: PathBuf,
+    /// A missing file is an error (named explicitly) or the built-in defaults.
+    pub required: bool,
+}
+
+impl SettingsSource {
+    /// `$SGE_VIRTUALIZER_CONFIG`, else the default path, as the shepherd reads them.
+    pub fn from_env() -> Self {
+        match std::env::var_os(crate::settings::PATH_ENV).filter(|v| !v.is_empty()) {
+            Some(p) => Self {
+                path: PathBuf::from(p),
+                required: true,
+            },
+            None => Self {
+                path: PathBuf::from(crate::settings::DEFAULT_PATH),
+                required: false,
+            },
+        }
+    }
+}
+
+/// Checks the settings and every queue in `queues` (all queues the settings name, and the
+/// default, when empty).
+pub fn check(source: &SettingsSource, queues: &[String]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let settings = match Settings::load_from(&source.path, source.required) {
+        Ok(s) => s,
+        Err(e) => {
+            problems.push(Problem {
+                scope: "settings".into(),
+                what: e.to_string(),
+                fix: format!(
+                    "correct {} (see sge_virtualizer(8), CONFIGURATION FILE); until then every \
+                     job on this host fails",
+                    source.path.display()
+                ),
+            });
+            return problems;
+        }
+    };
+    if source.path.exists() {
+        problems.extend(root_owned(&source.path, "settings", "the settings file"));
+    }
+    let scopes: Vec<String> = if queues.is_empty() {
+        std::iter::once(DEFAULT_SCOPE.to_string())
+            .chain(settings.queues.keys().cloned())
+            .collect()
+    } else {
+        queues.to_vec()
+    };
+    for scope in &scopes {
+        let vm = settings.for_queue(scope);
+        for p in check_queue(scope, &vm) {
+            // A problem the queues inherit from the top level is told once, naming them all.
+            match problems
+                .iter_mut()
+                .find(|q| q.what == p.what && q.fix == p.fix)
+            {
+                Some(same) => same.scope = format!("{}, {}", same.scope, p.scope),
+                None => problems.push(p),
+            }
+        }
+    }
+    problems.extend(check_directories(&settings, &scopes));
+    problems
+}
+
+/// One queue's kernel, initramfs, images and backend.
+fn check_queue(scope: &str, vm: &VmSettings) -> Vec<Problem> {
+    let problem = |what: String, fix: String| Problem {
+        scope: scope.to_string(),
+        what,
+        fix,
+    };
+    let mut problems = Vec::new();
+    for (file, what, is_format) in [
+        (&vm.kernel, "guest kernel", is_kernel as fn(&[u8]) -> bool),
+        (&vm.initramfs, "guest initramfs", is_initramfs),
+    ] {
+        match read_head(file) {
+            Err(e) => problems.push(problem(
+                format!("{what} {}: {e}", file.display()),
+                format!(
+                    "install it (scripts/setup.sh builds both into build/guest; install them in \
+                     {}) or name the right path in the settings",
+                    crate::guest_image::INSTALLED_DIR
+                ),
+            )),
+            Ok(head) if !is_format(&head) => problems.push(problem(
+                format!("{what} {} is not a {what} file", file.display()),
+                "replace it with the built vmlinux / initramfs.cpio".into(),
+            )),
+            Ok(_) => problems.extend(root_owned(file, scope, what)),
+        }
+    }
+    let store = ImageStore::new(&vm.image_store);
+    for (name, whose) in vm.image.iter().map(|n| (n, "the queue's OS image")).chain(
+        vm.job_images
+            .iter()
+            .filter(|n| n.as_str() != "*")
+            .map(|n| (n, "an OS image jobs may request")),
+    ) {
+        if let Err(e) = store.verified(name) {
+            problems.push(problem(
+                format!("{whose} {name:?}: {e}"),
+                format!(
+                    "build it (sge_virtualizer image build --debootstrap SUITE {name}) or \
+                     remove it from the settings"
+                ),
+            ));
+        }
+    }
+    if let Err(e) = backend::select(vm.backend) {
+        problems.push(problem(
+            format!("no backend can run VMs ({:?}): {e}", vm.backend),
+            "install Debian's qemu-system-x86 and vhost-device-vsock (scripts/setup.sh), or \
+             give the host KVM with hardware virtualization"
+                .into(),
+        ));
+    }
+    problems
+}
+
+/// The directories the shepherd writes in as root.
+fn check_directories(settings: &Settings, scopes: &[String]) -> Vec<Problem> {
+    let mut dirs: Vec<PathBuf> = scopes
+        .iter()
+        .map(|s| settings.for_queue(s).image_store)
+        .collect();
+    dirs.push(PathBuf::from("/run/sge_virtualizer"));
+    dirs.sort();
+    dirs.dedup();
+    dirs.iter()
+        .filter(|d| d.exists())
+        .flat_map(|d| root_owned(d, "host", "directory"))
+        .collect()
+}
+
+/// `path` and every directory above it must belong to root and be writable by nobody else:
+/// otherwise whoever can write there chooses what every job boots or what root writes.
+fn root_owned(path: &Path, scope: &str, what: &str) -> Option<Problem> {
+    let mut at = Some(path);
+    while let Some(p) = at {
+        let bad = match std::fs::metadata(p) {
+            Ok(m) if m.uid() != 0 => Some(format!("belongs to uid {}", m.uid())),
+            Ok(m) if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 => Some(format!(
+                "is writable by group or others (mode {:o})",
+                m.mode() & 0o7777
+            )),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(bad) = bad {
+            return Some(Problem {
+                scope: scope.to_string(),
+                what: format!("{what} {}: {} {bad}", path.display(), p.display()),
+                fix: format!("chown root: {p} and chmod go-w {p}", p = p.display()),
+            });
+        }
+        at = p.parent();
+    }
+    None
+}
+
+/// The first bytes of `path`, enough to tell its format.
+fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(0x210);
+    std::fs::File::open(path)?
+        .take(0x210)
+        .read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// An uncompressed ELF `vmlinux` or a bzImage (`HdrS` at 0x202).
+fn is_kernel(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF") || head.get(0x202..0x206) == Some(b"HdrS")
+}
+
+/// A newc cpio archive, or one compressed as the kernel can unpack it.
+fn is_initramfs(head: &[u8]) -> bool {
+    const MAGICS: [&[u8]; 6] = [
+        b"070701",
+        b"070702",
+        b"\x1f\x8b",
+        b"\x28\xb5\x2f\xfd",
+        b"\xfd7zXZ",
+        b"\x02\x21\x4c\x18",
+    ];
+    MAGICS.iter().any(|m| head.starts_with(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_and_initramfs_formats_are_recognised() {
+        assert!(is_kernel(b"\x7fELF\x02\x01"));
+        let mut bz = vec![0u8; 0x210];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert!(is_kernel(&bz));
+        assert!(!is_kernel(b"not a kernel\n"));
+        assert!(is_initramfs(b"070701000000"));
+        assert!(is_initramfs(b"\x1f\x8b\x08"));
+        assert!(!is_initramfs(b"\x7fELF"));
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_a_problem_with_its_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let file = dir.join("vmlinux");
+        std::fs::write(&file, b"\x7fELF").unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            assert!(root_owned(&file, "q", "guest kernel").is_some());
+            return;
+        }
+        let p = root_owned(&file, "q", "guest kernel").expect("a problem");
+        assert!(p.what.contains("writable by group or others"), "{p}");
+        assert!(p.fix.contains("chmod go-w"), "{p}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(root_owned(&file, "q", "guest kernel"), None);
+    }
+
+    #[test]
+    fn unparsable_settings_are_one_problem_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.toml");
+        std::fs::write(&path, "kernel = [").unwrap();
+        let problems = check(
+            &SettingsSource {
+                path: path.clone(),
+                required: true,
+            },
+            &[],
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].scope, "settings");
+        assert!(problems[0].fix.contains(&path.display().to_string()));
+    }
+
+    #[test]
+    fn a_queue_whose_kernel_is_missing_is_named_with_the_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.toml");
+        let missing = tmp.path().join("no-such-vmlinux");
+        std::fs::write(
+            &path,
+            format!(
+                "[queues.\"broken.q\"]\nkernel = \"{}\"\n",
+                missing.display()
+            ),
+        )
+        .unwrap();
+        let problems = check(
+            &SettingsSource {
+                path,
+                required: true,
+            },
+            &["broken.q".to_string()],
+        );
+        assert!(
+            problems.iter().any(|p| p.scope == "broken.q"
+                && p.what.contains("guest kernel")
+                && p.what.contains(&missing.display().to_string())),
+            "{problems:?}"
+        );
+    }
+}
