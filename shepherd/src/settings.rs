@@ -17,6 +17,8 @@
 //! image_store = "/var/lib/sge_virtualizer/images"
 //! image = "bookworm"        # OS image jobs run in (default: the initramfs)
 //! job_images = ["bullseye"] # images a job may ask for with -v SGE_VM_IMAGE=NAME ("*": any)
+//! delegate = "stock"        # interactive, qrsh -inherit and checkpointing jobs: "stock" runs
+//!                           # them with the stock shepherd on the host, "never" refuses them
 //! [queues."gpu.q"]
 //! memory_mib = 4096
 //! kernel = "/srv/images/gpu/vmlinux"
@@ -28,6 +30,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::BackendChoice;
 use crate::guest_image;
 use crate::image;
+use crate::sge::delegation::DelegationPolicy;
 
 pub const DEFAULT_PATH: &str = "/etc/sge_virtualizer.toml";
 pub const PATH_ENV: &str = "SGE_VIRTUALIZER_CONFIG";
@@ -63,6 +66,7 @@ pub struct VmOverrides {
     pub shares: Option<Vec<PathBuf>>,
     pub image: Option<String>,
     pub job_images: Option<Vec<String>>,
+    pub delegate: Option<DelegationPolicy>,
 }
 
 /// The whole file.
@@ -79,6 +83,7 @@ pub struct Settings {
     pub shares: Option<Vec<PathBuf>>,
     pub image: Option<String>,
     pub job_images: Option<Vec<String>>,
+    pub delegate: Option<DelegationPolicy>,
     pub image_store: Option<PathBuf>,
     pub vmm_overhead_mib: Option<u32>,
     pub stock_shepherd: Option<PathBuf>,
@@ -105,6 +110,8 @@ pub struct VmSettings {
     pub image: Option<String>,
     /// Images a job may request.
     pub job_images: Vec<String>,
+    /// What happens to tasks that are not virtualized.
+    pub delegate: DelegationPolicy,
     pub image_store: PathBuf,
 }
 
@@ -164,6 +171,7 @@ impl Settings {
                 .job_images
                 .or_else(|| d.job_images.clone())
                 .unwrap_or_default(),
+            delegate: q.delegate.or(d.delegate).unwrap_or_default(),
             image_store: image::store_dir(self.image_store.as_deref()),
         }
     }
@@ -188,6 +196,14 @@ impl VmSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delegation_is_stock_unless_a_queue_says_never() {
+        let s = Settings::parse("[queues.\"outsiders.q\"]\ndelegate = \"never\"\n", "t").unwrap();
+        assert_eq!(s.for_queue("all.q").delegate, DelegationPolicy::Stock);
+        assert_eq!(s.for_queue("outsiders.q").delegate, DelegationPolicy::Never);
+        assert!(Settings::parse("delegate = \"sometimes\"\n", "t").is_err());
+    }
 
     #[test]
     fn full_file_with_queue_override() {

@@ -129,7 +129,8 @@ impl Cell {
                  image_store = \"{IMAGE_STORE}\"\njob_images = [\"bookworm\", \"nosuch\"]\n\
                  [queues.\"bullseye.q\"]\nimage = \"bullseye\"\n\
                  [queues.\"nokernel.q\"]\nkernel = \"{r}/missing/vmlinux\"\n\
-                 [queues.\"badvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n",
+                 [queues.\"badvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n\
+                 [queues.\"outsiders.q\"]\ndelegate = \"never\"\n",
                 r = TEST_ROOT
             ),
         )
@@ -158,7 +159,13 @@ impl Cell {
             host,
             guest_release,
         };
-        for q in ["nokernel.q", "badvm.q", "settings.q", "bullseye.q"] {
+        for q in [
+            "nokernel.q",
+            "badvm.q",
+            "settings.q",
+            "bullseye.q",
+            "outsiders.q",
+        ] {
             cell.add_queue(q, &[]);
         }
         let root = Path::new(TEST_ROOT);
@@ -998,6 +1005,30 @@ fn interactive_qrsh_is_delegated_to_the_stock_shepherd() {
         assert_eq!(out.status.code(), Some(4), "{}", text(&out));
         assert_eq!(c.queue_state("all.q"), "");
     });
+}
+
+#[test]
+fn a_queue_that_never_delegates_refuses_interactive_jobs_as_the_jobs_error() {
+    with_cell(
+        "a_queue_that_never_delegates_refuses_interactive_jobs_as_the_jobs_error",
+        |c| {
+            let dir = c.work_dir("qrsh_never");
+            let marker = dir.join("ran-on-the-host");
+            // Bounded: a refused job left in Eqw would keep qrsh waiting for ever.
+            let out = run(Command::new("runuser")
+                .args(["-u", JOB_USER, "--", "env", "-C", dir.to_str().unwrap()])
+                .args(["timeout", "120", "qrsh", "-q", "outsiders.q"])
+                .arg(format!("touch {}; exit 4", marker.display())));
+            assert!(!marker.exists(), "the task ran on the host: {}", text(&out));
+            let code = out.status.code();
+            assert!(code != Some(4) && code != Some(124), "{code:?}: {}", text(&out));
+            assert_eq!(
+                c.queue_state("outsiders.q"),
+                "",
+                "queue must not be in error"
+            );
+        },
+    );
 }
 
 #[test]

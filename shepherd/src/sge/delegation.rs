@@ -6,6 +6,18 @@ use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+/// Whether a queue hands the tasks it cannot virtualize to the stock shepherd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DelegationPolicy {
+    /// Run them with the stock shepherd, on the host without a VM (the default).
+    #[default]
+    Stock,
+    /// Refuse them as the job's error: for queues of outsiders, where every job must stay in
+    /// a VM.
+    Never,
+}
+
 /// Where the stock shepherd is: `<binary_path>/<arch>/sge_shepherd`, else
 /// `<binary_path>/sge_shepherd` (execd's own lookup), with `binary_path` from the cell's
 /// `bootstrap` file (default `$SGE_ROOT/bin`).

@@ -12,7 +12,7 @@ use guest_agent::protocol::{Rusage, Spawn, SpawnStage, StdinMode};
 use super::active_dir::ActiveDir;
 use super::config::{JobConfig, TaskKind};
 use super::control_method::{ControlMethods, MethodRunner};
-use super::delegation;
+use super::delegation::{self, DelegationPolicy};
 use super::environment::JobEnvironment;
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
@@ -79,9 +79,26 @@ pub fn run_as_shepherd() -> i32 {
     };
     // Not ours to run: hand over before writing anything (the stock shepherd writes its files).
     if config.task_kind() != TaskKind::Batch {
-        let stock = Settings::load()
-            .ok()
-            .and_then(|s| s.stock_shepherd)
+        // Unreadable settings cannot say whether the queue allows it: refuse, in the queue only.
+        let settings = match Settings::load() {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("sge_virtualizer: {e}");
+                return finish_early(&dir, ShepherdState::BeforeJob, &msg);
+            }
+        };
+        let queue = config.get("queue").unwrap_or_default();
+        if settings.for_queue(queue).delegate == DelegationPolicy::Never {
+            let msg = format!(
+                "sge_virtualizer: queue {queue} runs every job in a VM (delegate = \"never\"): \
+                 interactive jobs, qrsh -inherit tasks and checkpointing jobs are refused"
+            );
+            // A job error, not the queue's; 100 rather than 30 because an interactive job in
+            // Eqw would leave its qrsh waiting for ever, while 100 finishes it.
+            return finish_early(&dir, ShepherdState::AfterJob, &msg);
+        }
+        let stock = settings
+            .stock_shepherd
             .unwrap_or_else(delegation::stock_shepherd_from_env);
         let err = delegation::exec_stock(&stock, &argv0);
         return finish_early(
