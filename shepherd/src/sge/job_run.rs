@@ -657,6 +657,11 @@ impl JobRun {
             end_time: SystemTime::now(),
             rusage: Rusage::default(),
         };
+        if let Err(e) = &result {
+            if let Some((state, message)) = refused_before_start(e) {
+                return Err(Failure::new(state, message));
+            }
+        }
         match result {
             Ok(o) => {
                 let end = JobEnd::from_wait_status(o.wait_status);
@@ -672,24 +677,6 @@ impl JobRun {
             Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(Failure::no_resources(
                 format!("sge_virtualizer: the job's VM did not come up: {e}"),
             )),
-            Err(JobError::SpawnFailed {
-                stage,
-                errno,
-                message,
-            }) => {
-                let state = match stage {
-                    SpawnStage::Exec => ShepherdState::NoShell,
-                    SpawnStage::Cwd => ShepherdState::NoCwd,
-                    _ => ShepherdState::BeforeJob,
-                };
-                Err(Failure::new(
-                    state,
-                    format!(
-                        "sge_virtualizer: the job could not be started in the VM: {message} ({})",
-                        std::io::Error::from_raw_os_error(errno)
-                    ),
-                ))
-            }
             Err(e) if killed => {
                 self.dir.trace(&format!("job killed; its VM ended: {e}"));
                 Ok(killed_record(started))
@@ -703,6 +690,40 @@ impl JobRun {
                 Ok(killed_record(started))
             }
         }
+    }
+}
+
+/// The failure for a job the guest did not start: it refused the spawn, or broke the agent
+/// protocol before `Started`. The guest is the job's owner's, so this is always the job's error
+/// (the queue and host stay usable): a missing working directory is 28, anything else 30, which
+/// execd charges to the job in every case (27 or 11 it would charge to the queue unless the
+/// job itself asked for the shell or binary). `None` for other errors, and for a violation
+/// after the job started (the job ran: handled as a VM that died under it).
+fn refused_before_start(e: &JobError) -> Option<(ShepherdState, String)> {
+    match e {
+        JobError::SpawnFailed {
+            stage,
+            errno,
+            message,
+        } => {
+            let state = match stage {
+                SpawnStage::Cwd => ShepherdState::NoCwd,
+                _ => ShepherdState::AppError,
+            };
+            Some((
+                state,
+                format!(
+                    "sge_virtualizer: the job could not be started in the VM ({stage:?}): \
+                     {message} ({})",
+                    std::io::Error::from_raw_os_error(*errno)
+                ),
+            ))
+        }
+        JobError::ProtocolViolation(v) if !v.state.job_started() => Some((
+            ShepherdState::AppError,
+            format!("sge_virtualizer: the job's VM did not start the job: {v}"),
+        )),
+        _ => None,
     }
 }
 
@@ -752,6 +773,130 @@ fn start_time(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent_protocol::{AgentEvent, SessionState};
+    use crate::agent_session::session_error;
+    use crate::sge::state::Charge;
+    use guest_agent::protocol::{BootTimes, Frame, Stream, PROTOCOL_VERSION};
+    use proptest::prelude::*;
+
+    /// Whom execd charges when a job's session ends in `e` (not killed), through the real
+    /// [`JobRun::outcome`].
+    fn charge_of(e: JobError) -> (Charge, String) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut run = JobRun {
+            config: JobConfig::default(),
+            dir: ActiveDir::new(tmp.path().to_path_buf()),
+            signals: SignalSource::new().unwrap(),
+            state: ShepherdState::NoFailure,
+        };
+        let trace =
+            |run: &JobRun| std::fs::read_to_string(run.dir.path("trace")).unwrap_or_default();
+        match run.outcome(Err(e), false, SystemTime::now()) {
+            Err(f) => (f.state.charged_to(), f.message),
+            Ok(_) => (run.state.charged_to(), trace(&run)),
+        }
+    }
+
+    fn hello() -> Frame {
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            boot: BootTimes::default(),
+        }
+    }
+
+    fn spawn_failed(stage: SpawnStage) -> Frame {
+        Frame::SpawnFailed {
+            stage,
+            errno: libc::EPERM,
+            message: "forged".into(),
+        }
+    }
+
+    /// Feeds `frames` to a session until it ends without an exit; the error it ends with.
+    fn session_end(frames: impl IntoIterator<Item = Frame>) -> Option<JobError> {
+        let mut state = SessionState::AwaitingHello;
+        for frame in frames {
+            match state.accept(frame) {
+                Ok(AgentEvent::Exited { .. }) => return None,
+                r @ (Ok(AgentEvent::SpawnRefused { .. })
+                | Ok(AgentEvent::AgentFailed { .. })
+                | Err(_)) => return Some(session_error(r)),
+                Ok(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Issue 12 item 4: whatever stage a guest names in SpawnFailed, before Started it is the
+    /// job's error; after Started it is refused as a violation, and never the queue's.
+    #[test]
+    fn spawn_failures_from_the_guest_never_charge_the_queue() {
+        for stage in [
+            SpawnStage::Credentials,
+            SpawnStage::Limits,
+            SpawnStage::Cwd,
+            SpawnStage::Exec,
+            SpawnStage::Other,
+            SpawnStage::Filesystems,
+        ] {
+            let before = session_end([hello(), spawn_failed(stage)]).unwrap();
+            let (charge, message) = charge_of(before);
+            assert_eq!(charge, Charge::Job, "{stage:?}: {message}");
+
+            let after =
+                session_end([hello(), Frame::Started { pid: 9 }, spawn_failed(stage)]).unwrap();
+            assert!(
+                matches!(after, JobError::ProtocolViolation(_)),
+                "{stage:?}: {after:?}"
+            );
+            let (charge, message) = charge_of(after);
+            assert_eq!(charge, Charge::Nobody, "{stage:?}: {message}");
+            assert!(message.contains("broke the protocol"), "{message}");
+        }
+    }
+
+    fn any_frame() -> impl Strategy<Value = Frame> {
+        let stage = prop_oneof![
+            Just(SpawnStage::Credentials),
+            Just(SpawnStage::Limits),
+            Just(SpawnStage::Cwd),
+            Just(SpawnStage::Exec),
+            Just(SpawnStage::Other),
+            Just(SpawnStage::Filesystems),
+        ];
+        prop_oneof![
+            1 => Just(hello()),
+            2 => (-1..3i32).prop_map(|pid| Frame::Started { pid }),
+            4 => stage.prop_map(spawn_failed),
+            1 => Just(Frame::Stdout(b"o".to_vec())),
+            1 => Just(Frame::Stderr(b"e".to_vec())),
+            1 => Just(Frame::Eof(Stream::Stdout)),
+            1 => Just(Frame::Eof(Stream::Stdin)),
+            1 => Just(Frame::Ack),
+            1 => Just(Frame::Signal { signo: 9 }),
+            1 => Just(Frame::Error {
+                message: "boom".into()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Random frame sequences from a guest never end the job with a state execd charges to
+        /// the queue or the host.
+        #[test]
+        fn guest_frames_never_charge_the_queue_or_host(
+            says_hello in proptest::bool::weighted(0.8),
+            frames in proptest::collection::vec(any_frame(), 0..12)
+        ) {
+            // Mostly past Hello, where the interesting states are.
+            let frames = says_hello.then(hello).into_iter().chain(frames);
+            if let Some(e) = session_end(frames) {
+                let (charge, message) = charge_of(e);
+                prop_assert!(matches!(charge, Charge::Job | Charge::Nobody), "{charge:?}: {message}");
+            }
+        }
+    }
 
     #[test]
     fn the_vmm_is_the_child_started_last() {
