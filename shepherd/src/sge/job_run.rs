@@ -14,6 +14,7 @@ use super::config::{JobConfig, TaskKind};
 use super::control_method::{ControlMethods, MethodRunner};
 use super::delegation;
 use super::environment::JobEnvironment;
+use super::guest_rusage;
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
 use super::limits;
@@ -575,7 +576,7 @@ impl JobRun {
         let relay = SignalRelay::new(&self.dir, &self.config, &p.methods, runner);
         let (result, killed) = relay.run(&mut self.signals, &controller, &rx);
         drop(run_dir);
-        self.outcome(result, killed, started_wall)
+        self.outcome(result, killed, started_wall, vcpus)
     }
 
     /// The OS image (the queue's, or the one the job asked for where allowed) and the shared
@@ -647,6 +648,7 @@ impl JobRun {
         result: Result<launch::JobOutcome, JobError>,
         killed: bool,
         started: SystemTime,
+        vcpus: u8,
     ) -> Result<UsageRecord, Failure> {
         let killed_record = |start: SystemTime| UsageRecord {
             end: JobEnd::Signaled {
@@ -667,11 +669,19 @@ impl JobRun {
                 let end = JobEnd::from_wait_status(o.wait_status);
                 self.dir
                     .trace(&format!("job ended: exit status {}", end.exit_status()));
+                let wall = o
+                    .job_ended
+                    .duration_since(o.job_started)
+                    .unwrap_or_default();
+                let (rusage, note) = guest_rusage::bounded(o.rusage, wall, vcpus);
+                if let Some(note) = note {
+                    self.dir.trace(&note);
+                }
                 Ok(UsageRecord {
                     end,
                     start_time: o.job_started,
                     end_time: o.job_ended,
-                    rusage: o.rusage,
+                    rusage,
                 })
             }
             Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(Failure::no_resources(
@@ -791,10 +801,43 @@ mod tests {
         };
         let trace =
             |run: &JobRun| std::fs::read_to_string(run.dir.path("trace")).unwrap_or_default();
-        match run.outcome(Err(e), false, SystemTime::now()) {
+        match run.outcome(Err(e), false, SystemTime::now(), 1) {
             Err(f) => (f.state.charged_to(), f.message),
             Ok(_) => (run.state.charged_to(), trace(&run)),
         }
+    }
+
+    /// Issue 12 item 7: the guest's rusage goes into `usage` within wall time × vCPUs, and the
+    /// trace says it was clamped.
+    #[test]
+    fn inflated_guest_cpu_time_is_clamped_in_the_usage_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut run = JobRun {
+            config: JobConfig::default(),
+            dir: ActiveDir::new(tmp.path().to_path_buf()),
+            signals: SignalSource::new().unwrap(),
+            state: ShepherdState::NoFailure,
+        };
+        let started = SystemTime::now();
+        let outcome = launch::JobOutcome {
+            wait_status: 0,
+            rusage: Rusage {
+                utime_us: 1_000_000_000_000,
+                stime_us: 0,
+                ..Rusage::default()
+            },
+            job_started: started,
+            job_ended: started + Duration::from_secs(3),
+            timings: Default::default(),
+        };
+        let record = run.outcome(Ok(outcome), false, started, 2).ok().unwrap();
+        // (3 s + 1 s of clock slack) × 2 vCPUs
+        assert_eq!(record.rusage.utime_us + record.rusage.stime_us, 8_000_000);
+        let trace = std::fs::read_to_string(run.dir.path("trace")).unwrap();
+        assert!(
+            trace.contains("CPU time 1000000.000000 s clamped"),
+            "{trace}"
+        );
     }
 
     fn hello() -> Frame {
