@@ -23,6 +23,7 @@ use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
 use super::signal_relay::SignalRelay;
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
+use super::start_attempts::{StartAttempts, MAX_NEVER_CONNECTED};
 use super::state::{job_exit_state, ShepherdState};
 use super::usage::{JobEnd, UsageRecord};
 use crate::image::selection::{self, ImagePolicy};
@@ -659,6 +660,10 @@ impl JobRun {
             end_time: SystemTime::now(),
             rusage: Rusage::default(),
         };
+        if !matches!(result, Err(JobError::AgentNeverConnected(_))) {
+            // The agent connected (or the job was not started at all): no bound to keep.
+            StartAttempts::configured().clear(&self.config);
+        }
         if let Err(e) = &result {
             if let Some((state, message)) = refused_before_start(e) {
                 return Err(Failure::new(state, message));
@@ -684,9 +689,7 @@ impl JobRun {
                     rusage,
                 })
             }
-            Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(Failure::no_resources(
-                format!("sge_virtualizer: the job's VM did not come up: {e}"),
-            )),
+            Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(self.never_connected(&e)),
             Err(e) if killed => {
                 self.dir.trace(&format!("job killed; its VM ended: {e}"));
                 Ok(killed_record(started))
@@ -698,6 +701,36 @@ impl JobRun {
                     format!("sge_virtualizer: the job's VM failed: {e}"),
                 ));
                 Ok(killed_record(started))
+            }
+        }
+    }
+}
+
+impl JobRun {
+    /// The failure for a start whose guest agent never connected: re-queued (the host may be
+    /// short of something now), but only [`MAX_NEVER_CONNECTED`] times on this host; then the
+    /// job's error, as a guest that never comes up is most likely the job's (its image).
+    fn never_connected(&self, e: &JobError) -> Failure {
+        let counted = StartAttempts::configured().record_never_connected(&self.config);
+        match counted {
+            Ok(n) if n >= MAX_NEVER_CONNECTED => Failure::new(
+                ShepherdState::AppError,
+                format!(
+                    "sge_virtualizer: the job's VM came up {n} times on this host without its \
+                     guest agent connecting; not re-queued again: {e}"
+                ),
+            ),
+            Ok(n) => Failure::no_resources(format!(
+                "sge_virtualizer: the job's VM did not come up (attempt {n} of \
+                 {MAX_NEVER_CONNECTED} on this host): {e}"
+            )),
+            Err(count_error) => {
+                self.dir.trace(&format!(
+                    "can't count the job's start attempts ({count_error}): re-queued unbounded"
+                ));
+                Failure::no_resources(format!(
+                    "sge_virtualizer: the job's VM did not come up: {e}"
+                ))
             }
         }
     }
@@ -838,6 +871,59 @@ mod tests {
             trace.contains("CPU time 1000000.000000 s clamped"),
             "{trace}"
         );
+    }
+
+    /// Issue 12 item 7: a job whose guest never connects is re-queued a bounded number of
+    /// times on a host, then failed as the job's error with the reason; a start whose agent
+    /// connects forgets the count.
+    #[test]
+    fn a_guest_that_never_connects_is_requeued_a_bounded_number_of_times() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::env::set_var(
+            crate::sge::start_attempts::DIR_ENV,
+            tmp.path().join("attempts"),
+        );
+        let active = tempfile::tempdir().unwrap();
+        let mut run = JobRun {
+            config: JobConfig::parse("job_id=12\nja_task_id=3\nsubmission_time=1700000000\n"),
+            dir: ActiveDir::new(active.path().to_path_buf()),
+            signals: SignalSource::new().unwrap(),
+            state: ShepherdState::NoFailure,
+        };
+        let never = || JobError::AgentNeverConnected("VM ended before its agent connected".into());
+        let outcome = |run: &mut JobRun, e| {
+            run.outcome(Err(e), false, SystemTime::now(), 1)
+                .err()
+                .unwrap()
+        };
+        for round in 0..2 {
+            for attempt in 1..MAX_NEVER_CONNECTED {
+                let f = outcome(&mut run, never());
+                assert_eq!(f.state, ShepherdState::Again, "{}", f.message);
+                assert!(f.no_resources);
+                assert!(
+                    f.message
+                        .contains(&format!("attempt {attempt} of {MAX_NEVER_CONNECTED}")),
+                    "{}",
+                    f.message
+                );
+            }
+            if round == 0 {
+                // The agent connects this time (and the job fails otherwise): count forgotten.
+                let later = JobError::Vm("later trouble".into());
+                let _ = run.outcome(Err(later), false, SystemTime::now(), 1);
+            }
+        }
+        let last = outcome(&mut run, never());
+        assert_eq!(last.state, ShepherdState::AppError, "{}", last.message);
+        assert_eq!(last.state.charged_to(), Charge::Job);
+        assert!(!last.no_resources);
+        assert!(
+            last.message.contains("not re-queued again"),
+            "{}",
+            last.message
+        );
+        std::env::remove_var(crate::sge::start_attempts::DIR_ENV);
     }
 
     fn hello() -> Frame {

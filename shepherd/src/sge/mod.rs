@@ -22,6 +22,7 @@ pub mod procedure;
 mod signal_relay;
 pub mod signal_source;
 pub mod signals;
+pub mod start_attempts;
 pub mod state;
 pub mod usage;
 
