@@ -1,5 +1,6 @@
 //! The host side of one agent conversation: Hello, Spawn, relaying output and stdin, Exit and
-//! Ack (see [`guest_agent::protocol`]).
+//! Ack (see [`guest_agent::protocol`]). What the agent may say when is decided by
+//! [`crate::agent_protocol::SessionState`].
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -7,9 +8,9 @@ use std::time::Duration;
 
 use guest_agent::protocol::{
     Filesystems, Frame, FrameReader, Rusage, Spawn, SpawnStage, Stream, MAX_DATA_CHUNK,
-    PROTOCOL_VERSION,
 };
 
+use crate::agent_protocol::{AgentEvent, ProtocolViolation, SessionState};
 use crate::job_control::AgentLink;
 use crate::timings::{now_ms, Timings};
 
@@ -43,6 +44,9 @@ pub enum JobError {
     },
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The guest agent sent a frame its session state does not allow.
+    #[error(transparent)]
+    ProtocolViolation(#[from] ProtocolViolation),
     #[error("VM: {0}")]
     Vm(String),
 }
@@ -113,19 +117,15 @@ pub(crate) fn converse(
     on_started: impl FnOnce(),
 ) -> Result<AgentExit, JobError> {
     let mut reader = FrameReader::new(stream.try_clone().map_err(lost)?);
+    let mut state = SessionState::AwaitingHello;
     stream
         .set_read_timeout(Some(HELLO_PATIENCE))
         .map_err(lost)?;
     let boot = match reader.read_frame() {
-        Ok(Some(Frame::Hello { version, boot })) if version == PROTOCOL_VERSION => boot,
-        Ok(Some(Frame::Hello { version, .. })) => {
-            return Err(JobError::Protocol(format!(
-                "agent speaks protocol version {version}, this shepherd {PROTOCOL_VERSION}"
-            )))
-        }
-        Ok(Some(other)) => {
-            return Err(JobError::Protocol(format!("expected Hello, got {other:?}")))
-        }
+        Ok(Some(frame)) => match state.accept(frame) {
+            Ok(AgentEvent::Hello(boot)) => boot,
+            other => return Err(session_error(other)),
+        },
         Ok(None) => return Err(lost("connection closed before Hello")),
         Err(e) => return Err(lost(e)),
     };
@@ -169,8 +169,8 @@ pub(crate) fn converse(
             Ok(None) => return Err(lost("connection closed before the job's exit was reported")),
             Err(e) => return Err(lost(e)),
         };
-        match frame {
-            Frame::Started { .. } => {
+        match state.accept(frame) {
+            Ok(AgentEvent::Started { .. }) => {
                 timings.job_spawned_ms = now_ms();
                 link.attach(writer_stream.try_clone().map_err(lost)?)
                     .map_err(lost)?;
@@ -181,25 +181,17 @@ pub(crate) fn converse(
                     f();
                 }
             }
-            Frame::SpawnFailed {
-                stage,
-                errno,
-                message,
-            } => {
-                return Err(JobError::SpawnFailed {
-                    stage,
-                    errno,
-                    message,
-                })
-            }
-            Frame::Stdout(data) => out.write(&data),
-            Frame::Stderr(data) => err.write(&data),
-            Frame::Eof(Stream::Stdout) => out.flush(),
-            Frame::Eof(Stream::Stderr) => err.flush(),
-            Frame::Exit {
+            Ok(AgentEvent::Output {
+                stream: Stream::Stderr,
+                data,
+            }) => err.write(&data),
+            Ok(AgentEvent::Output { data, .. }) => out.write(&data),
+            Ok(AgentEvent::OutputEnded(Stream::Stderr)) => err.flush(),
+            Ok(AgentEvent::OutputEnded(_)) => out.flush(),
+            Ok(AgentEvent::Exited {
                 wait_status,
                 rusage,
-            } => {
+            }) => {
                 timings.job_exited_ms = now_ms();
                 out.flush();
                 err.flush();
@@ -214,12 +206,152 @@ pub(crate) fn converse(
                     rusage,
                 });
             }
-            Frame::Error { message } => return Err(lost(format!("agent error: {message}"))),
-            other => {
-                return Err(JobError::Protocol(format!(
-                    "unexpected frame from the agent: {other:?}"
-                )))
-            }
+            other => return Err(session_error(other)),
         }
+    }
+}
+
+/// The error that ends a session on `result` of [`SessionState::accept`]: a spawn the guest
+/// refused, an error the agent reported, or a protocol violation. (Only meaningful for those;
+/// any other event, which the caller handles itself, reads as a violation here.)
+pub(crate) fn session_error(result: Result<AgentEvent, ProtocolViolation>) -> JobError {
+    match result {
+        Ok(AgentEvent::SpawnRefused {
+            stage,
+            errno,
+            message,
+        }) => JobError::SpawnFailed {
+            stage,
+            errno,
+            message,
+        },
+        Ok(AgentEvent::AgentFailed { message }) => lost(format!("agent error: {message}")),
+        // Not reached by callers (they handle the other events); no guest bytes in the text.
+        Ok(_) => JobError::Protocol("agent event out of place".into()),
+        Err(violation) => violation.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_agent::protocol::{BootTimes, FrameWriter, PROTOCOL_VERSION};
+    use std::sync::{Arc, Mutex};
+
+    /// Collects what the session writes as the job's output.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs the real session against a fake guest agent on the other end of a socket pair,
+    /// which sends `after_spawn` once it has read the Spawn frame. Returns the session's result
+    /// and the job's stdout.
+    fn converse_with(after_spawn: Vec<Frame>) -> (Result<AgentExit, JobError>, Vec<u8>) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let fake_agent = std::thread::spawn(move || {
+            let mut writer = FrameWriter::new(guest.try_clone().unwrap());
+            let mut reader = FrameReader::new(guest);
+            writer
+                .write_frame(&Frame::Hello {
+                    version: PROTOCOL_VERSION,
+                    boot: BootTimes::default(),
+                })
+                .unwrap();
+            assert!(matches!(reader.read_frame(), Ok(Some(Frame::Spawn(_)))));
+            for frame in &after_spawn {
+                // The host may hang up at the first frame it refuses.
+                if writer.write_frame(frame).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdout = Captured::default();
+        let io = JobIo {
+            stdin: StdinSource::Null,
+            stdout: Box::new(stdout.clone()),
+            stderr: Box::new(std::io::sink()),
+        };
+        let result = converse(
+            host,
+            None,
+            Spawn::default(),
+            io,
+            &AgentLink::default(),
+            &mut Timings::default(),
+            || {},
+        );
+        fake_agent.join().unwrap();
+        let out = stdout.0.lock().unwrap().clone();
+        (result, out)
+    }
+
+    /// Issue 12 item 4: a guest that forges SpawnFailed after Started (it used to end the job
+    /// with a spawn failure, which execd charged to the queue) is refused as a protocol
+    /// violation of a started job.
+    #[test]
+    fn a_forged_spawn_failure_after_started_is_refused() {
+        let (result, out) = converse_with(vec![
+            Frame::Started { pid: 42 },
+            Frame::Stdout(b"job output\n".to_vec()),
+            Frame::SpawnFailed {
+                stage: SpawnStage::Credentials,
+                errno: libc::EPERM,
+                message: "forged".into(),
+            },
+        ]);
+        match result {
+            Err(JobError::ProtocolViolation(v)) => {
+                assert!(v.state.job_started(), "{v}");
+                assert_eq!(v.what, "SpawnFailed");
+            }
+            other => panic!("expected a protocol violation, got {:?}", other.err()),
+        }
+        assert_eq!(out, b"job output\n");
+    }
+
+    #[test]
+    fn a_spawn_failure_before_started_is_reported_as_such() {
+        let (result, _) = converse_with(vec![Frame::SpawnFailed {
+            stage: SpawnStage::Exec,
+            errno: libc::ENOENT,
+            message: "no such program".into(),
+        }]);
+        assert!(
+            matches!(
+                result,
+                Err(JobError::SpawnFailed {
+                    stage: SpawnStage::Exec,
+                    errno: libc::ENOENT,
+                    ..
+                })
+            ),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[test]
+    fn a_well_behaved_agent_gets_its_exit_through() {
+        let (result, out) = converse_with(vec![
+            Frame::Started { pid: 42 },
+            Frame::Stdout(b"hi".to_vec()),
+            Frame::Eof(Stream::Stdout),
+            Frame::Eof(Stream::Stderr),
+            Frame::Exit {
+                wait_status: 7 << 8,
+                rusage: Rusage::default(),
+            },
+        ]);
+        assert_eq!(result.map(|e| e.wait_status).ok(), Some(7 << 8));
+        assert_eq!(out, b"hi");
     }
 }

@@ -8,6 +8,7 @@
 //! * [`shared_dirs`]: host directories shared into the job's VM.
 //! * [`timings`]: phase timestamps.
 
+mod agent_protocol;
 mod agent_session;
 pub mod backend;
 pub mod guest_image;

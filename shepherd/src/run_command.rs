@@ -4,15 +4,15 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use guest_agent::protocol::Spawn;
+use guest_agent::protocol::{Spawn, SpawnStage};
 use signal_hook::consts::signal::{SIGCONT, SIGHUP, SIGINT, SIGTERM, SIGTSTP, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use shepherd::guest_image;
 use shepherd::image::store_dir;
 use shepherd::launch::{
-    launch_in, BackendChoice, ImageChoice, JobFilesystems, JobIo, LaunchSpec, StdinSource,
-    VmmCredentials,
+    launch_in, BackendChoice, ImageChoice, JobError, JobFilesystems, JobIo, LaunchSpec,
+    StdinSource, VmmCredentials,
 };
 use shepherd::shared_dirs::SharedDir;
 
@@ -233,9 +233,34 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         // For debugging: keep the console log and backend logs.
         eprintln!("sge_virtualizer: kept {}", run_dir.keep().display());
     }
-    let outcome = result?;
+    let outcome = match result {
+        Err(JobError::SpawnFailed {
+            stage: SpawnStage::Exec,
+            errno,
+            message,
+        }) => {
+            eprintln!(
+                "sge_virtualizer: {}: {}",
+                message.escape_debug(),
+                std::io::Error::from_raw_os_error(errno)
+            );
+            return Ok(command_not_run_exit_code(errno));
+        }
+        other => other?,
+    };
     if args.timings {
         eprintln!("{}", serde_json::to_string(&outcome.timings)?);
     }
     Ok(outcome.shell_exit_code())
+}
+
+/// The exit code for a command the guest could not execute, as `sh` and `docker run` give it:
+/// 127 when it does not exist, 126 when it exists but cannot be executed. (The launcher's own
+/// errors exit 125.)
+fn command_not_run_exit_code(errno: i32) -> i32 {
+    if errno == libc::ENOENT {
+        127
+    } else {
+        126
+    }
 }

@@ -281,6 +281,26 @@ fn orphaned_background_children_do_not_keep_the_vm_alive(backend: &str) {
     );
 }
 
+/// Issue 11 item 5: exit codes as `sh` and `docker run` give them: 127 for a command that
+/// does not exist in the guest (by path or through PATH), 126 for one that exists but cannot
+/// be executed (a plain file, a directory); 125 stays the launcher's own.
+fn missing_or_unexecutable_commands_exit_127_and_126(backend: &str) {
+    for (argv, code, needle) in [
+        (&["/no/such/program"][..], 127, "/no/such/program"),
+        (&["no-such-command", "arg"][..], 127, "no-such-command"),
+        (&["/etc/passwd"][..], 126, "/etc/passwd"),
+        (&["/bin"][..], 126, "/bin"),
+    ] {
+        let mut args = vec!["-n", "--"];
+        args.extend_from_slice(argv);
+        let out = run_output(backend, &args, b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{argv:?}: {err}");
+        assert!(err.contains(needle), "{argv:?}: {err}");
+        assert!(out.stdout.is_empty(), "{argv:?}: {out:?}");
+    }
+}
+
 /// Refused before any VM starts, so it runs for both backends everywhere.
 #[test]
 fn a_missing_kernel_is_a_clear_error_for_every_backend() {
@@ -342,6 +362,7 @@ backend_suites!(
         sixty_four_mib_of_stdout_arrive_byte_identical,
         signals_reach_the_jobs_process_group,
         terminal_stop_suspends_the_job_and_cont_resumes_it,
-        orphaned_background_children_do_not_keep_the_vm_alive
+        orphaned_background_children_do_not_keep_the_vm_alive,
+        missing_or_unexecutable_commands_exit_127_and_126
     ]
 );

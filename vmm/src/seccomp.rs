@@ -2,8 +2,8 @@
 //!
 //! * vCPU threads: `KVM_RUN` and what device emulation on a vCPU thread needs (eventfd writes,
 //!   console file writes, locks, memory allocation, kicking other vCPUs, closing host streams
-//!   on a virtio device reset, thread exit). Queue processing never runs there: the transport
-//!   hands it to the VMM thread through the queue eventfds.
+//!   on a virtio device reset, thread exit). Device activation and queue processing never run
+//!   there: the transport hands them to the VMM thread through the queue eventfds.
 //! * the VMM thread (the event loop of the virtio devices): epoll, Unix-socket I/O for the vsock
 //!   muxer (`socket` limited to `AF_UNIX`), positioned file I/O and `fdatasync` for the
 //!   virtio-blk disks, eventfds, locks, allocation, thread exit; where the VM has shared

@@ -4,6 +4,7 @@
 //!
 //! `exit_status` is written last: it is execd's sign that the shepherd ended on purpose.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{fchown, OpenOptionsExt};
@@ -112,7 +113,10 @@ impl ActiveDir {
     }
 
     /// Appends a timestamped line to `trace`. Failures are ignored: the trace is for humans.
+    /// Control characters in `msg` are escaped (messages may carry text from the guest, which
+    /// must not be able to forge trace lines).
     pub fn trace(&self, msg: &str) {
+        let msg = one_line(msg);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -125,9 +129,10 @@ impl ActiveDir {
         );
     }
 
-    /// Appends a line to `error`; execd takes its first line as the job's error reason.
+    /// Appends a line to `error`; execd takes its first line as the job's error reason. Control
+    /// characters are escaped, as in [`Self::trace`].
     pub fn append_error(&self, msg: &str) -> Result<(), ResultFileError> {
-        let line = msg.replace('\n', " ");
+        let line = one_line(msg);
         self.write("error", &format!("{line}\n"), true, self.job_owner)
     }
 
@@ -145,6 +150,23 @@ impl ActiveDir {
     pub fn write_checkpointed(&self) -> Result<(), ResultFileError> {
         self.write("checkpointed", "", false, self.admin)
     }
+}
+
+/// `msg` with every control character (newlines, carriage returns, escape sequences, C1
+/// codes) written as its Rust escape (`\n`, `\u{1b}`): one line, whatever the text held.
+fn one_line(msg: &str) -> Cow<'_, str> {
+    if !msg.chars().any(char::is_control) {
+        return Cow::Borrowed(msg);
+    }
+    let mut escaped = String::with_capacity(msg.len() + 8);
+    for c in msg.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    Cow::Owned(escaped)
 }
 
 #[cfg(test)]
@@ -165,7 +187,7 @@ mod tests {
         d.write_noresources().unwrap();
         let read = |n: &str| std::fs::read_to_string(tmp.path().join(n)).unwrap();
         assert_eq!(read("pid"), "1234\n");
-        assert_eq!(read("error"), "first line\nsecond\n");
+        assert_eq!(read("error"), "first\\nline\nsecond\n");
         assert_eq!(read("exit_status"), "25\n");
         assert_eq!(read("noresources"), "");
         assert!(read("trace").contains("sge_virtualizer: hello"));
@@ -176,6 +198,34 @@ mod tests {
         // exit_status is replaced, never appended
         d.write_exit_status(0).unwrap();
         assert_eq!(read("exit_status"), "0\n");
+    }
+
+    /// Issue 12 item 7: text from the guest (a spawn failure's message, an agent error) cannot
+    /// forge lines in `trace` or `error`.
+    #[test]
+    fn guest_text_cannot_forge_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = ActiveDir::new(tmp.path().to_path_buf());
+        let forged =
+            "x\n1700000000.000 [1] sge_virtualizer: job ended: exit status 0\r\u{1b}[2K\u{85}é";
+        d.trace(&format!("the job failed: {forged}"));
+        d.append_error(forged).unwrap();
+        let trace = std::fs::read_to_string(tmp.path().join("trace")).unwrap();
+        assert_eq!(trace.lines().count(), 1, "{trace:?}");
+        assert!(
+            trace.ends_with(
+                "the job failed: x\\n1700000000.000 [1] sge_virtualizer: job ended: exit status \
+                 0\\r\\u{1b}[2K\\u{85}é\n"
+            ),
+            "{trace:?}"
+        );
+        let error = std::fs::read_to_string(tmp.path().join("error")).unwrap();
+        assert_eq!(error.lines().count(), 1, "{error:?}");
+        assert!(
+            !error.contains('\r') && !error.contains('\u{1b}'),
+            "{error:?}"
+        );
+        assert_eq!(one_line("plain é text"), "plain é text");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::config::{JobConfig, TaskKind};
 use super::control_method::{ControlMethods, MethodRunner};
 use super::delegation::{self, DelegationPolicy};
 use super::environment::JobEnvironment;
+use super::guest_rusage;
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
 use super::limits;
@@ -22,6 +23,7 @@ use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
 use super::signal_relay::SignalRelay;
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
+use super::start_attempts::{StartAttempts, MAX_NEVER_CONNECTED};
 use super::state::{job_exit_state, ShepherdState};
 use super::usage::{JobEnd, UsageRecord};
 use crate::image::selection::{self, ImagePolicy};
@@ -592,7 +594,7 @@ impl JobRun {
         let relay = SignalRelay::new(&self.dir, &self.config, &p.methods, runner);
         let (result, killed) = relay.run(&mut self.signals, &controller, &rx);
         drop(run_dir);
-        self.outcome(result, killed, started_wall)
+        self.outcome(result, killed, started_wall, vcpus)
     }
 
     /// The OS image (the queue's, or the one the job asked for where allowed) and the shared
@@ -664,6 +666,7 @@ impl JobRun {
         result: Result<launch::JobOutcome, JobError>,
         killed: bool,
         started: SystemTime,
+        vcpus: u8,
     ) -> Result<UsageRecord, Failure> {
         let killed_record = |start: SystemTime| UsageRecord {
             end: JobEnd::Signaled {
@@ -674,39 +677,36 @@ impl JobRun {
             end_time: SystemTime::now(),
             rusage: Rusage::default(),
         };
+        if !matches!(result, Err(JobError::AgentNeverConnected(_))) {
+            // The agent connected (or the job was not started at all): no bound to keep.
+            StartAttempts::configured().clear(&self.config);
+        }
+        if let Err(e) = &result {
+            if let Some((state, message)) = refused_before_start(e) {
+                return Err(Failure::new(state, message));
+            }
+        }
         match result {
             Ok(o) => {
                 let end = JobEnd::from_wait_status(o.wait_status);
                 self.dir
                     .trace(&format!("job ended: exit status {}", end.exit_status()));
+                let wall = o
+                    .job_ended
+                    .duration_since(o.job_started)
+                    .unwrap_or_default();
+                let (rusage, note) = guest_rusage::bounded(o.rusage, wall, vcpus);
+                if let Some(note) = note {
+                    self.dir.trace(&note);
+                }
                 Ok(UsageRecord {
                     end,
                     start_time: o.job_started,
                     end_time: o.job_ended,
-                    rusage: o.rusage,
+                    rusage,
                 })
             }
-            Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(Failure::no_resources(
-                format!("sge_virtualizer: the job's VM did not come up: {e}"),
-            )),
-            Err(JobError::SpawnFailed {
-                stage,
-                errno,
-                message,
-            }) => {
-                let state = match stage {
-                    SpawnStage::Exec => ShepherdState::NoShell,
-                    SpawnStage::Cwd => ShepherdState::NoCwd,
-                    _ => ShepherdState::BeforeJob,
-                };
-                Err(Failure::new(
-                    state,
-                    format!(
-                        "sge_virtualizer: the job could not be started in the VM: {message} ({})",
-                        std::io::Error::from_raw_os_error(errno)
-                    ),
-                ))
-            }
+            Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(self.never_connected(&e)),
             Err(e) if killed => {
                 self.dir.trace(&format!("job killed; its VM ended: {e}"));
                 Ok(killed_record(started))
@@ -720,6 +720,70 @@ impl JobRun {
                 Ok(killed_record(started))
             }
         }
+    }
+}
+
+impl JobRun {
+    /// The failure for a start whose guest agent never connected: re-queued (the host may be
+    /// short of something now), but only [`MAX_NEVER_CONNECTED`] times on this host; then the
+    /// job's error, as a guest that never comes up is most likely the job's (its image).
+    fn never_connected(&self, e: &JobError) -> Failure {
+        let counted = StartAttempts::configured().record_never_connected(&self.config);
+        match counted {
+            Ok(n) if n >= MAX_NEVER_CONNECTED => Failure::new(
+                ShepherdState::AppError,
+                format!(
+                    "sge_virtualizer: the job's VM came up {n} times on this host without its \
+                     guest agent connecting; not re-queued again: {e}"
+                ),
+            ),
+            Ok(n) => Failure::no_resources(format!(
+                "sge_virtualizer: the job's VM did not come up (attempt {n} of \
+                 {MAX_NEVER_CONNECTED} on this host): {e}"
+            )),
+            Err(count_error) => {
+                self.dir.trace(&format!(
+                    "can't count the job's start attempts ({count_error}): re-queued unbounded"
+                ));
+                Failure::no_resources(format!(
+                    "sge_virtualizer: the job's VM did not come up: {e}"
+                ))
+            }
+        }
+    }
+}
+
+/// The failure for a job the guest did not start: it refused the spawn, or broke the agent
+/// protocol before `Started`. The guest is the job's owner's, so this is always the job's error
+/// (the queue and host stay usable): a missing working directory is 28, anything else 30, which
+/// execd charges to the job in every case (27 or 11 it would charge to the queue unless the
+/// job itself asked for the shell or binary). `None` for other errors, and for a violation
+/// after the job started (the job ran: handled as a VM that died under it).
+fn refused_before_start(e: &JobError) -> Option<(ShepherdState, String)> {
+    match e {
+        JobError::SpawnFailed {
+            stage,
+            errno,
+            message,
+        } => {
+            let state = match stage {
+                SpawnStage::Cwd => ShepherdState::NoCwd,
+                _ => ShepherdState::AppError,
+            };
+            Some((
+                state,
+                format!(
+                    "sge_virtualizer: the job could not be started in the VM ({stage:?}): \
+                     {message} ({})",
+                    std::io::Error::from_raw_os_error(*errno)
+                ),
+            ))
+        }
+        JobError::ProtocolViolation(v) if !v.state.job_started() => Some((
+            ShepherdState::AppError,
+            format!("sge_virtualizer: the job's VM did not start the job: {v}"),
+        )),
+        _ => None,
     }
 }
 
@@ -769,6 +833,216 @@ fn start_time(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent_protocol::{AgentEvent, SessionState};
+    use crate::agent_session::session_error;
+    use crate::sge::state::Charge;
+    use guest_agent::protocol::{BootTimes, Frame, Stream, PROTOCOL_VERSION};
+    use proptest::prelude::*;
+
+    /// Whom execd charges when a job's session ends in `e` (not killed), through the real
+    /// [`JobRun::outcome`].
+    fn charge_of(e: JobError) -> (Charge, String) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut run = JobRun {
+            config: JobConfig::default(),
+            dir: ActiveDir::new(tmp.path().to_path_buf()),
+            signals: SignalSource::new().unwrap(),
+            state: ShepherdState::NoFailure,
+        };
+        let trace =
+            |run: &JobRun| std::fs::read_to_string(run.dir.path("trace")).unwrap_or_default();
+        match run.outcome(Err(e), false, SystemTime::now(), 1) {
+            Err(f) => (f.state.charged_to(), f.message),
+            Ok(_) => (run.state.charged_to(), trace(&run)),
+        }
+    }
+
+    /// Issue 12 item 7: the guest's rusage goes into `usage` within wall time × vCPUs, and the
+    /// trace says it was clamped.
+    #[test]
+    fn inflated_guest_cpu_time_is_clamped_in_the_usage_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut run = JobRun {
+            config: JobConfig::default(),
+            dir: ActiveDir::new(tmp.path().to_path_buf()),
+            signals: SignalSource::new().unwrap(),
+            state: ShepherdState::NoFailure,
+        };
+        let started = SystemTime::now();
+        let outcome = launch::JobOutcome {
+            wait_status: 0,
+            rusage: Rusage {
+                utime_us: 1_000_000_000_000,
+                stime_us: 0,
+                ..Rusage::default()
+            },
+            job_started: started,
+            job_ended: started + Duration::from_secs(3),
+            timings: Default::default(),
+        };
+        let record = run.outcome(Ok(outcome), false, started, 2).ok().unwrap();
+        // (3 s + 1 s of clock slack) × 2 vCPUs
+        assert_eq!(record.rusage.utime_us + record.rusage.stime_us, 8_000_000);
+        let trace = std::fs::read_to_string(run.dir.path("trace")).unwrap();
+        assert!(
+            trace.contains("CPU time 1000000.000000 s clamped"),
+            "{trace}"
+        );
+    }
+
+    /// Issue 12 item 7: a job whose guest never connects is re-queued a bounded number of
+    /// times on a host, then failed as the job's error with the reason; a start whose agent
+    /// connects forgets the count.
+    #[test]
+    fn a_guest_that_never_connects_is_requeued_a_bounded_number_of_times() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::env::set_var(
+            crate::sge::start_attempts::DIR_ENV,
+            tmp.path().join("attempts"),
+        );
+        let active = tempfile::tempdir().unwrap();
+        let mut run = JobRun {
+            config: JobConfig::parse("job_id=12\nja_task_id=3\nsubmission_time=1700000000\n"),
+            dir: ActiveDir::new(active.path().to_path_buf()),
+            signals: SignalSource::new().unwrap(),
+            state: ShepherdState::NoFailure,
+        };
+        let never = || JobError::AgentNeverConnected("VM ended before its agent connected".into());
+        let outcome = |run: &mut JobRun, e| {
+            run.outcome(Err(e), false, SystemTime::now(), 1)
+                .err()
+                .unwrap()
+        };
+        for round in 0..2 {
+            for attempt in 1..MAX_NEVER_CONNECTED {
+                let f = outcome(&mut run, never());
+                assert_eq!(f.state, ShepherdState::Again, "{}", f.message);
+                assert!(f.no_resources);
+                assert!(
+                    f.message
+                        .contains(&format!("attempt {attempt} of {MAX_NEVER_CONNECTED}")),
+                    "{}",
+                    f.message
+                );
+            }
+            if round == 0 {
+                // The agent connects this time (and the job fails otherwise): count forgotten.
+                let later = JobError::Vm("later trouble".into());
+                let _ = run.outcome(Err(later), false, SystemTime::now(), 1);
+            }
+        }
+        let last = outcome(&mut run, never());
+        assert_eq!(last.state, ShepherdState::AppError, "{}", last.message);
+        assert_eq!(last.state.charged_to(), Charge::Job);
+        assert!(!last.no_resources);
+        assert!(
+            last.message.contains("not re-queued again"),
+            "{}",
+            last.message
+        );
+        std::env::remove_var(crate::sge::start_attempts::DIR_ENV);
+    }
+
+    fn hello() -> Frame {
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            boot: BootTimes::default(),
+        }
+    }
+
+    fn spawn_failed(stage: SpawnStage) -> Frame {
+        Frame::SpawnFailed {
+            stage,
+            errno: libc::EPERM,
+            message: "forged".into(),
+        }
+    }
+
+    /// Feeds `frames` to a session until it ends without an exit; the error it ends with.
+    fn session_end(frames: impl IntoIterator<Item = Frame>) -> Option<JobError> {
+        let mut state = SessionState::AwaitingHello;
+        for frame in frames {
+            match state.accept(frame) {
+                Ok(AgentEvent::Exited { .. }) => return None,
+                r @ (Ok(AgentEvent::SpawnRefused { .. })
+                | Ok(AgentEvent::AgentFailed { .. })
+                | Err(_)) => return Some(session_error(r)),
+                Ok(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Issue 12 item 4: whatever stage a guest names in SpawnFailed, before Started it is the
+    /// job's error; after Started it is refused as a violation, and never the queue's.
+    #[test]
+    fn spawn_failures_from_the_guest_never_charge_the_queue() {
+        for stage in [
+            SpawnStage::Credentials,
+            SpawnStage::Limits,
+            SpawnStage::Cwd,
+            SpawnStage::Exec,
+            SpawnStage::Other,
+            SpawnStage::Filesystems,
+        ] {
+            let before = session_end([hello(), spawn_failed(stage)]).unwrap();
+            let (charge, message) = charge_of(before);
+            assert_eq!(charge, Charge::Job, "{stage:?}: {message}");
+
+            let after =
+                session_end([hello(), Frame::Started { pid: 9 }, spawn_failed(stage)]).unwrap();
+            assert!(
+                matches!(after, JobError::ProtocolViolation(_)),
+                "{stage:?}: {after:?}"
+            );
+            let (charge, message) = charge_of(after);
+            assert_eq!(charge, Charge::Nobody, "{stage:?}: {message}");
+            assert!(message.contains("broke the protocol"), "{message}");
+        }
+    }
+
+    fn any_frame() -> impl Strategy<Value = Frame> {
+        let stage = prop_oneof![
+            Just(SpawnStage::Credentials),
+            Just(SpawnStage::Limits),
+            Just(SpawnStage::Cwd),
+            Just(SpawnStage::Exec),
+            Just(SpawnStage::Other),
+            Just(SpawnStage::Filesystems),
+        ];
+        prop_oneof![
+            1 => Just(hello()),
+            2 => (-1..3i32).prop_map(|pid| Frame::Started { pid }),
+            4 => stage.prop_map(spawn_failed),
+            1 => Just(Frame::Stdout(b"o".to_vec())),
+            1 => Just(Frame::Stderr(b"e".to_vec())),
+            1 => Just(Frame::Eof(Stream::Stdout)),
+            1 => Just(Frame::Eof(Stream::Stdin)),
+            1 => Just(Frame::Ack),
+            1 => Just(Frame::Signal { signo: 9 }),
+            1 => Just(Frame::Error {
+                message: "boom".into()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Random frame sequences from a guest never end the job with a state execd charges to
+        /// the queue or the host.
+        #[test]
+        fn guest_frames_never_charge_the_queue_or_host(
+            says_hello in proptest::bool::weighted(0.8),
+            frames in proptest::collection::vec(any_frame(), 0..12)
+        ) {
+            // Mostly past Hello, where the interesting states are.
+            let frames = says_hello.then(hello).into_iter().chain(frames);
+            if let Some(e) = session_end(frames) {
+                let (charge, message) = charge_of(e);
+                prop_assert!(matches!(charge, Charge::Job | Charge::Nobody), "{charge:?}: {message}");
+            }
+        }
+    }
 
     #[test]
     fn the_vmm_is_the_child_started_last() {

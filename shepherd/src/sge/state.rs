@@ -38,6 +38,32 @@ impl ShepherdState {
     pub fn code(self) -> i32 {
         self as i32
     }
+
+    /// Whom execd may charge with this state (its `general_failure`, `reaper`): where execd
+    /// decides from the job (11, 27), the worse case counts, as the shepherd cannot know.
+    pub fn charged_to(self) -> Charge {
+        use ShepherdState::*;
+        match self {
+            NoFailure | Again | AfterJob | BeforePeStop | BeforeEpilog => Charge::Nobody,
+            OpenOutput | NoCwd | AppError | AddGrpId => Charge::Job,
+            PrologFailed | BeforePeStart | PeStartFailed | BeforeJob | PeStopFailed
+            | EpilogFailed | NoShell => Charge::Queue,
+            BeforeProlog => Charge::Host,
+        }
+    }
+}
+
+/// Who pays for a failure state (execd's `general_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    /// Nothing is halted (the job is finished or re-queued).
+    Nobody,
+    /// The job goes to error (Eqw); the queues are left alone.
+    Job,
+    /// The queue instance goes to error.
+    Queue,
+    /// Every queue on the host goes to error.
+    Host,
 }
 
 /// Which failure a script's (prolog, pe_start, pe_stop, epilog) outcome is, following the

@@ -35,7 +35,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the configuration space (ignored by devices without writable fields).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// DRIVER_OK: takes the queues the driver set up and starts working.
+    /// DRIVER_OK: takes the queues the driver set up. Called on the device's own (VMM) thread,
+    /// which then serves every queue once through [`Self::queue_notified`]; so activation only
+    /// takes the state and does no queue or backend work itself.
     fn activate(
         &mut self,
         mem: Arc<GuestMemory>,

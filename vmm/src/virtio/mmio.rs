@@ -3,6 +3,12 @@
 //! interrupt status/acknowledge, configuration generation and space — and the step to
 //! DRIVER_OK that hands the queues to the [`VirtioDevice`]. Queue notifications arrive through
 //! ioeventfds (one per queue, data-matched on the queue index), registered when the device is attached to the VM.
+//!
+//! Register accesses run on a vCPU thread, whose seccomp filter allows no device work. So no
+//! device code that touches guest queues or host backends runs there: DRIVER_OK only parks the
+//! queues as a pending activation and kicks the queue eventfds; the device's own (VMM) thread
+//! then activates the device and serves whatever the driver posted before DRIVER_OK
+//! ([`MmioTransport::finish_activation`]).
 
 use std::sync::Arc;
 
@@ -65,6 +71,8 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// The queues of a DRIVER_OK that the VMM thread has not handed to the device yet.
+    pending_activation: Option<Vec<Queue>>,
     /// Clones of the queue eventfds: writing one hands work for that queue to the VMM thread.
     queue_kicks: Vec<vmm_sys_util::eventfd::EventFd>,
 }
@@ -89,6 +97,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            pending_activation: None,
             queue_kicks: Vec::new(),
         })
     }
@@ -146,8 +155,35 @@ impl MmioTransport {
         self.interrupt.signal_config_change();
     }
 
-    /// Forwards a queue notification to the device (if active and not failed).
+    /// On the VMM thread: hands the queues of a DRIVER_OK to the device, then serves every queue
+    /// once (the driver may have posted chains before DRIVER_OK, and their notifications were
+    /// dropped while the device was not active). A no-op without a pending activation.
+    pub fn finish_activation(&mut self) {
+        let Some(queues) = self.pending_activation.take() else {
+            return;
+        };
+        let queue_count = queues.len();
+        let result = self.device.activate(
+            self.mem.clone(),
+            queues,
+            self.interrupt.clone(),
+            self.driver_features,
+        );
+        match result {
+            Ok(()) => {
+                self.activated = true;
+                for i in 0..queue_count {
+                    self.notify_queue(i);
+                }
+            }
+            Err(f) => self.fail(&f),
+        }
+    }
+
+    /// On the VMM thread: forwards a queue notification to the device (if active and not
+    /// failed), finishing a pending activation first.
     pub fn notify_queue(&mut self, index: usize) {
+        self.finish_activation();
         if !self.activated || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
             return;
         }
@@ -156,8 +192,10 @@ impl MmioTransport {
         }
     }
 
-    /// Forwards backend readiness to the device (if active and not failed).
+    /// On the VMM thread: forwards backend readiness to the device (if not failed), finishing a
+    /// pending activation first.
     pub fn backend_ready(&mut self) {
+        self.finish_activation();
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
             return;
         }
@@ -173,6 +211,7 @@ impl MmioTransport {
     fn reset(&mut self) {
         self.device.reset();
         self.activated = false;
+        self.pending_activation = None;
         self.status = 0;
         self.driver_features = 0;
         self.driver_features_select = 0;
@@ -223,6 +262,8 @@ impl MmioTransport {
         self.status = value;
     }
 
+    /// DRIVER_OK, on the vCPU thread: checks the queues, parks them for the VMM thread and
+    /// wakes it. The device is activated there ([`Self::finish_activation`]), never here.
     fn activate(&mut self) {
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(self.mem.as_ref()) {
@@ -232,25 +273,11 @@ impl MmioTransport {
                 return;
             }
         }
-        let queues = std::mem::take(&mut self.queues);
-        let result = self.device.activate(
-            self.mem.clone(),
-            queues,
-            self.interrupt.clone(),
-            self.driver_features,
-        );
-        // The device owns the queues now; keep placeholders so register reads stay in range.
-        self.queues = Self::fresh_queues(self.device.as_ref()).unwrap_or_default();
-        match result {
-            Ok(()) => {
-                self.activated = true;
-                // Work that waited for the driver (e.g. an early host CONNECT) is done on the
-                // VMM thread, not on this vCPU thread.
-                for i in 0..self.queues.len() {
-                    self.kick_queue(i);
-                }
-            }
-            Err(f) => self.fail(&f),
+        // Keep placeholders so register reads stay in range.
+        let fresh = Self::fresh_queues(self.device.as_ref()).unwrap_or_default();
+        self.pending_activation = Some(std::mem::replace(&mut self.queues, fresh));
+        for i in 0..self.queues.len() {
+            self.kick_queue(i);
         }
     }
 
@@ -457,8 +484,13 @@ mod tests {
             setup_queue(&mut f.t, q, 0x10000 + q * 0x4000, 16);
         }
         wr(&mut f.t, REG_STATUS, 15);
-        assert!(f.t.is_activated());
         assert_eq!(rd(&mut f.t, REG_STATUS), 15);
+        assert!(
+            !f.t.is_activated(),
+            "the vCPU thread's register write only parks the queues"
+        );
+        f.t.finish_activation();
+        assert!(f.t.is_activated());
         // Queue registers are frozen after DRIVER_OK.
         wr(&mut f.t, REG_QUEUE_SEL, 0);
         wr(&mut f.t, REG_QUEUE_READY, 0);
@@ -472,6 +504,112 @@ mod tests {
         wr(&mut f.t, REG_STATUS, 0);
         assert!(!f.t.is_activated());
         assert_eq!(rd(&mut f.t, REG_STATUS), 0);
+    }
+
+    /// A device that records, per call, the thread it was called on.
+    struct ThreadRecorder {
+        calls: Arc<std::sync::Mutex<Vec<(String, std::thread::ThreadId)>>>,
+    }
+
+    impl ThreadRecorder {
+        fn record(&self, what: String) {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((what, std::thread::current().id()));
+        }
+    }
+
+    impl VirtioDevice for ThreadRecorder {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            _mem: Arc<GuestMemory>,
+            _queues: Vec<Queue>,
+            _interrupt: Arc<InterruptLine>,
+            _acked_features: u64,
+        ) -> Result<(), DeviceFault> {
+            self.record("activate".into());
+            Ok(())
+        }
+        fn queue_notified(&mut self, index: usize) -> Result<(), DeviceFault> {
+            self.record(format!("queue {index}"));
+            Ok(())
+        }
+        fn backend_fd(&self) -> Option<std::os::unix::io::RawFd> {
+            None
+        }
+        fn backend_ready(&mut self) -> Result<(), DeviceFault> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+
+    /// Issue 12 item 2: DRIVER_OK is written on a vCPU thread, whose seccomp filter allows no
+    /// device work; the device must be activated and its queues served only on the thread that
+    /// handles the queue eventfds, and that thread must be woken.
+    #[test]
+    fn driver_ok_defers_device_work_to_the_vmm_thread() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let device = ThreadRecorder {
+            calls: calls.clone(),
+        };
+        let mem = Arc::new(create_guest_memory(2).unwrap());
+        let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        let mut t = MmioTransport::new(Box::new(device), mem, interrupt).unwrap();
+        let kicks: Vec<_> = (0..2)
+            .map(|_| vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        t.set_queue_kicks(kicks.iter().map(|k| k.try_clone().unwrap()).collect());
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x10000, 16);
+        setup_queue(&mut t, 1, 0x14000, 16);
+
+        // The "vCPU thread": the register write that reaches DRIVER_OK.
+        let t = std::thread::spawn(move || {
+            wr(&mut t, REG_STATUS, 15);
+            t
+        })
+        .join()
+        .unwrap();
+        assert!(
+            calls.lock().unwrap().is_empty(),
+            "{:?}",
+            calls.lock().unwrap()
+        );
+        assert!(!t.is_activated());
+        for k in &kicks {
+            assert_eq!(
+                k.read().unwrap(),
+                1,
+                "the VMM thread is woken for every queue"
+            );
+        }
+
+        // The "VMM thread": the first queue event activates, then serves every queue.
+        let vmm_thread = std::thread::spawn(move || {
+            let mut t = t;
+            t.notify_queue(1);
+            (t, std::thread::current().id())
+        });
+        let (t, vmm_id) = vmm_thread.join().unwrap();
+        assert!(t.is_activated());
+        let calls = calls.lock().unwrap();
+        let names: Vec<&str> = calls.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["activate", "queue 0", "queue 1", "queue 1"]);
+        assert!(calls.iter().all(|(_, id)| *id == vmm_id));
     }
 
     #[test]

@@ -127,6 +127,8 @@ pub fn run_case(data: &[u8], uds: &std::path::Path) -> CaseOutcome {
         write_reg(&mut t, 0x44, 1);
     }
     write_reg(&mut t, 0x70, 15);
+    // What the VMM thread does when DRIVER_OK's queue kicks wake it.
+    t.finish_activation();
     let activated = t.is_activated();
 
     // Notifications and raw register writes from the rest of the input.

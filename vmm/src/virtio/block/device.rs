@@ -256,7 +256,7 @@ impl VirtioDevice for BlockDevice {
             queue,
             interrupt,
         });
-        self.process_queue()
+        Ok(())
     }
 
     fn queue_notified(&mut self, index: usize) -> Result<(), DeviceFault> {

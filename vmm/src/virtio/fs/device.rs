@@ -25,11 +25,9 @@ use crate::virtio::interrupt::InterruptLine;
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// The high-priority queue (FORGET, BATCH_FORGET, INTERRUPT), then the (only) request queue;
+/// the device serves both the same way.
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
-/// Index of the high-priority queue (FORGET, BATCH_FORGET, INTERRUPT).
-const HIPRIO_QUEUE: usize = 0;
-/// Index of the (only) request queue.
-const REQUEST_QUEUE: usize = 1;
 /// Longest tag the configuration space holds.
 pub const TAG_MAX_LEN: usize = 36;
 
@@ -188,8 +186,7 @@ impl VirtioDevice for FsDevice {
             queues,
             interrupt,
         });
-        self.process(HIPRIO_QUEUE)?;
-        self.process(REQUEST_QUEUE)
+        Ok(())
     }
 
     fn queue_notified(&mut self, index: usize) -> Result<(), DeviceFault> {
@@ -214,6 +211,11 @@ impl VirtioDevice for FsDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Index of the high-priority queue.
+    const HIPRIO_QUEUE: usize = 0;
+    /// Index of the request queue.
+    const REQUEST_QUEUE: usize = 1;
     use crate::devices::irq_trigger::IrqTrigger;
     use crate::memory::create_guest_memory;
     use vm_memory::{Bytes, GuestAddress};

@@ -265,7 +265,7 @@ impl VirtioDevice for VsockDevice {
             queues,
             interrupt,
         });
-        self.process_rx()
+        Ok(())
     }
 
     fn queue_notified(&mut self, index: usize) -> Result<(), DeviceFault> {
