@@ -13,6 +13,8 @@ pub mod guest_image;
 pub mod image;
 mod job_control;
 pub mod launch;
+pub mod path_trust;
+pub mod run_dir;
 pub mod settings;
 pub mod sge;
 pub mod shared_dirs;
