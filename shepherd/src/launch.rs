@@ -17,6 +17,7 @@ use crate::agent_session::{converse, AgentExit};
 pub use crate::agent_session::{JobError, JobIo, StdinSource};
 use crate::backend::{self, RunningVm, VmShare, VmSpec, ROOT_DISK_GUEST_DEVICE};
 pub use crate::backend::{BackendChoice, VmmCredentials};
+use crate::guest_image::{self, UntrustedGuestImage};
 use crate::image::{ImageError, ImageStore};
 use crate::job_control::AgentLink;
 pub use crate::job_control::JobController;
@@ -97,6 +98,8 @@ pub enum LaunchError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     RunDir(#[from] RunDirError),
+    #[error(transparent)]
+    UntrustedGuestImage(#[from] UntrustedGuestImage),
 }
 
 impl LaunchError {
@@ -282,6 +285,7 @@ pub fn launch_in(
     if !spec.initrd.is_file() {
         return Err(LaunchError::InitrdMissing(spec.initrd));
     }
+    guest_image::check_trusted(&spec.kernel, &spec.initrd)?;
     let mut selection = backend::select(spec.backend)?;
     // What the job needs attached that the chosen backend cannot attach, in words.
     let missing = |b: &dyn backend::VmBackend| {
@@ -621,6 +625,47 @@ mod tests {
             "{:o}",
             dir.permissions().mode()
         );
+    }
+
+    #[test]
+    fn root_refuses_a_kernel_in_a_directory_others_can_write() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: untrusted kernel launch test: the check applies to root only");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        for f in ["vmlinux", "initramfs.cpio"] {
+            std::fs::write(open.join(f), b"").unwrap();
+        }
+        let run_dir = tempfile::tempdir().unwrap();
+        let spec = LaunchSpec {
+            kernel: open.join("vmlinux"),
+            initrd: open.join("initramfs.cpio"),
+            backend: BackendChoice::Qemu,
+            vcpus: 1,
+            mem_mib: 64,
+            extra_cmdline: String::new(),
+            spawn: Spawn::default(),
+            run_dir: run_dir.path().to_path_buf(),
+            vmm_credentials: None,
+        };
+        let io = JobIo {
+            stdin: StdinSource::Null,
+            stdout: Box::new(std::io::sink()),
+            stderr: Box::new(std::io::sink()),
+        };
+        let err = launch(spec, io)
+            .err()
+            .expect("booted a kernel others can replace");
+        assert!(matches!(err, LaunchError::UntrustedGuestImage(_)), "{err}");
+        assert!(
+            !err.is_job_error(),
+            "the administrator's problem, not the job's"
+        );
+        assert_eq!(std::fs::read_dir(run_dir.path()).unwrap().count(), 0);
     }
 
     #[test]
