@@ -21,6 +21,7 @@ use crate::guest_image::{self, UntrustedGuestImage};
 use crate::image::{ImageError, ImageStore};
 use crate::job_control::AgentLink;
 pub use crate::job_control::JobController;
+use crate::path_trust;
 use crate::run_dir::{self, RunDir, RunDirError};
 use crate::shared_dirs::{self, SharedDir, SharedDirError};
 use crate::timings::{now_ms, since_start, Timings};
@@ -100,6 +101,14 @@ pub enum LaunchError {
     RunDir(#[from] RunDirError),
     #[error(transparent)]
     UntrustedGuestImage(#[from] UntrustedGuestImage),
+    #[error(
+        "OS image {name:?} is not trusted: {reason} (an image store and its images must be \
+         owned by root and writable only by root)"
+    )]
+    UntrustedImage {
+        name: String,
+        reason: crate::path_trust::UntrustedPath,
+    },
 }
 
 impl LaunchError {
@@ -206,6 +215,26 @@ fn host_account(spawn: &Spawn) -> Option<Account> {
     })
 }
 
+/// Resolves and verifies the OS image. As root, only from a store nobody else can change: the
+/// image is every job's root file system, and root writes its verification record there.
+fn trusted_image(choice: &ImageChoice) -> Result<crate::image::VerifiedImage, LaunchError> {
+    let store = ImageStore::new(&choice.store);
+    let as_root = nix::unistd::geteuid().is_root();
+    let untrusted = |reason| LaunchError::UntrustedImage {
+        name: choice.name.clone(),
+        reason,
+    };
+    let dir = store.image_dir(&choice.name)?;
+    if as_root && dir.is_dir() {
+        path_trust::check_directories(&dir, 0).map_err(untrusted)?;
+    }
+    let image = store.verified(&choice.name)?;
+    if as_root {
+        path_trust::check_file(&image.path, 0).map_err(untrusted)?;
+    }
+    Ok(image)
+}
+
 /// Resolves and verifies the OS image and checks the shares. Changes nothing on the host
 /// except the image store's record of a successful full check.
 fn attach_filesystems(
@@ -214,7 +243,7 @@ fn attach_filesystems(
     creds: Option<&VmmCredentials>,
 ) -> Result<AttachedFilesystems, LaunchError> {
     let image = match &fs.image {
-        Some(choice) => Some(ImageStore::new(&choice.store).verified(&choice.name)?),
+        Some(choice) => Some(trusted_image(choice)?),
         None => None,
     };
     let shares = shared_dirs::prepare(&fs.shares)?;
@@ -666,6 +695,48 @@ mod tests {
             "the administrator's problem, not the job's"
         );
         assert_eq!(std::fs::read_dir(run_dir.path()).unwrap().count(), 0);
+    }
+
+    /// An image store another user can write: they could swap every job's root file system,
+    /// or plant a symlink where root writes the verification record.
+    #[test]
+    fn root_refuses_an_image_from_a_store_others_can_write() {
+        use crate::image::{verification, Manifest, IMAGE_FILE, MANIFEST_FILE};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: untrusted image store test: the check applies to root only");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("images");
+        let dir = store.join("deb");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(IMAGE_FILE), b"an image").unwrap();
+        Manifest {
+            name: "deb".into(),
+            suite: "bookworm".into(),
+            mirror: String::new(),
+            variant: "minbase".into(),
+            file: IMAGE_FILE.into(),
+            fstype: "ext4".into(),
+            size: 8,
+            sha256: verification::sha256_file(&dir.join(IMAGE_FILE)).unwrap(),
+            created: String::new(),
+            os_version: None,
+        }
+        .save(&dir.join(MANIFEST_FILE))
+        .unwrap();
+        let choice = ImageChoice {
+            store: store.clone(),
+            name: "deb".into(),
+        };
+        trusted_image(&choice).unwrap();
+        std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = trusted_image(&choice).expect_err("an image others can swap");
+        assert!(matches!(err, LaunchError::UntrustedImage { .. }), "{err}");
+        assert!(
+            !err.is_job_error(),
+            "the administrator's problem, not the job's"
+        );
     }
 
     #[test]
