@@ -21,8 +21,7 @@ use crate::run_dir;
 
 /// The guest's vsock context id (any value ≥ 3; each VM has its own daemon).
 const GUEST_CID: u32 = 3;
-/// The descriptor QEMU finds the console log at, and the fd set it is added to (`-add-fd`).
-const CONSOLE_FD: RawFd = 3;
+/// The fd set QEMU finds the console log's descriptor in (`-add-fd`).
 const CONSOLE_FDSET: u32 = 1;
 
 /// Finds the programs QEMU needs.
@@ -92,14 +91,11 @@ impl QemuBackend {
 /// Prepares a helper process (QEMU, the vsock daemon): the job's credentials if given, and
 /// death with the shepherd. A shepherd that is killed outright (SIGKILL: no destructor runs)
 /// must not leave its VM or daemon behind. The parent-death signal is tied to the thread that
-/// spawns the child, which is the thread that runs the job to its end. `pass_fd` `(from, to)`:
-/// the shepherd's descriptor `from` is the child's `to` (every other one the shepherd opened is
-/// close-on-exec).
-fn prepare_helper(
-    cmd: &mut Command,
-    creds: Option<&VmmCredentials>,
-    pass_fd: Option<(RawFd, RawFd)>,
-) {
+/// spawns the child, which is the thread that runs the job to its end. `keep_fd`: a descriptor
+/// of the shepherd's that the child keeps, under the same number, across exec (every other one
+/// the shepherd opened is close-on-exec). Keeping the number, rather than moving it to a fixed
+/// one, cannot clobber a descriptor of the child's (such as std's exec-error pipe).
+fn prepare_helper(cmd: &mut Command, creds: Option<&VmmCredentials>, keep_fd: Option<RawFd>) {
     let creds = creds.cloned();
     // SAFETY: getpid has no preconditions.
     let shepherd = unsafe { libc::getpid() };
@@ -107,14 +103,8 @@ fn prepare_helper(
     // on data captured by value.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some((from, to)) = pass_fd {
-                // dup2 onto itself would keep close-on-exec, so clear the flag then.
-                let passed = if from == to {
-                    libc::fcntl(to, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(from, to)
-                };
-                if passed < 0 {
+            if let Some(fd) = keep_fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -279,7 +269,7 @@ impl VmBackend for QemuBackend {
             ])
             .args([
                 "-add-fd",
-                &format!("fd={CONSOLE_FD},set={CONSOLE_FDSET}"),
+                &format!("fd={},set={CONSOLE_FDSET}", console.as_raw_fd()),
                 "-chardev",
                 &format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET}"),
             ])
@@ -301,7 +291,7 @@ impl VmBackend for QemuBackend {
         prepare_helper(
             &mut qemu_cmd,
             spec.credentials.as_ref(),
-            Some((console.as_raw_fd(), CONSOLE_FD)),
+            Some(console.as_raw_fd()),
         );
         let spawned = qemu_cmd.spawn();
         // QEMU has its own copy now (or none: it did not start).
