@@ -17,9 +17,12 @@ use crate::agent_session::{converse, AgentExit};
 pub use crate::agent_session::{JobError, JobIo, StdinSource};
 use crate::backend::{self, RunningVm, VmShare, VmSpec, ROOT_DISK_GUEST_DEVICE};
 pub use crate::backend::{BackendChoice, VmmCredentials};
+use crate::guest_image::{self, UntrustedGuestImage};
 use crate::image::{ImageError, ImageStore};
 use crate::job_control::AgentLink;
 pub use crate::job_control::JobController;
+use crate::path_trust;
+use crate::run_dir::{self, RunDir, RunDirError};
 use crate::shared_dirs::{self, SharedDir, SharedDirError};
 use crate::timings::{now_ms, since_start, Timings};
 
@@ -27,6 +30,11 @@ use crate::timings::{now_ms, since_start, Timings};
 /// at once; `quiet`: every console byte is a slow emulated port write.
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// The hybrid-vsock base name in the run directory's `vm/`.
+const VSOCK_UDS: &str = "vsock.sock";
+/// The guest console's log in the run directory.
+const CONSOLE_LOG: &str = "console.log";
 
 /// How long a booting VM may take until its agent connects.
 const AGENT_CONNECT_PATIENCE: Duration = Duration::from_secs(120);
@@ -44,7 +52,8 @@ pub struct LaunchSpec {
     /// Extra kernel command-line words after [`DEFAULT_CMDLINE`].
     pub extra_cmdline: String,
     pub spawn: Spawn,
-    /// A private, existing directory for sockets and the console log.
+    /// A fresh, empty directory of this process's, private to it (a temporary directory), laid
+    /// out by [`RunDir::prepare`]: the console and backend logs, and `vm/` for the sockets.
     pub run_dir: PathBuf,
     pub vmm_credentials: Option<VmmCredentials>,
 }
@@ -88,6 +97,18 @@ pub enum LaunchError {
     VmStart(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error(transparent)]
+    UntrustedGuestImage(#[from] UntrustedGuestImage),
+    #[error(
+        "OS image {name:?} is not trusted: {reason} (an image store and its images must be \
+         owned by root and writable only by root)"
+    )]
+    UntrustedImage {
+        name: String,
+        reason: crate::path_trust::UntrustedPath,
+    },
 }
 
 impl LaunchError {
@@ -107,6 +128,7 @@ impl From<backend::BackendError> for LaunchError {
             backend::BackendError::Unavailable(m) => LaunchError::BackendUnavailable(m),
             backend::BackendError::Start(m) => LaunchError::VmStart(m),
             backend::BackendError::Io(e) => LaunchError::Io(e),
+            backend::BackendError::RunDir(e) => LaunchError::RunDir(e),
         }
     }
 }
@@ -153,13 +175,6 @@ impl RunningJob {
     }
 }
 
-fn chown_for(path: &std::path::Path, creds: Option<&VmmCredentials>) -> std::io::Result<()> {
-    if let Some(c) = creds {
-        std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))?;
-    }
-    Ok(())
-}
-
 /// The agent's view of the job's file systems and the backend's devices for them.
 struct AttachedFilesystems {
     frame: Option<Filesystems>,
@@ -200,6 +215,26 @@ fn host_account(spawn: &Spawn) -> Option<Account> {
     })
 }
 
+/// Resolves and verifies the OS image. As root, only from a store nobody else can change: the
+/// image is every job's root file system, and root writes its verification record there.
+fn trusted_image(choice: &ImageChoice) -> Result<crate::image::VerifiedImage, LaunchError> {
+    let store = ImageStore::new(&choice.store);
+    let as_root = nix::unistd::geteuid().is_root();
+    let untrusted = |reason| LaunchError::UntrustedImage {
+        name: choice.name.clone(),
+        reason,
+    };
+    let dir = store.image_dir(&choice.name)?;
+    if as_root && dir.is_dir() {
+        path_trust::check_directories(&dir, 0).map_err(untrusted)?;
+    }
+    let image = store.verified(&choice.name)?;
+    if as_root {
+        path_trust::check_file(&image.path, 0).map_err(untrusted)?;
+    }
+    Ok(image)
+}
+
 /// Resolves and verifies the OS image and checks the shares. Changes nothing on the host
 /// except the image store's record of a successful full check.
 fn attach_filesystems(
@@ -208,7 +243,7 @@ fn attach_filesystems(
     creds: Option<&VmmCredentials>,
 ) -> Result<AttachedFilesystems, LaunchError> {
     let image = match &fs.image {
-        Some(choice) => Some(ImageStore::new(&choice.store).verified(&choice.name)?),
+        Some(choice) => Some(trusted_image(choice)?),
         None => None,
     };
     let shares = shared_dirs::prepare(&fs.shares)?;
@@ -279,6 +314,7 @@ pub fn launch_in(
     if !spec.initrd.is_file() {
         return Err(LaunchError::InitrdMissing(spec.initrd));
     }
+    guest_image::check_trusted(&spec.kernel, &spec.initrd)?;
     let mut selection = backend::select(spec.backend)?;
     // What the job needs attached that the chosen backend cannot attach, in words.
     let missing = |b: &dyn backend::VmBackend| {
@@ -314,13 +350,16 @@ pub fn launch_in(
     };
     tracing::info!(backend = selection.backend.name(), reason = %selection.reason, "backend chosen");
 
-    chown_for(&spec.run_dir, spec.vmm_credentials.as_ref())?;
-    let vsock_uds = spec.run_dir.join("vsock.sock");
-    let listen_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock_uds.display()));
-    let _ = std::fs::remove_file(&listen_path);
-    let listener = UnixListener::bind(&listen_path)?;
-    chown_for(&listen_path, spec.vmm_credentials.as_ref())?;
+    // The run directory stays this process's; the VM's sockets go in its `vm/`, which the job
+    // user gets only where the backend's helpers (running as the job user) create sockets.
+    let vm_user = spec.vmm_credentials.as_ref().map(|c| (c.uid, c.gid));
+    let run_dir = RunDir::prepare(&spec.run_dir, vm_user)?;
+    let vsock_uds = run_dir.vm_dir().join(VSOCK_UDS);
+    let listener = run_dir.bind_listener(&format!("{VSOCK_UDS}_{AGENT_VSOCK_PORT}"))?;
     listener.set_nonblocking(true)?;
+    if selection.backend.helpers_create_sockets() {
+        run_dir.give_vm_dir()?;
+    }
 
     let cmdline = if spec.extra_cmdline.is_empty() {
         DEFAULT_CMDLINE.to_string()
@@ -334,8 +373,8 @@ pub fn launch_in(
         vcpus: spec.vcpus.max(1),
         mem_mib: spec.mem_mib,
         vsock_uds,
-        console_log: spec.run_dir.join("console.log"),
-        run_dir: spec.run_dir.clone(),
+        console_log: run_dir.path().join(CONSOLE_LOG),
+        run_dir: run_dir.path().to_path_buf(),
         credentials: spec.vmm_credentials.clone(),
         root_disk: attached.root_disk,
         shares: attached.shares,
@@ -377,7 +416,7 @@ pub fn launch_in(
 
 /// The last non-empty lines of the guest console, for error messages.
 fn console_tail(path: &std::path::Path) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
+    let text = run_dir::read_log_tail(path);
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = &lines[lines.len().saturating_sub(5)..];
@@ -471,4 +510,245 @@ fn run_session(
         job_ended,
         timings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const NOBODY: u32 = 65534;
+
+    /// Every name root or the VMM creates in the run directory, and where.
+    const PLANTED: [&str; 6] = [
+        "console.log",
+        "qemu.log",
+        "vhost-device-vsock.log",
+        "vsock.sock",
+        "vhost-vsock.sock",
+        "vsock.sock_1024",
+    ];
+
+    /// The job user's side of the attack: as soon as it can write anywhere in the run
+    /// directory, it plants a symlink to `victim` under every name root may create there, and
+    /// swaps the agent's listening socket for one (the window between bind and chown).
+    fn plant_symlinks(run_dir: &Path, victim: &Path, stop: &AtomicBool) {
+        let tmp_link = |dir: &Path| dir.join(".planted");
+        while !stop.load(Ordering::Relaxed) {
+            for dir in [run_dir.to_path_buf(), run_dir.join("vm")] {
+                for name in PLANTED {
+                    let path = dir.join(name);
+                    let is_socket = std::fs::symlink_metadata(&path)
+                        .map(|m| m.file_type().is_socket())
+                        .unwrap_or(false);
+                    if is_socket {
+                        let _ = std::os::unix::fs::symlink(victim, tmp_link(&dir));
+                        let _ = std::fs::rename(tmp_link(&dir), &path);
+                    } else {
+                        let _ = std::os::unix::fs::symlink(victim, &path);
+                    }
+                }
+            }
+        }
+    }
+
+    fn launch_against_a_planting_job_user(backend: BackendChoice) {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!(
+                "SKIPPED: launch symlink test ({backend:?}): needs root to act as a job user"
+            );
+            return;
+        }
+        if backend == BackendChoice::Qemu && backend::qemu::QemuBackend::locate().is_err() {
+            eprintln!("SKIPPED: launch symlink test (qemu): qemu or vhost-device-vsock missing");
+            return;
+        }
+        if backend == BackendChoice::Embedded && !Path::new("/dev/kvm").exists() {
+            eprintln!("SKIPPED: launch symlink test (embedded): no /dev/kvm");
+            return;
+        }
+        // Root's file, in a directory only root can enter (as /etc/shadow would be).
+        let secret = tempfile::tempdir().unwrap();
+        let victim = secret.path().join("victim");
+        std::fs::write(&victim, b"precious\n").unwrap();
+        // A kernel that does not boot: everything the backends create is created before the
+        // kernel is loaded (embedded) or looked at (QEMU).
+        let images = tempfile::tempdir().unwrap();
+        for f in ["vmlinux", "initramfs.cpio"] {
+            std::fs::write(images.path().join(f), b"").unwrap();
+        }
+        // As the shepherd makes it: a fresh root-owned temporary directory.
+        let run_dir = tempfile::Builder::new()
+            .prefix("sge_virtualizer.test.")
+            .tempdir()
+            .unwrap();
+        let creds = VmmCredentials {
+            uid: NOBODY,
+            gid: NOBODY,
+            groups: vec![NOBODY],
+        };
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let attacker = {
+            let (run_dir, victim, stop) =
+                (run_dir.path().to_path_buf(), victim.clone(), stop.clone());
+            let as_job_user = creds.for_thread();
+            std::thread::spawn(move || {
+                as_job_user
+                    .run_on_own_thread(|| plant_symlinks(&run_dir, &victim, &stop))
+                    .unwrap()
+            })
+        };
+        let spec = LaunchSpec {
+            kernel: images.path().join("vmlinux"),
+            initrd: images.path().join("initramfs.cpio"),
+            backend,
+            vcpus: 1,
+            mem_mib: 64,
+            extra_cmdline: String::new(),
+            spawn: Spawn {
+                argv: vec![b"/bin/true".to_vec()],
+                uid: NOBODY,
+                gid: NOBODY,
+                ..Spawn::default()
+            },
+            run_dir: run_dir.path().to_path_buf(),
+            vmm_credentials: Some(creds),
+        };
+        let io = JobIo {
+            stdin: StdinSource::Null,
+            stdout: Box::new(std::io::sink()),
+            stderr: Box::new(std::io::sink()),
+        };
+        // Give the job user time to act while the VM is set up and (for QEMU) fails to boot.
+        let launched = launch(spec, io);
+        std::thread::sleep(Duration::from_millis(300));
+        if let Ok(job) = launched {
+            job.controller().kill_vm();
+            let _ = job.wait();
+        }
+        stop.store(true, Ordering::Relaxed);
+        attacker.join().unwrap();
+
+        let meta = std::fs::metadata(&victim).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&std::fs::read(&victim).unwrap()),
+            "precious\n",
+            "root wrote through the job user's symlink"
+        );
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "root chowned the victim");
+        // The launch got as far as creating its files: the console log (embedded: before the
+        // kernel is loaded) or the vsock daemon's log (QEMU), as root's regular files.
+        let created = [CONSOLE_LOG, "vhost-device-vsock.log"]
+            .iter()
+            .filter_map(|name| std::fs::symlink_metadata(run_dir.path().join(name)).ok())
+            .filter(|m| m.file_type().is_file())
+            .count();
+        assert!(created > 0, "the launch created none of its files");
+        // The directory root writes in stays root's: the job user cannot add names to it.
+        let dir = std::fs::symlink_metadata(run_dir.path()).unwrap();
+        assert_eq!(dir.uid(), 0, "the run directory was given to the job user");
+        assert_eq!(
+            dir.permissions().mode() & 0o022,
+            0,
+            "{:o}",
+            dir.permissions().mode()
+        );
+    }
+
+    #[test]
+    fn root_refuses_a_kernel_in_a_directory_others_can_write() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: untrusted kernel launch test: the check applies to root only");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        for f in ["vmlinux", "initramfs.cpio"] {
+            std::fs::write(open.join(f), b"").unwrap();
+        }
+        let run_dir = tempfile::tempdir().unwrap();
+        let spec = LaunchSpec {
+            kernel: open.join("vmlinux"),
+            initrd: open.join("initramfs.cpio"),
+            backend: BackendChoice::Qemu,
+            vcpus: 1,
+            mem_mib: 64,
+            extra_cmdline: String::new(),
+            spawn: Spawn::default(),
+            run_dir: run_dir.path().to_path_buf(),
+            vmm_credentials: None,
+        };
+        let io = JobIo {
+            stdin: StdinSource::Null,
+            stdout: Box::new(std::io::sink()),
+            stderr: Box::new(std::io::sink()),
+        };
+        let err = launch(spec, io)
+            .err()
+            .expect("booted a kernel others can replace");
+        assert!(matches!(err, LaunchError::UntrustedGuestImage(_)), "{err}");
+        assert!(
+            !err.is_job_error(),
+            "the administrator's problem, not the job's"
+        );
+        assert_eq!(std::fs::read_dir(run_dir.path()).unwrap().count(), 0);
+    }
+
+    /// An image store another user can write: they could swap every job's root file system,
+    /// or plant a symlink where root writes the verification record.
+    #[test]
+    fn root_refuses_an_image_from_a_store_others_can_write() {
+        use crate::image::{verification, Manifest, IMAGE_FILE, MANIFEST_FILE};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: untrusted image store test: the check applies to root only");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("images");
+        let dir = store.join("deb");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(IMAGE_FILE), b"an image").unwrap();
+        Manifest {
+            name: "deb".into(),
+            suite: "bookworm".into(),
+            mirror: String::new(),
+            variant: "minbase".into(),
+            file: IMAGE_FILE.into(),
+            fstype: "ext4".into(),
+            size: 8,
+            sha256: verification::sha256_file(&dir.join(IMAGE_FILE)).unwrap(),
+            created: String::new(),
+            os_version: None,
+        }
+        .save(&dir.join(MANIFEST_FILE))
+        .unwrap();
+        let choice = ImageChoice {
+            store: store.clone(),
+            name: "deb".into(),
+        };
+        trusted_image(&choice).unwrap();
+        std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = trusted_image(&choice).expect_err("an image others can swap");
+        assert!(matches!(err, LaunchError::UntrustedImage { .. }), "{err}");
+        assert!(
+            !err.is_job_error(),
+            "the administrator's problem, not the job's"
+        );
+    }
+
+    #[test]
+    fn embedded_root_never_writes_through_a_job_users_symlink() {
+        launch_against_a_planting_job_user(BackendChoice::Embedded);
+    }
+
+    #[test]
+    fn qemu_root_never_writes_through_a_job_users_symlink() {
+        launch_against_a_planting_job_user(BackendChoice::Qemu);
+    }
 }

@@ -16,6 +16,8 @@ pub mod host_check;
 pub mod image;
 mod job_control;
 pub mod launch;
+pub mod path_trust;
+pub mod run_dir;
 pub mod settings;
 pub mod sge;
 pub mod shared_dirs;

@@ -92,7 +92,11 @@ fn job_user(name: &str) -> anyhow::Result<nix::unistd::User> {
 
 /// Runs the command; returns the exit code for the process.
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let image = guest_image::locate(args.kernel.as_deref(), args.initrd.as_deref());
+    let image = guest_image::locate(
+        args.kernel.as_deref(),
+        args.initrd.as_deref(),
+        guest_image::Search::BuildTreeFirst,
+    );
     let run_dir = tempfile::Builder::new()
         .prefix("sge_virtualizer.")
         .tempdir()

@@ -4,7 +4,7 @@
 //! named but missing, or that does not parse, is an error.
 //!
 //! ```toml
-//! kernel = "/usr/lib/sge_virtualizer/vmlinux"      # default: see guest_image
+//! kernel = "/usr/lib/sge_virtualizer/vmlinux"      # the default; root-owned, see guest_image
 //! initramfs = "/usr/lib/sge_virtualizer/initramfs.cpio"
 //! memory_mib = 512          # guest RAM when h_vmem does not limit it
 //! vcpus = 2                 # default: the job's slots on this host
@@ -152,7 +152,12 @@ impl Settings {
         let d = self;
         let kernel = q.kernel.or_else(|| d.kernel.clone());
         let initramfs = q.initramfs.or_else(|| d.initramfs.clone());
-        let image = guest_image::locate(kernel.as_deref(), initramfs.as_deref());
+        // The shepherd boots only configured or installed files, never a build tree's.
+        let image = guest_image::locate(
+            kernel.as_deref(),
+            initramfs.as_deref(),
+            guest_image::Search::Installed,
+        );
         VmSettings {
             kernel: image.kernel,
             initramfs: image.initrd,
@@ -271,6 +276,22 @@ job_images = ["*"]
             Settings::load_from(&missing, true),
             Err(SettingsError::Read { .. })
         ));
+    }
+
+    /// The test executable lives in the source tree, whose `build/guest/` has a kernel once
+    /// the guest is built: the shepherd must not boot it (any writable ancestor of an installed
+    /// binary could hold one).
+    #[test]
+    fn without_a_configured_kernel_the_shepherd_boots_the_installed_one() {
+        if std::env::var_os("SGE_VIRTUALIZER_KERNEL").is_some() {
+            eprintln!("SKIPPED: installed-kernel test: SGE_VIRTUALIZER_KERNEL is set");
+            return;
+        }
+        let v = Settings::default().for_queue("q");
+        assert_eq!(
+            v.kernel,
+            Path::new(guest_image::INSTALLED_DIR).join(guest_image::KERNEL_FILE)
+        );
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub struct VmArgs {
     /// PATH say `CONNECT P`.
     #[arg(long)]
     pub vsock_uds: Option<PathBuf>,
-    /// Write the serial console here (bounded to 1 MiB) instead of our stdout.
+    /// Write the serial console to this new file (bounded to 1 MiB; an existing file or a
+    /// symlink is refused) instead of our stdout.
     #[arg(long)]
     pub serial: Option<PathBuf>,
     /// Do not install the seccomp filters (debugging only).

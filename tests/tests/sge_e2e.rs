@@ -493,6 +493,19 @@ fn assert_exit_status_written(cell: &Cell, job: u32) {
         .active_file(job, "exit_status")
         .unwrap_or_else(|| panic!("job {job}: no exit_status file"));
     assert!(!s.trim().is_empty(), "job {job}: empty exit_status");
+    // The job user, who has a shell on the host, must not be able to rewrite what execd reads
+    // (a 7 in exit_status puts the host in error).
+    let user = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
+    let dir = cell.active_dir(job).expect("active job directory");
+    for name in ["exit_status", "error", "trace"] {
+        let meta = std::fs::metadata(dir.join(name)).unwrap();
+        let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+        assert_ne!(
+            owner,
+            user.uid.as_raw(),
+            "job {job}: {name} belongs to the job user"
+        );
+    }
 }
 
 const JOB_WAIT: Duration = Duration::from_secs(120);

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::credentials::ThreadCredentials;
 use crate::lifecycle::{ExitReason, Lifecycle};
@@ -49,7 +49,7 @@ impl EventLoop {
         run_as: Option<ThreadCredentials>,
         lifecycle: Arc<Lifecycle>,
     ) -> std::io::Result<Self> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         let stopped = Arc::new(AtomicBool::new(false));
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;

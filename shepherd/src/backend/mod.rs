@@ -70,10 +70,13 @@ pub struct VmSpec {
     pub vcpus: u8,
     pub mem_mib: u32,
     /// Hybrid-vsock base path; the guest's connections to port P arrive at `<vsock_uds>_P`.
+    /// Its directory holds the VM's sockets; it is the VM user's where
+    /// [`VmBackend::helpers_create_sockets`] says so.
     pub vsock_uds: PathBuf,
-    /// Where the guest's serial console goes.
+    /// Where the guest's serial console goes: a new file in [`VmSpec::run_dir`].
     pub console_log: PathBuf,
-    /// Private directory for the backend's own sockets and logs.
+    /// The shepherd's private directory (see [`crate::run_dir`]): the backend creates its logs
+    /// there with [`crate::run_dir::create_file`], never anything by plain path.
     pub run_dir: PathBuf,
     pub credentials: Option<VmmCredentials>,
     /// An OS image attached read-only as the guest's first virtio-blk disk
@@ -125,6 +128,8 @@ pub enum BackendError {
     Start(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    RunDir(#[from] crate::run_dir::RunDirError),
 }
 
 /// How a VM ended, in words, and whether that was the guest's orderly reset.
@@ -161,6 +166,11 @@ pub trait VmBackend {
     /// How the guest reaches the shares: the file system type the agent mounts them with.
     fn share_transport(&self) -> ShareTransport {
         ShareTransport::NineP
+    }
+    /// Whether helper processes running as the VM's user create sockets next to
+    /// [`VmSpec::vsock_uds`], so that directory must be handed to that user.
+    fn helpers_create_sockets(&self) -> bool {
+        false
     }
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError>;
 }

@@ -3,9 +3,12 @@
 //!
 //! Two host processes per VM: the vsock daemon (started first; it creates the vhost-user
 //! socket QEMU connects to) and QEMU. Both run with the job's credentials when given, and both
-//! are killed when the VM ends.
+//! are killed when the VM ends. They create sockets only (in the VM's socket directory, theirs);
+//! their logs and the guest console are files the shepherd creates in its own directory and
+//! hands them as open descriptors, so no root-read file is named by a path the job user
+//! controls.
 
-use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,9 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{BackendError, RunningVm, VmBackend, VmExit, VmKiller, VmSpec, VmmCredentials};
+use crate::run_dir;
 
 /// The guest's vsock context id (any value ≥ 3; each VM has its own daemon).
 const GUEST_CID: u32 = 3;
+/// The fd set QEMU finds the console log's descriptor in (`-add-fd`).
+const CONSOLE_FDSET: u32 = 1;
 
 /// Finds the programs QEMU needs.
 pub struct QemuBackend {
@@ -85,8 +91,11 @@ impl QemuBackend {
 /// Prepares a helper process (QEMU, the vsock daemon): the job's credentials if given, and
 /// death with the shepherd. A shepherd that is killed outright (SIGKILL: no destructor runs)
 /// must not leave its VM or daemon behind. The parent-death signal is tied to the thread that
-/// spawns the child, which is the thread that runs the job to its end.
-fn prepare_helper(cmd: &mut Command, creds: Option<&VmmCredentials>) {
+/// spawns the child, which is the thread that runs the job to its end. `keep_fd`: a descriptor
+/// of the shepherd's that the child keeps, under the same number, across exec (every other one
+/// the shepherd opened is close-on-exec). Keeping the number, rather than moving it to a fixed
+/// one, cannot clobber a descriptor of the child's (such as std's exec-error pipe).
+fn prepare_helper(cmd: &mut Command, creds: Option<&VmmCredentials>, keep_fd: Option<RawFd>) {
     let creds = creds.cloned();
     // SAFETY: getpid has no preconditions.
     let shepherd = unsafe { libc::getpid() };
@@ -94,6 +103,11 @@ fn prepare_helper(cmd: &mut Command, creds: Option<&VmmCredentials>) {
     // on data captured by value.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = keep_fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if let Some(c) = &creds {
                 if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
                     || libc::setgid(c.gid) < 0
@@ -201,9 +215,16 @@ impl VmBackend for QemuBackend {
         true
     }
 
+    fn helpers_create_sockets(&self) -> bool {
+        true
+    }
+
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
-        let vhost_sock = spec.run_dir.join("vhost-vsock.sock");
-        let daemon_log = File::create(spec.run_dir.join("vhost-device-vsock.log"))?;
+        let vhost_sock = spec.vsock_uds.with_file_name("vhost-vsock.sock");
+        // The helpers write these as the job user: the job user's files, on the user's quota.
+        let owner = spec.credentials.as_ref().map(|c| (c.uid, c.gid));
+        let log_file = |name| run_dir::create_file(&spec.run_dir.join(name), owner);
+        let daemon_log = log_file("vhost-device-vsock.log")?;
         let mut daemon_cmd = Command::new(&self.vhost_vsock);
         daemon_cmd
             .arg("--vm")
@@ -215,7 +236,7 @@ impl VmBackend for QemuBackend {
             .stdin(Stdio::null())
             .stdout(daemon_log.try_clone()?)
             .stderr(daemon_log);
-        prepare_helper(&mut daemon_cmd, spec.credentials.as_ref());
+        prepare_helper(&mut daemon_cmd, spec.credentials.as_ref(), None);
         let mut daemon = daemon_cmd
             .spawn()
             .map_err(|e| BackendError::Start(format!("{}: {e}", self.vhost_vsock.display())))?;
@@ -226,7 +247,8 @@ impl VmBackend for QemuBackend {
         }
 
         let mem = format!("{}M", spec.mem_mib);
-        let qemu_log = File::create(spec.run_dir.join("qemu.log"))?;
+        let qemu_log = log_file("qemu.log")?;
+        let console = run_dir::create_file(&spec.console_log, owner)?;
         let mut qemu_cmd = Command::new(&self.qemu);
         qemu_cmd
             .args(["-accel", &self.accel])
@@ -246,8 +268,10 @@ impl VmBackend for QemuBackend {
                 "-no-reboot",
             ])
             .args([
+                "-add-fd",
+                &format!("fd={},set={CONSOLE_FDSET}", console.as_raw_fd()),
                 "-chardev",
-                &format!("file,id=console,path={}", spec.console_log.display()),
+                &format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET}"),
             ])
             .args(["-serial", "chardev:console"])
             .args([
@@ -264,8 +288,15 @@ impl VmBackend for QemuBackend {
             .stdin(Stdio::null())
             .stdout(qemu_log.try_clone()?)
             .stderr(qemu_log);
-        prepare_helper(&mut qemu_cmd, spec.credentials.as_ref());
-        let qemu = match qemu_cmd.spawn() {
+        prepare_helper(
+            &mut qemu_cmd,
+            spec.credentials.as_ref(),
+            Some(console.as_raw_fd()),
+        );
+        let spawned = qemu_cmd.spawn();
+        // QEMU has its own copy now (or none: it did not start).
+        drop(console);
+        let qemu = match spawned {
             Ok(q) => q,
             Err(e) => {
                 let _ = daemon.kill();
@@ -312,11 +343,11 @@ impl RunningVm for QemuVm {
                 let orderly = status.success();
                 let mut description = format!("qemu exited ({status})");
                 if !orderly {
-                    if let Ok(log) = std::fs::read_to_string(&self.log) {
-                        if let Some(last) = log.lines().rev().find(|l| !l.trim().is_empty()) {
-                            description.push_str(": ");
-                            description.push_str(last.trim());
-                        }
+                    let log = run_dir::read_log_tail(&self.log);
+                    let log = String::from_utf8_lossy(&log);
+                    if let Some(last) = log.lines().rev().find(|l| !l.trim().is_empty()) {
+                        description.push_str(": ");
+                        description.push_str(last.trim());
                     }
                 }
                 return Ok(Some(VmExit {

@@ -1,11 +1,17 @@
-//! The shepherd's result files in the active job directory, with the formats, owners and modes
-//! execd expects: `pid`, `job_pid`, `addgrpid`, `usage` (admin user), `trace`, `error`,
-//! `exit_status` (job owner), and the `noresources` / `checkpointed` markers.
+//! The shepherd's result files in the active job directory, with the formats and modes execd
+//! expects: `pid`, `job_pid`, `addgrpid`, `usage`, `trace`, `error`, `exit_status`, and the
+//! `noresources` / `checkpointed` markers.
 //!
 //! `exit_status` is written last: it is execd's sign that the shepherd ended on purpose.
+//!
+//! All of them belong to execd's admin user. The stock shepherd gives `trace`, `error` and
+//! `exit_status` to the job owner so that its job child can still write them after switching
+//! user; no process of the job user writes them here, and an owner could write them at any time
+//! — a forged `exit_status` of 7 or 11 puts the host or queue in error. Files are opened without
+//! following a symlink.
 
 use std::borrow::Cow;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{fchown, OpenOptionsExt};
 use std::path::PathBuf;
@@ -26,33 +32,17 @@ pub type Owner = Option<(u32, u32)>;
 #[derive(Debug, Clone)]
 pub struct ActiveDir {
     dir: PathBuf,
-    /// Owner of `pid`, `job_pid`, `addgrpid`, `usage`.
+    /// Owner of every result file: execd's admin user.
     admin: Owner,
-    /// Owner of `trace`, `error`, `exit_status`.
-    job_owner: Owner,
 }
 
 impl ActiveDir {
     pub fn new(dir: PathBuf) -> Self {
-        ActiveDir {
-            dir,
-            admin: None,
-            job_owner: None,
-        }
+        ActiveDir { dir, admin: None }
     }
 
     pub fn set_admin(&mut self, owner: Owner) {
         self.admin = owner;
-    }
-
-    pub fn set_job_owner(&mut self, owner: Owner) {
-        self.job_owner = owner;
-        // files created before the owner was known change hands now, as the stock shepherd's do
-        for name in ["trace", "error", "exit_status"] {
-            if let (Some((u, g)), Ok(f)) = (owner, File::open(self.path(name))) {
-                let _ = fchown(&f, Some(u), Some(g));
-            }
-        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -77,6 +67,7 @@ impl ActiveDir {
             .append(append)
             .truncate(!append)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(err)?;
         if let Some((u, g)) = owner {
@@ -107,9 +98,9 @@ impl ActiveDir {
 
     /// Creates `error` and `exit_status` empty (and `trace` if missing).
     pub fn create_empty_results(&self) -> Result<(), ResultFileError> {
-        self.write("error", "", false, self.job_owner)?;
-        self.write("exit_status", "", false, self.job_owner)?;
-        self.write("trace", "", true, self.job_owner)
+        self.write("error", "", false, self.admin)?;
+        self.write("exit_status", "", false, self.admin)?;
+        self.write("trace", "", true, self.admin)
     }
 
     /// Appends a timestamped line to `trace`. Failures are ignored: the trace is for humans.
@@ -125,7 +116,7 @@ impl ActiveDir {
             "trace",
             &format!("{now:.3} [{}] sge_virtualizer: {msg}\n", std::process::id()),
             true,
-            self.job_owner,
+            self.admin,
         );
     }
 
@@ -133,12 +124,12 @@ impl ActiveDir {
     /// characters are escaped, as in [`Self::trace`].
     pub fn append_error(&self, msg: &str) -> Result<(), ResultFileError> {
         let line = one_line(msg);
-        self.write("error", &format!("{line}\n"), true, self.job_owner)
+        self.write("error", &format!("{line}\n"), true, self.admin)
     }
 
     /// Writes `exit_status` (the final act).
     pub fn write_exit_status(&self, state: i32) -> Result<(), ResultFileError> {
-        self.write("exit_status", &format!("{state}\n"), false, self.job_owner)
+        self.write("exit_status", &format!("{state}\n"), false, self.admin)
     }
 
     /// `noresources`: execd re-queues the job (failed 25) without a queue error.
@@ -172,7 +163,7 @@ fn one_line(msg: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn formats_and_modes() {
@@ -238,13 +229,64 @@ mod tests {
         let mut d = ActiveDir::new(tmp.path().to_path_buf());
         d.set_admin(Some((2, 2)));
         d.create_empty_results().unwrap();
-        d.set_job_owner(Some((1, 1)));
         d.write_pid(1).unwrap();
         d.write_exit_status(0).unwrap();
         let uid = |n: &str| std::fs::metadata(tmp.path().join(n)).unwrap().uid();
-        assert_eq!(uid("pid"), 2);
-        assert_eq!(uid("error"), 1);
-        assert_eq!(uid("exit_status"), 1);
-        assert_eq!(uid("trace"), 1);
+        for name in ["pid", "error", "exit_status", "trace"] {
+            assert_eq!(uid(name), 2, "{name}");
+        }
+    }
+
+    /// The job's owner (who has a shell on the host) must not be able to forge the state execd
+    /// reads: `7` in `exit_status` would put the host in error.
+    #[test]
+    fn the_job_owner_cannot_write_the_results() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: the_job_owner_cannot_write_the_results needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("1.1");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut d = ActiveDir::new(dir.clone());
+        d.set_admin(Some((2, 2)));
+        d.create_empty_results().unwrap();
+        d.trace("job 1 owner nobody");
+        d.write_exit_status(0).unwrap();
+        let forged = vmm::ThreadCredentials {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        }
+        .run_on_own_thread(|| {
+            ["exit_status", "error", "trace"].map(|name| {
+                OpenOptions::new()
+                    .write(true)
+                    .open(dir.join(name))
+                    .and_then(|mut f| f.write_all(b"7\n"))
+                    .is_ok()
+            })
+        })
+        .unwrap();
+        assert_eq!(forged, [false, false, false]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("exit_status")).unwrap(),
+            "0\n"
+        );
+    }
+
+    #[test]
+    fn a_symlink_under_a_result_name_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let dir = tmp.path().join("1.1");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("usage")).unwrap();
+        let d = ActiveDir::new(dir);
+        assert!(d.write_usage("cpu=1\n").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 }

@@ -297,7 +297,6 @@ impl JobRun {
         let c = &self.config;
         let user = JobUser::from_config(c)
             .map_err(|e| Failure::new(ShepherdState::BeforeJob, format!("sge_virtualizer: {e}")))?;
-        self.dir.set_job_owner(Some((user.uid, user.gid)));
         self.dir
             .create_empty_results()
             .map_err(|e| Failure::new(ShepherdState::BeforeProlog, e.to_string()))?;

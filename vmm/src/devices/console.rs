@@ -3,8 +3,9 @@
 //! host's memory or disk.
 
 use std::collections::VecDeque;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +23,9 @@ pub enum SerialSink {
         /// Bytes kept.
         capacity: usize,
     },
-    /// Write to a file (created or truncated), stopping after `max_bytes`.
+    /// Write to a new file, stopping after `max_bytes`. The file must not exist: it is created
+    /// with `O_EXCL | O_NOFOLLOW` (mode 0600), so a VMM running as root never writes through a
+    /// symlink or into a file someone else put under the name.
     File {
         /// The file.
         path: PathBuf,
@@ -106,7 +109,12 @@ impl ConsoleLog {
             }
             SerialSink::File { path, max_bytes } => (
                 Self::File {
-                    file: File::create(path)?,
+                    file: OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .mode(0o600)
+                        .open(path)?,
                     remaining: *max_bytes,
                 },
                 None,
@@ -171,5 +179,32 @@ mod tests {
         log.write_all(b"more").unwrap();
         log.flush().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+    }
+
+    /// The attack: the job user, who can see the run directory, plants `console.log` as a
+    /// symlink to a host file before the VMM (root) creates it.
+    #[test]
+    fn a_planted_symlink_or_file_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.path().join("console.log");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let sink = SerialSink::File {
+            path: path.clone(),
+            max_bytes: 1 << 20,
+        };
+        if let Ok((mut log, _)) = ConsoleLog::open(&sink) {
+            log.write_all(b"guest bytes").unwrap();
+            log.flush().unwrap();
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::hard_link(&victim, &path).unwrap();
+        assert!(
+            ConsoleLog::open(&sink).is_err(),
+            "an existing file is not reused"
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 }

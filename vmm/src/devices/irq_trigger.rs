@@ -2,7 +2,7 @@
 //! in the in-kernel irqchip. vm-superio's `Trigger` is implemented here because the crate does
 //! not implement it for `EventFd`.
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// An irqfd-backed interrupt trigger.
 #[derive(Debug)]
@@ -11,7 +11,7 @@ pub struct IrqTrigger(EventFd);
 impl IrqTrigger {
     /// A new, not yet registered, trigger.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self(EventFd::new(EFD_NONBLOCK)?))
+        Ok(Self(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?))
     }
 
     /// The eventfd to register with `KVM_IRQFD`.

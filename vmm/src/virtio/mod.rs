@@ -25,7 +25,7 @@ use vm_device::device_manager::{IoManager, MmioManager};
 use vm_device::{DeviceMmio, MutDeviceMmio};
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
 use crate::credentials::ThreadCredentials;
@@ -362,7 +362,7 @@ fn wire_device(
 
     let mut queue_evts = Vec::with_capacity(queue_count);
     for q in 0..queue_count {
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
+        let evt = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(VirtioError::EventFd)?;
         vm.register_ioevent(
             &evt,
             &IoEventAddress::Mmio(base + mmio::REG_QUEUE_NOTIFY),
