@@ -3,11 +3,11 @@
 //! shepherd writes to as root. Each problem says what is wrong, whose it is and how to fix it.
 //! Used by `sge_virtualizer check` (an administrator's command and a Grid Engine load sensor).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::backend;
 use crate::image::store::ImageStore;
+use crate::path_trust::{self, UntrustedPath};
 use crate::settings::{Settings, VmSettings};
 
 /// The name of the top-level settings, used by queues without a section of their own.
@@ -72,7 +72,12 @@ pub fn check(source: &SettingsSource, queues: &[String]) -> Vec<Problem> {
         }
     };
     if source.path.exists() {
-        problems.extend(root_owned(&source.path, "settings", "the settings file"));
+        problems.extend(untrusted(
+            path_trust::check_file(&source.path, 0),
+            &source.path,
+            "settings",
+            "the settings file",
+        ));
     }
     let scopes: Vec<String> = if queues.is_empty() {
         std::iter::once(DEFAULT_SCOPE.to_string())
@@ -123,7 +128,12 @@ fn check_queue(scope: &str, vm: &VmSettings) -> Vec<Problem> {
                 format!("{what} {} is not a {what} file", file.display()),
                 "replace it with the built vmlinux / initramfs.cpio".into(),
             )),
-            Ok(_) => problems.extend(root_owned(file, scope, what)),
+            Ok(_) => problems.extend(untrusted(
+                path_trust::check_file(file, 0),
+                file,
+                scope,
+                what,
+            )),
         }
     }
     let store = ImageStore::new(&vm.image_store);
@@ -165,34 +175,29 @@ fn check_directories(settings: &Settings, scopes: &[String]) -> Vec<Problem> {
     dirs.dedup();
     dirs.iter()
         .filter(|d| d.exists())
-        .flat_map(|d| root_owned(d, "host", "directory"))
+        .flat_map(|d| untrusted(path_trust::check_directories(d, 0), d, "host", "directory"))
         .collect()
 }
 
-/// `path` and every directory above it must belong to root and be writable by nobody else:
-/// otherwise whoever can write there chooses what every job boots or what root writes.
-fn root_owned(path: &Path, scope: &str, what: &str) -> Option<Problem> {
-    let mut at = Some(path);
-    while let Some(p) = at {
-        let bad = match std::fs::metadata(p) {
-            Ok(m) if m.uid() != 0 => Some(format!("belongs to uid {}", m.uid())),
-            Ok(m) if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 => Some(format!(
-                "is writable by group or others (mode {:o})",
-                m.mode() & 0o7777
-            )),
-            Ok(_) => None,
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(bad) = bad {
-            return Some(Problem {
-                scope: scope.to_string(),
-                what: format!("{what} {}: {} {bad}", path.display(), p.display()),
-                fix: format!("chown root: {p} and chmod go-w {p}", p = p.display()),
-            });
-        }
-        at = p.parent();
-    }
-    None
+/// `result` of a [`path_trust`] check of `path` as a problem: whoever can change the file or a
+/// directory above it chooses what every job boots or where root writes.
+fn untrusted(
+    result: Result<(), UntrustedPath>,
+    path: &Path,
+    scope: &str,
+    what: &str,
+) -> Option<Problem> {
+    let e = result.err()?;
+    let culprit = match &e {
+        UntrustedPath::Unreadable { path, .. }
+        | UntrustedPath::Owner { path, .. }
+        | UntrustedPath::Writable { path, .. } => path.display().to_string(),
+    };
+    Some(Problem {
+        scope: scope.to_string(),
+        what: format!("{what} {}: {e}", path.display()),
+        fix: format!("chown root: {culprit} and chmod go-w {culprit}"),
+    })
 }
 
 /// The first bytes of `path`, enough to tell its format.
@@ -248,15 +253,22 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let file = dir.join("vmlinux");
         std::fs::write(&file, b"\x7fELF").unwrap();
+        let check = |f: &Path| untrusted(path_trust::check_file(f, 0), f, "q", "guest kernel");
+        let p = check(&file).expect("a problem");
         if !nix::unistd::geteuid().is_root() {
-            assert!(root_owned(&file, "q", "guest kernel").is_some());
-            return;
+            return; // the temporary directory itself is not root's
         }
-        let p = root_owned(&file, "q", "guest kernel").expect("a problem");
-        assert!(p.what.contains("writable by group or others"), "{p}");
-        assert!(p.fix.contains("chmod go-w"), "{p}");
+        assert!(
+            p.what
+                .contains("can be changed by users other than its owner"),
+            "{p}"
+        );
+        assert_eq!(
+            p.fix,
+            format!("chown root: {d} and chmod go-w {d}", d = dir.display())
+        );
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(root_owned(&file, "q", "guest kernel"), None);
+        assert_eq!(check(&file), None);
     }
 
     #[test]

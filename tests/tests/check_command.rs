@@ -125,7 +125,7 @@ fn an_unparsable_or_user_writable_settings_file_fails_the_check() {
     let out = check(&path, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        text(&out).contains("writable by group or others"),
+        text(&out).contains("can be changed by users other than its owner"),
         "{}",
         text(&out)
     );

@@ -1034,7 +1034,11 @@ fn a_queue_that_never_delegates_refuses_interactive_jobs_as_the_jobs_error() {
                 .arg(format!("touch {}; exit 4", marker.display())));
             assert!(!marker.exists(), "the task ran on the host: {}", text(&out));
             let code = out.status.code();
-            assert!(code != Some(4) && code != Some(124), "{code:?}: {}", text(&out));
+            assert!(
+                code != Some(4) && code != Some(124),
+                "{code:?}: {}",
+                text(&out)
+            );
             assert_eq!(
                 c.queue_state("outsiders.q"),
                 "",
