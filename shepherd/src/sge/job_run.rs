@@ -369,7 +369,7 @@ impl JobRun {
             .trace(&format!("starting {}: {:?}", kind.key(), proc.argv));
         let mut child = proc
             .spawn(&env, &p.cwd, stdout, stderr)
-            .map_err(|e| Failure::new(before, e.to_string()))?;
+            .map_err(|e| Failure::new(e.state(kind), e.to_string()))?;
         let timeout = Duration::from_secs(self.config.number("script_timeout", 120).unwrap_or(120));
         let start = Instant::now();
         let mut queued: Vec<i32> = Vec::new();

@@ -152,13 +152,30 @@ impl JobUser {
         self.with_rights(|| std::fs::read(path))
     }
 
-    /// Whether the job user can enter `dir`.
+    /// The job owner's identity for one thread (see [`vmm::ThreadCredentials`]).
+    pub fn thread_credentials(&self) -> vmm::ThreadCredentials {
+        vmm::ThreadCredentials {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
+    }
+
+    /// Whether the job user can enter `dir`. The check runs on a thread that has taken the job
+    /// user's real and effective ids: access(2) answers for the real ids, so [`Self::with_rights`]
+    /// (effective ids only) would ask root, who may enter any directory.
     pub fn can_enter(&self, dir: &Path) -> bool {
-        self.with_rights(|| {
-            nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK).map_err(std::io::Error::from)
-        })
-        .is_ok()
-            && dir.is_dir()
+        let check = || {
+            nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK).is_ok()
+                && std::fs::metadata(dir).is_ok_and(|m| m.is_dir())
+        };
+        if !nix::unistd::getuid().is_root() {
+            // not privileged (tests): the caller's own rights are the best we have
+            return check();
+        }
+        self.thread_credentials()
+            .run_on_own_thread(check)
+            .unwrap_or(false)
     }
 }
 
@@ -199,6 +216,32 @@ mod tests {
         assert!(u.open_input(tmp.path()).is_err());
         assert!(u.can_enter(tmp.path()));
         assert!(!u.can_enter(&tmp.path().join("missing")));
+    }
+
+    #[test]
+    fn a_directory_root_may_enter_but_the_job_user_may_not_is_refused() {
+        if !nix::unistd::getuid().is_root() {
+            eprintln!("SKIPPED: a_directory_root_may_enter_but_the_job_user_may_not_is_refused needs root");
+            return;
+        }
+        let Ok(u) = JobUser::from_config(&JobConfig::parse("job_owner=nobody\n")) else {
+            eprintln!("SKIPPED: a_directory_root_may_enter_but_the_job_user_may_not_is_refused: no user nobody");
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        let locked = tmp.path().join("locked");
+        for (dir, mode) in [(tmp.path(), 0o755), (&*open, 0o755), (&*locked, 0o700)] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+        }
+        assert!(u.can_enter(&open));
+        // root's access(2) would say yes: the answer must be the job user's
+        assert!(!u.can_enter(&locked));
+        assert!(!u.can_enter(&locked.join("below")));
+        // and the caller keeps its own identity
+        assert!(nix::unistd::geteuid().is_root());
     }
 
     #[test]
