@@ -190,7 +190,10 @@ mod tests {
         let best = |n| (0..3).map(|_| parse_timed(n).1).min().unwrap();
         let small = best(5_000).max(std::time::Duration::from_micros(500));
         let large = best(40_000);
-        assert!(large < small * 24, "5,000 vars: {small:?}; 40,000 vars: {large:?}");
+        assert!(
+            large < small * 24,
+            "5,000 vars: {small:?}; 40,000 vars: {large:?}"
+        );
     }
 
     proptest! {

@@ -22,6 +22,7 @@ use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
 use super::signal_relay::SignalRelay;
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
+use super::spawn_size;
 use super::state::{job_exit_state, ShepherdState};
 use super::usage::{JobEnd, UsageRecord};
 use crate::image::selection::{self, ImagePolicy};
@@ -448,7 +449,7 @@ impl JobRun {
         let delivery = if vm.share_job_dirs {
             ScriptDelivery::SharedPath
         } else {
-            ScriptDelivery::Environment
+            ScriptDelivery::Copied
         };
         let mut command = job_argv::build(c, delivery, |path| p.user.read(path))
             .map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
@@ -461,21 +462,33 @@ impl JobRun {
         let vcpus = vm.vcpus.unwrap_or(slots).max(1);
         let filesystems = self.filesystems(p, vm)?;
 
+        let job_stdin_null = p.streams.stdin == Path::new("/dev/null");
         let stdin: StdinSource = if let Some(script) = command.stdin_script.take() {
             StdinSource::Reader(Box::new(std::io::Cursor::new(script)))
-        } else if p.streams.stdin == Path::new("/dev/null") {
-            StdinSource::Null
         } else {
-            let f = p.user.open_input(&p.streams.stdin).map_err(|e| {
-                Failure::new(
-                    ShepherdState::OpenOutput,
-                    format!(
-                        "error: can't open stdin file \"{}\": {e}",
-                        p.streams.stdin.display()
-                    ),
-                )
-            })?;
-            StdinSource::Reader(Box::new(f))
+            let own: Option<Box<dyn std::io::Read + Send>> = if job_stdin_null {
+                None
+            } else {
+                let f = p.user.open_input(&p.streams.stdin).map_err(|e| {
+                    Failure::new(
+                        ShepherdState::OpenOutput,
+                        format!(
+                            "error: can't open stdin file \"{}\": {e}",
+                            p.streams.stdin.display()
+                        ),
+                    )
+                })?;
+                Some(Box::new(f))
+            };
+            match (command.script_ahead_of_stdin(), own) {
+                (None, None) => StdinSource::Null,
+                (None, Some(own)) => StdinSource::Reader(own),
+                (Some(script), own) => {
+                    let script = std::io::Cursor::new(script.to_vec());
+                    let own = own.unwrap_or_else(|| Box::new(std::io::empty()));
+                    StdinSource::Reader(Box::new(std::io::Read::chain(script, own)))
+                }
+            }
         };
         let stdin_mode = match stdin {
             StdinSource::Null => StdinMode::Null,
@@ -487,7 +500,12 @@ impl JobRun {
             // without shares the guest does not see the host's directories
             PathBuf::from("/tmp")
         };
-        let spawn = self.spawn_request(p, &command, rlimits, stdin_mode, &guest_cwd);
+        let spawn =
+            self.spawn_request(p, &command, rlimits, stdin_mode, &guest_cwd, job_stdin_null);
+        // the job's own argv and environment: too large for the guest is the job's error,
+        // found before any VM starts
+        spawn_size::check(&spawn)
+            .map_err(|e| Failure::new(ShepherdState::AppError, format!("sge_virtualizer: {e}")))?;
 
         if let Some(g) = p.user.add_grp_id {
             if c.get("write_osjob_id").map(str::trim) != Some("0") {
@@ -619,14 +637,15 @@ impl JobRun {
         rlimits: Vec<guest_agent::protocol::Rlimit>,
         stdin: StdinMode,
         cwd: &Path,
+        job_stdin_null: bool,
     ) -> Spawn {
         let mut env = p.env.clone();
-        if let Some(script) = &command.script {
+        if let Some(script) = command.script_in_environment() {
             env.set(SCRIPT_ENV, &String::from_utf8_lossy(script));
         }
         Spawn {
             argv: command
-                .guest_argv()
+                .guest_argv(job_stdin_null)
                 .into_iter()
                 .map(String::into_bytes)
                 .collect(),

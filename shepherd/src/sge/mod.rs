@@ -21,6 +21,7 @@ pub mod procedure;
 mod signal_relay;
 pub mod signal_source;
 pub mod signals;
+pub mod spawn_size;
 pub mod state;
 pub mod usage;
 
