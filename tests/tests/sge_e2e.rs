@@ -179,6 +179,9 @@ impl Cell {
                 "pe_stop.sh",
                 "#!/bin/sh\necho \"pe_stop exit=$SGE_JOBEXIT_STAT\"\n",
             ),
+            // a job owner's prolog that takes the working directory from its owner after the
+            // shepherd checked it (it runs in it)
+            ("lock_cwd.sh", "#!/bin/sh\nchmod 0 .\n"),
         ] {
             std::fs::write(root.join(name), body).map_err(|e| e.to_string())?;
             std::fs::set_permissions(
@@ -218,6 +221,13 @@ impl Cell {
             &[
                 ("prolog", &prolog),
                 ("epilog", &epilog),
+                ("pe_list", "vmpe"),
+            ],
+        );
+        cell.add_queue(
+            "lockcwd.q",
+            &[
+                ("prolog", &format!("{TEST_ROOT}/lock_cwd.sh")),
                 ("pe_list", "vmpe"),
             ],
         );
@@ -430,6 +440,34 @@ impl Cell {
             .find(|l| l.starts_with(&qi))
             .and_then(|l| l.split_whitespace().nth(5).map(str::to_string))
             .unwrap_or_default()
+    }
+
+    /// Queue instances of this host in an error state (`E` among their state letters).
+    fn queues_in_error(&self) -> Vec<String> {
+        let out = run(Command::new("qstat").args(["-f"]));
+        let suffix = format!("@{}", self.host);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|q| q.ends_with(&suffix))
+            })
+            .filter(|l| l.split_whitespace().nth(5).is_some_and(|s| s.contains('E')))
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    /// Sets `shepherd_cmd`: `none` (the stock shepherd) or the virtualizer.
+    fn set_shepherd(&self, stock: bool) {
+        let bin = Path::new(TEST_ROOT).join("sge_virtualizer");
+        let shepherd = if stock { "none" } else { bin.to_str().unwrap() };
+        let out = run(Command::new(repo_root().join("scripts/sge-cell.sh"))
+            .args(["shepherd", shepherd])
+            .env("SGE_CELL_KEEP_ACTIVE", "true"));
+        assert!(out.status.success(), "{}", text(&out));
+        // execd takes the new configuration with its next load report
+        std::thread::sleep(Duration::from_secs(3));
     }
 
     fn qdel(&self, job: u32) {
@@ -1277,4 +1315,124 @@ fn an_unknown_image_is_the_jobs_error_not_the_queues() {
         assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
         c.qdel(job);
     });
+}
+
+/// Puts the virtualizer back as the shepherd and clears queue errors, whatever happens.
+struct RestoreShepherd<'a>(&'a Cell);
+
+impl Drop for RestoreShepherd<'_> {
+    fn drop(&mut self) {
+        self.0.set_shepherd(false);
+        let _ = run(Command::new("qmod").args(["-c", "*"]));
+    }
+}
+
+/// Runs a job that cannot enter its working directory under the stock shepherd and under ours:
+/// the same job-error state under both, the job in error (Eqw), and no queue of the host in
+/// error. `prepare` makes the job's working directory and returns the qsub arguments.
+fn assert_cwd_failure_like_the_stock_shepherd(
+    c: &Cell,
+    case: &str,
+    prepare: impl Fn(&Path) -> Vec<String>,
+) {
+    let mut states = Vec::new();
+    for stock in [true, false] {
+        c.set_shepherd(stock);
+        let dir = c.work_dir(&format!(
+            "cwd_{case}_{}",
+            if stock { "stock" } else { "vm" }
+        ));
+        let args = prepare(&dir);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let job = c.qsub(&dir, &args);
+        c.wait_eqw(job);
+        let trace = c.active_file(job, "trace").unwrap_or_default();
+        assert_eq!(
+            trace.contains("sge_virtualizer:"),
+            !stock,
+            "{case}: job {job} ran under the wrong shepherd: {trace}"
+        );
+        let state = c
+            .active_file(job, "exit_status")
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let error = c.active_file(job, "error").unwrap_or_default();
+        assert!(
+            c.queues_in_error().is_empty(),
+            "{case} (stock {stock}): queues in error {:?}; exit_status {state}; error {error:?}",
+            c.queues_in_error()
+        );
+        c.qdel(job);
+        states.push((state, error));
+    }
+    assert_eq!(
+        states[1].0, states[0].0,
+        "{case}: our state differs from the stock shepherd's: {states:?}"
+    );
+    assert_eq!(states[1].0, "28", "{case}: {states:?}");
+    // the host's chdir or the guest's: either way the reason says it
+    assert!(
+        states[1].1.contains("Permission denied"),
+        "{case}: {states:?}"
+    );
+}
+
+#[test]
+fn an_unenterable_working_directory_is_the_jobs_error_as_with_the_stock_shepherd() {
+    with_cell(
+        "an_unenterable_working_directory_is_the_jobs_error_as_with_the_stock_shepherd",
+        |c| {
+            let _ = run(Command::new("qmod").args(["-c", "*"]));
+            let _restore = RestoreShepherd(c);
+            // root may enter /root, the job user may not; the queue's prolog and pe_start run
+            // as the job user
+            let root_cwd = |pe: bool| {
+                move |_: &Path| {
+                    let mut a: Vec<String> = ["-q", "prolog.q", "-wd", "/root", "-o", "/dev/null"]
+                        .map(String::from)
+                        .to_vec();
+                    if pe {
+                        a.extend(["-pe", "vmpe", "1"].map(String::from));
+                    }
+                    a.extend(["-j", "y", "-b", "y", "/bin/true"].map(String::from));
+                    a
+                }
+            };
+            assert_cwd_failure_like_the_stock_shepherd(c, "prolog", root_cwd(false));
+            assert_cwd_failure_like_the_stock_shepherd(c, "pe_start", root_cwd(true));
+            // the job owner takes the directory away in the prolog, after every check: the
+            // job itself, and pe_start, then cannot enter it
+            let locked_cwd = |pe: bool| {
+                move |dir: &Path| {
+                    let cwd = dir.join("locked");
+                    let out = run(Command::new("runuser").args([
+                        "-u",
+                        JOB_USER,
+                        "--",
+                        "mkdir",
+                        cwd.to_str().unwrap(),
+                    ]));
+                    assert!(out.status.success(), "{}", text(&out));
+                    let mut a: Vec<String> = vec![
+                        "-q".into(),
+                        "lockcwd.q".into(),
+                        "-wd".into(),
+                        cwd.display().to_string(),
+                        "-o".into(),
+                        dir.join("out.txt").display().to_string(),
+                    ];
+                    if pe {
+                        a.extend(["-pe", "vmpe", "1"].map(String::from));
+                    }
+                    a.extend(["-j", "y", "-b", "y", "/bin/true"].map(String::from));
+                    a
+                }
+            };
+            assert_cwd_failure_like_the_stock_shepherd(c, "changed_job", locked_cwd(false));
+            assert_cwd_failure_like_the_stock_shepherd(c, "changed_pe_start", locked_cwd(true));
+        },
+    );
 }

@@ -310,16 +310,8 @@ impl JobRun {
         );
         let streams = JobStreams::from_config(c)
             .map_err(|e| Failure::new(ShepherdState::BeforeProlog, e.to_string()))?;
-        if !user.can_enter(&cwd) {
-            return Err(Failure::new(
-                ShepherdState::NoCwd,
-                format!(
-                    "error: can't chdir to {}: not accessible for {}",
-                    cwd.display(),
-                    user.name
-                ),
-            ));
-        }
+        // as the stock shepherd's child would find it (its message, its state)
+        user.check_can_enter(&cwd).map_err(|e| no_cwd(&cwd, e))?;
         let open = |p: &Path| open_output(&user, p);
         let stdout = open(&streams.stdout)?;
         let stderr = match &streams.stderr {
@@ -365,6 +357,11 @@ impl JobRun {
         if let Some(s) = exit_stat {
             env.set("SGE_JOBEXIT_STAT", s);
         }
+        // the stock shepherd's child enters the directory before it opens the output files
+        // (pe_start's may lie in it): the same order gives the same state
+        p.user
+            .check_can_enter(&p.cwd)
+            .map_err(|e| no_cwd(&p.cwd, e))?;
         let (stdout, stderr) = self.procedure_output(kind, p, before)?;
         self.dir
             .trace(&format!("starting {}: {:?}", kind.key(), proc.argv));
@@ -723,6 +720,15 @@ impl JobRun {
             }
         }
     }
+}
+
+/// The job owner cannot enter the job's working directory: the job's error (state 28), in the
+/// stock shepherd's words.
+fn no_cwd(cwd: &Path, e: std::io::Error) -> Failure {
+    Failure::new(
+        ShepherdState::NoCwd,
+        format!("error: can't chdir to {}: {e}", cwd.display()),
+    )
 }
 
 /// Opens an output file as the job user; failing is the job's error (state 26), as with the

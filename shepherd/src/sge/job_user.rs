@@ -161,13 +161,16 @@ impl JobUser {
         }
     }
 
-    /// Whether the job user can enter `dir`. The check runs on a thread that has taken the job
-    /// user's real and effective ids: access(2) answers for the real ids, so [`Self::with_rights`]
-    /// (effective ids only) would ask root, who may enter any directory.
-    pub fn can_enter(&self, dir: &Path) -> bool {
+    /// Whether the job user can enter `dir`, and if not, why. The check runs on a thread that
+    /// has taken the job user's real and effective ids: access(2) answers for the real ids, so
+    /// [`Self::with_rights`] (effective ids only) would ask root, who may enter any directory.
+    pub fn check_can_enter(&self, dir: &Path) -> std::io::Result<()> {
         let check = || {
-            nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK).is_ok()
-                && std::fs::metadata(dir).is_ok_and(|m| m.is_dir())
+            nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK)?;
+            if !std::fs::metadata(dir)?.is_dir() {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOTDIR));
+            }
+            Ok(())
         };
         if !nix::unistd::getuid().is_root() {
             // not privileged (tests): the caller's own rights are the best we have
@@ -175,7 +178,7 @@ impl JobUser {
         }
         self.thread_credentials()
             .run_on_own_thread(check)
-            .unwrap_or(false)
+            .map_err(std::io::Error::other)?
     }
 }
 
@@ -214,8 +217,9 @@ mod tests {
         u.open_output(&p).unwrap().write_all(b"b").unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "ab");
         assert!(u.open_input(tmp.path()).is_err());
-        assert!(u.can_enter(tmp.path()));
-        assert!(!u.can_enter(&tmp.path().join("missing")));
+        u.check_can_enter(tmp.path()).unwrap();
+        let missing = u.check_can_enter(&tmp.path().join("missing")).unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
     }
 
     #[test]
@@ -236,10 +240,12 @@ mod tests {
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
                 .unwrap();
         }
-        assert!(u.can_enter(&open));
+        u.check_can_enter(&open).unwrap();
         // root's access(2) would say yes: the answer must be the job user's
-        assert!(!u.can_enter(&locked));
-        assert!(!u.can_enter(&locked.join("below")));
+        for dir in [locked.clone(), locked.join("below")] {
+            let err = u.check_can_enter(&dir).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{dir:?}");
+        }
         // and the caller keeps its own identity
         assert!(nix::unistd::geteuid().is_root());
     }
