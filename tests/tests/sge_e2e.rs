@@ -129,7 +129,8 @@ impl Cell {
                  image_store = \"{IMAGE_STORE}\"\njob_images = [\"bookworm\", \"nosuch\"]\n\
                  [queues.\"bullseye.q\"]\nimage = \"bullseye\"\n\
                  [queues.\"nokernel.q\"]\nkernel = \"{r}/missing/vmlinux\"\n\
-                 [queues.\"badvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n",
+                 [queues.\"badvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n\
+                 [queues.\"noshare.q\"]\nshare_job_dirs = false\n",
                 r = TEST_ROOT
             ),
         )
@@ -158,7 +159,13 @@ impl Cell {
             host,
             guest_release,
         };
-        for q in ["nokernel.q", "badvm.q", "settings.q", "bullseye.q"] {
+        for q in [
+            "nokernel.q",
+            "badvm.q",
+            "settings.q",
+            "bullseye.q",
+            "noshare.q",
+        ] {
             cell.add_queue(q, &[]);
         }
         let root = Path::new(TEST_ROOT);
@@ -298,6 +305,12 @@ impl Cell {
     /// Submits as the job user from `dir` (to all.q unless `args` name a queue: the other
     /// queues are the fault tests'); returns the job id.
     fn qsub(&self, dir: &Path, args: &[&str]) -> u32 {
+        self.try_qsub(dir, args)
+            .unwrap_or_else(|e| panic!("qsub {args:?}: {e}"))
+    }
+
+    /// [`Self::qsub`], with qsub's complaint when it refuses the job.
+    fn try_qsub(&self, dir: &Path, args: &[&str]) -> Result<u32, String> {
         let queue: &[&str] = if args.contains(&"-q") {
             &[]
         } else {
@@ -308,13 +321,15 @@ impl Cell {
             .args(["qsub", "-terse", "-cwd"])
             .args(queue)
             .args(args));
-        assert!(out.status.success(), "qsub {args:?}: {}", text(&out));
+        if !out.status.success() {
+            return Err(text(&out));
+        }
         let s = String::from_utf8_lossy(&out.stdout);
-        s.trim()
+        Ok(s.trim()
             .split('.')
             .next()
             .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("qsub printed {s:?}"))
+            .unwrap_or_else(|| panic!("qsub printed {s:?}")))
     }
 
     /// The accounting records of `job` (one per run), as key → value.
@@ -1433,6 +1448,89 @@ fn an_unenterable_working_directory_is_the_jobs_error_as_with_the_stock_shepherd
             };
             assert_cwd_failure_like_the_stock_shepherd(c, "changed_job", locked_cwd(false));
             assert_cwd_failure_like_the_stock_shepherd(c, "changed_pe_start", locked_cwd(true));
+        },
+    );
+}
+
+#[test]
+fn a_one_mib_script_and_one_with_a_nul_byte_run_with_and_without_shared_directories() {
+    with_cell(
+        "a_one_mib_script_and_one_with_a_nul_byte_run_with_and_without_shared_directories",
+        |c| {
+            let dir = c.work_dir("bigscript");
+            // 1 MiB: far beyond one argument or environment string (128 KiB) and beyond one
+            // protocol frame; it reads the job's own stdin after it
+            let mut big = b"#!/bin/sh\necho \"big $1\"\ncat\nexit 0\n#".to_vec();
+            big.resize(1 << 20, b'x');
+            big.push(b'\n');
+            std::fs::write(dir.join("big.sh"), &big).unwrap();
+            let nul = b"#!/bin/sh\necho nul\nexit 0\n#\0after the NUL\n";
+            std::fs::write(dir.join("nul.sh"), nul).unwrap();
+            c.script(&dir, "input.txt", "the job's stdin\n");
+            let u = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
+            for f in ["big.sh", "nul.sh"] {
+                std::os::unix::fs::chown(dir.join(f), Some(u.uid.as_raw()), Some(u.gid.as_raw()))
+                    .unwrap();
+            }
+            let _ = run(Command::new("qmod").args(["-c", "*"]));
+            for queue in ["noshare.q", "all.q"] {
+                let out = |name: &str| dir.join(format!("{name}.{queue}.out"));
+                let big_job = c.qsub(
+                    &dir,
+                    &[
+                        "-q",
+                        queue,
+                        "-i",
+                        dir.join("input.txt").to_str().unwrap(),
+                        "-o",
+                        out("big").to_str().unwrap(),
+                        "-j",
+                        "y",
+                        "big.sh",
+                        "arg",
+                    ],
+                );
+                // qsub itself refuses a script with a NUL byte ("Script length does not match
+                // declared length"): then nothing reaches the shepherd (its unit tests cover it)
+                let nul_out = out("nul");
+                let nul_args = [
+                    "-q",
+                    queue,
+                    "-o",
+                    nul_out.to_str().unwrap(),
+                    "-j",
+                    "y",
+                    "nul.sh",
+                ];
+                let nul_job = match c.try_qsub(&dir, &nul_args) {
+                    Ok(job) => Some(job),
+                    Err(e) if e.contains("Script length does not match") => None,
+                    Err(e) => panic!("qsub nul.sh: {e}"),
+                };
+                for job in std::iter::once(big_job).chain(nul_job) {
+                    let rec = c.wait_accounting(job, 1, JOB_WAIT);
+                    assert_eq!(
+                        number(&rec[0], "failed"),
+                        0.0,
+                        "{queue}: {rec:?}; error: {:?}",
+                        c.active_file(job, "error")
+                    );
+                    assert_eq!(number(&rec[0], "exit_status"), 0.0, "{queue}: {rec:?}");
+                }
+                assert_eq!(
+                    std::fs::read_to_string(out("big")).unwrap_or_default(),
+                    "big arg\nthe job's stdin\n",
+                    "{queue}"
+                );
+                if nul_job.is_some() {
+                    assert_eq!(
+                        std::fs::read_to_string(out("nul")).unwrap_or_default(),
+                        "nul\n",
+                        "{queue}"
+                    );
+                }
+                assert!(c.queues_in_error().is_empty(), "{:?}", c.queues_in_error());
+            }
         },
     );
 }
