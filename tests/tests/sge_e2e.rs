@@ -1534,3 +1534,60 @@ fn a_one_mib_script_and_one_with_a_nul_byte_run_with_and_without_shared_director
         },
     );
 }
+
+#[test]
+fn an_environment_too_large_for_the_guest_is_the_jobs_error_before_any_vm() {
+    with_cell(
+        "an_environment_too_large_for_the_guest_is_the_jobs_error_before_any_vm",
+        |c| {
+            let dir = c.work_dir("bigenv");
+            let _ = run(Command::new("qmod").args(["-c", "*"]));
+            // 2,000 variables, 1.3 MB: more than one message to the guest agent takes (and
+            // less than the host's execve takes for qsub; Grid Engine itself takes minutes to
+            // dispatch a job with tens of thousands of variables)
+            let vars: Vec<(String, String)> = (0..2_000)
+                .map(|i| (format!("SGE_E2E_VAR_{i:05}"), "x".repeat(640)))
+                .collect();
+            let start = Instant::now();
+            // not run(): its panic message would print every variable
+            let out = Command::new("runuser")
+                .args(["-u", JOB_USER, "--", "env", "-C", dir.to_str().unwrap()])
+                .args([
+                    "qsub",
+                    "-terse",
+                    "-V",
+                    "-q",
+                    "all.q",
+                    "-o",
+                    "/dev/null",
+                    "-j",
+                    "y",
+                ])
+                .args(["-b", "y", "/bin/true"])
+                .envs(vars)
+                .output()
+                .unwrap_or_else(|e| panic!("running qsub -V with 2,000 variables: {e}"));
+            assert!(out.status.success(), "qsub: {}", text(&out));
+            let job: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            c.wait_eqw(job);
+            let error = c.active_file(job, "error").unwrap_or_default();
+            assert!(
+                error.starts_with("sge_virtualizer: the job's arguments and environment"),
+                "error file: {error:?}"
+            );
+            assert_eq!(
+                c.active_file(job, "exit_status").unwrap_or_default(),
+                "30\n"
+            );
+            // refused before any VM: nothing was started for it
+            let trace = c.active_file(job, "trace").unwrap_or_default();
+            assert!(!trace.contains("starting VM"), "{trace}");
+            assert!(c.queues_in_error().is_empty(), "{:?}", c.queues_in_error());
+            eprintln!(
+                "2,000 variables: job in Eqw {:?} after qsub",
+                start.elapsed()
+            );
+            c.qdel(job);
+        },
+    );
+}
