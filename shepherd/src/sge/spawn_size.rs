@@ -77,7 +77,7 @@ fn stack_limit(spawn: &Spawn) -> u64 {
     spawn
         .rlimits
         .iter()
-        .find(|r| r.resource == libc::RLIMIT_STACK as u32)
+        .find(|r| r.resource == libc::RLIMIT_STACK)
         .map_or(DEFAULT_STACK, |r| r.soft)
 }
 
@@ -143,7 +143,7 @@ mod tests {
             .collect();
         let s = Spawn {
             rlimits: vec![Rlimit {
-                resource: libc::RLIMIT_STACK as u32,
+                resource: libc::RLIMIT_STACK,
                 soft: RLIM_INFINITY,
                 hard: RLIM_INFINITY,
             }],
@@ -160,7 +160,7 @@ mod tests {
             .collect();
         let with_stack = |soft| Spawn {
             rlimits: vec![Rlimit {
-                resource: libc::RLIMIT_STACK as u32,
+                resource: libc::RLIMIT_STACK,
                 soft,
                 hard: RLIM_INFINITY,
             }],
