@@ -1289,9 +1289,10 @@ fn a_cwd_the_job_user_cannot_reach_is_the_jobs_error_not_a_requeue() {
             std::fs::create_dir(&dir).unwrap();
             let u = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
             std::os::unix::fs::chown(&dir, Some(u.uid.as_raw()), Some(u.gid.as_raw())).unwrap();
-            // Submitted on hold, then taken from the job user: the shepherd (root) still sees
-            // it, the job user's file server would not. Output goes elsewhere, so opening the
-            // output files (as the job user, first) does not fail instead.
+            // Submitted on hold, then taken from the job user: root could still enter it, the
+            // job user cannot, and the shepherd asks for the job user (before any VM, as the
+            // stock shepherd's chdir would: state 28). Output goes elsewhere, so opening the
+            // output files does not fail instead.
             let job = c.qsub(
                 &dir,
                 &["-h", "-o", "/dev/null", "-j", "y", "-b", "y", "/bin/true"],
@@ -1304,10 +1305,13 @@ fn a_cwd_the_job_user_cannot_reach_is_the_jobs_error_not_a_requeue() {
             c.wait_eqw(job);
             let error = c.active_file(job, "error").unwrap_or_default();
             assert!(
-                error.starts_with("sge_virtualizer: ") && error.contains("cannot reach it"),
+                error.starts_with(&format!("error: can't chdir to {}: ", dir.display())),
                 "error file: {error:?}"
             );
-            assert_exit_status_written(c, job);
+            assert_eq!(
+                c.active_file(job, "exit_status").unwrap_or_default(),
+                "28\n"
+            );
             assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
             c.qdel(job);
         },
