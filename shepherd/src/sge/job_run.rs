@@ -14,6 +14,7 @@ use super::config::{JobConfig, TaskKind};
 use super::control_method::{ControlMethods, MethodRunner};
 use super::delegation;
 use super::environment::JobEnvironment;
+use super::fault::{Fault, JobCause};
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
 use super::limits;
@@ -57,12 +58,16 @@ impl Failure {
             no_resources: false,
         }
     }
-    fn no_resources(message: impl Into<String>) -> Self {
+    /// A failure whose state follows from who owns its cause.
+    fn of(fault: Fault, message: impl Into<String>) -> Self {
         Failure {
-            state: ShepherdState::Again,
+            state: fault.state(),
             message: message.into(),
-            no_resources: true,
+            no_resources: fault.no_resources(),
         }
+    }
+    fn no_resources(message: impl Into<String>) -> Self {
+        Self::of(Fault::Shortage, message)
     }
 }
 
@@ -294,7 +299,7 @@ impl JobRun {
         ));
         // a bad settings file is this host's problem: fail before the prolog, in the queue only
         let vm = Settings::load()
-            .map_err(|e| Failure::new(ShepherdState::BeforeJob, format!("sge_virtualizer: {e}")))?
+            .map_err(|e| Failure::of(Fault::Queue, format!("sge_virtualizer: {e}")))?
             .for_queue(c.get("queue").unwrap_or_default());
         let methods = ControlMethods::from_config(c).map_err(|e| {
             Failure::new(ShepherdState::BeforeProlog, format!("sge_virtualizer: {e}"))
@@ -441,7 +446,8 @@ impl JobRun {
     /// Starts the VM and the job, relays signals until it ends.
     fn job(&mut self, p: &Prepared) -> Result<UsageRecord, Failure> {
         let c = &self.config;
-        let before_job = |e: String| Failure::new(ShepherdState::BeforeJob, e);
+        // the job's queue: its settings, the job's config as execd wrote it, this host
+        let before_job = |e: String| Failure::of(Fault::Queue, e);
         let vm = &p.vm;
         let delivery = if vm.share_job_dirs {
             ScriptDelivery::SharedPath
@@ -467,8 +473,8 @@ impl JobRun {
                 None
             } else {
                 let f = p.user.open_input(&p.streams.stdin).map_err(|e| {
-                    Failure::new(
-                        ShepherdState::OpenOutput,
+                    Failure::of(
+                        Fault::Job(JobCause::File),
                         format!(
                             "error: can't open stdin file \"{}\": {e}",
                             p.streams.stdin.display()
@@ -501,8 +507,12 @@ impl JobRun {
             self.spawn_request(p, &command, rlimits, stdin_mode, &guest_cwd, job_stdin_null);
         // the job's own argv and environment: too large for the guest is the job's error,
         // found before any VM starts
-        spawn_size::check(&spawn)
-            .map_err(|e| Failure::new(ShepherdState::AppError, format!("sge_virtualizer: {e}")))?;
+        spawn_size::check(&spawn).map_err(|e| {
+            Failure::of(
+                Fault::Job(JobCause::Request),
+                format!("sge_virtualizer: {e}"),
+            )
+        })?;
 
         if let Some(g) = p.user.add_grp_id {
             if c.get("write_osjob_id").map(str::trim) != Some("0") {
@@ -560,13 +570,13 @@ impl JobRun {
             }),
         };
         let running = launch::launch_in(spec, &filesystems, io).map_err(|e| match &e {
-            LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. } => Failure::new(
-                ShepherdState::NoCwd,
+            LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. } => Failure::of(
+                Fault::Job(JobCause::Cwd),
                 format!("sge_virtualizer: can't give the job its directories: {e}"),
             ),
             // the job's own request (an image it may not have, or a broken image): job error
-            _ if e.is_job_error() => Failure::new(
-                ShepherdState::AppError,
+            _ if e.is_job_error() => Failure::of(
+                Fault::Job(JobCause::Request),
                 format!("sge_virtualizer: the job's OS image is unusable: {e}"),
             ),
             _ => Failure::no_resources(format!(
@@ -600,8 +610,13 @@ impl JobRun {
             queue_image: vm.image.as_deref(),
             job_may_request: &vm.job_images,
         };
-        let image = selection::choose(&policy, p.env.get(selection::JOB_IMAGE_VAR))
-            .map_err(|e| Failure::new(ShepherdState::AppError, format!("sge_virtualizer: {e}")))?;
+        let image =
+            selection::choose(&policy, p.env.get(selection::JOB_IMAGE_VAR)).map_err(|e| {
+                Failure::of(
+                    Fault::Job(JobCause::Request),
+                    format!("sge_virtualizer: {e}"),
+                )
+            })?;
         let configured: Vec<SharedDir> = vm.shares.iter().map(SharedDir::new).collect();
         let shares = if vm.share_job_dirs {
             let tmpdir = p.env.get("TMPDIR").map(PathBuf::from);
@@ -725,8 +740,8 @@ impl JobRun {
 /// The job owner cannot enter the job's working directory: the job's error (state 28), in the
 /// stock shepherd's words.
 fn no_cwd(cwd: &Path, e: std::io::Error) -> Failure {
-    Failure::new(
-        ShepherdState::NoCwd,
+    Failure::of(
+        Fault::Job(JobCause::Cwd),
         format!("error: can't chdir to {}: {e}", cwd.display()),
     )
 }
@@ -735,8 +750,8 @@ fn no_cwd(cwd: &Path, e: std::io::Error) -> Failure {
 /// stock shepherd.
 fn open_output(user: &JobUser, path: &Path) -> Result<File, Failure> {
     user.open_output(path).map_err(|e| {
-        Failure::new(
-            ShepherdState::OpenOutput,
+        Failure::of(
+            Fault::Job(JobCause::File),
             format!("error: can't open output file \"{}\": {e}", path.display()),
         )
     })

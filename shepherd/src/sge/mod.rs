@@ -11,6 +11,7 @@ pub mod control_method;
 pub mod delegation;
 pub mod environment;
 pub mod expand;
+pub mod fault;
 pub mod job_argv;
 mod job_run;
 pub mod job_user;

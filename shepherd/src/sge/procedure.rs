@@ -16,6 +16,7 @@ use nix::unistd::User;
 use super::config::JobConfig;
 use super::environment::JobEnvironment;
 use super::expand::{expand, ExpandError, PE_VARIABLES, PROLOG_EPILOG_VARIABLES};
+use super::fault::{Fault, JobCause};
 use super::job_user::JobUser;
 use super::state::{script_result_state, ShepherdState};
 
@@ -97,7 +98,7 @@ impl ProcedureError {
     /// `SSTATE_NO_CWD` before it fails); anything else means the procedure could not start.
     pub fn state(&self, kind: ProcedureKind) -> ShepherdState {
         match self {
-            ProcedureError::Cwd { .. } => ShepherdState::NoCwd,
+            ProcedureError::Cwd { .. } => Fault::Job(JobCause::Cwd).state(),
             _ => kind.states().0,
         }
     }
