@@ -99,6 +99,11 @@ impl ProcedureError {
     pub fn state(&self, kind: ProcedureKind) -> ShepherdState {
         match self {
             ProcedureError::Cwd { .. } => Fault::Job(JobCause::Cwd).state(),
+            // the procedure's own command line is short: what exec refuses as too large is
+            // the job's environment, which the procedure gets
+            ProcedureError::Spawn { source, .. } if source.raw_os_error() == Some(libc::E2BIG) => {
+                Fault::Job(JobCause::Request).state()
+            }
             _ => kind.states().0,
         }
     }
@@ -455,6 +460,29 @@ mod tests {
                 "{err}"
             );
         }
+        // an environment too large for exec is the job's (it comes from the job)
+        let c = JobConfig::parse("epilog=/bin/true\n");
+        let p = Procedure::from_config(ProcedureKind::Epilog, &c, &root())
+            .unwrap()
+            .unwrap();
+        // 8 MB: beyond what exec takes even under an unlimited stack (6 MiB)
+        let mut huge = JobEnvironment::default();
+        for i in 0..80 {
+            huge.set(&format!("BIG_{i}"), &"x".repeat(100_000));
+        }
+        let err = p
+            .spawn(
+                &huge,
+                tmp.path(),
+                f.try_clone().unwrap(),
+                f.try_clone().unwrap(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProcedureError::Spawn { source, .. } if source.raw_os_error() == Some(libc::E2BIG)),
+            "{err:?}"
+        );
+        assert_eq!(err.state(ProcedureKind::Epilog), ShepherdState::AppError);
         // a program that cannot be exec'd, in a good directory, is still "before"
         let c = JobConfig::parse("pe_start=/nonexistent/pe_start\n");
         let p = Procedure::from_config(ProcedureKind::PeStart, &c, &root())
