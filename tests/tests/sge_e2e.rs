@@ -130,7 +130,8 @@ impl Cell {
                  [queues.\"bullseye.q\"]\nimage = \"bullseye\"\n\
                  [queues.\"nokernel.q\"]\nkernel = \"{r}/missing/vmlinux\"\n\
                  [queues.\"badvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n\
-                 [queues.\"outsiders.q\"]\ndelegate = \"never\"\n",
+                 [queues.\"outsiders.q\"]\ndelegate = \"never\"\n\
+                 [queues.\"noshare.q\"]\nshare_job_dirs = false\n",
                 r = TEST_ROOT
             ),
         )
@@ -165,6 +166,7 @@ impl Cell {
             "settings.q",
             "bullseye.q",
             "outsiders.q",
+            "noshare.q",
         ] {
             cell.add_queue(q, &[]);
         }
@@ -186,6 +188,9 @@ impl Cell {
                 "pe_stop.sh",
                 "#!/bin/sh\necho \"pe_stop exit=$SGE_JOBEXIT_STAT\"\n",
             ),
+            // a job owner's prolog that takes the working directory from its owner after the
+            // shepherd checked it (it runs in it)
+            ("lock_cwd.sh", "#!/bin/sh\nchmod 0 .\n"),
         ] {
             std::fs::write(root.join(name), body).map_err(|e| e.to_string())?;
             std::fs::set_permissions(
@@ -225,6 +230,13 @@ impl Cell {
             &[
                 ("prolog", &prolog),
                 ("epilog", &epilog),
+                ("pe_list", "vmpe"),
+            ],
+        );
+        cell.add_queue(
+            "lockcwd.q",
+            &[
+                ("prolog", &format!("{TEST_ROOT}/lock_cwd.sh")),
                 ("pe_list", "vmpe"),
             ],
         );
@@ -295,6 +307,12 @@ impl Cell {
     /// Submits as the job user from `dir` (to all.q unless `args` name a queue: the other
     /// queues are the fault tests'); returns the job id.
     fn qsub(&self, dir: &Path, args: &[&str]) -> u32 {
+        self.try_qsub(dir, args)
+            .unwrap_or_else(|e| panic!("qsub {args:?}: {e}"))
+    }
+
+    /// [`Self::qsub`], with qsub's complaint when it refuses the job.
+    fn try_qsub(&self, dir: &Path, args: &[&str]) -> Result<u32, String> {
         let queue: &[&str] = if args.contains(&"-q") {
             &[]
         } else {
@@ -305,13 +323,15 @@ impl Cell {
             .args(["qsub", "-terse", "-cwd"])
             .args(queue)
             .args(args));
-        assert!(out.status.success(), "qsub {args:?}: {}", text(&out));
+        if !out.status.success() {
+            return Err(text(&out));
+        }
         let s = String::from_utf8_lossy(&out.stdout);
-        s.trim()
+        Ok(s.trim()
             .split('.')
             .next()
             .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("qsub printed {s:?}"))
+            .unwrap_or_else(|| panic!("qsub printed {s:?}")))
     }
 
     /// The accounting records of `job` (one per run), as key → value.
@@ -437,6 +457,34 @@ impl Cell {
             .find(|l| l.starts_with(&qi))
             .and_then(|l| l.split_whitespace().nth(5).map(str::to_string))
             .unwrap_or_default()
+    }
+
+    /// Queue instances of this host in an error state (`E` among their state letters).
+    fn queues_in_error(&self) -> Vec<String> {
+        let out = run(Command::new("qstat").args(["-f"]));
+        let suffix = format!("@{}", self.host);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|q| q.ends_with(&suffix))
+            })
+            .filter(|l| l.split_whitespace().nth(5).is_some_and(|s| s.contains('E')))
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    /// Sets `shepherd_cmd`: `none` (the stock shepherd) or the virtualizer.
+    fn set_shepherd(&self, stock: bool) {
+        let bin = Path::new(TEST_ROOT).join("sge_virtualizer");
+        let shepherd = if stock { "none" } else { bin.to_str().unwrap() };
+        let out = run(Command::new(repo_root().join("scripts/sge-cell.sh"))
+            .args(["shepherd", shepherd])
+            .env("SGE_CELL_KEEP_ACTIVE", "true"));
+        assert!(out.status.success(), "{}", text(&out));
+        // execd takes the new configuration with its next load report
+        std::thread::sleep(Duration::from_secs(3));
     }
 
     fn qdel(&self, job: u32) {
@@ -1286,9 +1334,10 @@ fn a_cwd_the_job_user_cannot_reach_is_the_jobs_error_not_a_requeue() {
             std::fs::create_dir(&dir).unwrap();
             let u = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
             std::os::unix::fs::chown(&dir, Some(u.uid.as_raw()), Some(u.gid.as_raw())).unwrap();
-            // Submitted on hold, then taken from the job user: the shepherd (root) still sees
-            // it, the job user's file server would not. Output goes elsewhere, so opening the
-            // output files (as the job user, first) does not fail instead.
+            // Submitted on hold, then taken from the job user: root could still enter it, the
+            // job user cannot, and the shepherd asks for the job user (before any VM, as the
+            // stock shepherd's chdir would: state 28). Output goes elsewhere, so opening the
+            // output files does not fail instead.
             let job = c.qsub(
                 &dir,
                 &["-h", "-o", "/dev/null", "-j", "y", "-b", "y", "/bin/true"],
@@ -1301,10 +1350,13 @@ fn a_cwd_the_job_user_cannot_reach_is_the_jobs_error_not_a_requeue() {
             c.wait_eqw(job);
             let error = c.active_file(job, "error").unwrap_or_default();
             assert!(
-                error.starts_with("sge_virtualizer: ") && error.contains("cannot reach it"),
+                error.starts_with(&format!("error: can't chdir to {}: ", dir.display())),
                 "error file: {error:?}"
             );
-            assert_exit_status_written(c, job);
+            assert_eq!(
+                c.active_file(job, "exit_status").unwrap_or_default(),
+                "28\n"
+            );
             assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
             c.qdel(job);
         },
@@ -1362,4 +1414,264 @@ fn an_unknown_image_is_the_jobs_error_not_the_queues() {
         assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
         c.qdel(job);
     });
+}
+
+/// Puts the virtualizer back as the shepherd and clears queue errors, whatever happens.
+struct RestoreShepherd<'a>(&'a Cell);
+
+impl Drop for RestoreShepherd<'_> {
+    fn drop(&mut self) {
+        self.0.set_shepherd(false);
+        let _ = run(Command::new("qmod").args(["-c", "*"]));
+    }
+}
+
+/// Runs a job that cannot enter its working directory under the stock shepherd and under ours:
+/// the same job-error state under both, the job in error (Eqw), and no queue of the host in
+/// error. `prepare` makes the job's working directory and returns the qsub arguments.
+fn assert_cwd_failure_like_the_stock_shepherd(
+    c: &Cell,
+    case: &str,
+    prepare: impl Fn(&Path) -> Vec<String>,
+) {
+    let mut states = Vec::new();
+    for stock in [true, false] {
+        c.set_shepherd(stock);
+        let dir = c.work_dir(&format!(
+            "cwd_{case}_{}",
+            if stock { "stock" } else { "vm" }
+        ));
+        let args = prepare(&dir);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let job = c.qsub(&dir, &args);
+        c.wait_eqw(job);
+        let trace = c.active_file(job, "trace").unwrap_or_default();
+        assert_eq!(
+            trace.contains("sge_virtualizer:"),
+            !stock,
+            "{case}: job {job} ran under the wrong shepherd: {trace}"
+        );
+        let state = c
+            .active_file(job, "exit_status")
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let error = c.active_file(job, "error").unwrap_or_default();
+        assert!(
+            c.queues_in_error().is_empty(),
+            "{case} (stock {stock}): queues in error {:?}; exit_status {state}; error {error:?}",
+            c.queues_in_error()
+        );
+        c.qdel(job);
+        states.push((state, error));
+    }
+    assert_eq!(
+        states[1].0, states[0].0,
+        "{case}: our state differs from the stock shepherd's: {states:?}"
+    );
+    assert_eq!(states[1].0, "28", "{case}: {states:?}");
+    // the host's chdir or the guest's: either way the reason says it
+    assert!(
+        states[1].1.contains("Permission denied"),
+        "{case}: {states:?}"
+    );
+}
+
+#[test]
+fn an_unenterable_working_directory_is_the_jobs_error_as_with_the_stock_shepherd() {
+    with_cell(
+        "an_unenterable_working_directory_is_the_jobs_error_as_with_the_stock_shepherd",
+        |c| {
+            let _ = run(Command::new("qmod").args(["-c", "*"]));
+            let _restore = RestoreShepherd(c);
+            // root may enter /root, the job user may not; the queue's prolog and pe_start run
+            // as the job user
+            let root_cwd = |pe: bool| {
+                move |_: &Path| {
+                    let mut a: Vec<String> = ["-q", "prolog.q", "-wd", "/root", "-o", "/dev/null"]
+                        .map(String::from)
+                        .to_vec();
+                    if pe {
+                        a.extend(["-pe", "vmpe", "1"].map(String::from));
+                    }
+                    a.extend(["-j", "y", "-b", "y", "/bin/true"].map(String::from));
+                    a
+                }
+            };
+            assert_cwd_failure_like_the_stock_shepherd(c, "prolog", root_cwd(false));
+            assert_cwd_failure_like_the_stock_shepherd(c, "pe_start", root_cwd(true));
+            // the job owner takes the directory away in the prolog, after every check: the
+            // job itself, and pe_start, then cannot enter it
+            let locked_cwd = |pe: bool| {
+                move |dir: &Path| {
+                    let cwd = dir.join("locked");
+                    let out = run(Command::new("runuser").args([
+                        "-u",
+                        JOB_USER,
+                        "--",
+                        "mkdir",
+                        cwd.to_str().unwrap(),
+                    ]));
+                    assert!(out.status.success(), "{}", text(&out));
+                    let mut a: Vec<String> = vec![
+                        "-q".into(),
+                        "lockcwd.q".into(),
+                        "-wd".into(),
+                        cwd.display().to_string(),
+                        "-o".into(),
+                        dir.join("out.txt").display().to_string(),
+                    ];
+                    if pe {
+                        a.extend(["-pe", "vmpe", "1"].map(String::from));
+                    }
+                    a.extend(["-j", "y", "-b", "y", "/bin/true"].map(String::from));
+                    a
+                }
+            };
+            assert_cwd_failure_like_the_stock_shepherd(c, "changed_job", locked_cwd(false));
+            assert_cwd_failure_like_the_stock_shepherd(c, "changed_pe_start", locked_cwd(true));
+        },
+    );
+}
+
+#[test]
+fn a_one_mib_script_and_one_with_a_nul_byte_run_with_and_without_shared_directories() {
+    with_cell(
+        "a_one_mib_script_and_one_with_a_nul_byte_run_with_and_without_shared_directories",
+        |c| {
+            let dir = c.work_dir("bigscript");
+            // 1 MiB: far beyond one argument or environment string (128 KiB) and beyond one
+            // protocol frame; it reads the job's own stdin after it
+            let mut big = b"#!/bin/sh\necho \"big $1\"\ncat\nexit 0\n#".to_vec();
+            big.resize(1 << 20, b'x');
+            big.push(b'\n');
+            std::fs::write(dir.join("big.sh"), &big).unwrap();
+            let nul = b"#!/bin/sh\necho nul\nexit 0\n#\0after the NUL\n";
+            std::fs::write(dir.join("nul.sh"), nul).unwrap();
+            c.script(&dir, "input.txt", "the job's stdin\n");
+            let u = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
+            for f in ["big.sh", "nul.sh"] {
+                std::os::unix::fs::chown(dir.join(f), Some(u.uid.as_raw()), Some(u.gid.as_raw()))
+                    .unwrap();
+            }
+            let _ = run(Command::new("qmod").args(["-c", "*"]));
+            for queue in ["noshare.q", "all.q"] {
+                let out = |name: &str| dir.join(format!("{name}.{queue}.out"));
+                let big_job = c.qsub(
+                    &dir,
+                    &[
+                        "-q",
+                        queue,
+                        "-i",
+                        dir.join("input.txt").to_str().unwrap(),
+                        "-o",
+                        out("big").to_str().unwrap(),
+                        "-j",
+                        "y",
+                        "big.sh",
+                        "arg",
+                    ],
+                );
+                // qsub itself refuses a script with a NUL byte ("Script length does not match
+                // declared length"): then nothing reaches the shepherd (its unit tests cover it)
+                let nul_out = out("nul");
+                let nul_args = [
+                    "-q",
+                    queue,
+                    "-o",
+                    nul_out.to_str().unwrap(),
+                    "-j",
+                    "y",
+                    "nul.sh",
+                ];
+                let nul_job = match c.try_qsub(&dir, &nul_args) {
+                    Ok(job) => Some(job),
+                    Err(e) if e.contains("Script length does not match") => None,
+                    Err(e) => panic!("qsub nul.sh: {e}"),
+                };
+                for job in std::iter::once(big_job).chain(nul_job) {
+                    let rec = c.wait_accounting(job, 1, JOB_WAIT);
+                    assert_eq!(
+                        number(&rec[0], "failed"),
+                        0.0,
+                        "{queue}: {rec:?}; error: {:?}",
+                        c.active_file(job, "error")
+                    );
+                    assert_eq!(number(&rec[0], "exit_status"), 0.0, "{queue}: {rec:?}");
+                }
+                assert_eq!(
+                    std::fs::read_to_string(out("big")).unwrap_or_default(),
+                    "big arg\nthe job's stdin\n",
+                    "{queue}"
+                );
+                if nul_job.is_some() {
+                    assert_eq!(
+                        std::fs::read_to_string(out("nul")).unwrap_or_default(),
+                        "nul\n",
+                        "{queue}"
+                    );
+                }
+                assert!(c.queues_in_error().is_empty(), "{:?}", c.queues_in_error());
+            }
+        },
+    );
+}
+
+#[test]
+fn an_environment_too_large_for_the_guest_is_the_jobs_error_before_any_vm() {
+    with_cell(
+        "an_environment_too_large_for_the_guest_is_the_jobs_error_before_any_vm",
+        |c| {
+            let dir = c.work_dir("bigenv");
+            let _ = run(Command::new("qmod").args(["-c", "*"]));
+            // 2,000 variables, 1.3 MB: more than one message to the guest agent takes (and
+            // less than the host's execve takes for qsub; Grid Engine itself takes minutes to
+            // dispatch a job with tens of thousands of variables)
+            let vars: Vec<(String, String)> = (0..2_000)
+                .map(|i| (format!("SGE_E2E_VAR_{i:05}"), "x".repeat(640)))
+                .collect();
+            let start = Instant::now();
+            // not run(): its panic message would print every variable
+            let out = Command::new("runuser")
+                .args(["-u", JOB_USER, "--", "env", "-C", dir.to_str().unwrap()])
+                .args([
+                    "qsub",
+                    "-terse",
+                    "-V",
+                    "-q",
+                    "all.q",
+                    "-o",
+                    "/dev/null",
+                    "-j",
+                    "y",
+                ])
+                .args(["-b", "y", "/bin/true"])
+                .envs(vars)
+                .output()
+                .unwrap_or_else(|e| panic!("running qsub -V with 2,000 variables: {e}"));
+            assert!(out.status.success(), "qsub: {}", text(&out));
+            let job: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            c.wait_eqw(job);
+            let error = c.active_file(job, "error").unwrap_or_default();
+            assert!(
+                error.starts_with("sge_virtualizer: the job's arguments and environment"),
+                "error file: {error:?}"
+            );
+            assert_eq!(
+                c.active_file(job, "exit_status").unwrap_or_default(),
+                "30\n"
+            );
+            // refused before any VM: nothing was started for it
+            let trace = c.active_file(job, "trace").unwrap_or_default();
+            assert!(!trace.contains("starting VM"), "{trace}");
+            assert!(c.queues_in_error().is_empty(), "{:?}", c.queues_in_error());
+            eprintln!(
+                "2,000 variables: job in Eqw {:?} after qsub",
+                start.elapsed()
+            );
+            c.qdel(job);
+        },
+    );
 }

@@ -113,6 +113,7 @@ impl MethodRunner {
         match spawn_as(
             cmd,
             &self.run_as,
+            &self.run_as,
             &self.env,
             &self.cwd,
             Stdio::null(),

@@ -2,10 +2,12 @@
 //! `handle_as_binary`, `no_shell` and `starter_method`, plus how a job script reaches the guest.
 //!
 //! Where the guest sees the script's directory (shared from the host), the script runs from its
-//! own path as with the stock shepherd. Otherwise the script travels in the environment
-//! variable [`SCRIPT_ENV`] and a tiny `/bin/sh` bootstrap writes it to [`GUEST_SCRIPT_PATH`]
-//! before exec'ing the argv built here (with that path as the script). `script_from_stdin`
-//! feeds the script as the job's stdin either way.
+//! own path as with the stock shepherd. Otherwise a tiny `/bin/sh` bootstrap first writes the
+//! script to [`GUEST_SCRIPT_PATH`] and then execs the argv built here (with that path as the
+//! script). A script that fits in one environment string travels in [`SCRIPT_ENV`]; a larger
+//! one, or one with a NUL byte, travels ahead of the job's stdin, from which the bootstrap takes
+//! exactly its length (any size, any bytes). `script_from_stdin` feeds the script as the job's
+//! stdin either way.
 
 use std::path::Path;
 
@@ -15,9 +17,9 @@ use super::config::{ConfigError, JobConfig};
 pub const GUEST_SCRIPT_PATH: &str = "/tmp/sge_job_script";
 /// The environment variable carrying the script to the bootstrap (removed before the job runs).
 pub const SCRIPT_ENV: &str = "SGE_VM_JOB_SCRIPT";
-/// A single argument (and so the script in [`SCRIPT_ENV`]) may not exceed the kernel's
-/// MAX_ARG_STRLEN (32 pages) in the guest.
-pub const MAX_SCRIPT_BYTES: usize = 128 * 1024 - SCRIPT_ENV.len() - 2;
+/// A single environment string may not exceed the kernel's MAX_ARG_STRLEN (32 pages) in the
+/// guest: larger scripts go through stdin.
+pub const MAX_SCRIPT_ENV_BYTES: usize = 128 * 1024 - SCRIPT_ENV.len() - 2;
 
 /// Why the command could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -29,10 +31,6 @@ pub enum ArgvError {
         path: String,
         source: std::io::Error,
     },
-    #[error("job script {path} is {len} bytes; the guest takes at most {MAX_SCRIPT_BYTES}")]
-    ScriptTooLarge { path: String, len: usize },
-    #[error("job script {0} contains a NUL byte, which cannot be passed to the guest")]
-    ScriptHasNul(String),
 }
 
 /// How a script job's script reaches the guest.
@@ -40,8 +38,30 @@ pub enum ArgvError {
 pub enum ScriptDelivery {
     /// The guest sees the script at its host path (its directory is shared).
     SharedPath,
-    /// Through [`SCRIPT_ENV`] and the bootstrap.
-    Environment,
+    /// Copied by the bootstrap to [`GUEST_SCRIPT_PATH`] (see [`PlacedScript`]).
+    Copied,
+}
+
+/// A script the bootstrap writes to [`GUEST_SCRIPT_PATH`] before the job runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacedScript {
+    /// In the environment variable [`SCRIPT_ENV`] (UTF-8, at most [`MAX_SCRIPT_ENV_BYTES`], no
+    /// NUL).
+    Environment(Vec<u8>),
+    /// Ahead of the job's stdin: the bootstrap reads exactly this many bytes first.
+    StdinPrefix(Vec<u8>),
+}
+
+impl PlacedScript {
+    fn for_script(script: Vec<u8>) -> Self {
+        // the environment is text: other bytes would not arrive as they are
+        let text = std::str::from_utf8(&script).is_ok();
+        if text && script.len() <= MAX_SCRIPT_ENV_BYTES && !script.contains(&0) {
+            PlacedScript::Environment(script)
+        } else {
+            PlacedScript::StdinPrefix(script)
+        }
+    }
 }
 
 /// What to run in the guest.
@@ -49,8 +69,8 @@ pub enum ScriptDelivery {
 pub struct JobCommand {
     /// The job's argv as the stock shepherd would exec it.
     pub argv: Vec<String>,
-    /// The script to place at [`GUEST_SCRIPT_PATH`] first ([`ScriptDelivery::Environment`]).
-    pub script: Option<Vec<u8>>,
+    /// The script to place at [`GUEST_SCRIPT_PATH`] first ([`ScriptDelivery::Copied`]).
+    pub script: Option<PlacedScript>,
     /// `script_from_stdin`: the script, to be the job's stdin.
     pub stdin_script: Option<Vec<u8>>,
 }
@@ -108,15 +128,6 @@ pub fn build(
         path: script_file.clone(),
         source,
     })?;
-    if script.len() > MAX_SCRIPT_BYTES {
-        return Err(ArgvError::ScriptTooLarge {
-            path: script_file,
-            len: script.len(),
-        });
-    }
-    if script.contains(&0) {
-        return Err(ArgvError::ScriptHasNul(script_file));
-    }
     let (mut argv, on_stdin) = argv_for_mode(
         mode,
         starter.is_some(),
@@ -136,7 +147,7 @@ pub fn build(
     } else {
         JobCommand {
             argv,
-            script: Some(script),
+            script: Some(PlacedScript::for_script(script)),
             stdin_script: None,
         }
     })
@@ -160,18 +171,45 @@ fn argv_for_mode(
 
 impl JobCommand {
     /// The argv to send to the guest agent: the job's own, or the bootstrap that first writes
-    /// the script (read from [`SCRIPT_ENV`]) and then execs it.
-    pub fn guest_argv(&self) -> Vec<String> {
-        if self.script.is_none() {
-            return self.argv.clone();
-        }
+    /// the script to [`GUEST_SCRIPT_PATH`] and then execs it. `job_stdin_null`: the job's own
+    /// stdin is `/dev/null` (a script that came ahead of stdin leaves only EOF behind it).
+    pub fn guest_argv(&self, job_stdin_null: bool) -> Vec<String> {
+        let copy = match &self.script {
+            None => return self.argv.clone(),
+            Some(PlacedScript::Environment(_)) => {
+                format!("printf '%s' \"${SCRIPT_ENV}\" >{GUEST_SCRIPT_PATH}")
+            }
+            // one block of exactly the script's length, read in full: nothing of the job's
+            // stdin behind it is consumed
+            Some(PlacedScript::StdinPrefix(script)) => format!(
+                "dd of={GUEST_SCRIPT_PATH} bs={} count=1 iflag=fullblock status=none",
+                script.len().max(1)
+            ),
+        };
+        let stdin = if job_stdin_null { " </dev/null" } else { "" };
         let boot = format!(
-            "printf '%s' \"${SCRIPT_ENV}\" >{GUEST_SCRIPT_PATH} && chmod 700 {GUEST_SCRIPT_PATH} \
-             && unset {SCRIPT_ENV} && exec \"$@\""
+            "{copy} && chmod 700 {GUEST_SCRIPT_PATH} && unset {SCRIPT_ENV} && exec \"$@\"{stdin}"
         );
         let mut argv = vec!["/bin/sh".to_string(), "-c".into(), boot, "sge_job".into()];
         argv.extend(self.argv.iter().cloned());
         argv
+    }
+
+    /// The script the bootstrap reads from [`SCRIPT_ENV`], if that is its way.
+    pub fn script_in_environment(&self) -> Option<&[u8]> {
+        match &self.script {
+            Some(PlacedScript::Environment(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The script the guest must read from stdin ahead of the job's own stdin, if that is its
+    /// way.
+    pub fn script_ahead_of_stdin(&self) -> Option<&[u8]> {
+        match &self.script {
+            Some(PlacedScript::StdinPrefix(s)) => Some(s),
+            _ => None,
+        }
     }
 }
 
@@ -188,9 +226,9 @@ mod tests {
         let c = JobConfig::parse(
             "script_file=/bin/sleep\nhandle_as_binary=1\nno_shell=0\nshell_path=/bin/sh\nnjob_args=1\njob_arg1=300\n",
         );
-        let cmd = build(&c, ScriptDelivery::Environment, no_script).unwrap();
+        let cmd = build(&c, ScriptDelivery::Copied, no_script).unwrap();
         assert_eq!(cmd.argv, ["/bin/sh", "-c", "/bin/sleep 300 "]);
-        assert_eq!(cmd.guest_argv(), cmd.argv);
+        assert_eq!(cmd.guest_argv(true), cmd.argv);
     }
 
     #[test]
@@ -199,9 +237,7 @@ mod tests {
             "script_file=/bin/echo\nhandle_as_binary=1\nno_shell=1\nnjob_args=2\njob_arg1=a b\njob_arg2=c\n",
         );
         assert_eq!(
-            build(&c, ScriptDelivery::Environment, no_script)
-                .unwrap()
-                .argv,
+            build(&c, ScriptDelivery::Copied, no_script).unwrap().argv,
             ["/bin/echo", "a b", "c"]
         );
     }
@@ -211,12 +247,12 @@ mod tests {
         let base = "script_file=/spool/job_scripts/3\nhandle_as_binary=0\nshell_path=/bin/sh\nnjob_args=1\njob_arg1=x\n";
         let read = |_: &Path| Ok(b"echo hi\n".to_vec());
         let c = JobConfig::parse(&format!("{base}shell_start_mode=posix_compliant\n"));
-        let cmd = build(&c, ScriptDelivery::Environment, read).unwrap();
+        let cmd = build(&c, ScriptDelivery::Copied, read).unwrap();
         assert_eq!(cmd.argv, ["/bin/sh", GUEST_SCRIPT_PATH, "x"]);
-        assert_eq!(cmd.script.as_deref(), Some(&b"echo hi\n"[..]));
+        assert_eq!(cmd.script_in_environment(), Some(&b"echo hi\n"[..]));
         let c = JobConfig::parse(&format!("{base}shell_start_mode=unix_behavior\n"));
         assert_eq!(
-            build(&c, ScriptDelivery::Environment, read).unwrap().argv,
+            build(&c, ScriptDelivery::Copied, read).unwrap().argv,
             [GUEST_SCRIPT_PATH, "x"]
         );
         let c = JobConfig::parse(&format!("{base}shell_start_mode=script_from_stdin\n"));
@@ -224,12 +260,12 @@ mod tests {
         assert_eq!(cmd.argv, ["/bin/sh", "-s", "x"]);
         assert_eq!(cmd.stdin_script.as_deref(), Some(&b"echo hi\n"[..]));
         assert_eq!(cmd.script, None);
-        assert_eq!(cmd.guest_argv(), cmd.argv);
+        assert_eq!(cmd.guest_argv(false), cmd.argv);
         let c = JobConfig::parse(&format!(
             "{base}shell_start_mode=unix_behavior\nstarter_method=/opt/starter\n"
         ));
         assert_eq!(
-            build(&c, ScriptDelivery::Environment, read).unwrap().argv,
+            build(&c, ScriptDelivery::Copied, read).unwrap().argv,
             ["/opt/starter", "/bin/sh", GUEST_SCRIPT_PATH, "x"]
         );
     }
@@ -245,51 +281,98 @@ mod tests {
         assert_eq!((cmd.script, cmd.stdin_script), (None, None));
     }
 
-    #[test]
-    fn bootstrap_writes_and_execs_the_script() {
-        // the bootstrap itself, run by the host's /bin/sh
+    /// Runs the bootstrap with the host's /bin/sh (and dd) as the guest would, with the script
+    /// path redirected into a temporary directory and `stdin` as what the guest agent relays;
+    /// returns (exit code, stdout, the script as written).
+    fn run_bootstrap(script: &[u8], job_stdin: Option<&[u8]>) -> (Option<i32>, Vec<u8>, Vec<u8>) {
+        use std::io::Write;
         let c = JobConfig::parse(
             "script_file=/s\nhandle_as_binary=0\nshell_path=/bin/sh\nnjob_args=1\njob_arg1=arg\n",
         );
-        let cmd = build(&c, ScriptDelivery::Environment, |_| {
-            Ok(b"echo \"$0:$1\"\nexit 3\n".to_vec())
-        })
-        .unwrap();
-        let argv = cmd.guest_argv();
+        let script = script.to_vec();
+        let cmd = build(&c, ScriptDelivery::Copied, |_| Ok(script)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("script");
-        let argv: Vec<String> = argv
+        let argv: Vec<String> = cmd
+            .guest_argv(job_stdin.is_none())
             .into_iter()
             .map(|a| a.replace(GUEST_SCRIPT_PATH, fake.to_str().unwrap()))
             .collect();
-        let out = std::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .env(SCRIPT_ENV, String::from_utf8(cmd.script.unwrap()).unwrap())
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(3));
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            format!("{}:arg\n", fake.display())
+        let mut run = std::process::Command::new(&argv[0]);
+        run.args(&argv[1..])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        if let Some(s) = cmd.script_in_environment() {
+            run.env(SCRIPT_ENV, std::ffi::OsStr::from_bytes(s));
+        }
+        let mut child = run.spawn().unwrap();
+        let mut input = cmd.script_ahead_of_stdin().unwrap_or_default().to_vec();
+        input.extend_from_slice(job_stdin.unwrap_or_default());
+        let mut stdin = child.stdin.take().unwrap();
+        // a thread: the pipe holds less than a large script
+        let writer = std::thread::spawn(move || {
+            // the job may not read all of its stdin
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        let written = std::fs::read(&fake).unwrap_or_default();
+        (out.status.code(), out.stdout, written)
+    }
+
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn bootstrap_writes_and_execs_a_script_from_the_environment() {
+        let script = b"echo \"$0:$1\"\nexit 3\n";
+        let (code, out, written) = run_bootstrap(script, None);
+        assert_eq!(code, Some(3));
+        assert_eq!(written, script);
+        assert!(
+            String::from_utf8_lossy(&out).ends_with("/script:arg\n"),
+            "{out:?}"
         );
     }
 
     #[test]
-    fn unreadable_or_oversized_script() {
+    fn a_large_script_or_one_with_nul_comes_ahead_of_stdin_byte_for_byte() {
+        // 1 MiB: far beyond one environment string; the job's stdin follows it untouched
+        let mut big = b"echo \"$1\"\ncat\nexit 4\n#".to_vec();
+        big.resize(1 << 20, b'x');
+        big.push(b'\n');
+        let c = JobConfig::parse("script_file=/s\nhandle_as_binary=0\n");
+        let cmd = build(&c, ScriptDelivery::Copied, |_| Ok(big.clone())).unwrap();
+        assert!(cmd.script_in_environment().is_none());
+        assert_eq!(
+            cmd.script_ahead_of_stdin().map(<[u8]>::len),
+            Some(big.len())
+        );
+        let (code, out, written) = run_bootstrap(&big, Some(b"the job's own stdin\n"));
+        assert_eq!(code, Some(4));
+        assert_eq!(written.len(), big.len());
+        assert!(written == big);
+        assert_eq!(out, b"arg\nthe job's own stdin\n");
+        // without stdin of its own the job reads /dev/null after the script
+        let (code, out, _) = run_bootstrap(&big, None);
+        assert_eq!((code, &out[..]), (Some(4), &b"arg\n"[..]));
+        // a NUL byte cannot be in the environment: the same way, and the bytes arrive as they are
+        let nul = b"echo nul\nexit 0\n#\0after\n".to_vec();
+        let (code, out, written) = run_bootstrap(&nul, None);
+        assert_eq!((code, &out[..]), (Some(0), &b"nul\n"[..]));
+        assert_eq!(written, nul);
+    }
+
+    #[test]
+    fn unreadable_script() {
         let c = JobConfig::parse("script_file=/s\nhandle_as_binary=0\n");
         assert!(matches!(
-            build(&c, ScriptDelivery::Environment, |_| Err(
+            build(&c, ScriptDelivery::Copied, |_| Err(
                 std::io::Error::from_raw_os_error(libc::ENOENT)
             )),
             Err(ArgvError::Script { .. })
         ));
-        assert!(matches!(
-            build(&c, ScriptDelivery::Environment, |_| Ok(vec![
-                b'x';
-                MAX_SCRIPT_BYTES
-                    + 1
-            ])),
-            Err(ArgvError::ScriptTooLarge { .. })
-        ));
+        let just_fits = vec![b'x'; MAX_SCRIPT_ENV_BYTES];
+        let cmd = build(&c, ScriptDelivery::Copied, |_| Ok(just_fits.clone())).unwrap();
+        assert_eq!(cmd.script_in_environment(), Some(&just_fits[..]));
     }
 }

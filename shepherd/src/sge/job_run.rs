@@ -14,6 +14,7 @@ use super::config::{JobConfig, TaskKind};
 use super::control_method::{ControlMethods, MethodRunner};
 use super::delegation::{self, DelegationPolicy};
 use super::environment::JobEnvironment;
+use super::fault::{Fault, JobCause};
 use super::guest_rusage;
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
@@ -23,6 +24,7 @@ use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
 use super::signal_relay::SignalRelay;
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
+use super::spawn_size;
 use super::start_attempts::{StartAttempts, MAX_NEVER_CONNECTED};
 use super::state::{job_exit_state, ShepherdState};
 use super::usage::{JobEnd, UsageRecord};
@@ -58,12 +60,16 @@ impl Failure {
             no_resources: false,
         }
     }
-    fn no_resources(message: impl Into<String>) -> Self {
+    /// A failure whose state follows from who owns its cause.
+    fn of(fault: Fault, message: impl Into<String>) -> Self {
         Failure {
-            state: ShepherdState::Again,
+            state: fault.state(),
             message: message.into(),
-            no_resources: true,
+            no_resources: fault.no_resources(),
         }
+    }
+    fn no_resources(message: impl Into<String>) -> Self {
+        Self::of(Fault::Shortage, message)
     }
 }
 
@@ -311,7 +317,7 @@ impl JobRun {
         ));
         // a bad settings file is this host's problem: fail before the prolog, in the queue only
         let vm = Settings::load()
-            .map_err(|e| Failure::new(ShepherdState::BeforeJob, format!("sge_virtualizer: {e}")))?
+            .map_err(|e| Failure::of(Fault::Queue, format!("sge_virtualizer: {e}")))?
             .for_queue(c.get("queue").unwrap_or_default());
         let methods = ControlMethods::from_config(c).map_err(|e| {
             Failure::new(ShepherdState::BeforeProlog, format!("sge_virtualizer: {e}"))
@@ -327,16 +333,8 @@ impl JobRun {
         );
         let streams = JobStreams::from_config(c)
             .map_err(|e| Failure::new(ShepherdState::BeforeProlog, e.to_string()))?;
-        if !user.can_enter(&cwd) {
-            return Err(Failure::new(
-                ShepherdState::NoCwd,
-                format!(
-                    "error: can't chdir to {}: not accessible for {}",
-                    cwd.display(),
-                    user.name
-                ),
-            ));
-        }
+        // as the stock shepherd's child would find it (its message, its state)
+        user.check_can_enter(&cwd).map_err(|e| no_cwd(&cwd, e))?;
         let open = |p: &Path| open_output(&user, p);
         let stdout = open(&streams.stdout)?;
         let stderr = match &streams.stderr {
@@ -382,12 +380,17 @@ impl JobRun {
         if let Some(s) = exit_stat {
             env.set("SGE_JOBEXIT_STAT", s);
         }
+        // the stock shepherd's child enters the directory before it opens the output files
+        // (pe_start's may lie in it): the same order gives the same state
+        p.user
+            .check_can_enter(&p.cwd)
+            .map_err(|e| no_cwd(&p.cwd, e))?;
         let (stdout, stderr) = self.procedure_output(kind, p, before)?;
         self.dir
             .trace(&format!("starting {}: {:?}", kind.key(), proc.argv));
         let mut child = proc
             .spawn(&env, &p.cwd, stdout, stderr)
-            .map_err(|e| Failure::new(before, e.to_string()))?;
+            .map_err(|e| Failure::new(e.state(kind), e.to_string()))?;
         let timeout = Duration::from_secs(self.config.number("script_timeout", 120).unwrap_or(120));
         let start = Instant::now();
         let mut queued: Vec<i32> = Vec::new();
@@ -461,12 +464,13 @@ impl JobRun {
     /// Starts the VM and the job, relays signals until it ends.
     fn job(&mut self, p: &Prepared) -> Result<UsageRecord, Failure> {
         let c = &self.config;
-        let before_job = |e: String| Failure::new(ShepherdState::BeforeJob, e);
+        // the job's queue: its settings, the job's config as execd wrote it, this host
+        let before_job = |e: String| Failure::of(Fault::Queue, e);
         let vm = &p.vm;
         let delivery = if vm.share_job_dirs {
             ScriptDelivery::SharedPath
         } else {
-            ScriptDelivery::Environment
+            ScriptDelivery::Copied
         };
         let mut command = job_argv::build(c, delivery, |path| p.user.read(path))
             .map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
@@ -479,21 +483,33 @@ impl JobRun {
         let vcpus = vm.vcpus.unwrap_or(slots).max(1);
         let filesystems = self.filesystems(p, vm)?;
 
+        let job_stdin_null = p.streams.stdin == Path::new("/dev/null");
         let stdin: StdinSource = if let Some(script) = command.stdin_script.take() {
             StdinSource::Reader(Box::new(std::io::Cursor::new(script)))
-        } else if p.streams.stdin == Path::new("/dev/null") {
-            StdinSource::Null
         } else {
-            let f = p.user.open_input(&p.streams.stdin).map_err(|e| {
-                Failure::new(
-                    ShepherdState::OpenOutput,
-                    format!(
-                        "error: can't open stdin file \"{}\": {e}",
-                        p.streams.stdin.display()
-                    ),
-                )
-            })?;
-            StdinSource::Reader(Box::new(f))
+            let own: Option<Box<dyn std::io::Read + Send>> = if job_stdin_null {
+                None
+            } else {
+                let f = p.user.open_input(&p.streams.stdin).map_err(|e| {
+                    Failure::of(
+                        Fault::Job(JobCause::File),
+                        format!(
+                            "error: can't open stdin file \"{}\": {e}",
+                            p.streams.stdin.display()
+                        ),
+                    )
+                })?;
+                Some(Box::new(f))
+            };
+            match (command.script_ahead_of_stdin(), own) {
+                (None, None) => StdinSource::Null,
+                (None, Some(own)) => StdinSource::Reader(own),
+                (Some(script), own) => {
+                    let script = std::io::Cursor::new(script.to_vec());
+                    let own = own.unwrap_or_else(|| Box::new(std::io::empty()));
+                    StdinSource::Reader(Box::new(std::io::Read::chain(script, own)))
+                }
+            }
         };
         let stdin_mode = match stdin {
             StdinSource::Null => StdinMode::Null,
@@ -505,7 +521,16 @@ impl JobRun {
             // without shares the guest does not see the host's directories
             PathBuf::from("/tmp")
         };
-        let spawn = self.spawn_request(p, &command, rlimits, stdin_mode, &guest_cwd);
+        let spawn =
+            self.spawn_request(p, &command, rlimits, stdin_mode, &guest_cwd, job_stdin_null);
+        // the job's own argv and environment: too large for the guest is the job's error,
+        // found before any VM starts
+        spawn_size::check(&spawn).map_err(|e| {
+            Failure::of(
+                Fault::Job(JobCause::Request),
+                format!("sge_virtualizer: {e}"),
+            )
+        })?;
 
         if let Some(g) = p.user.add_grp_id {
             if c.get("write_osjob_id").map(str::trim) != Some("0") {
@@ -563,13 +588,13 @@ impl JobRun {
             }),
         };
         let running = launch::launch_in(spec, &filesystems, io).map_err(|e| match &e {
-            LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. } => Failure::new(
-                ShepherdState::NoCwd,
+            LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. } => Failure::of(
+                Fault::Job(JobCause::Cwd),
                 format!("sge_virtualizer: can't give the job its directories: {e}"),
             ),
             // the job's own request (an image it may not have, or a broken image): job error
-            _ if e.is_job_error() => Failure::new(
-                ShepherdState::AppError,
+            _ if e.is_job_error() => Failure::of(
+                Fault::Job(JobCause::Request),
                 format!("sge_virtualizer: the job's OS image is unusable: {e}"),
             ),
             _ => Failure::no_resources(format!(
@@ -603,8 +628,13 @@ impl JobRun {
             queue_image: vm.image.as_deref(),
             job_may_request: &vm.job_images,
         };
-        let image = selection::choose(&policy, p.env.get(selection::JOB_IMAGE_VAR))
-            .map_err(|e| Failure::new(ShepherdState::AppError, format!("sge_virtualizer: {e}")))?;
+        let image =
+            selection::choose(&policy, p.env.get(selection::JOB_IMAGE_VAR)).map_err(|e| {
+                Failure::of(
+                    Fault::Job(JobCause::Request),
+                    format!("sge_virtualizer: {e}"),
+                )
+            })?;
         let configured: Vec<SharedDir> = vm.shares.iter().map(SharedDir::new).collect();
         let shares = if vm.share_job_dirs {
             let tmpdir = p.env.get("TMPDIR").map(PathBuf::from);
@@ -637,14 +667,15 @@ impl JobRun {
         rlimits: Vec<guest_agent::protocol::Rlimit>,
         stdin: StdinMode,
         cwd: &Path,
+        job_stdin_null: bool,
     ) -> Spawn {
         let mut env = p.env.clone();
-        if let Some(script) = &command.script {
+        if let Some(script) = command.script_in_environment() {
             env.set(SCRIPT_ENV, &String::from_utf8_lossy(script));
         }
         Spawn {
             argv: command
-                .guest_argv()
+                .guest_argv(job_stdin_null)
                 .into_iter()
                 .map(String::into_bytes)
                 .collect(),
@@ -681,8 +712,8 @@ impl JobRun {
             StartAttempts::configured().clear(&self.config);
         }
         if let Err(e) = &result {
-            if let Some((state, message)) = refused_before_start(e) {
-                return Err(Failure::new(state, message));
+            if let Some(failure) = refused_before_start(e) {
+                return Err(failure);
             }
         }
         match result {
@@ -729,8 +760,8 @@ impl JobRun {
     fn never_connected(&self, e: &JobError) -> Failure {
         let counted = StartAttempts::configured().record_never_connected(&self.config);
         match counted {
-            Ok(n) if n >= MAX_NEVER_CONNECTED => Failure::new(
-                ShepherdState::AppError,
+            Ok(n) if n >= MAX_NEVER_CONNECTED => Failure::of(
+                Fault::Job(JobCause::Request),
                 format!(
                     "sge_virtualizer: the job's VM came up {n} times on this host without its \
                      guest agent connecting; not re-queued again: {e}"
@@ -758,19 +789,19 @@ impl JobRun {
 /// execd charges to the job in every case (27 or 11 it would charge to the queue unless the
 /// job itself asked for the shell or binary). `None` for other errors, and for a violation
 /// after the job started (the job ran: handled as a VM that died under it).
-fn refused_before_start(e: &JobError) -> Option<(ShepherdState, String)> {
+fn refused_before_start(e: &JobError) -> Option<Failure> {
     match e {
         JobError::SpawnFailed {
             stage,
             errno,
             message,
         } => {
-            let state = match stage {
-                SpawnStage::Cwd => ShepherdState::NoCwd,
-                _ => ShepherdState::AppError,
+            let cause = match stage {
+                SpawnStage::Cwd => JobCause::Cwd,
+                _ => JobCause::Request,
             };
-            Some((
-                state,
+            Some(Failure::of(
+                Fault::Job(cause),
                 format!(
                     "sge_virtualizer: the job could not be started in the VM ({stage:?}): \
                      {message} ({})",
@@ -778,20 +809,29 @@ fn refused_before_start(e: &JobError) -> Option<(ShepherdState, String)> {
                 ),
             ))
         }
-        JobError::ProtocolViolation(v) if !v.state.job_started() => Some((
-            ShepherdState::AppError,
+        JobError::ProtocolViolation(v) if !v.state.job_started() => Some(Failure::of(
+            Fault::Job(JobCause::Request),
             format!("sge_virtualizer: the job's VM did not start the job: {v}"),
         )),
         _ => None,
     }
 }
 
+/// The job owner cannot enter the job's working directory: the job's error (state 28), in the
+/// stock shepherd's words.
+fn no_cwd(cwd: &Path, e: std::io::Error) -> Failure {
+    Failure::of(
+        Fault::Job(JobCause::Cwd),
+        format!("error: can't chdir to {}: {e}", cwd.display()),
+    )
+}
+
 /// Opens an output file as the job user; failing is the job's error (state 26), as with the
 /// stock shepherd.
 fn open_output(user: &JobUser, path: &Path) -> Result<File, Failure> {
     user.open_output(path).map_err(|e| {
-        Failure::new(
-            ShepherdState::OpenOutput,
+        Failure::of(
+            Fault::Job(JobCause::File),
             format!("error: can't open output file \"{}\": {e}", path.display()),
         )
     })

@@ -152,13 +152,33 @@ impl JobUser {
         self.with_rights(|| std::fs::read(path))
     }
 
-    /// Whether the job user can enter `dir`.
-    pub fn can_enter(&self, dir: &Path) -> bool {
-        self.with_rights(|| {
-            nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK).map_err(std::io::Error::from)
-        })
-        .is_ok()
-            && dir.is_dir()
+    /// The job owner's identity for one thread (see [`vmm::ThreadCredentials`]).
+    pub fn thread_credentials(&self) -> vmm::ThreadCredentials {
+        vmm::ThreadCredentials {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
+    }
+
+    /// Whether the job user can enter `dir`, and if not, why. The check runs on a thread that
+    /// has taken the job user's real and effective ids: access(2) answers for the real ids, so
+    /// [`Self::with_rights`] (effective ids only) would ask root, who may enter any directory.
+    pub fn check_can_enter(&self, dir: &Path) -> std::io::Result<()> {
+        let check = || {
+            nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK)?;
+            if !std::fs::metadata(dir)?.is_dir() {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOTDIR));
+            }
+            Ok(())
+        };
+        if !nix::unistd::getuid().is_root() {
+            // not privileged (tests): the caller's own rights are the best we have
+            return check();
+        }
+        self.thread_credentials()
+            .run_on_own_thread(check)
+            .map_err(std::io::Error::other)?
     }
 }
 
@@ -197,8 +217,37 @@ mod tests {
         u.open_output(&p).unwrap().write_all(b"b").unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "ab");
         assert!(u.open_input(tmp.path()).is_err());
-        assert!(u.can_enter(tmp.path()));
-        assert!(!u.can_enter(&tmp.path().join("missing")));
+        u.check_can_enter(tmp.path()).unwrap();
+        let missing = u.check_can_enter(&tmp.path().join("missing")).unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn a_directory_root_may_enter_but_the_job_user_may_not_is_refused() {
+        if !nix::unistd::getuid().is_root() {
+            eprintln!("SKIPPED: a_directory_root_may_enter_but_the_job_user_may_not_is_refused needs root");
+            return;
+        }
+        let Ok(u) = JobUser::from_config(&JobConfig::parse("job_owner=nobody\n")) else {
+            eprintln!("SKIPPED: a_directory_root_may_enter_but_the_job_user_may_not_is_refused: no user nobody");
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        let locked = tmp.path().join("locked");
+        for (dir, mode) in [(tmp.path(), 0o755), (&*open, 0o755), (&*locked, 0o700)] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+        }
+        u.check_can_enter(&open).unwrap();
+        // root's access(2) would say yes: the answer must be the job user's
+        for dir in [locked.clone(), locked.join("below")] {
+            let err = u.check_can_enter(&dir).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{dir:?}");
+        }
+        // and the caller keeps its own identity
+        assert!(nix::unistd::geteuid().is_root());
     }
 
     #[test]
