@@ -420,10 +420,15 @@ fn console_tail(path: &std::path::Path) -> String {
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = &lines[lines.len().saturating_sub(5)..];
-    if tail.is_empty() {
-        "no console output".into()
-    } else {
-        format!("console: {}", tail.join(" | "))
+    // A crash ends in a stack trace, which says little: name the line that started it too.
+    const CRASH: [&str; 6] = ["Kernel panic", "BUG:", "Oops", "WARNING:", "stall", "RIP:"];
+    let cause = lines[..lines.len() - tail.len()]
+        .iter()
+        .find(|l| CRASH.iter().any(|c| l.contains(c)));
+    match (cause, tail.is_empty()) {
+        (_, true) => "no console output".into(),
+        (Some(cause), false) => format!("console: {cause} | ... | {}", tail.join(" | ")),
+        (None, false) => format!("console: {}", tail.join(" | ")),
     }
 }
 
