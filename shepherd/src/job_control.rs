@@ -2,6 +2,7 @@
 //! a running job: signals go to the agent as Signal frames, queued until the agent is ready.
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use guest_agent::protocol::{Frame, FrameWriter, ProtocolError};
@@ -17,11 +18,21 @@ struct State {
 /// Sends frames to the agent; shared by the session, the stdin forwarder and every
 /// [`JobController`].
 #[derive(Clone, Default)]
-pub(crate) struct AgentLink(Arc<Mutex<State>>);
+pub(crate) struct AgentLink {
+    state: Arc<Mutex<State>>,
+    /// Set once the VM is being stopped: the session stops waiting for the job's output to be
+    /// written (see [`crate::output_writer`]).
+    output_abandoned: Arc<AtomicBool>,
+}
 
 impl AgentLink {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The flag the session's output writers watch.
+    pub(crate) fn output_abandoned(&self) -> Arc<AtomicBool> {
+        self.output_abandoned.clone()
     }
 
     /// Attaches the connection once the job runs, and sends the signals that were waiting.
@@ -69,8 +80,10 @@ impl JobController {
         self.link.signal(signo);
     }
 
-    /// Stops the VM at once; the job's outcome then reports the agent as lost.
+    /// Stops the VM at once; the job's outcome then reports the agent as lost. Output the
+    /// job's destinations have not taken yet is dropped rather than waited for.
     pub fn kill_vm(&self) {
+        self.link.output_abandoned.store(true, Ordering::SeqCst);
         (self.killer)();
     }
 }

@@ -13,6 +13,7 @@ pub mod environment;
 pub mod expand;
 pub mod guest_rusage;
 pub mod job_argv;
+pub mod job_fifo;
 mod job_run;
 pub mod job_user;
 pub mod limits;
