@@ -1383,7 +1383,9 @@ impl Drop for ForceDelete<'_> {
 /// A FIFO made by the job user in `dir`.
 fn job_user_fifo(dir: &Path, name: &str) -> PathBuf {
     let fifo = dir.join(name);
-    let out = run(Command::new("runuser").args(["-u", JOB_USER, "--", "mkfifo"]).arg(&fifo));
+    let out = run(Command::new("runuser")
+        .args(["-u", JOB_USER, "--", "mkfifo"])
+        .arg(&fifo));
     assert!(out.status.success(), "mkfifo: {}", text(&out));
     fifo
 }
@@ -1418,7 +1420,11 @@ fn assert_qdel_ends(c: &Cell, job: u32, queue: &str) {
 fn a_fifo_as_output_never_blocks_the_shepherd() {
     with_cell("a_fifo_as_output_never_blocks_the_shepherd", |c| {
         let dir = c.work_dir("fifo_out");
-        c.script(&dir, "talk.sh", "#!/bin/sh\necho hello-through-fifo\nsleep 300\n");
+        c.script(
+            &dir,
+            "talk.sh",
+            "#!/bin/sh\necho hello-through-fifo\nsleep 300\n",
+        );
         let fifo = job_user_fifo(&dir, "out.fifo");
 
         // No reader: the job's error (the shepherd used to block in open, deaf to qdel).
@@ -1435,7 +1441,10 @@ fn a_fifo_as_output_never_blocks_the_shepherd() {
             std::thread::sleep(Duration::from_millis(250));
         }
         let error = c.active_file(job, "error").unwrap_or_default();
-        assert!(error.contains("no process has open for reading"), "{error:?}");
+        assert!(
+            error.contains("no process has open for reading"),
+            "{error:?}"
+        );
         assert_eq!(c.active_file(job, "exit_status").as_deref(), Some("26\n"));
         assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
         c.qdel(job);

@@ -147,10 +147,7 @@ mod tests {
                 .map_err(|e| format!("cannot open /dev/fuse: {e}"))?
                 .into();
             let mountpoint = tempfile::tempdir().map_err(|e| e.to_string())?;
-            let data = format!(
-                "fd={},rootmode=40000,user_id=0,group_id=0",
-                dev.as_raw_fd()
-            );
+            let data = format!("fd={},rootmode=40000,user_id=0,group_id=0", dev.as_raw_fd());
             nix::mount::mount(
                 Some("sgevfs-silent"),
                 mountpoint.path(),

@@ -36,7 +36,10 @@ pub fn set_blocking(file: &File) -> std::io::Result<()> {
 pub enum JobInput {
     File(File),
     /// Opened with `O_NONBLOCK`; `waited` once a writer came (or data is there).
-    Fifo { file: File, waited: bool },
+    Fifo {
+        file: File,
+        waited: bool,
+    },
 }
 
 impl JobInput {

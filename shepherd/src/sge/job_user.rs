@@ -132,21 +132,22 @@ impl JobUser {
     /// FIFO without a reader fails with `ENXIO` (see [`super::job_fifo`]); the file returned
     /// blocks on writes as usual.
     pub fn open_output(&self, path: &Path) -> std::io::Result<File> {
-        let f = self.with_rights(|| {
-            OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o644)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(path)
-        })
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENXIO) => std::io::Error::new(
-                e.kind(),
-                "a FIFO that no process has open for reading (start its reader first)",
-            ),
-            _ => e,
-        })?;
+        let f = self
+            .with_rights(|| {
+                OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o644)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)
+            })
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENXIO) => std::io::Error::new(
+                    e.kind(),
+                    "a FIFO that no process has open for reading (start its reader first)",
+                ),
+                _ => e,
+            })?;
         job_fifo::set_blocking(&f)?;
         Ok(f)
     }
@@ -236,7 +237,10 @@ mod tests {
         let (user, path) = (u.clone(), fifo.clone());
         let no_reader = bounded(limit, move || user.open_output(&path).err());
         let e = no_reader.expect("an output FIFO without a reader opened");
-        assert!(e.to_string().contains("no process has open for reading"), "{e}");
+        assert!(
+            e.to_string().contains("no process has open for reading"),
+            "{e}"
+        );
 
         let (user, path) = (u.clone(), fifo.clone());
         let mut input = bounded(limit, move || user.open_input(&path)).unwrap();

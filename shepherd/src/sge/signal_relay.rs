@@ -167,10 +167,10 @@ impl<'a> SignalRelay<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sge::vm_stop::KILL_GRACE;
     use crate::job_control::AgentLink;
-    use crate::sge::procedure::RunAs;
     use crate::sge::environment::JobEnvironment;
+    use crate::sge::procedure::RunAs;
+    use crate::sge::vm_stop::KILL_GRACE;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
