@@ -1546,3 +1546,24 @@ fn a_terminate_method_is_followed_by_the_vms_hard_stop() {
         assert!(trace.contains("started method"), "{trace}");
     });
 }
+
+#[test]
+fn stdin_the_job_never_reads_does_not_keep_qdel_from_ending_it() {
+    with_cell(
+        "stdin_the_job_never_reads_does_not_keep_qdel_from_ending_it",
+        |c| {
+            let dir = c.work_dir("unread_stdin");
+            c.script(&dir, "deaf.sh", "#!/bin/sh\necho started\nsleep 300\n");
+            // Far more than the connection and the agent's stdin queue hold: the stdin frames
+            // back up to the shepherd, whose signals to the job used to wait behind them.
+            let input = c.script(&dir, "big.in", &"x".repeat(32 << 20));
+            let input = input.file_name().unwrap().to_str().unwrap();
+            let job = c.qsub(&dir, &["-i", input, "-o", "out.txt", "deaf.sh"]);
+            let _cleanup = ForceDelete(c, job);
+            c.wait_running(job, Duration::from_secs(60));
+            c.wait_for_text(&dir.join("out.txt"), "started", Duration::from_secs(60));
+            std::thread::sleep(Duration::from_secs(3));
+            assert_qdel_ends(c, job, "all.q");
+        },
+    );
+}
