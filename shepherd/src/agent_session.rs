@@ -12,6 +12,7 @@ use guest_agent::protocol::{
 
 use crate::agent_protocol::{AgentEvent, ProtocolViolation, SessionState};
 use crate::job_control::AgentLink;
+use crate::output_writer::OutputWriter;
 use crate::timings::{now_ms, Timings};
 
 /// Where the job's stdin comes from.
@@ -86,25 +87,6 @@ fn forward_stdin(mut source: Box<dyn Read + Send>, link: AgentLink) {
     });
 }
 
-/// Writes job output; a host reader that went away (EPIPE) stops the writing, not the job.
-struct OutputSink {
-    out: Box<dyn Write + Send>,
-    broken: bool,
-}
-
-impl OutputSink {
-    fn write(&mut self, data: &[u8]) {
-        if !self.broken && (self.out.write_all(data).is_err() || self.out.flush().is_err()) {
-            self.broken = true;
-        }
-    }
-    fn flush(&mut self) {
-        if !self.broken {
-            let _ = self.out.flush();
-        }
-    }
-}
-
 /// Runs the conversation on an accepted connection until the job's exit is acknowledged.
 /// `filesystems`, when given, goes to the agent right before `spawn`.
 pub(crate) fn converse(
@@ -153,27 +135,28 @@ pub(crate) fn converse(
     first_frames.extend(encode(&Frame::Spawn(spawn))?);
     writer_stream.write_all(&first_frames).map_err(lost)?;
 
-    let mut out = OutputSink {
-        out: stdout,
-        broken: false,
-    };
-    let mut err = OutputSink {
-        out: stderr,
-        broken: false,
-    };
+    // A destination that stops taking bytes holds up the job's output, not the session for
+    // ever: the writers give up once the VM is being stopped. A destination that fails
+    // (EPIPE: a host reader went away) stops the writing, not the job.
+    let out = OutputWriter::start("stdout", stdout, link.output_abandoned()).map_err(lost)?;
+    let err = OutputWriter::start("stderr", stderr, link.output_abandoned()).map_err(lost)?;
     let mut stdin = Some(stdin);
     let mut on_started = Some(on_started);
-    loop {
+    let ended = loop {
         let frame = match reader.read_frame() {
             Ok(Some(f)) => f,
-            Ok(None) => return Err(lost("connection closed before the job's exit was reported")),
-            Err(e) => return Err(lost(e)),
+            Ok(None) => break lost("connection closed before the job's exit was reported"),
+            Err(e) => break lost(e),
         };
         match state.accept(frame) {
             Ok(AgentEvent::Started { .. }) => {
                 timings.job_spawned_ms = now_ms();
-                link.attach(writer_stream.try_clone().map_err(lost)?)
-                    .map_err(lost)?;
+                let attached = writer_stream
+                    .try_clone()
+                    .and_then(|s| link.attach(s).map_err(std::io::Error::other));
+                if let Err(e) = attached {
+                    break lost(e);
+                }
                 if let Some(StdinSource::Reader(r)) = stdin.take() {
                     forward_stdin(r, link.clone());
                 }
@@ -186,15 +169,15 @@ pub(crate) fn converse(
                 data,
             }) => err.write(&data),
             Ok(AgentEvent::Output { data, .. }) => out.write(&data),
-            Ok(AgentEvent::OutputEnded(Stream::Stderr)) => err.flush(),
-            Ok(AgentEvent::OutputEnded(_)) => out.flush(),
+            Ok(AgentEvent::OutputEnded(Stream::Stderr)) => err.drain(),
+            Ok(AgentEvent::OutputEnded(_)) => out.drain(),
             Ok(AgentEvent::Exited {
                 wait_status,
                 rusage,
             }) => {
                 timings.job_exited_ms = now_ms();
-                out.flush();
-                err.flush();
+                out.drain();
+                err.drain();
                 // Every output byte is written: now the agent may end the VM. It closes the
                 // connection once its file systems are synced; after that the VM may be
                 // stopped without waiting for the guest's own reset.
@@ -206,9 +189,13 @@ pub(crate) fn converse(
                     rusage,
                 });
             }
-            other => return Err(session_error(other)),
+            other => break session_error(other),
         }
-    }
+    };
+    // What the job wrote before the session ended goes out too (unless the VM is stopped).
+    out.drain();
+    err.drain();
+    Err(ended)
 }
 
 /// The error that ends a session on `result` of [`SessionState::accept`]: a spawn the guest

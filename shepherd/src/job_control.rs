@@ -1,8 +1,10 @@
 //! The handle through which the shepherd's policy (signals from the user or from execd) reaches
-//! a running job: signals go to the agent as Signal frames, queued until the agent is ready.
+//! a running job: signals go to the agent as Signal frames, queued until the agent is ready,
+//! written by a thread of their own so that no caller waits on an agent that does not read.
 
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use guest_agent::protocol::{Frame, FrameWriter, ProtocolError};
 
@@ -17,11 +19,23 @@ struct State {
 /// Sends frames to the agent; shared by the session, the stdin forwarder and every
 /// [`JobController`].
 #[derive(Clone, Default)]
-pub(crate) struct AgentLink(Arc<Mutex<State>>);
+pub(crate) struct AgentLink {
+    state: Arc<Mutex<State>>,
+    /// Signals for the signal-sender thread, started on the first signal.
+    signals: Arc<Mutex<Option<mpsc::Sender<i32>>>>,
+    /// Set once the VM is being stopped: the session stops waiting for the job's output to be
+    /// written (see [`crate::output_writer`]).
+    output_abandoned: Arc<AtomicBool>,
+}
 
 impl AgentLink {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The flag the session's output writers watch.
+    pub(crate) fn output_abandoned(&self) -> Arc<AtomicBool> {
+        self.output_abandoned.clone()
     }
 
     /// Attaches the connection once the job runs, and sends the signals that were waiting.
@@ -44,15 +58,47 @@ impl AgentLink {
         }
     }
 
+    /// Hands `signo` to the sender thread and returns at once: writing to the agent can wait
+    /// as long as the agent does not read (a job that never reads its stdin backs the stdin
+    /// frames up into the connection), and the caller — the thread that reads execd's
+    /// signals and stops the VM on its deadline — must never wait on that.
     fn signal(&self, signo: i32) {
-        let mut state = self.lock();
-        match state.writer.as_mut() {
-            // A failed write means the agent is gone; the session reports that.
-            Some(w) => {
-                let _ = w.write_frame(&Frame::Signal { signo });
+        let mut sender = self.signals.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = sender.as_ref() {
+            if tx.send(signo).is_ok() {
+                return;
             }
-            None => state.pending.push(signo),
         }
+        let (tx, rx) = mpsc::channel();
+        let state = self.state.clone();
+        let started = std::thread::Builder::new()
+            .name("signal-sender".into())
+            .spawn(move || {
+                // Ends when every link (and with it the sending end) is gone.
+                for signo in rx {
+                    deliver(&state, signo);
+                }
+            });
+        match started {
+            Ok(_) => {
+                let _ = tx.send(signo);
+                *sender = Some(tx);
+            }
+            // No thread to spare: deliver from here rather than not at all.
+            Err(_) => deliver(&self.state, signo),
+        }
+    }
+}
+
+/// Writes a Signal frame, or keeps it for [`AgentLink::attach`] while the job is not running.
+fn deliver(state: &Mutex<State>, signo: i32) {
+    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+    match state.writer.as_mut() {
+        // A failed write means the agent is gone; the session reports that.
+        Some(w) => {
+            let _ = w.write_frame(&Frame::Signal { signo });
+        }
+        None => state.pending.push(signo),
     }
 }
 
@@ -69,8 +115,50 @@ impl JobController {
         self.link.signal(signo);
     }
 
-    /// Stops the VM at once; the job's outcome then reports the agent as lost.
+    /// Stops the VM at once; the job's outcome then reports the agent as lost. Output the
+    /// job's destinations have not taken yet is dropped rather than waited for.
     pub fn kill_vm(&self) {
+        self.link.output_abandoned.store(true, Ordering::SeqCst);
         (self.killer)();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Issue 18 item 6: with the connection full (a job that never reads its stdin, whose
+    /// frames back up), a signal used to block its caller — the thread that reads execd's
+    /// signals and stops the VM — for ever. Now it returns at once, and the VM can be stopped.
+    #[test]
+    fn a_signal_never_waits_on_an_agent_that_does_not_read() {
+        let (host, _agent_never_reads) = UnixStream::pair().unwrap();
+        let link = AgentLink::default();
+        link.attach(host).unwrap();
+        let filler = link.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![0u8; 60_000];
+            while filler.send(&Frame::Stdin(chunk.clone())).is_ok() {}
+        });
+        // Let the stdin frames fill the connection.
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let controller = JobController {
+            link,
+            killer: {
+                let stopped = stopped.clone();
+                Arc::new(move || stopped.store(true, Ordering::SeqCst))
+            },
+        };
+        let (done_tx, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            controller.signal(libc::SIGKILL);
+            controller.kill_vm();
+            let _ = done_tx.send(());
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("signalling the job waited on the agent");
+        assert!(stopped.load(Ordering::SeqCst));
     }
 }

@@ -16,6 +16,7 @@ pub mod host_check;
 pub mod image;
 mod job_control;
 pub mod launch;
+mod output_writer;
 pub mod path_trust;
 pub mod run_dir;
 pub mod settings;

@@ -1,10 +1,10 @@
 //! [`VmHandle`]: what the caller holds while a VM runs — wait for its end, stop, pause and
 //! resume it, read its timestamps, console and memory footprint. Dropping the handle stops the VM
-//! and joins its threads.
+//! and joins its threads (within a deadline: see [`crate::thread_exit`]).
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -13,6 +13,7 @@ use crate::event_loop::EventLoop;
 use crate::lifecycle::{ExitReason, Lifecycle, Timestamps};
 use crate::memory::{self, GuestMemory};
 use crate::resources::MemoryUsage;
+use crate::thread_exit::{join_by, THREAD_EXIT_PATIENCE};
 use crate::virtio::{DeviceInfo, ShareDeviceInfo, VsockDeviceInfo};
 use crate::vm::VmError;
 
@@ -151,13 +152,16 @@ impl VmHandle {
         })
     }
 
+    /// Joins the vCPU and event threads, all within [`THREAD_EXIT_PATIENCE`]; one stuck past
+    /// it is left behind (see [`crate::thread_exit`]).
     fn join_threads(&self) {
+        let deadline = Instant::now() + THREAD_EXIT_PATIENCE;
         let mut t = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         for v in t.vcpus.drain(..) {
-            let _ = v.join();
+            join_by(v, deadline);
         }
         if let Some(mut el) = t.event_loop.take() {
-            el.stop();
+            el.stop_by(deadline);
         }
     }
 }

@@ -81,6 +81,7 @@ pub mod memory;
 pub mod probe;
 pub mod resources;
 pub mod seccomp;
+mod thread_exit;
 mod vcpu;
 pub mod virtio;
 mod vm;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid, User};
 
 use super::config::JobConfig;
+use super::job_fifo::{self, JobInput};
 
 /// Why the job owner cannot run the job.
 #[derive(Debug, thiserror::Error)]
@@ -127,24 +128,43 @@ impl JobUser {
         result
     }
 
-    /// Opens an output file as the job user: append, create with mode 0644.
+    /// Opens an output file as the job user: append, create with mode 0644. Never waits: a
+    /// FIFO without a reader fails with `ENXIO` (see [`super::job_fifo`]); the file returned
+    /// blocks on writes as usual.
     pub fn open_output(&self, path: &Path) -> std::io::Result<File> {
-        self.with_rights(|| {
-            OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o644)
-                .open(path)
-        })
+        let f = self
+            .with_rights(|| {
+                OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o644)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)
+            })
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENXIO) => std::io::Error::new(
+                    e.kind(),
+                    "a FIFO that no process has open for reading (start its reader first)",
+                ),
+                _ => e,
+            })?;
+        job_fifo::set_blocking(&f)?;
+        Ok(f)
     }
 
-    /// Opens the job's stdin as the job user; a directory is refused.
-    pub fn open_input(&self, path: &Path) -> std::io::Result<File> {
-        let f = self.with_rights(|| File::open(path))?;
+    /// Opens the job's stdin as the job user; a directory is refused. Never waits: a FIFO's
+    /// wait for its writer is left to the first read (see [`super::job_fifo`]).
+    pub fn open_input(&self, path: &Path) -> std::io::Result<JobInput> {
+        let f = self.with_rights(|| {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+        })?;
         if f.metadata()?.is_dir() {
             return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
         }
-        Ok(f)
+        JobInput::from_nonblocking(f)
     }
 
     /// Reads a whole file as the job user.
@@ -248,6 +268,45 @@ mod tests {
         }
         // and the caller keeps its own identity
         assert!(nix::unistd::geteuid().is_root());
+    }
+
+    /// Issue 18 item 6: a FIFO as -o or -i used to block `open` on the thread that reads
+    /// execd's signals. Now an output FIFO without a reader fails at once, one with a reader
+    /// opens for blocking writes, and an input FIFO opens at once.
+    #[test]
+    fn fifos_never_block_the_open() {
+        use crate::sge::job_fifo::tests::bounded;
+        use std::io::{Read, Write};
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let u = JobUser::from_config(&JobConfig::parse("job_owner=root\n")).unwrap();
+        let limit = Duration::from_secs(10);
+        let (user, path) = (u.clone(), fifo.clone());
+        let no_reader = bounded(limit, move || user.open_output(&path).err());
+        let e = no_reader.expect("an output FIFO without a reader opened");
+        assert!(
+            e.to_string().contains("no process has open for reading"),
+            "{e}"
+        );
+
+        let (user, path) = (u.clone(), fifo.clone());
+        let mut input = bounded(limit, move || user.open_input(&path)).unwrap();
+        // A reader exists now (the job's stdin end): the output side opens, and blocks on
+        // writes like any descriptor (O_NONBLOCK cleared).
+        let (user, path) = (u.clone(), fifo.clone());
+        let mut out = bounded(limit, move || user.open_output(&path)).unwrap();
+        // SAFETY: F_GETFL on a descriptor `out` owns.
+        let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&out), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+        out.write_all(b"through the fifo").unwrap();
+        drop(out);
+        let read = bounded(limit, move || {
+            let mut s = String::new();
+            input.read_to_string(&mut s).map(|_| s)
+        });
+        assert_eq!(read.unwrap(), "through the fifo");
     }
 
     #[test]

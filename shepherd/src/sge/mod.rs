@@ -14,6 +14,7 @@ pub mod expand;
 pub mod fault;
 pub mod guest_rusage;
 pub mod job_argv;
+pub mod job_fifo;
 mod job_run;
 pub mod job_user;
 pub mod limits;

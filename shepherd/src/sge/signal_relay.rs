@@ -151,11 +151,65 @@ impl<'a> SignalRelay<'a> {
             _ => {
                 self.dir.trace(&format!("sending {sig} to the job"));
                 controller.signal(sig);
-                if sig == libc::SIGKILL {
-                    self.killed = true;
-                    self.stop.job_killed(Instant::now());
-                }
             }
+        }
+        if sig == libc::SIGKILL {
+            // A terminate_method replaces the SIGKILL but not the job's end: the stock
+            // shepherd leaves that to the method, which cannot reach the job inside its VM
+            // (and qmaster would ask again for ever). So the job gets the same time to end
+            // as after a SIGKILL, then its VM is stopped.
+            self.killed = true;
+            self.stop.job_killed(Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job_control::AgentLink;
+    use crate::sge::environment::JobEnvironment;
+    use crate::sge::procedure::RunAs;
+    use crate::sge::vm_stop::KILL_GRACE;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Issue 18 item 6: a terminate_method (a command or a signal) used to leave the job
+    /// running with no hard stop armed; qdel then never ended a job the method cannot reach.
+    /// Now the VM is stopped [`KILL_GRACE`] after the method, as after a SIGKILL.
+    #[test]
+    fn a_terminate_method_arms_the_vms_hard_stop() {
+        for method in ["/bin/true", "SIGTERM"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = ActiveDir::new(tmp.path().to_path_buf());
+            let config = JobConfig::parse(&format!("terminate_method={method}\n"));
+            let methods = ControlMethods::from_config(&config).unwrap();
+            let me = RunAs {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+                groups: vec![nix::unistd::getgid().as_raw()],
+            };
+            let runner = MethodRunner::new(me, JobEnvironment::default(), tmp.path().into());
+            let mut relay = SignalRelay::new(&dir, &config, &methods, runner);
+            let stops = Arc::new(AtomicUsize::new(0));
+            let counted = stops.clone();
+            let controller = JobController {
+                link: AgentLink::default(),
+                killer: Arc::new(move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }),
+            };
+            let before = Instant::now();
+            relay.act(NotifyAction::Deliver(libc::SIGKILL), &controller);
+            assert!(relay.killed, "{method}");
+            let at = relay.stop.deadline().expect("no hard stop armed");
+            assert!(at >= before + KILL_GRACE && at <= Instant::now() + KILL_GRACE);
+            assert_eq!(
+                relay.stop.due(at),
+                Some(VmStopStep::StopVm),
+                "{method}: the VM is not stopped after the method"
+            );
+            relay.runner.reap();
         }
     }
 }
