@@ -146,6 +146,8 @@ EOF
 build_initramfs() {
     local dir=$1 stage
     stage=$(mktemp -d "$CACHE/.initramfs.XXXXXX")
+    # mktemp makes it 0700, and it becomes the outer host's /: jobs run as other users.
+    chmod 755 "$stage"
     mkdir -p "$stage"/{.nested/modules,proc,sys,dev,tmp,run,usr,etc,var,root}
     local busybox
     busybox=$(command -v busybox) || die "busybox not found"

@@ -40,7 +40,7 @@ if [ "${1:-}" = --inside ]; then
         result=$(grep -E '^test result: ' "$log" | tail -n 1)
         passed=$(echo "$result" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
         failed=$(echo "$result" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
-        skipped=$(grep -c '^SKIPPED' "$log" || true)
+        skipped=$(grep -o 'SKIPPED[ :]' "$log" | wc -l)
         echo "=== $name: exit $rc, ${passed:-0} passed, ${failed:-0} failed, $skipped SKIPPED lines, $(($(date +%s) - start)) s"
         total_passed=$((total_passed + ${passed:-0}))
         total_failed=$((total_failed + ${failed:-0}))
