@@ -209,8 +209,11 @@ cmd_run() {
     # The shares: 9p tag, mode, path (the same path inside).
     local qemu_fs=() i=0 path mode
     : >"$run/mounts"
+    local seen=" "
     for path in /usr /etc /var/lib/sge_virtualizer "${shares[@]}"; do
         [ -d "$path" ] || continue
+        case $seen in *" $path "*) continue ;; esac
+        seen+="$path "
         mode=ro
         case " ${shares[*]} " in *" $path "*) mode=rw ;; esac
         echo "s$i $mode $path" >>"$run/mounts"

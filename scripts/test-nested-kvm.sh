@@ -40,7 +40,7 @@ if [ "${1:-}" = --inside ]; then
         result=$(grep -E '^test result: ' "$log" | tail -n 1)
         passed=$(echo "$result" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
         failed=$(echo "$result" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
-        skipped=$(grep -o 'SKIPPED[ :]' "$log" | wc -l)
+        skipped=$(grep -o 'SKIPPED[ :]' "$log" | wc -l || true)
         echo "=== $name: exit $rc, ${passed:-0} passed, ${failed:-0} failed, $skipped SKIPPED lines, $(($(date +%s) - start)) s"
         total_passed=$((total_passed + ${passed:-0}))
         total_failed=$((total_failed + ${failed:-0}))
@@ -94,7 +94,12 @@ for g in $groups; do
     pairs+=("$g" "$exe")
 done
 
+# The repository (test binaries write under target/) and the OS image store (opening an image
+# takes its lock file) are shared writable.
+shares=(--share "$REPO")
+store=${SGE_VIRTUALIZER_IMAGES:-/var/lib/sge_virtualizer/images}
+[ -d "$store" ] && shares+=(--share "$store")
 say "running ${groups} in the nested real-KVM host (one outer boot)"
-exec "$REPO/scripts/nested-kvm-host.sh" run --timeout "$timeout" \
-    --env NESTED_KVM_TEST_THREADS --env SGE_VIRTUALIZER_TEST_USER \
+exec "$REPO/scripts/nested-kvm-host.sh" run --timeout "$timeout" "${shares[@]}" \
+    --env NESTED_KVM_TEST_THREADS \
     -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}"
