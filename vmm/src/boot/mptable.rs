@@ -169,7 +169,10 @@ mod tests {
             .collect();
         assert_eq!(
             lints,
-            [(INT_TYPE_EXTINT, BSP_APIC_ID, 0), (INT_TYPE_NMI, MP_APIC_ALL, 1)]
+            [
+                (INT_TYPE_EXTINT, BSP_APIC_ID, 0),
+                (INT_TYPE_NMI, MP_APIC_ALL, 1)
+            ]
         );
     }
 
