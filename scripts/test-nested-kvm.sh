@@ -6,13 +6,14 @@
 #   run_e2e      embedded::*   (`run --backend embedded`: exit codes, streams, signals, SMP, …)
 #   image_e2e    embedded::*   (OS image on virtio-blk, the cwd shared over virtio-fs)
 #   vmm real_kernel            (the real guest kernel in the VMM: vsock, virtio-fs and ext4 roots)
+#   timings                    (an embedded job-path smoke: `run --timings -- true`, three times)
 #
 # Prints the number of tests run in the tier at the end; fails when any of them fails, when the
 # outer host cannot boot, or when a test skips for want of vmx/svm (it must not, there).
 #
 # Usage: scripts/test-nested-kvm.sh [--timeout S]     (after scripts/setup.sh)
 # Environment: NESTED_KVM_TIER_FILTER (default: all three groups above; a space-separated subset
-#              of run_e2e image_e2e real_kernel), NESTED_KVM_TEST_THREADS (default 1).
+#              of run_e2e image_e2e real_kernel timings), NESTED_KVM_TEST_THREADS (default 1).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,6 +30,21 @@ if [ "${1:-}" = --inside ]; then
     log=$(mktemp)
     while [ $# -ge 2 ]; do
         name=$1; bin=$2; shift 2
+        if [ "$name" = timings ]; then
+            # An embedded job-path smoke on real KVM: phase timestamps of three `true` jobs.
+            echo "=== timings: $bin run --backend embedded --timings -n -- true (3 runs)"
+            for i in 1 2 3; do
+                start=$(date +%s%N)
+                if ! "$bin" run --backend embedded --kernel "$REPO/build/guest/vmlinux" \
+                    --initrd "$REPO/build/guest/initramfs.cpio" --timings -n -- true 2>"$log"; then
+                    cat "$log"
+                    failed_groups+=(timings)
+                    break
+                fi
+                echo "=== timings: run $i: $(( ($(date +%s%N) - start) / 1000000 )) ms wall: $(tail -n 1 "$log")"
+            done
+            continue
+        fi
         filter=()
         case $name in run_e2e|image_e2e) filter=(embedded::) ;; esac
         echo "=== $name: $bin ${filter[*]} (real KVM: $(grep -c -w svm /proc/cpuinfo) vCPUs with svm)"
@@ -70,7 +86,7 @@ while [ $# -gt 0 ]; do
         *) die "unknown argument $1" ;;
     esac
 done
-groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e real_kernel}
+groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e real_kernel timings}
 
 # The test executable cargo builds for `--test NAME` of package PKG.
 test_executable() {
@@ -82,13 +98,17 @@ test_executable() {
 [ -f build/guest/vmlinux ] && [ -f build/guest/initramfs.cpio ] ||
     die "no guest image in build/guest: run scripts/setup.sh first"
 say "building the sge_virtualizer binary and the test executables"
-cargo build -q -p shepherd
+# The tests run the release binary, as jobs do (set-up builds it): a debug build spends seconds
+# of emulated time loading the guest kernel before each VM.
+cargo build -q --release -p shepherd
+export SGE_VIRTUALIZER_BIN=$REPO/target/release/sge_virtualizer
 pairs=()
 for g in $groups; do
     case $g in
         run_e2e|image_e2e) exe=$(test_executable integration-tests "$g") ;;
         real_kernel) exe=$(test_executable vmm real_kernel) ;;
-        *) die "unknown group $g (run_e2e image_e2e real_kernel)" ;;
+        timings) exe=$SGE_VIRTUALIZER_BIN ;;
+        *) die "unknown group $g (run_e2e image_e2e real_kernel timings)" ;;
     esac
     [ -n "$exe" ] && [ -x "$exe" ] || die "cannot build the $g test executable"
     pairs+=("$g" "$exe")

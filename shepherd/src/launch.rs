@@ -453,10 +453,16 @@ fn run_session(
         Duration::from_millis(500)
     };
     match vm.wait_timeout(patience) {
-        Ok(Some(_)) => {}
+        Ok(Some(exit)) => tracing::debug!(exit = %exit.description, "the VM ended by itself"),
         _ => {
+            tracing::warn!(
+                patience_ms = patience.as_millis() as u64,
+                "the VM did not end within the grace after the job's end: killing it"
+            );
             (vm.killer())();
-            let _ = vm.wait_timeout(Duration::from_secs(5));
+            if !matches!(vm.wait_timeout(Duration::from_secs(5)), Ok(Some(_))) {
+                tracing::warn!("the VM was still not gone 5 s after it was killed");
+            }
         }
     }
     timings.vm_gone_ms = now_ms();
