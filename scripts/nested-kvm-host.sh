@@ -255,6 +255,11 @@ cmd_run() {
         "${qemu_fs[@]}" \
         </dev/null >"$run/qemu.log" 2>&1 &
     local qemu=$!
+    QEMU_PID=$qemu
+    # If this script is stopped, the outer host goes with it (timeout passes the signal on).
+    trap 'kill "$QEMU_PID" 2>/dev/null' EXIT
+    trap 'exit 143' TERM
+    trap 'exit 130' INT
     tail -f --pid=$qemu -c +1 "$run/stdout" &
     local tail_out=$!
     tail -f --pid=$qemu -c +1 "$run/stderr" >&2 &

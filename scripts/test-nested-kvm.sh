@@ -13,7 +13,9 @@
 #
 # Usage: scripts/test-nested-kvm.sh [--timeout S]     (after scripts/setup.sh)
 # Environment: NESTED_KVM_TIER_FILTER (default: all three groups above; a space-separated subset
-#              of run_e2e image_e2e real_kernel timings), NESTED_KVM_TEST_THREADS (default 1).
+#              of run_e2e image_e2e real_kernel timings), NESTED_KVM_TEST_THREADS (default 1),
+#              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 600; the whole run: --timeout,
+#              default 1800).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,7 +52,9 @@ if [ "${1:-}" = --inside ]; then
         echo "=== $name: $bin ${filter[*]} (real KVM: $(grep -c -w svm /proc/cpuinfo) vCPUs with svm)"
         start=$(date +%s)
         set +e
-        "$bin" "${filter[@]}" --test-threads="$threads" 2>&1 | tee "$log"
+        # A deadline per group, well inside the outer one, so a stuck group still reports.
+        timeout -k 10 "${NESTED_KVM_GROUP_TIMEOUT:-600}" \
+            "$bin" "${filter[@]}" --test-threads="$threads" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         set -e
         result=$(grep -E '^test result: ' "$log" | tail -n 1)
@@ -61,6 +65,7 @@ if [ "${1:-}" = --inside ]; then
         total_passed=$((total_passed + ${passed:-0}))
         total_failed=$((total_failed + ${failed:-0}))
         total_skipped=$((total_skipped + skipped))
+        [ "$rc" = 124 ] && echo "=== $name: killed at its ${NESTED_KVM_GROUP_TIMEOUT:-600} s deadline"
         if [ "$rc" != 0 ] || [ -z "$result" ]; then
             failed_groups+=("$name")
         fi
@@ -79,7 +84,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # On the host: build the test binaries, then run them all in one boot of the outer VM.
-timeout=2400
+timeout=1800
 while [ $# -gt 0 ]; do
     case $1 in
         --timeout) timeout=$2; shift 2 ;;
@@ -121,5 +126,5 @@ store=${SGE_VIRTUALIZER_IMAGES:-/var/lib/sge_virtualizer/images}
 [ -d "$store" ] && shares+=(--share "$store")
 say "running ${groups} in the nested real-KVM host (one outer boot)"
 exec "$REPO/scripts/nested-kvm-host.sh" run --timeout "$timeout" "${shares[@]}" \
-    --env NESTED_KVM_TEST_THREADS \
+    --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT \
     -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}"

@@ -342,7 +342,6 @@ pub fn launch_in(
     };
     let vm = selection.backend.start(&vm_spec)?;
     timings.vm_created_ms = now_ms();
-    timings.first_instruction_ms = vm.first_instruction().map(since_start);
 
     let link = AgentLink::default();
     let controller = JobController {
@@ -455,7 +454,9 @@ fn run_session(
     match vm.wait_timeout(patience) {
         Ok(Some(exit)) => tracing::debug!(exit = %exit.description, "the VM ended by itself"),
         _ => {
-            tracing::warn!(
+            // Routine where the guest's reset is slow (emulation, nested KVM): info, not warn,
+            // as `run` shows warnings on the job's stderr.
+            tracing::info!(
                 patience_ms = patience.as_millis() as u64,
                 "the VM did not end within the grace after the job's end: killing it"
             );
@@ -466,6 +467,9 @@ fn run_session(
         }
     }
     timings.vm_gone_ms = now_ms();
+    // Read only now: when start() returns, the vCPU threads may not have entered the guest yet
+    // (under emulation they seldom had, and the field was null).
+    timings.first_instruction_ms = vm.first_instruction().map(since_start);
     let (exit, job_started) = result?;
     Ok(JobOutcome {
         wait_status: exit.wait_status,

@@ -124,6 +124,16 @@ fn timings_line_has_every_phase(backend: &str) {
     }
     assert!(v["guest_init_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(v["backend"], backend);
+    if backend == "embedded" {
+        // The VMM knows when its boot vCPU first entered the guest (QEMU does not say).
+        let first = v["first_instruction_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("first_instruction_ms missing in {line}"));
+        assert!(
+            first > 0.0 && first <= v["agent_hello_ms"].as_f64().unwrap(),
+            "first_instruction_ms out of order in {line}"
+        );
+    }
 }
 
 /// 64 MiB of random bytes, checksummed in the guest and on the host, then a marker written
