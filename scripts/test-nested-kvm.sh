@@ -11,11 +11,16 @@
 # Prints the number of tests run in the tier at the end; fails when any of them fails, when the
 # outer host cannot boot, or when a test skips for want of vmx/svm (it must not, there).
 #
+# Known (2026-12-06, 2 of 7 full runs on a 2-core machine at load 5-8): the outer host froze
+# during run_e2e's signal tests, which stop the whole VMM process with SIGSTOP for 200 ms; once
+# with soft lockups of the inner VM's kvm-pit thread on the outer kernel. The deadlines below
+# then end the run, and the outer serial log is printed.
+#
 # Usage: scripts/test-nested-kvm.sh [--timeout S]     (after scripts/setup.sh)
 # Environment: NESTED_KVM_TIER_FILTER (default: all three groups above; a space-separated subset
 #              of run_e2e image_e2e real_kernel timings), NESTED_KVM_TEST_THREADS (default 1),
-#              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 600; the whole run: --timeout,
-#              default 1800).
+#              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 480; the whole run: --timeout,
+#              default 900; a full tier takes 3-6 min on 2 busy cores).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,7 +58,7 @@ if [ "${1:-}" = --inside ]; then
         start=$(date +%s)
         set +e
         # A deadline per group, well inside the outer one, so a stuck group still reports.
-        timeout -k 10 "${NESTED_KVM_GROUP_TIMEOUT:-600}" \
+        timeout -k 10 "${NESTED_KVM_GROUP_TIMEOUT:-480}" \
             "$bin" "${filter[@]}" --test-threads="$threads" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         set -e
@@ -65,7 +70,7 @@ if [ "${1:-}" = --inside ]; then
         total_passed=$((total_passed + ${passed:-0}))
         total_failed=$((total_failed + ${failed:-0}))
         total_skipped=$((total_skipped + skipped))
-        [ "$rc" = 124 ] && echo "=== $name: killed at its ${NESTED_KVM_GROUP_TIMEOUT:-600} s deadline"
+        [ "$rc" = 124 ] && echo "=== $name: killed at its ${NESTED_KVM_GROUP_TIMEOUT:-480} s deadline"
         if [ "$rc" != 0 ] || [ -z "$result" ]; then
             failed_groups+=("$name")
         fi
@@ -84,7 +89,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # On the host: build the test binaries, then run them all in one boot of the outer VM.
-timeout=1800
+timeout=900
 while [ $# -gt 0 ]; do
     case $1 in
         --timeout) timeout=$2; shift 2 ;;
