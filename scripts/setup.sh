@@ -7,6 +7,8 @@
 #   2. vhost-device-vsock (QEMU backend's vsock daemon) from crates.io, into /usr/local/bin
 #   3. the sge_virtualizer binary (cargo build --release)
 #   4. the guest image: kernel (vmlinux), initramfs with the static guest agent -> build/guest/
+#   5. the nested real-KVM test host (scripts/nested-kvm-host.sh build: Debian's kernel package,
+#      fetched and unpacked into the cache, with kvm-amd; kmod installed for its modules)
 #   (OS images for jobs are built on demand, cached: sge_virtualizer image build --debootstrap
 #    bullseye bullseye; tests/tests/image_e2e.rs does that itself)
 #
@@ -55,4 +57,6 @@ say "building sge_virtualizer (release)"
 
 say "building the guest image (kernel is cached after the first build)"
 "$REPO/scripts/build-guest-image.sh" --out "$REPO/build/guest"
+say "preparing the nested real-KVM test host (Debian's kernel with kvm-amd, run under QEMU TCG)"
+"$REPO/scripts/nested-kvm-host.sh" build
 say "ready: $REPO/target/release/sge_virtualizer, guest image in $REPO/build/guest"

@@ -381,7 +381,6 @@ pub fn launch_in(
     };
     let vm = selection.backend.start(&vm_spec)?;
     timings.vm_created_ms = now_ms();
-    timings.first_instruction_ms = vm.first_instruction().map(since_start);
 
     let link = AgentLink::default();
     let controller = JobController {
@@ -500,13 +499,24 @@ fn run_session(
         Duration::from_millis(500)
     };
     match vm.wait_timeout(patience) {
-        Ok(Some(_)) => {}
+        Ok(Some(exit)) => tracing::debug!(exit = %exit.description, "the VM ended by itself"),
         _ => {
+            // Routine where the guest's reset is slow (emulation, nested KVM): info, not warn,
+            // as `run` shows warnings on the job's stderr.
+            tracing::info!(
+                patience_ms = patience.as_millis() as u64,
+                "the VM did not end within the grace after the job's end: killing it"
+            );
             (vm.killer())();
-            let _ = vm.wait_timeout(Duration::from_secs(5));
+            if !matches!(vm.wait_timeout(Duration::from_secs(5)), Ok(Some(_))) {
+                tracing::warn!("the VM was still not gone 5 s after it was killed");
+            }
         }
     }
     timings.vm_gone_ms = now_ms();
+    // Read only now: when start() returns, the vCPU threads may not have entered the guest yet
+    // (under emulation they seldom had, and the field was null).
+    timings.first_instruction_ms = vm.first_instruction().map(since_start);
     let (exit, job_started) = result?;
     Ok(JobOutcome {
         wait_status: exit.wait_status,

@@ -84,7 +84,8 @@ pub fn backend_runnable(backend: &str, test: &str) -> bool {
             &format!(
                 "no vmx/svm in /proc/cpuinfo, so KVM on this machine emulates guest kernel code \
                  in software and cannot run a Linux user space; the embedded backend's job path \
-                 needs hardware virtualization (qemu::{test} ran instead)"
+                 needs hardware virtualization (qemu::{test} ran instead; scripts/test.sh runs \
+                 this one on real KVM in a nested host: scripts/test-nested-kvm.sh)"
             ),
         );
         return false;

@@ -85,6 +85,13 @@ fn killed_by_signal_exits_128_plus_n(backend: &str) {
     assert_eq!(out.status.code(), Some(143), "{out:?}");
 }
 
+/// An SMP guest: every vCPU asked for comes up (the MP table lists them, the APs start).
+fn four_vcpus_are_online_in_the_guest(backend: &str) {
+    let out = run_output(backend, &["-n", "--vcpus", "4", "--", "nproc"], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "4\n", "{out:?}");
+}
+
 fn runs_on_the_guest_kernel(backend: &str) {
     check_guest_kernel(backend);
 }
@@ -117,6 +124,16 @@ fn timings_line_has_every_phase(backend: &str) {
     }
     assert!(v["guest_init_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(v["backend"], backend);
+    if backend == "embedded" {
+        // The VMM knows when its boot vCPU first entered the guest (QEMU does not say).
+        let first = v["first_instruction_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("first_instruction_ms missing in {line}"));
+        assert!(
+            first > 0.0 && first <= v["agent_hello_ms"].as_f64().unwrap(),
+            "first_instruction_ms out of order in {line}"
+        );
+    }
 }
 
 /// 64 MiB of random bytes, checksummed in the guest and on the host, then a marker written
@@ -356,6 +373,7 @@ backend_suites!(
         exit_code_and_separate_streams,
         echo_hi,
         killed_by_signal_exits_128_plus_n,
+        four_vcpus_are_online_in_the_guest,
         runs_on_the_guest_kernel,
         stdin_is_relayed,
         timings_line_has_every_phase,

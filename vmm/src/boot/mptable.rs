@@ -27,6 +27,7 @@ const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
 const INT_TYPE_EXTINT: u8 = 3;
 const MP_APIC_ALL: u8 = 0xff;
+const BSP_APIC_ID: u8 = 0;
 const FLOATING_POINTER_SIZE: usize = 16;
 /// Room for the whole table: the last KiB of conventional memory.
 const MPTABLE_MAX_SIZE: usize = 1024;
@@ -60,16 +61,17 @@ pub fn build_mptable(base: u64, vcpus: u8) -> Result<Vec<u8>, BootError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IO_APIC_VERSION, 1]);
     entries.extend_from_slice(&IO_APIC_DEFAULT_PHYS_BASE.to_le_bytes());
     count += 1;
+    // Every ISA IRQ is an ordinary interrupt on the IO-APIC pin of the same number, as KVM's
+    // default GSI routing wires them (the in-kernel PIT raises GSI 0, hence pin 0). No pin is
+    // ExtINT: the legacy PIC reaches the CPU through LINT0 only. An ExtINT IO-APIC entry makes
+    // Linux route the timer through the PIC on that pin ("ExtINT not setup in hardware but
+    // reported by MP table"), which KVM's IO-APIC does not do, and the guest dies in early boot.
     for irq in 0..=layout::MAX_LEGACY_GSI as u8 {
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[ENTRY_IOINT, kind, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[ENTRY_IOINT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
-    entries.extend_from_slice(&[ENTRY_LINTSRC, INT_TYPE_EXTINT, 0, 0, 0, 0, MP_APIC_ALL, 0]);
+    // LINT0: the PIC's output (ExtINT), wired to the boot CPU only; LINT1: NMI on every CPU.
+    entries.extend_from_slice(&[ENTRY_LINTSRC, INT_TYPE_EXTINT, 0, 0, 0, 0, BSP_APIC_ID, 0]);
     entries.extend_from_slice(&[ENTRY_LINTSRC, INT_TYPE_NMI, 0, 0, 0, 0, MP_APIC_ALL, 1]);
     count += 2;
 
@@ -125,6 +127,53 @@ mod tests {
             assert_eq!(count, u16::from(n) + 1 + 1 + 24 + 2);
             assert!(t.len() <= MPTABLE_MAX_SIZE);
         }
+    }
+
+    /// The entries after the table header, as (type, bytes) pairs.
+    fn entries(t: &[u8]) -> Vec<&[u8]> {
+        let len = u16::from_le_bytes([t[20], t[21]]) as usize;
+        let mut rest = &t[16 + 44..16 + len];
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            let size = if rest[0] == ENTRY_PROCESSOR { 20 } else { 8 };
+            out.push(&rest[..size]);
+            rest = &rest[size..];
+        }
+        out
+    }
+
+    /// Regression: IRQ 0 was an ExtINT IO-APIC entry, so Linux routed its timer through the
+    /// PIC on IO-APIC pin 0 and died in early boot on real KVM.
+    #[test]
+    fn every_io_interrupt_is_an_ordinary_interrupt_on_the_same_pin() {
+        let t = build_mptable(layout::MPTABLE_ADDR, 2).unwrap();
+        let ioints: Vec<_> = entries(&t)
+            .into_iter()
+            .filter(|e| e[0] == ENTRY_IOINT)
+            .collect();
+        assert_eq!(ioints.len(), layout::MAX_LEGACY_GSI as usize + 1);
+        for (irq, e) in ioints.iter().enumerate() {
+            assert_eq!(e[1], INT_TYPE_INT, "IRQ {irq} is not an ordinary interrupt");
+            assert_eq!((e[5], e[7]), (irq as u8, irq as u8), "IRQ {irq} pin");
+            assert_eq!(e[6], 3, "IRQ {irq} goes to the IO-APIC (id vcpus + 1)");
+        }
+    }
+
+    #[test]
+    fn lint0_is_extint_on_the_boot_cpu_and_lint1_nmi_on_all() {
+        let t = build_mptable(layout::MPTABLE_ADDR, 4).unwrap();
+        let lints: Vec<_> = entries(&t)
+            .into_iter()
+            .filter(|e| e[0] == ENTRY_LINTSRC)
+            .map(|e| (e[1], e[6], e[7]))
+            .collect();
+        assert_eq!(
+            lints,
+            [
+                (INT_TYPE_EXTINT, BSP_APIC_ID, 0),
+                (INT_TYPE_NMI, MP_APIC_ALL, 1)
+            ]
+        );
     }
 
     #[test]

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The real-KVM test tier: the tests that need hardware virtualization (the embedded VMM's job
+# path), run in one boot of the nested KVM host (scripts/nested-kvm-host.sh: kvm-amd inside
+# QEMU TCG), with the test binaries built here on the host.
+#
+#   run_e2e      embedded::*   (`run --backend embedded`: exit codes, streams, signals, SMP, …)
+#   image_e2e    embedded::*   (OS image on virtio-blk, the cwd shared over virtio-fs)
+#   vmm real_kernel            (the real guest kernel in the VMM: vsock, virtio-fs and ext4 roots)
+#   timings                    (an embedded job-path smoke: `run --timings -- true`, three times)
+#
+# Prints the number of tests run in the tier at the end; fails when any of them fails, when the
+# outer host cannot boot, or when a test skips for want of vmx/svm (it must not, there).
+#
+# Known (2026-12-06, 2 of 7 full runs on a 2-core machine at load 5-8): the outer host froze
+# during run_e2e's signal tests, which stop the whole VMM process with SIGSTOP for 200 ms; once
+# with soft lockups of the inner VM's kvm-pit thread on the outer kernel. The deadlines below
+# then end the run, and the outer serial log is printed.
+#
+# Usage: scripts/test-nested-kvm.sh [--timeout S]     (after scripts/setup.sh)
+# Environment: NESTED_KVM_TIER_FILTER (default: all three groups above; a space-separated subset
+#              of run_e2e image_e2e real_kernel timings), NESTED_KVM_TEST_THREADS (default 1),
+#              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 480; the whole run: --timeout,
+#              default 900; a full tier takes 3-6 min on 2 busy cores).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+say() { echo "test-nested-kvm: $*" >&2; }
+die() { echo "test-nested-kvm: error: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Inside the outer VM: run each group, count.
+if [ "${1:-}" = --inside ]; then
+    shift
+    threads=${NESTED_KVM_TEST_THREADS:-1}
+    total_passed=0 total_failed=0 total_skipped=0 failed_groups=()
+    log=$(mktemp)
+    while [ $# -ge 2 ]; do
+        name=$1; bin=$2; shift 2
+        if [ "$name" = timings ]; then
+            # An embedded job-path smoke on real KVM: phase timestamps of three `true` jobs.
+            echo "=== timings: $bin run --backend embedded --timings -n -- true (3 runs)"
+            for i in 1 2 3; do
+                start=$(date +%s%N)
+                if ! "$bin" run --backend embedded --kernel "$REPO/build/guest/vmlinux" \
+                    --initrd "$REPO/build/guest/initramfs.cpio" --timings -n -- true 2>"$log"; then
+                    cat "$log"
+                    failed_groups+=(timings)
+                    break
+                fi
+                echo "=== timings: run $i: $(( ($(date +%s%N) - start) / 1000000 )) ms wall: $(tail -n 1 "$log")"
+            done
+            continue
+        fi
+        filter=()
+        case $name in run_e2e|image_e2e) filter=(embedded::) ;; esac
+        echo "=== $name: $bin ${filter[*]} (real KVM: $(grep -c -w svm /proc/cpuinfo) vCPUs with svm)"
+        start=$(date +%s)
+        set +e
+        # A deadline per group, well inside the outer one, so a stuck group still reports.
+        timeout -k 10 "${NESTED_KVM_GROUP_TIMEOUT:-480}" \
+            "$bin" "${filter[@]}" --test-threads="$threads" 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+        set -e
+        result=$(grep -E '^test result: ' "$log" | tail -n 1)
+        passed=$(echo "$result" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
+        failed=$(echo "$result" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
+        skipped=$(grep -o 'SKIPPED[ :]' "$log" | wc -l || true)
+        echo "=== $name: exit $rc, ${passed:-0} passed, ${failed:-0} failed, $skipped SKIPPED lines, $(($(date +%s) - start)) s"
+        total_passed=$((total_passed + ${passed:-0}))
+        total_failed=$((total_failed + ${failed:-0}))
+        total_skipped=$((total_skipped + skipped))
+        [ "$rc" = 124 ] && echo "=== $name: killed at its ${NESTED_KVM_GROUP_TIMEOUT:-480} s deadline"
+        if [ "$rc" != 0 ] || [ -z "$result" ]; then
+            failed_groups+=("$name")
+        fi
+        if grep -q '^SKIPPED embedded::.*no vmx/svm' "$log"; then
+            echo "=== $name: a test skipped for want of vmx/svm on the nested real-KVM host"
+            failed_groups+=("$name(skipped)")
+        fi
+    done
+    rm -f "$log"
+    echo "=== nested real-KVM tier: $((total_passed - total_skipped)) tests ran and passed," \
+        "$total_failed failed, $total_skipped printed SKIPPED" \
+        "(groups failed: ${failed_groups[*]:-none})"
+    [ ${#failed_groups[@]} -eq 0 ]
+    exit
+fi
+
+# ---------------------------------------------------------------------------------------------
+# On the host: build the test binaries, then run them all in one boot of the outer VM.
+timeout=900
+while [ $# -gt 0 ]; do
+    case $1 in
+        --timeout) timeout=$2; shift 2 ;;
+        *) die "unknown argument $1" ;;
+    esac
+done
+groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e real_kernel timings}
+
+# The test executable cargo builds for `--test NAME` of package PKG.
+test_executable() {
+    local pkg=$1 test=$2
+    cargo test -q -p "$pkg" --test "$test" --no-run --message-format=json 2>/dev/null |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1
+}
+
+[ -f build/guest/vmlinux ] && [ -f build/guest/initramfs.cpio ] ||
+    die "no guest image in build/guest: run scripts/setup.sh first"
+say "building the sge_virtualizer binary and the test executables"
+# The tests run the release binary, as jobs do (set-up builds it): a debug build spends seconds
+# of emulated time loading the guest kernel before each VM.
+cargo build -q --release -p shepherd
+export SGE_VIRTUALIZER_BIN=$REPO/target/release/sge_virtualizer
+pairs=()
+for g in $groups; do
+    case $g in
+        run_e2e|image_e2e) exe=$(test_executable integration-tests "$g") ;;
+        real_kernel) exe=$(test_executable vmm real_kernel) ;;
+        timings) exe=$SGE_VIRTUALIZER_BIN ;;
+        *) die "unknown group $g (run_e2e image_e2e real_kernel timings)" ;;
+    esac
+    [ -n "$exe" ] && [ -x "$exe" ] || die "cannot build the $g test executable"
+    pairs+=("$g" "$exe")
+done
+
+# The repository (test binaries write under target/) and the OS image store (opening an image
+# takes its lock file) are shared writable.
+shares=(--share "$REPO")
+store=${SGE_VIRTUALIZER_IMAGES:-/var/lib/sge_virtualizer/images}
+[ -d "$store" ] && shares+=(--share "$store")
+say "running ${groups} in the nested real-KVM host (one outer boot)"
+exec "$REPO/scripts/nested-kvm-host.sh" run --timeout "$timeout" "${shares[@]}" \
+    --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT \
+    -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}"
