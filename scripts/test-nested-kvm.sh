@@ -26,6 +26,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 say() { echo "test-nested-kvm: $*" >&2; }
+# Exit status of a tier in which no test failed but a group ran out of time (EX_TEMPFAIL).
+STALLED=75
 die() { echo "test-nested-kvm: error: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +35,7 @@ die() { echo "test-nested-kvm: error: $*" >&2; exit 1; }
 if [ "${1:-}" = --inside ]; then
     shift
     threads=${NESTED_KVM_TEST_THREADS:-1}
-    total_passed=0 total_failed=0 total_skipped=0 failed_groups=()
+    total_passed=0 total_failed=0 total_skipped=0 failed_groups=() stalled_groups=()
     log=$(mktemp)
     while [ $# -ge 2 ]; do
         name=$1; bin=$2; shift 2
@@ -70,8 +72,10 @@ if [ "${1:-}" = --inside ]; then
         total_passed=$((total_passed + ${passed:-0}))
         total_failed=$((total_failed + ${failed:-0}))
         total_skipped=$((total_skipped + skipped))
-        [ "$rc" = 124 ] && echo "=== $name: killed at its ${NESTED_KVM_GROUP_TIMEOUT:-480} s deadline"
-        if [ "$rc" != 0 ] || [ -z "$result" ]; then
+        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+            echo "=== $name: killed at its ${NESTED_KVM_GROUP_TIMEOUT:-480} s deadline"
+            stalled_groups+=("$name")
+        elif [ "$rc" != 0 ] || [ -z "$result" ]; then
             failed_groups+=("$name")
         fi
         if grep -q '^SKIPPED embedded::.*no vmx/svm' "$log"; then
@@ -82,9 +86,12 @@ if [ "${1:-}" = --inside ]; then
     rm -f "$log"
     echo "=== nested real-KVM tier: $((total_passed - total_skipped)) tests ran and passed," \
         "$total_failed failed, $total_skipped printed SKIPPED" \
-        "(groups failed: ${failed_groups[*]:-none})"
-    [ ${#failed_groups[@]} -eq 0 ]
-    exit
+        "(groups failed: ${failed_groups[*]:-none}; stalled: ${stalled_groups[*]:-none})"
+    # A group that only ran out of time (the nested host stalls now and then) is worth another
+    # try; a test that failed is not.
+    [ ${#failed_groups[@]} -eq 0 ] || exit 1
+    [ ${#stalled_groups[@]} -eq 0 ] || exit "$STALLED"
+    exit 0
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +136,25 @@ done
 shares=(--share "$REPO")
 store=${SGE_VIRTUALIZER_IMAGES:-/var/lib/sge_virtualizer/images}
 [ -d "$store" ] && shares+=(--share "$store")
-say "running ${groups} in the nested real-KVM host (one outer boot)"
-exec "$REPO/scripts/nested-kvm-host.sh" run --timeout "$timeout" "${shares[@]}" \
-    --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT \
-    -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}"
+# One more outer boot when the outer host failed or stalled (nested-kvm-host.sh exits 125 then,
+# the tier STALLED): on these 2-core machines the outer host froze in about 2 runs of 7 (see
+# above). A test that failed is never retried; both tries' serial logs are kept and printed.
+for attempt in 1 2; do
+    say "running ${groups} in the nested real-KVM host (one outer boot; try $attempt of 2)"
+    rc=0
+    "$REPO/scripts/nested-kvm-host.sh" run --timeout "$timeout" "${shares[@]}" \
+        --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT \
+        -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}" || rc=$?
+    case $rc in
+        0) exit 0 ;;
+        125 | "$STALLED")
+            if [ "$attempt" = 1 ]; then
+                say "the nested host failed or stalled (exit $rc), not a test: trying once more"
+                continue
+            fi
+            say "the nested host failed or stalled twice (exit $rc)"
+            exit 1
+            ;;
+        *) exit "$rc" ;;
+    esac
+done
