@@ -1,12 +1,13 @@
 //! The handle through which the shepherd's policy (signals from the user or from execd) reaches
-//! a running job: signals go to the agent as Signal frames, queued until the agent is ready.
+//! a running job: signals go down to the VMM process ([`crate::vmm_process`]), which sends them
+//! to the agent as Signal frames, queued until the agent is ready ([`AgentLink`]).
 
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use guest_agent::protocol::{Frame, FrameWriter, ProtocolError};
 
-use crate::backend::VmKiller;
+use crate::vmm_process::VmmControl;
 
 #[derive(Default)]
 struct State {
@@ -44,7 +45,7 @@ impl AgentLink {
         }
     }
 
-    fn signal(&self, signo: i32) {
+    pub(crate) fn signal(&self, signo: i32) {
         let mut state = self.lock();
         match state.writer.as_mut() {
             // A failed write means the agent is gone; the session reports that.
@@ -56,21 +57,21 @@ impl AgentLink {
     }
 }
 
-/// Controls a running job from any thread.
+/// Controls a running job from any thread of the shepherd.
 #[derive(Clone)]
 pub struct JobController {
-    pub(crate) link: AgentLink,
-    pub(crate) killer: VmKiller,
+    pub(crate) vmm: Arc<VmmControl>,
 }
 
 impl JobController {
     /// Delivers `signo` to the job's process group in the guest (queued until the job runs).
     pub fn signal(&self, signo: i32) {
-        self.link.signal(signo);
+        self.vmm.signal(signo);
     }
 
-    /// Stops the VM at once; the job's outcome then reports the agent as lost.
+    /// Stops the VM at once; the job's outcome then reports the agent as lost. A VMM process
+    /// that does not stop it in time is killed.
     pub fn kill_vm(&self) {
-        (self.killer)();
+        self.vmm.stop_vm();
     }
 }

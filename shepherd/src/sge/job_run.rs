@@ -577,7 +577,8 @@ impl JobRun {
             )),
         })?;
         crash_state(ShepherdState::AfterJob);
-        let job_pid = vmm_pid().unwrap_or_else(std::process::id);
+        // The VMM process: the job user's, with add_grp_id among its groups.
+        let job_pid = running.vmm_pid();
         self.config.set("job_pid", &job_pid.to_string());
         let _ = self.dir.write_job_pid(job_pid);
         let controller = running.controller();
@@ -797,38 +798,6 @@ fn open_output(user: &JobUser, path: &Path) -> Result<File, Failure> {
     })
 }
 
-/// The VMM process: of our children (no procedure runs while the job does) the one started
-/// last, as helpers such as the vsock bridge start before the VMM. `None` when the VMM runs in
-/// this process.
-fn vmm_pid() -> Option<u32> {
-    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
-    let children: Vec<u32> = tasks
-        .flatten()
-        .flat_map(|t| {
-            let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            list.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    youngest(&children)
-}
-
-/// The process of `pids` started last.
-fn youngest(pids: &[u32]) -> Option<u32> {
-    pids.iter()
-        .copied()
-        .max_by_key(|pid| start_time(*pid).unwrap_or(0))
-}
-
-/// A process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // the command name (field 2) may contain spaces: count from after its ')'
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1041,25 +1010,5 @@ mod tests {
                 prop_assert!(matches!(charge, Charge::Job | Charge::Nobody), "{charge:?}: {message}");
             }
         }
-    }
-
-    #[test]
-    fn the_vmm_is_the_child_started_last() {
-        let mut first = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        // start times count in clock ticks (10 ms)
-        std::thread::sleep(Duration::from_millis(50));
-        let mut second = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let picked = youngest(&[second.id(), first.id()]);
-        let also = youngest(&[first.id(), second.id()]);
-        let _ = (first.kill(), second.kill(), first.wait(), second.wait());
-        assert_eq!(picked, Some(second.id()));
-        assert_eq!(also, Some(second.id()));
-        assert_eq!(youngest(&[]), None);
     }
 }

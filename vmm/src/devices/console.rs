@@ -32,6 +32,14 @@ pub enum SerialSink {
         /// Cap on bytes written.
         max_bytes: u64,
     },
+    /// Write to a file the caller opened (for a VMM whose identity may not create files where
+    /// the log lives), stopping after `max_bytes`.
+    OpenFile {
+        /// The file; the console writes through its own duplicate of the descriptor.
+        file: std::sync::Arc<File>,
+        /// Cap on bytes written.
+        max_bytes: u64,
+    },
 }
 
 /// A bounded ring buffer of console bytes, shared with the VM handle.
@@ -115,6 +123,13 @@ impl ConsoleLog {
                         .custom_flags(libc::O_NOFOLLOW)
                         .mode(0o600)
                         .open(path)?,
+                    remaining: *max_bytes,
+                },
+                None,
+            ),
+            SerialSink::OpenFile { file, max_bytes } => (
+                Self::File {
+                    file: file.try_clone()?,
                     remaining: *max_bytes,
                 },
                 None,

@@ -1,0 +1,377 @@
+//! The root parent's side of the VMM process: an explicit state machine with a deadline on
+//! every phase. Whatever the child does — report, hang, die of SIGKILL, SIGSEGV or SIGSYS —
+//! [`VmmProcess::wait`] returns the job's result or the job's error with the reason, and the
+//! child is reaped (or, if even SIGKILL does not end it in time, given up on: it dies with the
+//! shepherd through its parent-death signal).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use super::message::{Channel, FromVmm, Received, StartFailure, ToVmm};
+use crate::agent_session::JobError;
+use crate::launch::JobOutcome;
+
+/// How long the backend may take to start the VM (QEMU and its vsock daemon, or the embedded
+/// VMM loading the kernel).
+pub const START_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a started VM may take until the job runs: the child's own deadlines (the agent's
+/// connection, its Hello, the spawn) end it sooner; this is the backstop if the child wedges.
+pub const BOOT_PATIENCE: Duration = Duration::from_secs(200);
+/// How long the child may take to report after being told to stop the VM.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long the child may take to exit after its report (or after SIGKILL).
+pub const REAP_PATIENCE: Duration = Duration::from_secs(5);
+/// How often the parent looks at the child when no message comes.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Where the child stands, as the parent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Forked; the backend is starting the VM.
+    Starting { until: Instant },
+    /// The VM runs; the job has not started yet.
+    Booting { until: Instant },
+    /// The job runs. Bounded by whoever stops it: execd's qdel and h_rt reach
+    /// [`VmmControl::stop_vm`], which moves to [`Phase::Stopping`].
+    Running,
+    /// The child was told to stop the VM and must report by `until`.
+    Stopping { until: Instant },
+    /// The child reported, closed the channel or was killed; it must be gone by `until`.
+    Reaping { until: Instant, killed: bool },
+}
+
+impl Phase {
+    fn deadline(&self) -> Option<Instant> {
+        match *self {
+            Phase::Starting { until }
+            | Phase::Booting { until }
+            | Phase::Stopping { until }
+            | Phase::Reaping { until, .. } => Some(until),
+            Phase::Running => None,
+        }
+    }
+}
+
+/// The parent's handle for signals and stop requests, shared with every job controller.
+pub struct VmmControl {
+    pid: Pid,
+    channel: Mutex<Channel>,
+    stop_requested: AtomicBool,
+}
+
+impl VmmControl {
+    /// Delivers `signo` to the job in the guest (queued by the child until the job runs).
+    pub fn signal(&self, signo: i32) {
+        let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        // A child that is gone cannot take it; its end is reported by `wait`.
+        let _ = channel.send(&ToVmm::Signal(signo));
+    }
+
+    /// Asks the child to stop the VM; [`VmmProcess::wait`] kills it if it has not reported
+    /// within [`STOP_GRACE`].
+    pub fn stop_vm(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+        let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = channel.send(&ToVmm::StopVm);
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+}
+
+/// What the start phase ended in.
+pub enum Start {
+    /// The VM runs.
+    Started {
+        vm_created_ms: Option<f64>,
+        first_instruction_ms: Option<f64>,
+    },
+    /// The backend could not start it (the child exits).
+    Failed(StartFailure),
+    /// The child ended before it said either; [`VmmProcess::wait`] tells why.
+    Ended,
+}
+
+/// The VMM process, from the parent's side.
+pub struct VmmProcess {
+    pid: Pid,
+    channel: Channel,
+    control: Arc<VmmControl>,
+    phase: Phase,
+    /// What the child reported as the job's end.
+    report: Option<Result<JobOutcome, JobError>>,
+    /// Why the parent killed the child, if it did.
+    kill_reason: Option<String>,
+    /// The child's wait status, once reaped.
+    reaped: Option<WaitStatus>,
+}
+
+impl VmmProcess {
+    /// `channel` and `control_end` are two handles on the parent's end.
+    pub(super) fn new(pid: Pid, channel: Channel, control_end: Channel) -> VmmProcess {
+        let control = Arc::new(VmmControl {
+            pid,
+            channel: Mutex::new(control_end),
+            stop_requested: AtomicBool::new(false),
+        });
+        VmmProcess {
+            pid,
+            channel,
+            control,
+            phase: Phase::Starting {
+                until: Instant::now() + START_PATIENCE,
+            },
+            report: None,
+            kill_reason: None,
+            reaped: None,
+        }
+    }
+
+    pub fn control(&self) -> Arc<VmmControl> {
+        self.control.clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Waits for the VM's start (or its failure, or the child's end), within the phase's
+    /// deadline.
+    pub fn await_start(&mut self) -> Start {
+        loop {
+            if !matches!(self.phase, Phase::Starting { .. }) {
+                return Start::Ended;
+            }
+            match self.step() {
+                Some(FromVmm::VmStarted {
+                    vm_created_ms,
+                    first_instruction_ms,
+                }) => {
+                    self.phase = Phase::Booting {
+                        until: Instant::now() + BOOT_PATIENCE,
+                    };
+                    return Start::Started {
+                        vm_created_ms,
+                        first_instruction_ms,
+                    };
+                }
+                Some(FromVmm::StartFailed(f)) => {
+                    self.to_reaping(false);
+                    // The child exits after saying so; reap it within the deadline.
+                    while self.reaped.is_none() && !self.reap_due() {
+                        let _ = self.step();
+                    }
+                    return Start::Failed(f);
+                }
+                Some(other) => self.out_of_place(other),
+                None => {}
+            }
+        }
+    }
+
+    /// Waits for the job's end and the child's, and returns the job's result: the child's
+    /// report, or the job's error when it died or hung without one.
+    pub fn wait(mut self) -> Result<JobOutcome, JobError> {
+        loop {
+            if let Some(status) = self.reaped {
+                return self.result(status);
+            }
+            if self.reap_due() {
+                let why = format!(
+                    "the job's VMM process (pid {}) did not end within {REAP_PATIENCE:?} of \
+                     SIGKILL; it ends with the shepherd",
+                    self.pid
+                );
+                return self.report.take().unwrap_or(Err(JobError::Vm(why)));
+            }
+            match self.step() {
+                Some(FromVmm::JobStarted) if matches!(self.phase, Phase::Booting { .. }) => {
+                    self.phase = Phase::Running;
+                }
+                Some(FromVmm::Exited {
+                    wait_status,
+                    rusage,
+                    job_started,
+                    job_ended,
+                    timings,
+                }) if self.report.is_none() => {
+                    self.report = Some(Ok(JobOutcome {
+                        wait_status,
+                        rusage,
+                        job_started,
+                        job_ended,
+                        timings,
+                    }));
+                    self.to_reaping(false);
+                }
+                Some(FromVmm::Failed(e)) if self.report.is_none() => {
+                    self.report = Some(Err(e));
+                    self.to_reaping(false);
+                }
+                Some(other) => self.out_of_place(other),
+                None => {}
+            }
+        }
+    }
+
+    /// A message the phase does not allow: the child is not trusted further.
+    fn out_of_place(&mut self, message: FromVmm) {
+        let what = match message {
+            FromVmm::VmStarted { .. } => "VmStarted",
+            FromVmm::StartFailed(_) => "StartFailed",
+            FromVmm::JobStarted => "JobStarted",
+            FromVmm::Exited { .. } => "Exited",
+            FromVmm::Failed(_) => "Failed",
+        };
+        self.kill(format!(
+            "the job's VMM process sent {what} out of place ({:?})",
+            self.phase
+        ));
+    }
+
+    /// One round: a stop request, a deadline, the child's end, or one message (returned).
+    fn step(&mut self) -> Option<FromVmm> {
+        let now = Instant::now();
+        if self.reaped.is_none() {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    self.reaped = Some(status);
+                    return None;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    // Not our child any more (cannot happen while we hold it): stop waiting.
+                    self.reaped = Some(WaitStatus::Exited(self.pid, -1));
+                    return None;
+                }
+            }
+        }
+        if self.control.stop_requested.load(Ordering::SeqCst)
+            && matches!(
+                self.phase,
+                Phase::Starting { .. } | Phase::Booting { .. } | Phase::Running
+            )
+        {
+            self.phase = Phase::Stopping {
+                until: now + STOP_GRACE,
+            };
+        }
+        match self.phase.deadline() {
+            Some(until) if now >= until => {
+                match self.phase {
+                    Phase::Starting { .. } => self.kill(format!(
+                        "the job's VM did not start within {START_PATIENCE:?}"
+                    )),
+                    Phase::Booting { .. } => self.kill(format!(
+                        "the job did not start in its VM within {BOOT_PATIENCE:?}"
+                    )),
+                    Phase::Stopping { .. } => self.kill(format!(
+                        "the job's VMM process did not stop its VM within {STOP_GRACE:?}"
+                    )),
+                    Phase::Reaping { killed: false, .. } => {
+                        self.kill("the job's VMM process did not exit after its report".into())
+                    }
+                    Phase::Reaping { killed: true, .. } | Phase::Running => {}
+                }
+                return None;
+            }
+            _ => {}
+        }
+        let wait = self
+            .phase
+            .deadline()
+            .map(|d| d.saturating_duration_since(now).min(TICK))
+            .unwrap_or(TICK);
+        match self.channel.receive::<FromVmm>(Some(wait)) {
+            Ok(Received::Message(m)) => Some(m),
+            Ok(Received::Nothing) => None,
+            Ok(Received::Closed) => {
+                // The child is ending; it must be gone soon.
+                if !matches!(self.phase, Phase::Reaping { .. }) {
+                    self.to_reaping(false);
+                }
+                // Closed stays readable: wait for the exit without spinning.
+                std::thread::sleep(wait.min(Duration::from_millis(5)));
+                None
+            }
+            Err(e) => {
+                self.kill(format!("the job's VMM process broke its channel: {e}"));
+                None
+            }
+        }
+    }
+
+    fn to_reaping(&mut self, killed: bool) {
+        self.phase = Phase::Reaping {
+            until: Instant::now() + REAP_PATIENCE,
+            killed,
+        };
+    }
+
+    /// Whether even the kill's deadline has passed.
+    fn reap_due(&self) -> bool {
+        matches!(self.phase, Phase::Reaping { until, killed: true } if Instant::now() >= until)
+    }
+
+    /// SIGKILL to the child (never reaped yet, so the pid is still ours), with the reason.
+    fn kill(&mut self, reason: String) {
+        if self.reaped.is_none() {
+            let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+        }
+        self.kill_reason.get_or_insert(reason);
+        self.to_reaping(true);
+    }
+
+    /// The job's result once the child is reaped.
+    fn result(mut self, status: WaitStatus) -> Result<JobOutcome, JobError> {
+        if let Some(report) = self.report.take() {
+            return report;
+        }
+        let pid = self.pid;
+        let how = match status {
+            WaitStatus::Signaled(_, sig, _) => format!("was killed by signal {}", describe(sig)),
+            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+            other => format!("ended ({other:?})"),
+        };
+        let why = match self.kill_reason.take() {
+            Some(reason) => format!("{reason}; killed"),
+            None => format!(
+                "the job's VMM process (pid {pid}) {how} before it reported the job's end"
+            ),
+        };
+        Err(JobError::Vm(why))
+    }
+}
+
+/// A signal by number and name, with what it usually means for the VMM.
+fn describe(sig: Signal) -> String {
+    let n = sig as i32;
+    let meaning = match sig {
+        Signal::SIGSYS => ": a seccomp filter refused a system call",
+        Signal::SIGSEGV | Signal::SIGBUS => ": a memory fault",
+        Signal::SIGKILL => ": killed by its owner, an OOM kill or a hard limit",
+        _ => "",
+    };
+    format!("{n} ({}{meaning})", sig.as_str())
+}
+
+impl std::fmt::Debug for VmmProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmmProcess")
+            .field("pid", &self.pid)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
