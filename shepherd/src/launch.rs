@@ -373,6 +373,11 @@ pub fn launch_in(
         .chain(selection.backend.log_files().iter().copied())
         .collect();
     let logs = VmLogs::create(run_dir.path(), &log_names, run_dir.vm_user())?;
+    let kvm_device = if selection.backend.opens_kvm() {
+        Some(backend::open_kvm_device()?)
+    } else {
+        None
+    };
 
     let cmdline = if spec.extra_cmdline.is_empty() {
         DEFAULT_CMDLINE.to_string()
@@ -388,6 +393,7 @@ pub fn launch_in(
         vsock_uds,
         console_log: run_dir.path().join(CONSOLE_LOG),
         logs,
+        kvm_device,
         run_dir: run_dir.path().to_path_buf(),
         credentials: spec.vmm_credentials.clone(),
         root_disk: attached.root_disk,

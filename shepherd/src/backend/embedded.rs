@@ -57,6 +57,10 @@ impl VmBackend for EmbeddedBackend {
         "embedded"
     }
 
+    fn opens_kvm(&self) -> bool {
+        true
+    }
+
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
         let mut config = vm_config(spec);
         config.run_as = thread_identity(spec, nix::unistd::geteuid().as_raw())?;
@@ -120,6 +124,7 @@ fn vm_config(spec: &VmSpec) -> vmm::VmConfig {
             read_only: share.read_only,
         })
         .collect();
+    config.kvm_device = spec.kvm_device.clone();
     config.serial = match spec.logs.shared(super::CONSOLE_LOG) {
         Some(file) => vmm::SerialSink::OpenFile {
             file,

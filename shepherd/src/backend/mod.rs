@@ -126,6 +126,9 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// The console log and the backend's own logs ([`VmBackend::log_files`]), already open.
     pub logs: VmLogs,
+    /// `/dev/kvm`, opened by the shepherd for a backend that [`VmBackend::opens_kvm`] (the VMM
+    /// process's user need not be allowed to open it).
+    pub kvm_device: Option<Arc<File>>,
     /// The shepherd's private directory (see [`crate::run_dir`]): the backend creates its logs
     /// there with [`crate::run_dir::create_file`], never anything by plain path.
     pub run_dir: PathBuf,
@@ -163,6 +166,7 @@ impl VmSpec {
             vsock_uds: PathBuf::from("/run/v"),
             console_log: PathBuf::from("/run/c"),
             logs: VmLogs::default(),
+            kvm_device: None,
             run_dir: PathBuf::from("/run"),
             credentials: None,
             root_disk: None,
@@ -229,6 +233,11 @@ pub trait VmBackend {
     fn log_files(&self) -> &'static [&'static str] {
         &[]
     }
+    /// Whether the VMM itself opens `/dev/kvm` (then the shepherd opens it for the VMM process
+    /// and hands it over in [`VmSpec::kvm_device`]).
+    fn opens_kvm(&self) -> bool {
+        false
+    }
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError>;
 }
 
@@ -267,4 +276,14 @@ pub fn select(choice: BackendChoice) -> Result<Selection, BackendError> {
             }
         }
     }
+}
+
+/// Opens `/dev/kvm` for a VMM process that may not open it itself.
+pub fn open_kvm_device() -> Result<Arc<File>, BackendError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(Arc::new)
+        .map_err(|e| BackendError::Unavailable(format!("KVM is not usable: /dev/kvm: {e}")))
 }

@@ -243,7 +243,12 @@ mod tests {
         socket::send(a.raw_fd(), b"{not json", MsgFlags::empty()).unwrap();
         let got = b.receive::<FromVmm>(Some(Duration::from_secs(1)));
         assert!(matches!(got, Err(ChannelError::Malformed(_))), "{got:?}");
-        socket::send(a.raw_fd(), &vec![b' '; MAX_MESSAGE + 100], MsgFlags::empty()).unwrap();
+        socket::send(
+            a.raw_fd(),
+            &vec![b' '; MAX_MESSAGE + 100],
+            MsgFlags::empty(),
+        )
+        .unwrap();
         let got = b.receive::<FromVmm>(Some(Duration::from_secs(1)));
         assert!(matches!(got, Err(ChannelError::Malformed(_))), "{got:?}");
     }

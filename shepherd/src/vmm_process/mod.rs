@@ -165,7 +165,15 @@ fn take_identity(identity: Option<&VmmCredentials>, shepherd: Pid) -> nix::Resul
 fn name_process() {
     let mut current = [0u8; 16];
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
-    unsafe { libc::prctl(libc::PR_GET_NAME, current.as_mut_ptr() as libc::c_ulong, 0, 0, 0) };
+    unsafe {
+        libc::prctl(
+            libc::PR_GET_NAME,
+            current.as_mut_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     let len = current.iter().position(|b| *b == 0).unwrap_or(16);
     let current = String::from_utf8_lossy(&current[..len]).into_owned();
     let job = current.strip_prefix("sge_shepherd-").unwrap_or("");

@@ -347,9 +347,9 @@ impl VmmProcess {
         };
         let why = match self.kill_reason.take() {
             Some(reason) => format!("{reason}; killed"),
-            None => format!(
-                "the job's VMM process (pid {pid}) {how} before it reported the job's end"
-            ),
+            None => {
+                format!("the job's VMM process (pid {pid}) {how} before it reported the job's end")
+            }
         };
         Err(JobError::Vm(why))
     }
