@@ -161,22 +161,15 @@ fn take_identity(identity: Option<&VmmCredentials>, shepherd: Pid) -> nix::Resul
 }
 
 /// `sge_vmm-<job>` instead of the shepherd's `sge_shepherd-<job>`: after a restart execd finds
-/// shepherds by that name, and this process is not one.
+/// shepherds by that name, and this process is not one. The job id comes from `argv[0]`, which
+/// execd sets to `sge_shepherd-<job>` (the shepherd's own name is cut to 15 bytes).
 fn name_process() {
-    let mut current = [0u8; 16];
-    // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
-    unsafe {
-        libc::prctl(
-            libc::PR_GET_NAME,
-            current.as_mut_ptr() as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    let len = current.iter().position(|b| *b == 0).unwrap_or(16);
-    let current = String::from_utf8_lossy(&current[..len]).into_owned();
-    let job = current.strip_prefix("sge_shepherd-").unwrap_or("");
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let argv0 = std::path::Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let job = argv0.strip_prefix("sge_shepherd-").unwrap_or("");
     let mut name = format!("sge_vmm-{job}").into_bytes();
     name.truncate(15);
     if let Ok(c) = std::ffi::CString::new(name) {
