@@ -332,3 +332,79 @@ fn a_vmm_killed_by_seccomp_while_booting_is_reported() {
 fn a_vmm_killed_while_the_job_runs_is_reported() {
     vmm_killed_by(libc::SIGKILL, "running");
 }
+
+/// Issue 18 item 4: the job's output is written by the job user's process, so the user's
+/// limits (and quota) apply to it, not root's. The job user lowers its VMM process's file-size
+/// limit while the job runs; the job's output then stops at that size and the run ends with the
+/// reason, instead of root writing it all.
+#[test]
+fn the_output_is_written_under_the_job_users_limits() {
+    if !is_root() {
+        report_skip(
+            "the_output_is_written_under_the_job_users_limits",
+            "needs root to run a job as another user",
+        );
+        return;
+    }
+    const LIMIT: u64 = 100_000;
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_path = out_dir.path().join("out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let dir = guest_image_dir();
+    let mut child = Command::new(sge_virtualizer_bin())
+        .arg("run")
+        .args(["--backend", "qemu", "--user", JOB_USER, "-n"])
+        .arg("--kernel")
+        .arg(dir.join("vmlinux"))
+        .arg("--initrd")
+        .arg(dir.join("initramfs.cpio"))
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo ready; sleep 3; head -c 1000000 /dev/zero; echo done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sge_virtualizer");
+    let root = child.id();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&out_path)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the job did not start"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let vmm = job_user_tasks(root)
+        .iter()
+        .map(|(pid, _)| *pid)
+        .find(|pid| ppid(*pid) == Some(root))
+        .expect("the VMM process");
+    assert!(as_job_user(
+        "prlimit",
+        &[
+            "--pid".into(),
+            vmm.to_string(),
+            format!("--fsize={LIMIT}:{LIMIT}"),
+        ]
+    ));
+    let (code, sig, err) = finish(child, Duration::from_secs(60));
+    let written = std::fs::metadata(&out_path).unwrap().len();
+    assert!(
+        written <= LIMIT,
+        "{written} bytes of output written past the job user's limit of {LIMIT}"
+    );
+    assert_eq!(sig, None, "the root process died: {err}");
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains(&format!("killed by signal {}", libc::SIGXFSZ)),
+        "no clear reason: {err}"
+    );
+}
