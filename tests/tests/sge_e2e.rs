@@ -775,8 +775,7 @@ sleep 300
             assert!(c.active_file(job, "usage").is_some(), "no usage file");
             let error = c.active_file(job, "error").unwrap_or_default();
             assert!(
-                error.contains(&format!("VMM process"))
-                    && error.contains(&format!("signal {signal}")),
+                error.contains("VMM process") && error.contains(&format!("signal {signal}")),
                 "no clear reason: {error:?}"
             );
             // The shepherd is gone, and so is everything of the job.

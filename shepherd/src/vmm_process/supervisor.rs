@@ -167,7 +167,7 @@ impl VmmProcess {
                     };
                 }
                 Some(FromVmm::StartFailed(f)) => {
-                    self.to_reaping(false);
+                    self.begin_reaping(false);
                     // The child exits after saying so; reap it within the deadline.
                     while self.reaped.is_none() && !self.reap_due() {
                         let _ = self.step();
@@ -213,11 +213,11 @@ impl VmmProcess {
                         job_ended,
                         timings,
                     }));
-                    self.to_reaping(false);
+                    self.begin_reaping(false);
                 }
                 Some(FromVmm::Failed(e)) if self.report.is_none() => {
                     self.report = Some(Err(e));
-                    self.to_reaping(false);
+                    self.begin_reaping(false);
                 }
                 Some(other) => self.out_of_place(other),
                 None => {}
@@ -300,7 +300,7 @@ impl VmmProcess {
             Ok(Received::Closed) => {
                 // The child is ending; it must be gone soon.
                 if !matches!(self.phase, Phase::Reaping { .. }) {
-                    self.to_reaping(false);
+                    self.begin_reaping(false);
                 }
                 // Closed stays readable: wait for the exit without spinning.
                 std::thread::sleep(wait.min(Duration::from_millis(5)));
@@ -313,7 +313,7 @@ impl VmmProcess {
         }
     }
 
-    fn to_reaping(&mut self, killed: bool) {
+    fn begin_reaping(&mut self, killed: bool) {
         self.phase = Phase::Reaping {
             until: Instant::now() + REAP_PATIENCE,
             killed,
@@ -331,7 +331,7 @@ impl VmmProcess {
             let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
         }
         self.kill_reason.get_or_insert(reason);
-        self.to_reaping(true);
+        self.begin_reaping(true);
     }
 
     /// The job's result once the child is reaped.
