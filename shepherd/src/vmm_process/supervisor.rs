@@ -150,32 +150,28 @@ impl VmmProcess {
     /// deadline.
     pub fn await_start(&mut self) -> Start {
         loop {
-            if !matches!(self.phase, Phase::Starting { .. }) {
-                return Start::Ended;
-            }
-            match self.step() {
-                Some(FromVmm::VmStarted {
-                    vm_created_ms,
-                    first_instruction_ms,
-                }) => {
-                    self.phase = Phase::Booting {
-                        until: Instant::now() + BOOT_PATIENCE,
-                    };
-                    return Start::Started {
-                        vm_created_ms,
-                        first_instruction_ms,
-                    };
-                }
-                Some(FromVmm::StartFailed(f)) => {
-                    self.begin_reaping(false);
+            let message = match self.reaped {
+                // Its last messages may still be queued behind its exit.
+                Some(_) => match self.queued() {
+                    Some(m) => m,
+                    None => return Start::Ended,
+                },
+                None => match self.step() {
+                    Some(m) => m,
+                    None => continue,
+                },
+            };
+            if let Some(start) = self.handle(message) {
+                if let Start::Failed(_) = start {
                     // The child exits after saying so; reap it within the deadline.
                     while self.reaped.is_none() && !self.reap_due() {
                         let _ = self.step();
                     }
-                    return Start::Failed(f);
                 }
-                Some(other) => self.out_of_place(other),
-                None => {}
+                return start;
+            }
+            if !matches!(self.phase, Phase::Starting { .. }) {
+                return Start::Ended;
             }
         }
     }
@@ -185,6 +181,9 @@ impl VmmProcess {
     pub fn wait(mut self) -> Result<JobOutcome, JobError> {
         loop {
             if let Some(status) = self.reaped {
+                while let Some(m) = self.queued() {
+                    self.handle(m);
+                }
                 return self.result(status);
             }
             if self.reap_due() {
@@ -195,33 +194,69 @@ impl VmmProcess {
                 );
                 return self.report.take().unwrap_or(Err(JobError::Vm(why)));
             }
-            match self.step() {
-                Some(FromVmm::JobStarted) if matches!(self.phase, Phase::Booting { .. }) => {
-                    self.phase = Phase::Running;
-                }
-                Some(FromVmm::Exited {
+            if let Some(m) = self.step() {
+                self.handle(m);
+            }
+        }
+    }
+
+    /// Moves on by one message from the child; the start's outcome when it was one.
+    fn handle(&mut self, message: FromVmm) -> Option<Start> {
+        match message {
+            FromVmm::VmStarted {
+                vm_created_ms,
+                first_instruction_ms,
+            } if matches!(self.phase, Phase::Starting { .. }) => {
+                self.phase = Phase::Booting {
+                    until: Instant::now() + BOOT_PATIENCE,
+                };
+                Some(Start::Started {
+                    vm_created_ms,
+                    first_instruction_ms,
+                })
+            }
+            FromVmm::StartFailed(f) if matches!(self.phase, Phase::Starting { .. }) => {
+                self.begin_reaping(false);
+                Some(Start::Failed(f))
+            }
+            FromVmm::JobStarted if matches!(self.phase, Phase::Booting { .. }) => {
+                self.phase = Phase::Running;
+                None
+            }
+            FromVmm::Exited {
+                wait_status,
+                rusage,
+                job_started,
+                job_ended,
+                timings,
+            } if self.report.is_none() => {
+                self.report = Some(Ok(JobOutcome {
                     wait_status,
                     rusage,
                     job_started,
                     job_ended,
                     timings,
-                }) if self.report.is_none() => {
-                    self.report = Some(Ok(JobOutcome {
-                        wait_status,
-                        rusage,
-                        job_started,
-                        job_ended,
-                        timings,
-                    }));
-                    self.begin_reaping(false);
-                }
-                Some(FromVmm::Failed(e)) if self.report.is_none() => {
-                    self.report = Some(Err(e));
-                    self.begin_reaping(false);
-                }
-                Some(other) => self.out_of_place(other),
-                None => {}
+                }));
+                self.begin_reaping(false);
+                None
             }
+            FromVmm::Failed(e) if self.report.is_none() => {
+                self.report = Some(Err(e));
+                self.begin_reaping(false);
+                None
+            }
+            other => {
+                self.out_of_place(other);
+                None
+            }
+        }
+    }
+
+    /// A message already queued, without waiting.
+    fn queued(&mut self) -> Option<FromVmm> {
+        match self.channel.receive::<FromVmm>(Some(Duration::ZERO)) {
+            Ok(Received::Message(m)) => Some(m),
+            _ => None,
         }
     }
 
@@ -240,24 +275,9 @@ impl VmmProcess {
         ));
     }
 
-    /// One round: a stop request, a deadline, the child's end, or one message (returned).
+    /// One round: a stop request, a deadline, one message (returned), or the child's end.
     fn step(&mut self) -> Option<FromVmm> {
         let now = Instant::now();
-        if self.reaped.is_none() {
-            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
-                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
-                    self.reaped = Some(status);
-                    return None;
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    // Not our child any more (cannot happen while we hold it): stop waiting.
-                    self.reaped = Some(WaitStatus::Exited(self.pid, -1));
-                    return None;
-                }
-            }
-        }
         if self.control.stop_requested.load(Ordering::SeqCst)
             && matches!(
                 self.phase,
@@ -268,26 +288,22 @@ impl VmmProcess {
                 until: now + STOP_GRACE,
             };
         }
-        match self.phase.deadline() {
-            Some(until) if now >= until => {
-                match self.phase {
-                    Phase::Starting { .. } => self.kill(format!(
-                        "the job's VM did not start within {START_PATIENCE:?}"
-                    )),
-                    Phase::Booting { .. } => self.kill(format!(
-                        "the job did not start in its VM within {BOOT_PATIENCE:?}"
-                    )),
-                    Phase::Stopping { .. } => self.kill(format!(
-                        "the job's VMM process did not stop its VM within {STOP_GRACE:?}"
-                    )),
-                    Phase::Reaping { killed: false, .. } => {
-                        self.kill("the job's VMM process did not exit after its report".into())
-                    }
-                    Phase::Reaping { killed: true, .. } | Phase::Running => {}
+        if self.phase.deadline().is_some_and(|until| now >= until) {
+            match self.phase {
+                Phase::Starting { .. } => self.kill(format!(
+                    "the job's VM did not start within {START_PATIENCE:?}"
+                )),
+                Phase::Booting { .. } => self.kill(format!(
+                    "the job did not start in its VM within {BOOT_PATIENCE:?}"
+                )),
+                Phase::Stopping { .. } => self.kill(format!(
+                    "the job's VMM process did not stop its VM within {STOP_GRACE:?}"
+                )),
+                Phase::Reaping { killed: false, .. } => {
+                    self.kill("the job's VMM process did not exit after its report".into())
                 }
-                return None;
+                Phase::Reaping { killed: true, .. } | Phase::Running => {}
             }
-            _ => {}
         }
         let wait = self
             .phase
@@ -295,8 +311,8 @@ impl VmmProcess {
             .map(|d| d.saturating_duration_since(now).min(TICK))
             .unwrap_or(TICK);
         match self.channel.receive::<FromVmm>(Some(wait)) {
-            Ok(Received::Message(m)) => Some(m),
-            Ok(Received::Nothing) => None,
+            Ok(Received::Message(m)) => return Some(m),
+            Ok(Received::Nothing) => {}
             Ok(Received::Closed) => {
                 // The child is ending; it must be gone soon.
                 if !matches!(self.phase, Phase::Reaping { .. }) {
@@ -304,13 +320,22 @@ impl VmmProcess {
                 }
                 // Closed stays readable: wait for the exit without spinning.
                 std::thread::sleep(wait.min(Duration::from_millis(5)));
-                None
             }
-            Err(e) => {
-                self.kill(format!("the job's VMM process broke its channel: {e}"));
-                None
+            Err(e) => self.kill(format!("the job's VMM process broke its channel: {e}")),
+        }
+        if self.reaped.is_none() {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    self.reaped = Some(status);
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => {
+                    // Not our child any more (cannot happen while we hold it): stop waiting.
+                    self.reaped = Some(WaitStatus::Exited(self.pid, -1));
+                }
             }
         }
+        None
     }
 
     fn begin_reaping(&mut self, killed: bool) {
@@ -373,5 +398,160 @@ impl std::fmt::Debug for VmmProcess {
             .field("pid", &self.pid)
             .field("phase", &self.phase)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timings::Timings;
+    use crate::vmm_process::fork;
+    use guest_agent::protocol::Rusage;
+    use std::time::SystemTime;
+
+    fn started() -> FromVmm {
+        FromVmm::VmStarted {
+            vm_created_ms: None,
+            first_instruction_ms: None,
+        }
+    }
+
+    /// Forks a VMM process running `body` and waits for its start.
+    fn spawn(body: impl FnOnce(&Channel)) -> (VmmProcess, bool) {
+        let mut process = fork(None, body).unwrap();
+        let ok = matches!(process.await_start(), Start::Started { .. });
+        (process, ok)
+    }
+
+    #[test]
+    fn a_report_is_the_result_and_the_child_is_reaped() {
+        let (process, ok) = spawn(|ch| {
+            ch.send(&started()).unwrap();
+            ch.send(&FromVmm::JobStarted).unwrap();
+            ch.send(&FromVmm::Exited {
+                wait_status: 3 << 8,
+                rusage: Rusage::default(),
+                job_started: SystemTime::now(),
+                job_ended: SystemTime::now(),
+                timings: Timings::default(),
+            })
+            .unwrap();
+        });
+        assert!(ok);
+        let pid = process.pid();
+        assert_eq!(process.wait().unwrap().wait_status, 3 << 8);
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[test]
+    fn a_child_killed_by_a_seccomp_filter_is_the_jobs_error_with_the_reason() {
+        let (process, ok) = spawn(|ch| {
+            ch.send(&started()).unwrap();
+            // SAFETY: raise has no memory-safety preconditions.
+            unsafe { libc::raise(libc::SIGSYS) };
+        });
+        assert!(ok);
+        let err = process.wait().unwrap_err().to_string();
+        assert!(err.contains("killed by signal 31 (SIGSYS"), "{err}");
+    }
+
+    #[test]
+    fn a_child_dying_before_the_vm_started_is_reported_by_wait() {
+        let (process, ok) = spawn(|_| {
+            // SAFETY: raise has no memory-safety preconditions.
+            unsafe { libc::raise(libc::SIGSEGV) };
+        });
+        assert!(!ok);
+        let err = process.wait().unwrap_err().to_string();
+        assert!(err.contains("killed by signal 11 (SIGSEGV"), "{err}");
+    }
+
+    #[test]
+    fn a_start_failure_is_reported_as_such() {
+        let mut process = fork(None, |ch| {
+            ch.send(&FromVmm::StartFailed(StartFailure::Start("no".into())))
+                .unwrap();
+        })
+        .unwrap();
+        assert!(matches!(
+            process.await_start(),
+            Start::Failed(StartFailure::Start(m)) if m == "no"
+        ));
+    }
+
+    #[test]
+    fn a_panicking_child_reports_its_panic() {
+        let (process, ok) = spawn(|ch| {
+            ch.send(&started()).unwrap();
+            panic!("boom");
+        });
+        assert!(ok);
+        let err = process.wait().unwrap_err().to_string();
+        assert!(err.contains("panicked: boom"), "{err}");
+    }
+
+    /// A child that breaks the order (the job's end before the VM's start, twice an exit) is
+    /// not trusted further: killed, with the reason.
+    #[test]
+    fn a_message_out_of_place_kills_the_child() {
+        let (process, ok) = spawn(|ch| {
+            ch.send(&started()).unwrap();
+            ch.send(&started()).unwrap();
+            std::thread::sleep(Duration::from_secs(60));
+        });
+        assert!(ok);
+        let t0 = Instant::now();
+        let err = process.wait().unwrap_err().to_string();
+        assert!(err.contains("VmStarted out of place"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A child that ignores the stop request is killed after [`STOP_GRACE`].
+    #[test]
+    fn a_child_that_does_not_stop_is_killed_after_the_grace() {
+        let (process, ok) = spawn(|ch| {
+            ch.send(&started()).unwrap();
+            std::thread::sleep(Duration::from_secs(60));
+        });
+        assert!(ok);
+        process.control().stop_vm();
+        let t0 = Instant::now();
+        let err = process.wait().unwrap_err().to_string();
+        let took = t0.elapsed();
+        assert!(err.contains("did not stop its VM"), "{err}");
+        assert!(
+            took >= STOP_GRACE && took < STOP_GRACE + REAP_PATIENCE,
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn signals_and_stop_requests_reach_the_child_in_order() {
+        let (a, b) = Channel::pair().unwrap();
+        let (process, ok) = spawn(move |ch| {
+            ch.send(&started()).unwrap();
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                if let Ok(Received::Message(m)) = ch.receive::<ToVmm>(None) {
+                    got.push(m);
+                }
+            }
+            a.send(&got).unwrap();
+            ch.send(&FromVmm::Failed(JobError::AgentLost("stopped".into())))
+                .unwrap();
+        });
+        assert!(ok);
+        let control = process.control();
+        control.signal(libc::SIGUSR1);
+        control.stop_vm();
+        assert!(matches!(
+            process.wait(),
+            Err(JobError::AgentLost(m)) if m == "stopped"
+        ));
+        let got: Received<Vec<ToVmm>> = b.receive(Some(Duration::from_secs(5))).unwrap();
+        assert!(
+            matches!(&got, Received::Message(v) if *v == [ToVmm::Signal(libc::SIGUSR1), ToVmm::StopVm]),
+            "{got:?}"
+        );
     }
 }
