@@ -249,6 +249,7 @@ fn stop_relimit_and_kill(backend: &str) {
         );
     }
     assert_eq!(status_field(&p, "NoNewPrivs"), vec!["1"]);
+    assert_eq!(status_field(&p, "Seccomp"), vec!["2"], "no seccomp filter");
 
     // Now kill everything the user may kill.
     for tid in &tids {

@@ -2,8 +2,8 @@
 //! it (a fork of the same binary, no exec) that is the job user through and through — real,
 //! effective and saved uid and gid, the job's supplementary groups with `add_grp_id` (so
 //! execd's process collector finds it), no capabilities, no-new-privs, death with the shepherd
-//! — and then the VMM's threads install their seccomp filters. The job's output is written
-//! there, never by root.
+//! — with a process-wide seccomp deny-list, and then the VMM's threads install their own
+//! allow-lists. The job's output is written there, never by root.
 //!
 //! The job user may stop, re-limit or kill that process: none of it reaches the root parent,
 //! which only waits ([`supervisor`]), relays signals and stop requests down the [`message`]
@@ -12,6 +12,7 @@
 
 pub mod message;
 pub mod supervisor;
+mod syscall_filter;
 
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
@@ -108,6 +109,10 @@ fn child_main(
         ))));
         return 1;
     }
+    if let Err(e) = syscall_filter::install() {
+        let _ = channel.send(&FromVmm::StartFailed(StartFailure::Start(e.to_string())));
+        return 1;
+    }
     name_process();
     // The parent's panic hook writes the parent's result files; a panic here is reported over
     // the channel instead.
@@ -174,7 +179,8 @@ fn take_identity(identity: Option<&VmmCredentials>, shepherd: Pid) -> nix::Resul
     Ok(())
 }
 
-/// `sge_vmm-<job>` instead of the shepherd's `sge_shepherd-<job>`: after a restart execd finds
+/// `sge_vmm-<job>` (`sge_vmm` outside Grid Engine) instead of the shepherd's
+/// `sge_shepherd-<job>`: after a restart execd finds
 /// shepherds by that name, and this process is not one. The job id comes from `argv[0]`, which
 /// execd sets to `sge_shepherd-<job>` (the shepherd's own name is cut to 15 bytes).
 fn name_process() {
@@ -183,8 +189,11 @@ fn name_process() {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let job = argv0.strip_prefix("sge_shepherd-").unwrap_or("");
-    let mut name = format!("sge_vmm-{job}").into_bytes();
+    let mut name = match argv0.strip_prefix("sge_shepherd-") {
+        Some(job) => format!("sge_vmm-{job}"),
+        None => "sge_vmm".to_string(),
+    }
+    .into_bytes();
     name.truncate(15);
     if let Ok(c) = std::ffi::CString::new(name) {
         // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
