@@ -731,6 +731,27 @@ sleep 300
                 "add_grp_id {gid} not among the VMM process's groups"
             );
             assert!(c.processes_with_group(gid).contains(&vmm));
+            // The job's output is the VMM process's to write: the root shepherd holds no
+            // descriptor of it while the job runs.
+            let out = dir.join("out.txt");
+            let holds = |pid: u32| {
+                std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .map(|d| {
+                        d.flatten()
+                            .any(|f| std::fs::read_link(f.path()).is_ok_and(|l| l == out))
+                    })
+                    .unwrap_or(false)
+            };
+            assert!(
+                !holds(shepherd),
+                "the root shepherd holds {}",
+                out.display()
+            );
+            assert!(
+                holds(vmm),
+                "the VMM process does not hold {}",
+                out.display()
+            );
 
             if signal == libc::SIGKILL {
                 // Stop and re-limit every process of the job first: the shepherd stays as it was.

@@ -205,8 +205,10 @@ struct Prepared {
     env: JobEnvironment,
     cwd: PathBuf,
     streams: JobStreams,
-    stdout: File,
-    stderr: File,
+    /// The job's stdout and stderr, opened as the job user before the prolog. They go to the
+    /// VMM process with the job, so the root shepherd holds no descriptor of them while the job
+    /// runs; the procedures after it open them again, as the stock shepherd's children do.
+    output: Option<(File, File)>,
     methods: ControlMethods,
     /// The VM settings for the job's queue.
     vm: VmSettings,
@@ -233,7 +235,7 @@ impl JobRun {
     }
 
     fn run(&mut self) -> ShepherdState {
-        let prepared = match self.prepare() {
+        let mut prepared = match self.prepare() {
             Ok(p) => p,
             Err(f) => {
                 self.record(f);
@@ -252,7 +254,7 @@ impl JobRun {
             {
                 return Ok(());
             }
-            let usage = self.job(&prepared)?;
+            let usage = self.job(&mut prepared)?;
             job_exit = Some(usage.end.exit_status());
             crash_state(ShepherdState::AfterJob);
             if let Err(e) = self.dir.write_usage(&usage.to_file_text()) {
@@ -337,14 +339,7 @@ impl JobRun {
                 ),
             ));
         }
-        let open = |p: &Path| open_output(&user, p);
-        let stdout = open(&streams.stdout)?;
-        let stderr = match &streams.stderr {
-            Some(p) => open(p)?,
-            None => stdout
-                .try_clone()
-                .map_err(|e| Failure::new(ShepherdState::OpenOutput, e.to_string()))?,
-        };
+        let output = open_job_output(&user, &streams)?;
         env.set("SGE_STDIN_PATH", &streams.stdin.display().to_string());
         env.set("SGE_STDOUT_PATH", &streams.stdout.display().to_string());
         env.set(
@@ -357,8 +352,7 @@ impl JobRun {
             env,
             cwd,
             streams,
-            stdout,
-            stderr,
+            output: Some(output),
             methods,
             vm,
         })
@@ -435,6 +429,10 @@ impl JobRun {
         before: ShepherdState,
     ) -> Result<(File, File), Failure> {
         let fail = |e: std::io::Error| Failure::new(before, format!("{}: {e}", kind.key()));
+        let (own_stdout, own_stderr) = match &p.output {
+            Some((o, e)) => (o.try_clone().map_err(fail)?, e.try_clone().map_err(fail)?),
+            None => open_job_output(&p.user, &p.streams)?,
+        };
         let pe = matches!(kind, ProcedureKind::PeStart | ProcedureKind::PeStop);
         let open = |key: &str, output: OutputKind| -> Option<Result<File, Failure>> {
             let configured = self.config.get(key).filter(|v| !v.is_empty())?;
@@ -446,20 +444,20 @@ impl JobRun {
             .flatten()
         {
             Some(f) => f?,
-            None => p.stdout.try_clone().map_err(fail)?,
+            None => own_stdout,
         };
         let stderr = match pe
             .then(|| open("pe_stderr_path", OutputKind::PeStderr))
             .flatten()
         {
             Some(f) => f?,
-            None => p.stderr.try_clone().map_err(fail)?,
+            None => own_stderr,
         };
         Ok((stdout, stderr))
     }
 
     /// Starts the VM and the job, relays signals until it ends.
-    fn job(&mut self, p: &Prepared) -> Result<UsageRecord, Failure> {
+    fn job(&mut self, p: &mut Prepared) -> Result<UsageRecord, Failure> {
         let c = &self.config;
         let before_job = |e: String| Failure::new(ShepherdState::BeforeJob, e);
         let vm = &p.vm;
@@ -525,11 +523,14 @@ impl JobRun {
                     "sge_virtualizer: can't create the VM's runtime directory: {e}"
                 ))
             })?;
-        let clone = |f: &File| f.try_clone().map_err(|e| before_job(e.to_string()));
+        let (stdout, stderr) = match p.output.take() {
+            Some(files) => files,
+            None => open_job_output(&p.user, &p.streams)?,
+        };
         let io = JobIo {
             stdin,
-            stdout: Box::new(clone(&p.stdout)?),
-            stderr: Box::new(clone(&p.stderr)?),
+            stdout: Box::new(stdout),
+            stderr: Box::new(stderr),
         };
         self.dir.trace(&format!(
             "starting VM: kernel {} initramfs {} {} MiB {} vCPUs backend {:?}; image {:?}; \
@@ -785,6 +786,18 @@ fn refused_before_start(e: &JobError) -> Option<(ShepherdState, String)> {
         )),
         _ => None,
     }
+}
+
+/// Opens the job's stdout and stderr files as the job user (stderr: the same file when merged).
+fn open_job_output(user: &JobUser, streams: &JobStreams) -> Result<(File, File), Failure> {
+    let stdout = open_output(user, &streams.stdout)?;
+    let stderr = match &streams.stderr {
+        Some(p) => open_output(user, p)?,
+        None => stdout
+            .try_clone()
+            .map_err(|e| Failure::new(ShepherdState::OpenOutput, e.to_string()))?,
+    };
+    Ok((stdout, stderr))
 }
 
 /// Opens an output file as the job user; failing is the job's error (state 26), as with the
