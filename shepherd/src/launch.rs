@@ -1,5 +1,7 @@
-//! Launching a job in a fresh microVM: check the image, listen for the agent, boot the VM, run
-//! the agent conversation on a session thread, and tear the VM down at the end.
+//! Launching a job in a fresh microVM: as root, check the image and the shares, lay out the run
+//! directory, listen for the agent, create the logs and open `/dev/kvm`; then fork the VMM
+//! process ([`crate::vmm_process`]), the job user's, which boots the VM, runs the agent
+//! conversation, writes the job's output and tears the VM down at the end, and reports back.
 //!
 //! This is the one entry point both the standalone `run` command and the Grid Engine shepherd
 //! use; they differ only in where stdio goes and where signals come from.

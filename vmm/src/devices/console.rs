@@ -196,6 +196,22 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"hello");
     }
 
+    #[test]
+    fn an_open_file_is_written_through_its_own_descriptor_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let file = std::sync::Arc::new(File::create(&path).unwrap());
+        let (mut log, _) = ConsoleLog::open(&SerialSink::OpenFile {
+            file: file.clone(),
+            max_bytes: 5,
+        })
+        .unwrap();
+        drop(file);
+        log.write_all(b"hello world").unwrap();
+        log.flush().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+    }
+
     /// The attack: the job user, who can see the run directory, plants `console.log` as a
     /// symlink to a host file before the VMM (root) creates it.
     #[test]
