@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use guest_agent::protocol::{Frame, FrameWriter, ProtocolError};
 
+#[cfg(test)]
+use crate::vmm_process::message::{Channel, ToVmm};
 use crate::vmm_process::VmmControl;
 
 #[derive(Default)]
@@ -73,5 +75,32 @@ impl JobController {
     /// that does not stop it in time is killed.
     pub fn kill_vm(&self) {
         self.vmm.stop_vm();
+    }
+
+    /// A controller whose requests arrive, as [`ToVmm`] messages, on the returned channel end.
+    #[cfg(test)]
+    pub(crate) fn detached() -> (JobController, Channel) {
+        let (vmm, channel) = VmmControl::detached();
+        (JobController { vmm }, channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm_process::message::Received;
+    use std::time::Duration;
+
+    #[test]
+    fn signals_and_stops_go_down_to_the_vmm_process_as_messages() {
+        let (controller, vmm) = JobController::detached();
+        controller.signal(libc::SIGTERM);
+        controller.kill_vm();
+        let next = || vmm.receive::<ToVmm>(Some(Duration::from_secs(1))).unwrap();
+        assert!(matches!(
+            next(),
+            Received::Message(ToVmm::Signal(libc::SIGTERM))
+        ));
+        assert!(matches!(next(), Received::Message(ToVmm::StopVm)));
     }
 }

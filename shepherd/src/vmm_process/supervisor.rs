@@ -84,6 +84,19 @@ impl VmmControl {
     pub fn pid(&self) -> u32 {
         self.pid.as_raw() as u32
     }
+
+    /// A control whose requests arrive on the returned channel end instead of at a child (for
+    /// tests of the code that drives a [`crate::launch::JobController`]).
+    #[cfg(test)]
+    pub(crate) fn detached() -> (Arc<VmmControl>, Channel) {
+        let (ours, theirs) = Channel::pair().expect("socketpair");
+        let control = Arc::new(VmmControl {
+            pid: Pid::from_raw(0),
+            channel: Mutex::new(ours),
+            stop_requested: AtomicBool::new(false),
+        });
+        (control, theirs)
+    }
 }
 
 /// What the start phase ended in.
