@@ -145,7 +145,9 @@ impl Channel {
         })
     }
 
-    /// Sends one message.
+    /// Sends one message without waiting: a peer that does not read (a VMM process its owner
+    /// stopped) must never hold up the shepherd's signal relay; the message is then lost and
+    /// the caller's deadlines take over.
     pub fn send<T: Serialize>(&self, message: &T) -> Result<(), ChannelError> {
         let bytes =
             serde_json::to_vec(message).map_err(|e| ChannelError::Malformed(e.to_string()))?;
@@ -159,7 +161,7 @@ impl Channel {
             match socket::send(
                 std::os::fd::AsRawFd::as_raw_fd(&self.fd),
                 &bytes,
-                MsgFlags::MSG_NOSIGNAL,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
             ) {
                 Ok(_) => return Ok(()),
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -237,6 +239,21 @@ mod tests {
         drop(a);
         let got: Received<FromVmm> = b.receive(Some(Duration::from_secs(1))).unwrap();
         assert!(matches!(got, Received::Closed));
+    }
+
+    #[test]
+    fn sending_never_waits_on_a_peer_that_does_not_read() {
+        let (a, _never_reads) = Channel::pair().unwrap();
+        let start = std::time::Instant::now();
+        let mut refused = false;
+        for _ in 0..100_000 {
+            if a.send(&ToVmm::Signal(10)).is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "the buffer never filled");
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
