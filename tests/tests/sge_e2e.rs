@@ -814,6 +814,34 @@ sleep 300
     });
 }
 
+/// Issue 18 item 2: qdel of a job whose VMM process its owner stopped (SIGSTOP) still ends the
+/// job within a bounded time: the stop request goes unanswered, and the shepherd kills the
+/// process after its grace.
+#[test]
+fn qdel_ends_a_job_whose_vmm_process_its_owner_stopped() {
+    with_cell("qdel_ends_a_job_whose_vmm_process_its_owner_stopped", |c| {
+        let dir = c.work_dir("vmmstopped");
+        c.script(&dir, "job.sh", "#!/bin/sh\necho started\nsleep 300\n");
+        let job = c.qsub(&dir, &["-o", "out.txt", "job.sh"]);
+        let active = c.wait_running(job, JOB_WAIT);
+        c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);
+        let vmm = std::fs::read_to_string(active.join("job_pid")).unwrap();
+        assert!(as_job_user(&["kill", "-STOP", vmm.trim()]));
+        let start = Instant::now();
+        c.qdel(job);
+        let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "qdel took {:?}",
+            start.elapsed()
+        );
+        assert!(field(&rec[0], "failed").starts_with("100"), "{rec:?}");
+        assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
+        assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+        assert_exit_status_written(c, job);
+    });
+}
+
 /// Lines in `file`.
 fn line_count(file: &Path) -> usize {
     std::fs::read_to_string(file)
