@@ -16,7 +16,7 @@
 use guest_agent::protocol::{BootTimes, Frame, Rusage, SpawnStage, Stream, PROTOCOL_VERSION};
 
 /// Where an agent session stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SessionState {
     /// Connected; the agent's first frame must be `Hello` with our protocol version.
     AwaitingHello,
@@ -82,7 +82,7 @@ pub enum AgentEvent {
 }
 
 /// A frame the agent was not allowed to send in its state.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("the guest agent broke the protocol: {what} {}", .state.describe())]
 pub struct ProtocolViolation {
     /// The state the session was in when the frame came.

@@ -30,8 +30,9 @@ pub struct JobIo {
     pub stderr: Box<dyn Write + Send>,
 }
 
-/// Why a job did not produce an exit status.
-#[derive(Debug, thiserror::Error)]
+/// Why a job did not produce an exit status. (Serialisable: the VMM process reports it to the
+/// shepherd.)
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum JobError {
     #[error("the guest agent never connected: {0}")]
     AgentNeverConnected(String),
@@ -39,6 +40,7 @@ pub enum JobError {
     AgentLost(String),
     #[error("the job could not be started in the guest ({stage:?}): {message}")]
     SpawnFailed {
+        #[serde(with = "SpawnStageDef")]
         stage: SpawnStage,
         errno: i32,
         message: String,
@@ -50,6 +52,41 @@ pub enum JobError {
     ProtocolViolation(#[from] ProtocolViolation),
     #[error("VM: {0}")]
     Vm(String),
+}
+
+/// [`SpawnStage`] on the wire between the VMM process and the shepherd.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "SpawnStage")]
+enum SpawnStageDef {
+    Credentials,
+    Limits,
+    Cwd,
+    Exec,
+    Other,
+    Filesystems,
+}
+
+impl JobError {
+    /// The same error with its texts cut to what a channel message carries.
+    pub(crate) fn bounded(self) -> JobError {
+        use crate::vmm_process::message::bounded_text as cut;
+        match self {
+            JobError::AgentNeverConnected(m) => JobError::AgentNeverConnected(cut(m)),
+            JobError::AgentLost(m) => JobError::AgentLost(cut(m)),
+            JobError::SpawnFailed {
+                stage,
+                errno,
+                message,
+            } => JobError::SpawnFailed {
+                stage,
+                errno,
+                message: cut(message),
+            },
+            JobError::Protocol(m) => JobError::Protocol(cut(m)),
+            JobError::ProtocolViolation(v) => JobError::ProtocolViolation(v),
+            JobError::Vm(m) => JobError::Vm(cut(m)),
+        }
+    }
 }
 
 /// What the agent reported at the end of the job.

@@ -1,14 +1,17 @@
 //! The handle through which the shepherd's policy (signals from the user or from execd) reaches
-//! a running job: signals go to the agent as Signal frames, queued until the agent is ready,
-//! written by a thread of their own so that no caller waits on an agent that does not read.
+//! a running job: signals go down to the VMM process ([`crate::vmm_process`]), which sends them
+//! to the agent as Signal frames, queued until the agent is ready ([`AgentLink`]) and written by
+//! a thread of their own so that no caller waits on an agent that does not read.
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc, Mutex};
 
 use guest_agent::protocol::{Frame, FrameWriter, ProtocolError};
 
-use crate::backend::VmKiller;
+#[cfg(test)]
+use crate::vmm_process::message::{Channel, ToVmm};
+use crate::vmm_process::VmmControl;
 
 #[derive(Default)]
 struct State {
@@ -62,7 +65,7 @@ impl AgentLink {
     /// as long as the agent does not read (a job that never reads its stdin backs the stdin
     /// frames up into the connection), and the caller — the thread that reads execd's
     /// signals and stops the VM on its deadline — must never wait on that.
-    fn signal(&self, signo: i32) {
+    pub(crate) fn signal(&self, signo: i32) {
         let mut sender = self.signals.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = sender.as_ref() {
             if tx.send(signo).is_ok() {
@@ -102,35 +105,53 @@ fn deliver(state: &Mutex<State>, signo: i32) {
     }
 }
 
-/// Controls a running job from any thread.
+/// Controls a running job from any thread of the shepherd.
 #[derive(Clone)]
 pub struct JobController {
-    pub(crate) link: AgentLink,
-    pub(crate) killer: VmKiller,
+    pub(crate) vmm: Arc<VmmControl>,
 }
 
 impl JobController {
     /// Delivers `signo` to the job's process group in the guest (queued until the job runs).
     pub fn signal(&self, signo: i32) {
-        self.link.signal(signo);
+        self.vmm.signal(signo);
     }
 
-    /// Stops the VM at once; the job's outcome then reports the agent as lost. Output the
-    /// job's destinations have not taken yet is dropped rather than waited for.
+    /// Stops the VM at once; the job's outcome then reports the agent as lost. A VMM process
+    /// that does not stop it in time is killed.
     pub fn kill_vm(&self) {
-        self.link.output_abandoned.store(true, Ordering::SeqCst);
-        (self.killer)();
+        self.vmm.stop_vm();
+    }
+
+    /// A controller whose requests arrive, as [`ToVmm`] messages, on the returned channel end.
+    #[cfg(test)]
+    pub(crate) fn detached() -> (JobController, Channel) {
+        let (vmm, channel) = VmmControl::detached();
+        (JobController { vmm }, channel)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm_process::message::Received;
     use std::time::Duration;
 
+    #[test]
+    fn signals_and_stops_go_down_to_the_vmm_process_as_messages() {
+        let (controller, vmm) = JobController::detached();
+        controller.signal(libc::SIGTERM);
+        controller.kill_vm();
+        let next = || vmm.receive::<ToVmm>(Some(Duration::from_secs(1))).unwrap();
+        assert!(matches!(
+            next(),
+            Received::Message(ToVmm::Signal(libc::SIGTERM))
+        ));
+        assert!(matches!(next(), Received::Message(ToVmm::StopVm)));
+    }
+
     /// Issue 18 item 6: with the connection full (a job that never reads its stdin, whose
-    /// frames back up), a signal used to block its caller — the thread that reads execd's
-    /// signals and stops the VM — for ever. Now it returns at once, and the VM can be stopped.
+    /// frames back up), a signal used to block its caller for ever. Now it returns at once.
     #[test]
     fn a_signal_never_waits_on_an_agent_that_does_not_read() {
         let (host, _agent_never_reads) = UnixStream::pair().unwrap();
@@ -143,22 +164,12 @@ mod tests {
         });
         // Let the stdin frames fill the connection.
         std::thread::sleep(Duration::from_millis(300));
-        let stopped = Arc::new(AtomicBool::new(false));
-        let controller = JobController {
-            link,
-            killer: {
-                let stopped = stopped.clone();
-                Arc::new(move || stopped.store(true, Ordering::SeqCst))
-            },
-        };
         let (done_tx, done) = mpsc::channel();
         std::thread::spawn(move || {
-            controller.signal(libc::SIGKILL);
-            controller.kill_vm();
+            link.signal(libc::SIGKILL);
             let _ = done_tx.send(());
         });
         done.recv_timeout(Duration::from_secs(5))
             .expect("signalling the job waited on the agent");
-        assert!(stopped.load(Ordering::SeqCst));
     }
 }

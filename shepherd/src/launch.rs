@@ -1,12 +1,13 @@
-//! Launching a job in a fresh microVM: check the image, listen for the agent, boot the VM, run
-//! the agent conversation on a session thread, and tear the VM down at the end.
+//! Launching a job in a fresh microVM: as root, check the image and the shares, lay out the run
+//! directory, listen for the agent, create the logs and open `/dev/kvm`; then fork the VMM
+//! process ([`crate::vmm_process`]), the job user's, which boots the VM, runs the agent
+//! conversation, writes the job's output and tears the VM down at the end, and reports back.
 //!
 //! This is the one entry point both the standalone `run` command and the Grid Engine shepherd
 //! use; they differ only in where stdio goes and where signals come from.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use guest_agent::protocol::{
@@ -15,7 +16,10 @@ use guest_agent::protocol::{
 
 use crate::agent_session::{converse, AgentExit};
 pub use crate::agent_session::{JobError, JobIo, StdinSource};
-use crate::backend::{self, RunningVm, VmShare, VmSpec, ROOT_DISK_GUEST_DEVICE};
+use crate::backend::{
+    self, BackendError, RunningVm, VmBackend, VmLogs, VmShare, VmSpec, CONSOLE_LOG,
+    ROOT_DISK_GUEST_DEVICE,
+};
 pub use crate::backend::{BackendChoice, VmmCredentials};
 use crate::guest_image::{self, UntrustedGuestImage};
 use crate::image::{ImageError, ImageStore};
@@ -25,6 +29,9 @@ use crate::path_trust;
 use crate::run_dir::{self, RunDir, RunDirError};
 use crate::shared_dirs::{self, SharedDir, SharedDirError};
 use crate::timings::{now_ms, since_start, Timings};
+use crate::vmm_process::message::{Channel, FromVmm, Received, StartFailure, ToVmm};
+use crate::vmm_process::supervisor::Start;
+use crate::vmm_process::{self, ForkError, VmmProcess};
 
 /// Kernel command line for the guest. `reboot=k panic=-1`: a reset or a panic ends the VM
 /// at once; `quiet`: every console byte is a slow emulated port write.
@@ -33,8 +40,6 @@ pub const DEFAULT_CMDLINE: &str =
 
 /// The hybrid-vsock base name in the run directory's `vm/`.
 const VSOCK_UDS: &str = "vsock.sock";
-/// The guest console's log in the run directory.
-const CONSOLE_LOG: &str = "console.log";
 
 /// How long a booting VM may take until its agent connects.
 const AGENT_CONNECT_PATIENCE: Duration = Duration::from_secs(120);
@@ -109,6 +114,8 @@ pub enum LaunchError {
         name: String,
         reason: crate::path_trust::UntrustedPath,
     },
+    #[error("can't make the VMM process: {0}")]
+    VmmProcess(#[from] ForkError),
 }
 
 impl LaunchError {
@@ -156,10 +163,10 @@ impl JobOutcome {
     }
 }
 
-/// A job whose VM is booting or running.
+/// A job whose VM is booting or running, in its VMM process.
 pub struct RunningJob {
     controller: JobController,
-    session: JoinHandle<Result<JobOutcome, JobError>>,
+    process: VmmProcess,
 }
 
 impl RunningJob {
@@ -167,11 +174,15 @@ impl RunningJob {
         self.controller.clone()
     }
 
-    /// Waits for the job to end and its VM to be gone.
+    /// The VMM process (Grid Engine's `job_pid`): the job user's, carrying its groups.
+    pub fn vmm_pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Waits for the job to end and its VMM process to be gone. A VMM process that died
+    /// without reporting (killed by its owner, a seccomp kill, a crash) is the job's error.
     pub fn wait(self) -> Result<JobOutcome, JobError> {
-        self.session
-            .join()
-            .unwrap_or_else(|_| Err(JobError::Vm("session thread panicked".into())))
+        self.process.wait()
     }
 }
 
@@ -343,23 +354,32 @@ pub fn launch_in(
             selection.backend.name()
         )));
     }
-    let mut timings = Timings {
+    let timings = Timings {
         backend: selection.backend.name().to_string(),
         backend_reason: selection.reason.clone(),
         ..Timings::default()
     };
     tracing::info!(backend = selection.backend.name(), reason = %selection.reason, "backend chosen");
 
-    // The run directory stays this process's; the VM's sockets go in its `vm/`, which the job
-    // user gets only where the backend's helpers (running as the job user) create sockets.
+    // The run directory stays this process's: the logs are created here, before the VMM
+    // process starts, and handed to it open. The VM's sockets go in `vm/`, which goes to the
+    // job user (the VMM process and its helpers bind sockets there) once the agent's listener
+    // is bound; root creates nothing there after that.
     let vm_user = spec.vmm_credentials.as_ref().map(|c| (c.uid, c.gid));
     let run_dir = RunDir::prepare(&spec.run_dir, vm_user)?;
     let vsock_uds = run_dir.vm_dir().join(VSOCK_UDS);
     let listener = run_dir.bind_listener(&format!("{VSOCK_UDS}_{AGENT_VSOCK_PORT}"))?;
     listener.set_nonblocking(true)?;
-    if selection.backend.helpers_create_sockets() {
-        run_dir.give_vm_dir()?;
-    }
+    run_dir.give_vm_dir()?;
+    let log_names: Vec<&str> = std::iter::once(CONSOLE_LOG)
+        .chain(selection.backend.log_files().iter().copied())
+        .collect();
+    let logs = VmLogs::create(run_dir.path(), &log_names, run_dir.vm_user())?;
+    let kvm_device = if selection.backend.opens_kvm() {
+        Some(backend::open_kvm_device()?)
+    } else {
+        None
+    };
 
     let cmdline = if spec.extra_cmdline.is_empty() {
         DEFAULT_CMDLINE.to_string()
@@ -374,43 +394,145 @@ pub fn launch_in(
         mem_mib: spec.mem_mib,
         vsock_uds,
         console_log: run_dir.path().join(CONSOLE_LOG),
+        logs,
+        kvm_device,
         run_dir: run_dir.path().to_path_buf(),
         credentials: spec.vmm_credentials.clone(),
         root_disk: attached.root_disk,
         shares: attached.shares,
     };
-    let vm = selection.backend.start(&vm_spec)?;
-    timings.vm_created_ms = now_ms();
-
-    let link = AgentLink::default();
-    let controller = JobController {
-        link: link.clone(),
-        killer: vm.killer(),
-    };
-    let console_log = vm_spec.console_log.clone();
     let mut fs_frame = attached.frame;
     // The agent mounts the shares with the file system the chosen backend serves them by.
     let transport = selection.backend.share_transport();
     for mount in fs_frame.iter_mut().flat_map(|f| f.mounts.iter_mut()) {
         mount.transport = transport;
     }
-    let session = std::thread::Builder::new()
-        .name("agent-session".into())
-        .spawn(move || {
-            run_session(
-                vm,
-                listener,
-                (fs_frame, spec.spawn),
-                io,
-                link,
-                timings,
-                console_log,
-            )
-        })?;
+    let job = VmmJob {
+        backend: selection.backend,
+        vm_spec,
+        listener,
+        filesystems: fs_frame,
+        spawn: spec.spawn,
+        io,
+        timings,
+    };
+    // From here on the job is the VMM process's: this process keeps none of its descriptors
+    // (the listener, the output files), which go with `job` into the child.
+    let mut process = vmm_process::fork(spec.vmm_credentials.as_ref(), move |channel| {
+        job.run(channel)
+    })?;
+    match process.await_start() {
+        Start::Started { .. } | Start::Ended => {}
+        Start::Failed(StartFailure::Unavailable(m)) => {
+            return Err(LaunchError::BackendUnavailable(m))
+        }
+        Start::Failed(StartFailure::Start(m)) => return Err(LaunchError::VmStart(m)),
+    }
     Ok(RunningJob {
-        controller,
-        session,
+        controller: JobController {
+            vmm: process.control(),
+        },
+        process,
     })
+}
+
+/// What the VMM process runs: start the VM, talk to its agent, write the job's output, and
+/// report to the shepherd.
+struct VmmJob {
+    backend: Box<dyn VmBackend>,
+    vm_spec: VmSpec,
+    listener: UnixListener,
+    filesystems: Option<Filesystems>,
+    spawn: Spawn,
+    io: JobIo,
+    timings: Timings,
+}
+
+impl VmmJob {
+    /// The VMM process's life, in the child (already the job user).
+    fn run(self, channel: &Channel) {
+        let VmmJob {
+            backend,
+            vm_spec,
+            listener,
+            filesystems,
+            spawn,
+            io,
+            mut timings,
+        } = self;
+        let vm = match backend.start(&vm_spec) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let failure = match e {
+                    BackendError::Unavailable(m) => StartFailure::Unavailable(m),
+                    other => StartFailure::Start(other.to_string()),
+                };
+                let _ = channel.send(&FromVmm::StartFailed(failure));
+                return;
+            }
+        };
+        timings.vm_created_ms = now_ms();
+        let started = FromVmm::VmStarted {
+            vm_created_ms: timings.vm_created_ms,
+            first_instruction_ms: timings.first_instruction_ms,
+        };
+        if channel.send(&started).is_err() {
+            // The shepherd is gone: so is the job.
+            (vm.killer())();
+            return;
+        }
+        let link = AgentLink::default();
+        if let Ok(requests) = channel.try_clone() {
+            let (link, killer) = (link.clone(), vm.killer());
+            let _ = std::thread::Builder::new()
+                .name("vmm-requests".into())
+                .spawn(move || serve_requests(&requests, &link, &killer));
+        }
+        let result = run_session(
+            vm,
+            listener,
+            (filesystems, spawn),
+            io,
+            link,
+            timings,
+            vm_spec.console_log.clone(),
+            || {
+                let _ = channel.send(&FromVmm::JobStarted);
+            },
+        );
+        let report = match result {
+            Ok(o) => FromVmm::Exited {
+                wait_status: o.wait_status,
+                rusage: o.rusage,
+                job_started: o.job_started,
+                job_ended: o.job_ended,
+                timings: o.timings,
+            },
+            Err(e) => FromVmm::Failed(e.bounded()),
+        };
+        let _ = channel.send(&report);
+    }
+}
+
+/// The shepherd's requests, in the VMM process: signals for the job, and stopping the VM
+/// (also when the shepherd goes away).
+fn serve_requests(channel: &Channel, link: &AgentLink, stop_vm: &backend::VmKiller) {
+    loop {
+        match channel.receive::<ToVmm>(None) {
+            Ok(Received::Message(ToVmm::Signal(signo))) => link.signal(signo),
+            Ok(Received::Message(ToVmm::StopVm)) => {
+                // Output the job's destinations have not taken yet is dropped, not waited for.
+                link.output_abandoned()
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                stop_vm();
+            }
+            Ok(Received::Nothing) => {}
+            Ok(Received::Closed) | Err(_) => {
+                stop_vm();
+                return;
+            }
+        }
+    }
 }
 
 /// The last non-empty lines of the guest console, for error messages.
@@ -469,6 +591,7 @@ fn accept_agent(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_session(
     mut vm: Box<dyn RunningVm>,
     listener: UnixListener,
@@ -477,6 +600,7 @@ fn run_session(
     link: AgentLink,
     mut timings: Timings,
     console_log: PathBuf,
+    on_started: impl FnOnce(),
 ) -> Result<JobOutcome, JobError> {
     let accepted = accept_agent(&mut vm, &listener, &console_log);
     // One agent, one connection: later connections to its port are refused at once by the
@@ -486,7 +610,8 @@ fn run_session(
         let mut job_started = SystemTime::now();
         let exit: Result<AgentExit, JobError> =
             converse(stream, filesystems, spawn, io, &link, &mut timings, || {
-                job_started = SystemTime::now()
+                job_started = SystemTime::now();
+                on_started();
             });
         exit.map(|e| (e, job_started))
     });

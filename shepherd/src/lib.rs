@@ -7,6 +7,7 @@
 //! * [`image`]: OS images jobs run in (store, verification, building with debootstrap).
 //! * [`shared_dirs`]: host directories shared into the job's VM.
 //! * [`timings`]: phase timestamps.
+//! * [`vmm_process`]: the VMM's own process, the job user's, and the root parent's watch on it.
 
 mod agent_protocol;
 mod agent_session;
@@ -23,3 +24,4 @@ pub mod settings;
 pub mod sge;
 pub mod shared_dirs;
 pub mod timings;
+pub mod vmm_process;

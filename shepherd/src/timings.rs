@@ -15,7 +15,7 @@ fn process_start() -> Instant {
 }
 
 /// Milliseconds since process start of each phase (None where the backend cannot tell).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Timings {
     pub backend: String,
     pub backend_reason: String,

@@ -652,18 +652,26 @@ fn qdel_kills_the_job_and_its_vm() {
             !c.processes_with_group(gid).is_empty(),
             "the VMM carries add_grp_id"
         );
-        // job_pid names the VMM (QEMU here), which carries the job's add_grp_id
+        // job_pid names the VMM process (the shepherd's child, the job user's), which carries
+        // the job's add_grp_id
         let job_pid: u32 = c
             .active_file(job, "job_pid")
             .and_then(|p| p.trim().parse().ok())
             .expect("job_pid file");
         let comm = std::fs::read_to_string(format!("/proc/{job_pid}/comm")).unwrap_or_default();
-        assert!(comm.starts_with("qemu"), "job_pid {job_pid} is {comm:?}");
+        let mut want = format!("sge_vmm-{job}");
+        want.truncate(15);
+        assert_eq!(comm.trim_end(), want, "job_pid {job_pid}");
         assert!(c.processes_with_group(gid).contains(&job_pid));
         let shepherd: u32 = c
             .active_file(job, "pid")
             .and_then(|p| p.trim().parse().ok())
             .expect("pid file");
+        assert_eq!(
+            proc_ppid(job_pid),
+            Some(shepherd),
+            "the VMM process is the shepherd's"
+        );
         c.qdel(job);
         let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
         assert!(field(&rec[0], "failed").starts_with("100"), "{rec:?}");
@@ -682,6 +690,202 @@ fn qdel_kills_the_job_and_its_vm() {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        assert_exit_status_written(c, job);
+    });
+}
+
+/// The parent pid of `pid`.
+fn proc_ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A field of `/proc/<pid>/status`, split on white space.
+fn proc_status(pid: u32, key: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(str::to_string))
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Runs `args` as the job user; whether it succeeded.
+fn as_job_user(args: &[&str]) -> bool {
+    run(Command::new("runuser")
+        .args(["-u", JOB_USER, "--"])
+        .args(args))
+    .status
+    .success()
+}
+
+/// Issue 18 (the structure and item 2) and issue 12 ("a VMM fault never loses the result"):
+/// the VMM runs in a child of the shepherd that is the job user, with add_grp_id among its
+/// groups; the job user stopping and re-limiting it reaches neither the root shepherd's state
+/// nor its limits; and the VMM process dying of SIGKILL, SIGSEGV or SIGSYS — before the agent
+/// connects or while the job runs — is the job's error (100, not 30's Eqw nor a queue error)
+/// with exit_status, usage and the reason written.
+#[test]
+fn a_vmm_process_killed_by_its_owner_is_the_jobs_error() {
+    with_cell("a_vmm_process_killed_by_its_owner_is_the_jobs_error", |c| {
+        let user = nix::unistd::User::from_name(JOB_USER).unwrap().unwrap();
+        for (signal, while_running) in [
+            (libc::SIGKILL, true),
+            (libc::SIGSYS, false),
+            (libc::SIGSEGV, true),
+        ] {
+            let dir = c.work_dir(&format!("vmmkill{signal}"));
+            c.script(
+                &dir,
+                "job.sh",
+                "#!/bin/sh
+echo started
+sleep 300
+",
+            );
+            let job = c.qsub(&dir, &["-o", "out.txt", "-j", "y", "job.sh"]);
+            // job_pid is written as soon as the VM is started, before its agent connects.
+            let active = c.wait_running(job, JOB_WAIT);
+            if while_running {
+                c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);
+            }
+            let read = |name: &str| -> u32 {
+                std::fs::read_to_string(active.join(name))
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("no {name}"))
+            };
+            let (shepherd, vmm) = (read("pid"), read("job_pid"));
+            assert_eq!(
+                proc_ppid(vmm),
+                Some(shepherd),
+                "job_pid is the shepherd's child"
+            );
+            let uid = user.uid.as_raw().to_string();
+            assert_eq!(
+                proc_status(vmm, "Uid"),
+                vec![uid; 4],
+                "the VMM process's uids"
+            );
+            assert_eq!(proc_status(vmm, "CapEff"), vec!["0000000000000000"]);
+            assert_eq!(proc_status(vmm, "NoNewPrivs"), vec!["1"]);
+            let gid = c.add_grp_id(job);
+            assert!(
+                proc_status(vmm, "Groups").contains(&gid.to_string()),
+                "add_grp_id {gid} not among the VMM process's groups"
+            );
+            assert!(c.processes_with_group(gid).contains(&vmm));
+            // The job's output is the VMM process's to write: the root shepherd holds no
+            // descriptor of it while the job runs.
+            let out = dir.join("out.txt");
+            let holds = |pid: u32| {
+                std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .map(|d| {
+                        d.flatten()
+                            .any(|f| std::fs::read_link(f.path()).is_ok_and(|l| l == out))
+                    })
+                    .unwrap_or(false)
+            };
+            assert!(
+                !holds(shepherd),
+                "the root shepherd holds {}",
+                out.display()
+            );
+            assert!(
+                holds(vmm),
+                "the VMM process does not hold {}",
+                out.display()
+            );
+
+            if signal == libc::SIGKILL {
+                // Stop and re-limit every process of the job first: the shepherd stays as it was.
+                let limits = |pid: u32| {
+                    std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default()
+                };
+                let before = limits(shepherd);
+                let mut tasks = Vec::new();
+                for pid in c.processes_with_group(gid) {
+                    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+                        .unwrap()
+                        .flatten()
+                    {
+                        tasks.push(t.file_name().to_string_lossy().into_owned());
+                    }
+                }
+                for tid in &tasks {
+                    as_job_user(&["kill", "-STOP", tid]);
+                    as_job_user(&["prlimit", "--pid", tid, "--nofile=5:5"]);
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                let state = proc_status(shepherd, "State");
+                for tid in &tasks {
+                    as_job_user(&["kill", "-CONT", tid]);
+                }
+                assert_ne!(
+                    state.first().map(String::as_str),
+                    Some("T"),
+                    "shepherd stopped"
+                );
+                assert_eq!(limits(shepherd), before, "the shepherd's limits changed");
+            }
+            assert!(
+                as_job_user(&["kill", &format!("-{signal}"), &vmm.to_string()]),
+                "the job user may signal its VMM process"
+            );
+            let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
+            assert!(field(&rec[0], "failed").starts_with("100"), "{rec:?}");
+            assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
+            assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+            assert_exit_status_written(c, job);
+            assert!(c.active_file(job, "usage").is_some(), "no usage file");
+            let error = c.active_file(job, "error").unwrap_or_default();
+            assert!(
+                error.contains("VMM process") && error.contains(&format!("signal {signal}")),
+                "no clear reason: {error:?}"
+            );
+            // The shepherd is gone, and so is everything of the job.
+            let start = Instant::now();
+            while Path::new(&format!("/proc/{shepherd}")).exists()
+                || !c.processes_with_group(gid).is_empty()
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "job {job} left processes"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+}
+
+/// Issue 18 item 2: qdel of a job whose VMM process its owner stopped (SIGSTOP) still ends the
+/// job within a bounded time: the stop request goes unanswered, and the shepherd kills the
+/// process after its grace.
+#[test]
+fn qdel_ends_a_job_whose_vmm_process_its_owner_stopped() {
+    with_cell("qdel_ends_a_job_whose_vmm_process_its_owner_stopped", |c| {
+        let dir = c.work_dir("vmmstopped");
+        c.script(&dir, "job.sh", "#!/bin/sh\necho started\nsleep 300\n");
+        let job = c.qsub(&dir, &["-o", "out.txt", "job.sh"]);
+        let active = c.wait_running(job, JOB_WAIT);
+        c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);
+        let vmm = std::fs::read_to_string(active.join("job_pid")).unwrap();
+        assert!(as_job_user(&["kill", "-STOP", vmm.trim()]));
+        let start = Instant::now();
+        c.qdel(job);
+        let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "qdel took {:?}",
+            start.elapsed()
+        );
+        assert!(field(&rec[0], "failed").starts_with("100"), "{rec:?}");
+        assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
+        assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
         assert_exit_status_written(c, job);
     });
 }

@@ -77,6 +77,9 @@ pub struct VmConfig {
     /// CPU features hidden from the guest's CPUID. Empty by default; only for hosts whose KVM
     /// cannot emulate them.
     pub hidden_cpu_features: Vec<CpuFeature>,
+    /// An open `/dev/kvm` to use instead of opening it: a VMM process that runs as a user who
+    /// may not open the device gets it from its privileged parent. `None`: open it.
+    pub kvm_device: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl VmConfig {
@@ -96,6 +99,7 @@ impl VmConfig {
             serial: SerialSink::Discard,
             seccomp: true,
             hidden_cpu_features: Vec::new(),
+            kvm_device: None,
         }
     }
 }

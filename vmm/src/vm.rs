@@ -117,9 +117,21 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
-fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm =
-        Kvm::new().map_err(|e| VmError::KvmUnavailable(format!("cannot open /dev/kvm: {e}")))?;
+fn open_kvm(device: Option<&std::fs::File>) -> Result<Kvm, VmError> {
+    let kvm = match device {
+        Some(file) => {
+            use std::os::fd::{FromRawFd, IntoRawFd};
+            let fd = file
+                .try_clone()
+                .map_err(|e| VmError::KvmUnavailable(format!("cannot use /dev/kvm: {e}")))?;
+            // SAFETY: `fd` is a fresh duplicate of an open /dev/kvm descriptor that nothing
+            // else owns; `Kvm` takes it over and closes it.
+            unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) }
+        }
+        None => {
+            Kvm::new().map_err(|e| VmError::KvmUnavailable(format!("cannot open /dev/kvm: {e}")))?
+        }
+    };
     for (cap, name) in [
         (Cap::Irqchip, "IRQCHIP"),
         (Cap::Irqfd, "IRQFD"),
@@ -238,7 +250,7 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
     let lifecycle = Arc::new(Lifecycle::new(usize::from(config.vcpus)));
     lifecycle.timestamps.mark_created();
 
-    let kvm = open_kvm()?;
+    let kvm = open_kvm(config.kvm_device.as_deref())?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     // Guest RAM is registered before the in-kernel IRQ chip: on some KVM implementations
     // (measured: kvm_pvm) the first memslot after KVM_CREATE_IRQCHIP costs milliseconds.

@@ -2,8 +2,10 @@
 //! vCPU threads, the virtio-vsock device and the virtio-fs file servers run in the shepherd
 //! itself, so Grid Engine accounts the guest's CPU time to the shepherd. [`VmSpec::root_disk`]
 //! becomes a read-only virtio-blk disk (`/dev/vda`); each of [`VmSpec::shares`] a virtio-fs
-//! device served with the job user's identity: the VMM's threads take
-//! [`VmSpec::credentials`] (per thread; the shepherd's own threads keep theirs).
+//! device served with the job user's identity. Under the shepherd this runs in the VMM process
+//! ([`crate::vmm_process`]), which already is the job user; where the caller is root and
+//! [`VmSpec::credentials`] names another user (tests, tools), the VMM's threads take it per
+//! thread.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +55,10 @@ impl VmBackend for EmbeddedBackend {
 
     fn name(&self) -> &'static str {
         "embedded"
+    }
+
+    fn opens_kvm(&self) -> bool {
+        true
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
@@ -118,9 +124,16 @@ fn vm_config(spec: &VmSpec) -> vmm::VmConfig {
             read_only: share.read_only,
         })
         .collect();
-    config.serial = vmm::SerialSink::File {
-        path: spec.console_log.clone(),
-        max_bytes: CONSOLE_LOG_MAX,
+    config.kvm_device = spec.kvm_device.clone();
+    config.serial = match spec.logs.shared(super::CONSOLE_LOG) {
+        Some(file) => vmm::SerialSink::OpenFile {
+            file,
+            max_bytes: CONSOLE_LOG_MAX,
+        },
+        None => vmm::SerialSink::File {
+            path: spec.console_log.clone(),
+            max_bytes: CONSOLE_LOG_MAX,
+        },
     };
     config
 }

@@ -7,7 +7,8 @@ pub mod embedded;
 mod probe_cache;
 pub mod qemu;
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,53 @@ impl std::str::FromStr for BackendChoice {
                 "unknown backend {other:?} (expected auto, embedded or qemu)"
             )),
         }
+    }
+}
+
+/// The guest console's log in the run directory.
+pub const CONSOLE_LOG: &str = "console.log";
+
+/// The VM's log files: created by the root shepherd in its own run directory (new files, never
+/// through a symlink, handed to the VM's user) and given to the VMM process open, because that
+/// process runs as the job user and cannot create files there.
+#[derive(Debug, Clone, Default)]
+pub struct VmLogs {
+    files: Vec<(String, Arc<File>)>,
+}
+
+impl VmLogs {
+    /// Creates `names` in `dir` with [`crate::run_dir::create_file`].
+    pub fn create(
+        dir: &Path,
+        names: &[&str],
+        owner: Option<crate::run_dir::Owner>,
+    ) -> Result<VmLogs, crate::run_dir::RunDirError> {
+        let files = names
+            .iter()
+            .map(|name| {
+                crate::run_dir::create_file(&dir.join(name), owner)
+                    .map(|f| (name.to_string(), Arc::new(f)))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(VmLogs { files })
+    }
+
+    /// A descriptor of the log `name` (the backend's own duplicate).
+    pub fn open(&self, name: &str) -> Result<File, BackendError> {
+        let (_, file) = self
+            .files
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| BackendError::Start(format!("no log file {name} was prepared")))?;
+        Ok(file.try_clone()?)
+    }
+
+    /// The shared handle of the log `name`.
+    pub fn shared(&self, name: &str) -> Option<Arc<File>> {
+        self.files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, f)| f.clone())
     }
 }
 
@@ -73,8 +121,14 @@ pub struct VmSpec {
     /// Its directory holds the VM's sockets; it is the VM user's where
     /// [`VmBackend::helpers_create_sockets`] says so.
     pub vsock_uds: PathBuf,
-    /// Where the guest's serial console goes: a new file in [`VmSpec::run_dir`].
+    /// Where the guest's serial console goes: [`CONSOLE_LOG`] in [`VmSpec::run_dir`], open in
+    /// [`VmSpec::logs`].
     pub console_log: PathBuf,
+    /// The console log and the backend's own logs ([`VmBackend::log_files`]), already open.
+    pub logs: VmLogs,
+    /// `/dev/kvm`, opened by the shepherd for a backend that [`VmBackend::opens_kvm`] (the VMM
+    /// process's user need not be allowed to open it).
+    pub kvm_device: Option<Arc<File>>,
     /// The shepherd's private directory (see [`crate::run_dir`]): the backend creates its logs
     /// there with [`crate::run_dir::create_file`], never anything by plain path.
     pub run_dir: PathBuf,
@@ -111,6 +165,8 @@ impl VmSpec {
             mem_mib: 64,
             vsock_uds: PathBuf::from("/run/v"),
             console_log: PathBuf::from("/run/c"),
+            logs: VmLogs::default(),
+            kvm_device: None,
             run_dir: PathBuf::from("/run"),
             credentials: None,
             root_disk: None,
@@ -172,6 +228,16 @@ pub trait VmBackend {
     fn helpers_create_sockets(&self) -> bool {
         false
     }
+    /// The log files (beyond [`CONSOLE_LOG`]) the backend writes in [`VmSpec::run_dir`]; the
+    /// shepherd creates them before the VMM process starts ([`VmSpec::logs`]).
+    fn log_files(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Whether the VMM itself opens `/dev/kvm` (then the shepherd opens it for the VMM process
+    /// and hands it over in [`VmSpec::kvm_device`]).
+    fn opens_kvm(&self) -> bool {
+        false
+    }
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError>;
 }
 
@@ -210,4 +276,14 @@ pub fn select(choice: BackendChoice) -> Result<Selection, BackendError> {
             }
         }
     }
+}
+
+/// Opens `/dev/kvm` for a VMM process that may not open it itself.
+pub fn open_kvm_device() -> Result<Arc<File>, BackendError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(Arc::new)
+        .map_err(|e| BackendError::Unavailable(format!("KVM is not usable: /dev/kvm: {e}")))
 }

@@ -21,6 +21,10 @@ use crate::run_dir;
 
 /// The guest's vsock context id (any value ≥ 3; each VM has its own daemon).
 const GUEST_CID: u32 = 3;
+/// The vsock daemon's log in the run directory.
+const VHOST_LOG: &str = "vhost-device-vsock.log";
+/// QEMU's log in the run directory.
+const QEMU_LOG: &str = "qemu.log";
 /// The fd set QEMU finds the console log's descriptor in (`-add-fd`).
 const CONSOLE_FDSET: u32 = 1;
 
@@ -88,7 +92,8 @@ impl QemuBackend {
     }
 }
 
-/// Prepares a helper process (QEMU, the vsock daemon): the job's credentials if given, and
+/// Prepares a helper process (QEMU, the vsock daemon): the job's credentials if given (and not
+/// already this process's: the VMM process runs as the job user), and
 /// death with the shepherd. A shepherd that is killed outright (SIGKILL: no destructor runs)
 /// must not leave its VM or daemon behind. The parent-death signal is tied to the thread that
 /// spawns the child, which is the thread that runs the job to its end. `keep_fd`: a descriptor
@@ -108,7 +113,8 @@ fn prepare_helper(cmd: &mut Command, creds: Option<&VmmCredentials>, keep_fd: Op
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if let Some(c) = &creds {
+            // In the VMM process, which already is the job user, there is nothing to switch.
+            if let Some(c) = creds.as_ref().filter(|c| libc::geteuid() != c.uid) {
                 if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
                     || libc::setgid(c.gid) < 0
                     || libc::setuid(c.uid) < 0
@@ -219,12 +225,14 @@ impl VmBackend for QemuBackend {
         true
     }
 
+    fn log_files(&self) -> &'static [&'static str] {
+        &[VHOST_LOG, QEMU_LOG]
+    }
+
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
         let vhost_sock = spec.vsock_uds.with_file_name("vhost-vsock.sock");
         // The helpers write these as the job user: the job user's files, on the user's quota.
-        let owner = spec.credentials.as_ref().map(|c| (c.uid, c.gid));
-        let log_file = |name| run_dir::create_file(&spec.run_dir.join(name), owner);
-        let daemon_log = log_file("vhost-device-vsock.log")?;
+        let daemon_log = spec.logs.open(VHOST_LOG)?;
         let mut daemon_cmd = Command::new(&self.vhost_vsock);
         daemon_cmd
             .arg("--vm")
@@ -247,8 +255,8 @@ impl VmBackend for QemuBackend {
         }
 
         let mem = format!("{}M", spec.mem_mib);
-        let qemu_log = log_file("qemu.log")?;
-        let console = run_dir::create_file(&spec.console_log, owner)?;
+        let qemu_log = spec.logs.open(QEMU_LOG)?;
+        let console = spec.logs.open(super::CONSOLE_LOG)?;
         let mut qemu_cmd = Command::new(&self.qemu);
         qemu_cmd
             .args(["-accel", &self.accel])
@@ -307,7 +315,7 @@ impl VmBackend for QemuBackend {
         Ok(Box::new(QemuVm {
             qemu,
             daemon,
-            log: spec.run_dir.join("qemu.log"),
+            log: spec.run_dir.join(QEMU_LOG),
             reaped: Arc::new(AtomicBool::new(false)),
         }))
     }

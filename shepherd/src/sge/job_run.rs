@@ -211,8 +211,10 @@ struct Prepared {
     env: JobEnvironment,
     cwd: PathBuf,
     streams: JobStreams,
-    stdout: File,
-    stderr: File,
+    /// The job's stdout and stderr, opened as the job user before the prolog. They go to the
+    /// VMM process with the job, so the root shepherd holds no descriptor of them while the job
+    /// runs; the procedures after it open them again, as the stock shepherd's children do.
+    output: Option<(File, File)>,
     methods: ControlMethods,
     /// The VM settings for the job's queue.
     vm: VmSettings,
@@ -239,7 +241,7 @@ impl JobRun {
     }
 
     fn run(&mut self) -> ShepherdState {
-        let prepared = match self.prepare() {
+        let mut prepared = match self.prepare() {
             Ok(p) => p,
             Err(f) => {
                 self.record(f);
@@ -258,7 +260,7 @@ impl JobRun {
             {
                 return Ok(());
             }
-            let usage = self.job(&prepared)?;
+            let usage = self.job(&mut prepared)?;
             job_exit = Some(usage.end.exit_status());
             crash_state(ShepherdState::AfterJob);
             if let Err(e) = self.dir.write_usage(&usage.to_file_text()) {
@@ -335,14 +337,7 @@ impl JobRun {
             .map_err(|e| Failure::new(ShepherdState::BeforeProlog, e.to_string()))?;
         // as the stock shepherd's child would find it (its message, its state)
         user.check_can_enter(&cwd).map_err(|e| no_cwd(&cwd, e))?;
-        let open = |p: &Path| open_output(&user, p);
-        let stdout = open(&streams.stdout)?;
-        let stderr = match &streams.stderr {
-            Some(p) => open(p)?,
-            None => stdout
-                .try_clone()
-                .map_err(|e| Failure::new(ShepherdState::OpenOutput, e.to_string()))?,
-        };
+        let output = open_job_output(&user, &streams)?;
         env.set("SGE_STDIN_PATH", &streams.stdin.display().to_string());
         env.set("SGE_STDOUT_PATH", &streams.stdout.display().to_string());
         env.set(
@@ -355,8 +350,7 @@ impl JobRun {
             env,
             cwd,
             streams,
-            stdout,
-            stderr,
+            output: Some(output),
             methods,
             vm,
         })
@@ -438,6 +432,10 @@ impl JobRun {
         before: ShepherdState,
     ) -> Result<(File, File), Failure> {
         let fail = |e: std::io::Error| Failure::new(before, format!("{}: {e}", kind.key()));
+        let (own_stdout, own_stderr) = match &p.output {
+            Some((o, e)) => (o.try_clone().map_err(fail)?, e.try_clone().map_err(fail)?),
+            None => open_job_output(&p.user, &p.streams)?,
+        };
         let pe = matches!(kind, ProcedureKind::PeStart | ProcedureKind::PeStop);
         let open = |key: &str, output: OutputKind| -> Option<Result<File, Failure>> {
             let configured = self.config.get(key).filter(|v| !v.is_empty())?;
@@ -449,20 +447,20 @@ impl JobRun {
             .flatten()
         {
             Some(f) => f?,
-            None => p.stdout.try_clone().map_err(fail)?,
+            None => own_stdout,
         };
         let stderr = match pe
             .then(|| open("pe_stderr_path", OutputKind::PeStderr))
             .flatten()
         {
             Some(f) => f?,
-            None => p.stderr.try_clone().map_err(fail)?,
+            None => own_stderr,
         };
         Ok((stdout, stderr))
     }
 
     /// Starts the VM and the job, relays signals until it ends.
-    fn job(&mut self, p: &Prepared) -> Result<UsageRecord, Failure> {
+    fn job(&mut self, p: &mut Prepared) -> Result<UsageRecord, Failure> {
         let c = &self.config;
         // the job's queue: its settings, the job's config as execd wrote it, this host
         let before_job = |e: String| Failure::of(Fault::Queue, e);
@@ -550,11 +548,14 @@ impl JobRun {
                     "sge_virtualizer: can't create the VM's runtime directory: {e}"
                 ))
             })?;
-        let clone = |f: &File| f.try_clone().map_err(|e| before_job(e.to_string()));
+        let (stdout, stderr) = match p.output.take() {
+            Some(files) => files,
+            None => open_job_output(&p.user, &p.streams)?,
+        };
         let io = JobIo {
             stdin,
-            stdout: Box::new(clone(&p.stdout)?),
-            stderr: Box::new(clone(&p.stderr)?),
+            stdout: Box::new(stdout),
+            stderr: Box::new(stderr),
         };
         self.dir.trace(&format!(
             "starting VM: kernel {} initramfs {} {} MiB {} vCPUs backend {:?}; image {:?}; \
@@ -602,7 +603,8 @@ impl JobRun {
             )),
         })?;
         crash_state(ShepherdState::AfterJob);
-        let job_pid = vmm_pid().unwrap_or_else(std::process::id);
+        // The VMM process: the job user's, with add_grp_id among its groups.
+        let job_pid = running.vmm_pid();
         self.config.set("job_pid", &job_pid.to_string());
         let _ = self.dir.write_job_pid(job_pid);
         let controller = running.controller();
@@ -817,6 +819,18 @@ fn refused_before_start(e: &JobError) -> Option<Failure> {
     }
 }
 
+/// Opens the job's stdout and stderr files as the job user (stderr: the same file when merged).
+fn open_job_output(user: &JobUser, streams: &JobStreams) -> Result<(File, File), Failure> {
+    let stdout = open_output(user, &streams.stdout)?;
+    let stderr = match &streams.stderr {
+        Some(p) => open_output(user, p)?,
+        None => stdout
+            .try_clone()
+            .map_err(|e| Failure::new(ShepherdState::OpenOutput, e.to_string()))?,
+    };
+    Ok((stdout, stderr))
+}
+
 /// The job owner cannot enter the job's working directory: the job's error (state 28), in the
 /// stock shepherd's words.
 fn no_cwd(cwd: &Path, e: std::io::Error) -> Failure {
@@ -835,38 +849,6 @@ fn open_output(user: &JobUser, path: &Path) -> Result<File, Failure> {
             format!("error: can't open output file \"{}\": {e}", path.display()),
         )
     })
-}
-
-/// The VMM process: of our children (no procedure runs while the job does) the one started
-/// last, as helpers such as the vsock bridge start before the VMM. `None` when the VMM runs in
-/// this process.
-fn vmm_pid() -> Option<u32> {
-    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
-    let children: Vec<u32> = tasks
-        .flatten()
-        .flat_map(|t| {
-            let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            list.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    youngest(&children)
-}
-
-/// The process of `pids` started last.
-fn youngest(pids: &[u32]) -> Option<u32> {
-    pids.iter()
-        .copied()
-        .max_by_key(|pid| start_time(*pid).unwrap_or(0))
-}
-
-/// A process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // the command name (field 2) may contain spaces: count from after its ')'
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -1081,25 +1063,5 @@ mod tests {
                 prop_assert!(matches!(charge, Charge::Job | Charge::Nobody), "{charge:?}: {message}");
             }
         }
-    }
-
-    #[test]
-    fn the_vmm_is_the_child_started_last() {
-        let mut first = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        // start times count in clock ticks (10 ms)
-        std::thread::sleep(Duration::from_millis(50));
-        let mut second = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let picked = youngest(&[second.id(), first.id()]);
-        let also = youngest(&[first.id(), second.id()]);
-        let _ = (first.kill(), second.kill(), first.wait(), second.wait());
-        assert_eq!(picked, Some(second.id()));
-        assert_eq!(also, Some(second.id()));
-        assert_eq!(youngest(&[]), None);
     }
 }

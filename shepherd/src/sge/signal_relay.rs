@@ -167,12 +167,9 @@ impl<'a> SignalRelay<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job_control::AgentLink;
     use crate::sge::environment::JobEnvironment;
     use crate::sge::procedure::RunAs;
     use crate::sge::vm_stop::KILL_GRACE;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     /// Issue 18 item 6: a terminate_method (a command or a signal) used to leave the job
     /// running with no hard stop armed; qdel then never ended a job the method cannot reach.
@@ -191,14 +188,7 @@ mod tests {
             };
             let runner = MethodRunner::new(me, JobEnvironment::default(), tmp.path().into());
             let mut relay = SignalRelay::new(&dir, &config, &methods, runner);
-            let stops = Arc::new(AtomicUsize::new(0));
-            let counted = stops.clone();
-            let controller = JobController {
-                link: AgentLink::default(),
-                killer: Arc::new(move || {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                }),
-            };
+            let (controller, _vmm) = JobController::detached();
             let before = Instant::now();
             relay.act(NotifyAction::Deliver(libc::SIGKILL), &controller);
             assert!(relay.killed, "{method}");

@@ -32,6 +32,14 @@ pub enum SerialSink {
         /// Cap on bytes written.
         max_bytes: u64,
     },
+    /// Write to a file the caller opened (for a VMM whose identity may not create files where
+    /// the log lives), stopping after `max_bytes`.
+    OpenFile {
+        /// The file; the console writes through its own duplicate of the descriptor.
+        file: std::sync::Arc<File>,
+        /// Cap on bytes written.
+        max_bytes: u64,
+    },
 }
 
 /// A bounded ring buffer of console bytes, shared with the VM handle.
@@ -119,6 +127,13 @@ impl ConsoleLog {
                 },
                 None,
             ),
+            SerialSink::OpenFile { file, max_bytes } => (
+                Self::File {
+                    file: file.try_clone()?,
+                    remaining: *max_bytes,
+                },
+                None,
+            ),
         })
     }
 }
@@ -177,6 +192,22 @@ mod tests {
         .unwrap();
         assert_eq!(log.write(b"hello world").unwrap(), 11);
         log.write_all(b"more").unwrap();
+        log.flush().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn an_open_file_is_written_through_its_own_descriptor_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let file = std::sync::Arc::new(File::create(&path).unwrap());
+        let (mut log, _) = ConsoleLog::open(&SerialSink::OpenFile {
+            file: file.clone(),
+            max_bytes: 5,
+        })
+        .unwrap();
+        drop(file);
+        log.write_all(b"hello world").unwrap();
         log.flush().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"hello");
     }
