@@ -257,7 +257,7 @@ cmd_run() {
     local qemu=$!
     QEMU_PID=$qemu
     # If this script is stopped, the outer host goes with it (timeout passes the signal on).
-    trap 'kill "$QEMU_PID" 2>/dev/null' EXIT
+    trap 'kill "$QEMU_PID" 2>/dev/null || true' EXIT
     trap 'exit 143' TERM
     trap 'exit 130' INT
     tail -f --pid=$qemu -c +1 "$run/stdout" &
