@@ -17,3 +17,5 @@ cargo build --workspace --bins
 echo "--- cargo test --workspace" >&2
 # Two test threads: each VM test boots a guest under software emulation, on two cores.
 cargo test --workspace --no-fail-fast -- --test-threads=2
+echo "--- scripts/fuzz.sh -s 20 (AFL++ on each guest-facing parser; fuzz/README.md)" >&2
+scripts/fuzz.sh -s 20 -o target/fuzz-ci

@@ -4,15 +4,20 @@
 //!
 //! * `fuzz_<target> FILE...` replays inputs (a crash AFL++ saved, say) and reports each;
 //! * `fuzz_<target> --random N [SEED]` plays N random inputs (xorshift from SEED);
-//! * `fuzz_<target> --write-seeds DIR` writes the target's seed inputs to DIR.
+//! * `fuzz_<target> --write-seeds DIR` writes the target's seed inputs to DIR (the AFL++
+//!   build does it when `FUZZ_WRITE_SEEDS=DIR` is set).
 
 use std::path::Path;
 
 use crate::targets::Target;
 
-/// Runs `target` as the binary's `main`.
+/// Runs `target` as the binary's `main`. With `FUZZ_WRITE_SEEDS=DIR` in the environment it
+/// writes the target's seeds to DIR and exits instead (scripts/fuzz.sh starts AFL++ from them).
 #[cfg(feature = "afl")]
 pub fn main(target: &Target) {
+    if let Some(dir) = std::env::var_os("FUZZ_WRITE_SEEDS") {
+        std::process::exit(write_seeds(target, Path::new(&dir)));
+    }
     let run = target.run;
     afl::fuzz!(|data: &[u8]| run(data));
 }
@@ -81,7 +86,6 @@ fn replay(target: &Target, files: &[String]) -> i32 {
     i32::from(failed > 0)
 }
 
-#[cfg(not(feature = "afl"))]
 fn write_seeds(target: &Target, dir: &Path) -> i32 {
     let written = std::fs::create_dir_all(dir).and_then(|()| {
         for (i, seed) in (target.seeds)().iter().enumerate() {
