@@ -36,8 +36,23 @@ struct Posted {
     read: Option<(u64, Vec<Buffer>)>,
 }
 
+/// What a case reached, so tests can show the seeds get past the set-up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BlockOutcome {
+    /// Requests answered VIRTIO_BLK_S_OK.
+    pub ok: usize,
+    /// Successful reads whose bytes were checked against the disk.
+    pub verified_reads: usize,
+}
+
 /// One case.
 pub fn run(data: &[u8]) {
+    play(data);
+}
+
+/// One case, with what it reached.
+pub fn play(data: &[u8]) -> BlockOutcome {
+    let mut outcome = BlockOutcome::default();
     let mut input = ByteCursor::new(data);
     let flags = input.u8();
     let read_only = flags & 1 != 0;
@@ -154,13 +169,19 @@ pub fn run(data: &[u8]) {
             u.len,
             p.writable_len
         );
-        let (Some(status), Some((sector, bufs))) = (p.status, &p.read) else {
+        let Some(status) = p.status else {
             continue;
         };
+        let ok = d.read(status, 1)[0] == STATUS_OK;
+        outcome.ok += usize::from(ok);
         // Only reads of an unwritten disk have known contents.
-        if !read_only || d.read(status, 1)[0] != STATUS_OK {
+        let Some((sector, bufs)) = &p.read else {
+            continue;
+        };
+        if !read_only || !ok {
             continue;
         }
+        outcome.verified_reads += 1;
         let mut at = (*sector * u64::from(SECTOR)) as usize;
         for b in bufs {
             let got = d.read(b.addr, b.len as usize);
@@ -172,6 +193,7 @@ pub fn run(data: &[u8]) {
             at += b.len as usize;
         }
     }
+    outcome
 }
 
 fn request(kind: u8, sector: u8, data: &[u16]) -> Vec<u8> {

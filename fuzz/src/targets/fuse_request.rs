@@ -52,8 +52,18 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Sends one request and checks what comes back.
-fn send(server: &mut FuseServer, request: &[u8], reply: &mut Vec<u8>) {
+/// What a case reached, so tests can show the seeds get past INIT.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FuseOutcome {
+    /// Requests answered.
+    pub replies: usize,
+    /// Requests answered with success.
+    pub successes: usize,
+}
+
+/// Sends one request and checks what comes back; returns its errno (0 for success), or None
+/// when it went unanswered.
+fn send(server: &mut FuseServer, request: &[u8], reply: &mut Vec<u8>) -> Option<i32> {
     let handled = server.handle(request, reply);
     if request.len() < IN_HEADER_SIZE {
         assert_eq!(
@@ -61,12 +71,12 @@ fn send(server: &mut FuseServer, request: &[u8], reply: &mut Vec<u8>) {
             Handled::NoReply,
             "a request without a header was answered"
         );
-        return;
+        return None;
     }
     let opcode = u32_at(request, 4);
     if matches!(opcode, FORGET | BATCH_FORGET | INTERRUPT) {
         assert_eq!(handled, Handled::NoReply, "opcode {opcode} was answered");
-        return;
+        return None;
     }
     assert_eq!(handled, Handled::Reply, "opcode {opcode} went unanswered");
     assert!(
@@ -85,10 +95,23 @@ fn send(server: &mut FuseServer, request: &[u8], reply: &mut Vec<u8>) {
             "an error reply carries a body"
         );
     }
+    Some(error)
 }
 
 /// One case.
 pub fn run(data: &[u8]) {
+    play(data);
+}
+
+/// One case, with what it reached.
+pub fn play(data: &[u8]) -> FuseOutcome {
+    let mut outcome = FuseOutcome::default();
+    let mut count = |errno: Option<i32>| {
+        if let Some(e) = errno {
+            outcome.replies += 1;
+            outcome.successes += usize::from(e == 0);
+        }
+    };
     let mut input = ByteCursor::new(data);
     let flags = input.u8();
     let scratch = Scratch::new();
@@ -103,8 +126,11 @@ pub fn run(data: &[u8]) {
             body.extend_from_slice(&word.to_le_bytes());
         }
         let request = frame((IN_HEADER_SIZE + body.len()) as u32, INIT, unique, 0, &body);
-        send(&mut server, &request, &mut reply);
-        assert_eq!(u32_at(&reply, 4), 0, "a valid INIT failed");
+        assert_eq!(
+            send(&mut server, &request, &mut reply),
+            Some(0),
+            "a valid INIT failed"
+        );
     }
     for _ in 0..MAX_REQUESTS {
         if input.is_empty() {
@@ -128,17 +154,18 @@ pub fn run(data: &[u8]) {
             _ => input.u32(),
         };
         let request = frame(header_len, opcode, unique, nodeid, body);
-        send(&mut server, &request, &mut reply);
+        count(send(&mut server, &request, &mut reply));
         // Requests cut short, as a guest's chain may be.
         if ctl & 0xc0 == 0xc0 {
             let cut = request.len().min(usize::from(ctl & 0x3f));
-            send(&mut server, &request[..cut], &mut reply);
+            count(send(&mut server, &request[..cut], &mut reply));
         }
     }
     scratch.assert_outside_unchanged();
     server.reset();
     assert_eq!(server.inode_count(), 1, "inodes left after a reset");
     assert_eq!(server.open_handle_count(), 0, "handles left after a reset");
+    outcome
 }
 
 /// A request in the case format (correct header length).

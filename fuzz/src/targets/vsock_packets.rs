@@ -163,8 +163,18 @@ fn guest_post_rx(d: &mut GuestDriver, rx: &mut HashMap<u32, RxChain>, n: u8, spl
     d.notify(RX);
 }
 
-/// Checks every RX chain the device used since the last call.
-fn check_rx(d: &mut GuestDriver, rx: &mut HashMap<u32, RxChain>) {
+/// What a case reached, so tests can show the seeds get past the set-up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VsockOutcome {
+    /// Packets the device delivered to the guest.
+    pub delivered: usize,
+    /// Connections the host listener accepted.
+    pub accepted: usize,
+}
+
+/// Checks every RX chain the device used since the last call; returns how many held a packet.
+fn check_rx(d: &mut GuestDriver, rx: &mut HashMap<u32, RxChain>) -> usize {
+    let mut delivered = 0;
     for used in d.take_used(RX) {
         let Some(chain) = rx.remove(&used.head) else {
             panic!("the device used RX chain {} that was not posted", used.head);
@@ -172,6 +182,7 @@ fn check_rx(d: &mut GuestDriver, rx: &mut HashMap<u32, RxChain>) {
         if used.len == 0 {
             continue;
         }
+        delivered += 1;
         assert!(
             used.len >= HDR && used.len - HDR <= chain.room,
             "RX used length {}",
@@ -193,10 +204,17 @@ fn check_rx(d: &mut GuestDriver, rx: &mut HashMap<u32, RxChain>) {
             "RX packet not of stream type"
         );
     }
+    delivered
 }
 
 /// One case.
 pub fn run(data: &[u8]) {
+    play(data);
+}
+
+/// One case, with what it reached.
+pub fn play(data: &[u8]) -> VsockOutcome {
+    let mut outcome = VsockOutcome::default();
     let mut input = ByteCursor::new(data);
     let scratch = Scratch::new();
     let listener = UnixListener::bind(scratch.path(&format!("v.sock_{LISTEN_PORT}")))
@@ -223,6 +241,7 @@ pub fn run(data: &[u8]) {
             }
             3 => {
                 if let Ok((s, _)) = listener.accept() {
+                    outcome.accepted += 1;
                     s.set_nonblocking(true).expect("a non-blocking stream");
                     streams.push(s);
                 }
@@ -271,12 +290,13 @@ pub fn run(data: &[u8]) {
                 d.transport().backend_ready();
             }
         }
-        check_rx(&mut d, &mut rx);
+        outcome.delivered += check_rx(&mut d, &mut rx);
     }
     assert!(
         !d.needs_reset(),
         "the device needs a reset after well-formed rings"
     );
+    outcome
 }
 
 fn send_op(op: u8, dst: u8, payload: &[u8]) -> Vec<u8> {
