@@ -23,7 +23,11 @@ cargo test --workspace --no-fail-fast -- --test-threads=2 || suite_rc=$?
 echo "--- nested real-KVM tier (scripts/test-nested-kvm.sh)" >&2
 nested_rc=0
 scripts/test-nested-kvm.sh || nested_rc=$?
-if [ "$suite_rc" != 0 ] || [ "$nested_rc" != 0 ]; then
-    echo "--- FAILED: cargo test exit $suite_rc, nested real-KVM tier exit $nested_rc" >&2
+echo "--- scripts/fuzz.sh -s 20 (AFL++ on each guest-facing parser; fuzz/README.md)" >&2
+fuzz_rc=0
+scripts/fuzz.sh -s 20 -o target/fuzz-ci || fuzz_rc=$?
+if [ "$suite_rc" != 0 ] || [ "$nested_rc" != 0 ] || [ "$fuzz_rc" != 0 ]; then
+    echo "--- FAILED: cargo test exit $suite_rc, nested real-KVM tier exit $nested_rc," \
+        "fuzz exit $fuzz_rc" >&2
     exit 1
 fi

@@ -51,12 +51,12 @@
 //! vCPUs, a guest-side virtio-vsock driver against the real device and muxer, hostile chains,
 //! a guest-side virtio-blk driver that reads a host image and is refused a write), the FUSE
 //! server over `/dev/fuse` with the host kernel's FUSE client (`fuse_passthrough`, as root),
-//! the seccomp checks, a proptest fuzz of the queue + vsock packet path, the backend probe, and
+//! the seccomp checks, the backend probe, and
 //! `slow_real_kernel_smoke_*` (the project's guest kernel to `Run /init` and vsock DRIVER_OK,
 //! and to a virtio-fs root or an ext4 root on virtio-blk from which it executes `/sbin/init`;
-//! they print SKIPPED when no kernel is built). `cargo run -p vmm --release --example
-//! fuzz_vsock_queue -- N` fuzzes longer; `--example boot_footprint` measures the VMM's resident
-//! memory after boot.
+//! they print SKIPPED when no kernel is built). `--example boot_footprint` measures the VMM's
+//! resident memory after boot. The fuzz targets of the queues, the devices, the muxer and the
+//! FUSE server live in the workspace's `fuzz` crate (`scripts/fuzz.sh`).
 //!
 //! # Module map
 //!
