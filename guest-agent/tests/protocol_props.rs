@@ -98,14 +98,7 @@ fn filesystems() -> impl Strategy<Value = Filesystems> {
 }
 
 fn frame() -> impl Strategy<Value = Frame> {
-    let stage = prop_oneof![
-        Just(SpawnStage::Credentials),
-        Just(SpawnStage::Limits),
-        Just(SpawnStage::Cwd),
-        Just(SpawnStage::Exec),
-        Just(SpawnStage::Other),
-        Just(SpawnStage::Filesystems),
-    ];
+    let stage = proptest::sample::select(SpawnStage::ALL.to_vec());
     let stream = prop_oneof![
         Just(Stream::Stdin),
         Just(Stream::Stdout),

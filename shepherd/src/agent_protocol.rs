@@ -372,14 +372,7 @@ mod tests {
     }
 
     fn any_stage() -> impl Strategy<Value = SpawnStage> {
-        prop_oneof![
-            Just(SpawnStage::Credentials),
-            Just(SpawnStage::Limits),
-            Just(SpawnStage::Cwd),
-            Just(SpawnStage::Exec),
-            Just(SpawnStage::Other),
-            Just(SpawnStage::Filesystems),
-        ]
+        proptest::sample::select(SpawnStage::ALL.to_vec())
     }
 
     /// Every frame a guest could send (host-only frames included: a hostile agent may).

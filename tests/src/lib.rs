@@ -92,3 +92,14 @@ pub fn backend_runnable(backend: &str, test: &str) -> bool {
     }
     true
 }
+
+/// The parent pid of `pid`, from `/proc/<pid>/stat` (after the command name, which may hold
+/// spaces and parentheses).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use integration_tests::{repo_root, report_skip, sge_virtualizer_bin};
+use integration_tests::{parent_pid, repo_root, report_skip, sge_virtualizer_bin};
 
 /// Everything outside the repository the cell's daemons and the job user must read.
 const TEST_ROOT: &str = "/var/tmp/sge_virtualizer-e2e";
@@ -668,7 +668,7 @@ fn qdel_kills_the_job_and_its_vm() {
             .and_then(|p| p.trim().parse().ok())
             .expect("pid file");
         assert_eq!(
-            proc_ppid(job_pid),
+            parent_pid(job_pid),
             Some(shepherd),
             "the VMM process is the shepherd's"
         );
@@ -692,16 +692,6 @@ fn qdel_kills_the_job_and_its_vm() {
         }
         assert_exit_status_written(c, job);
     });
-}
-
-/// The parent pid of `pid`.
-fn proc_ppid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// A field of `/proc/<pid>/status`, split on white space.
@@ -761,7 +751,7 @@ sleep 300
             };
             let (shepherd, vmm) = (read("pid"), read("job_pid"));
             assert_eq!(
-                proc_ppid(vmm),
+                parent_pid(vmm),
                 Some(shepherd),
                 "job_pid is the shepherd's child"
             );

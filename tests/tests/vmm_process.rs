@@ -18,7 +18,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{guest_image_dir, report_skip, sge_virtualizer_bin};
+use integration_tests::{guest_image_dir, parent_pid, report_skip, sge_virtualizer_bin};
 
 /// The job user: an account with no other processes of its own in the tests' way.
 const JOB_USER: &str = "nobody";
@@ -57,16 +57,6 @@ fn status_field(path: &str, key: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The parent pid of `pid`.
-fn ppid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The state letter of `pid` (`R`, `S`, `T`, ...).
 fn state(pid: u32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -84,7 +74,7 @@ fn process_tree(root: u32) -> BTreeSet<u32> {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
-            if ppid(pid).is_some_and(|p| tree.contains(&p)) {
+            if parent_pid(pid).is_some_and(|p| tree.contains(&p)) {
                 tree.insert(pid);
             }
         }
@@ -229,11 +219,14 @@ fn stop_relimit_and_kill(backend: &str) {
     let vmm: Vec<u32> = tasks
         .iter()
         .map(|(pid, _)| *pid)
-        .filter(|pid| ppid(*pid) == Some(root))
+        .filter(|pid| parent_pid(*pid) == Some(root))
         .collect();
     assert_eq!(
         vmm.len(),
-        tasks.iter().filter(|(p, _)| ppid(*p) == Some(root)).count()
+        tasks
+            .iter()
+            .filter(|(p, _)| parent_pid(*p) == Some(root))
+            .count()
     );
     let vmm = *vmm.first().expect("a VMM process of the job user");
     let p = vmm.to_string();
@@ -298,7 +291,7 @@ fn vmm_killed_by(signal: i32, moment: &str) {
     let vmm = tasks
         .iter()
         .map(|(pid, _)| *pid)
-        .find(|pid| ppid(*pid) == Some(root))
+        .find(|pid| parent_pid(*pid) == Some(root))
         .expect("the VMM process");
     // The job user sends it (SIGSYS and SIGSEGV stand for a seccomp kill and a crash).
     assert!(as_job_user(
@@ -386,7 +379,7 @@ fn the_output_is_written_under_the_job_users_limits() {
     let vmm = job_user_tasks(root)
         .iter()
         .map(|(pid, _)| *pid)
-        .find(|pid| ppid(*pid) == Some(root))
+        .find(|pid| parent_pid(*pid) == Some(root))
         .expect("the VMM process");
     assert!(as_job_user(
         "prlimit",

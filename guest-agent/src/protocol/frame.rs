@@ -165,6 +165,18 @@ pub enum SpawnStage {
     Filesystems,
 }
 
+impl SpawnStage {
+    /// Every stage (for exhaustive and property tests on both sides of the protocol).
+    pub const ALL: [SpawnStage; 6] = [
+        SpawnStage::Credentials,
+        SpawnStage::Limits,
+        SpawnStage::Cwd,
+        SpawnStage::Exec,
+        SpawnStage::Other,
+        SpawnStage::Filesystems,
+    ];
+}
+
 /// The job's resource usage as `wait4` reported it in the guest.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rusage {

@@ -998,14 +998,7 @@ mod tests {
     /// job's error; after Started it is refused as a violation, and never the queue's.
     #[test]
     fn spawn_failures_from_the_guest_never_charge_the_queue() {
-        for stage in [
-            SpawnStage::Credentials,
-            SpawnStage::Limits,
-            SpawnStage::Cwd,
-            SpawnStage::Exec,
-            SpawnStage::Other,
-            SpawnStage::Filesystems,
-        ] {
+        for stage in SpawnStage::ALL {
             let before = session_end([hello(), spawn_failed(stage)]).unwrap();
             let (charge, message) = charge_of(before);
             assert_eq!(charge, Charge::Job, "{stage:?}: {message}");
@@ -1023,14 +1016,7 @@ mod tests {
     }
 
     fn any_frame() -> impl Strategy<Value = Frame> {
-        let stage = prop_oneof![
-            Just(SpawnStage::Credentials),
-            Just(SpawnStage::Limits),
-            Just(SpawnStage::Cwd),
-            Just(SpawnStage::Exec),
-            Just(SpawnStage::Other),
-            Just(SpawnStage::Filesystems),
-        ];
+        let stage = proptest::sample::select(SpawnStage::ALL.to_vec());
         prop_oneof![
             1 => Just(hello()),
             2 => (-1..3i32).prop_map(|pid| Frame::Started { pid }),
