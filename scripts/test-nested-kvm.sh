@@ -136,13 +136,16 @@ done
 shares=(--share "$REPO")
 store=${SGE_VIRTUALIZER_IMAGES:-/var/lib/sge_virtualizer/images}
 [ -d "$store" ] && shares+=(--share "$store")
+# Four outer vCPUs (threads on the host, however many cores it has): as many as the largest inner
+# VM of the tier (--vcpus 4). With two, inner vCPUs spinning for a sibling whose outer CPU never
+# got the timer tick (nested SVM under TCG) left two outer CPUs in soft lockup for good.
 # One more outer boot when the outer host failed or stalled (nested-kvm-host.sh exits 125 then,
 # the tier STALLED): on these 2-core machines the outer host froze in about 2 runs of 7 (see
 # above). A test that failed is never retried; both tries' serial logs are kept and printed.
 for attempt in 1 2; do
     say "running ${groups} in the nested real-KVM host (one outer boot; try $attempt of 2)"
     rc=0
-    "$REPO/scripts/nested-kvm-host.sh" run --timeout "$timeout" "${shares[@]}" \
+    "$REPO/scripts/nested-kvm-host.sh" run --cpus 4 --timeout "$timeout" "${shares[@]}" \
         --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT \
         -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}" || rc=$?
     case $rc in
