@@ -860,16 +860,21 @@ mod tests {
     use guest_agent::protocol::{BootTimes, Frame, Stream, PROTOCOL_VERSION};
     use proptest::prelude::*;
 
+    /// A job run whose active directory is `dir`, as the tests drive `outcome` with it.
+    fn job_run(dir: &Path, config: JobConfig) -> JobRun {
+        JobRun {
+            config,
+            dir: ActiveDir::new(dir.to_path_buf()),
+            signals: SignalSource::new().unwrap(),
+            state: ShepherdState::NoFailure,
+        }
+    }
+
     /// Whom execd charges when a job's session ends in `e` (not killed), through the real
     /// [`JobRun::outcome`].
     fn charge_of(e: JobError) -> (Charge, String) {
         let tmp = tempfile::tempdir().unwrap();
-        let mut run = JobRun {
-            config: JobConfig::default(),
-            dir: ActiveDir::new(tmp.path().to_path_buf()),
-            signals: SignalSource::new().unwrap(),
-            state: ShepherdState::NoFailure,
-        };
+        let mut run = job_run(tmp.path(), JobConfig::default());
         let trace =
             |run: &JobRun| std::fs::read_to_string(run.dir.path("trace")).unwrap_or_default();
         match run.outcome(Err(e), false, SystemTime::now(), 1) {
@@ -883,12 +888,7 @@ mod tests {
     #[test]
     fn inflated_guest_cpu_time_is_clamped_in_the_usage_record() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut run = JobRun {
-            config: JobConfig::default(),
-            dir: ActiveDir::new(tmp.path().to_path_buf()),
-            signals: SignalSource::new().unwrap(),
-            state: ShepherdState::NoFailure,
-        };
+        let mut run = job_run(tmp.path(), JobConfig::default());
         let started = SystemTime::now();
         let outcome = launch::JobOutcome {
             wait_status: 0,
@@ -922,12 +922,10 @@ mod tests {
             tmp.path().join("attempts"),
         );
         let active = tempfile::tempdir().unwrap();
-        let mut run = JobRun {
-            config: JobConfig::parse("job_id=12\nja_task_id=3\nsubmission_time=1700000000\n"),
-            dir: ActiveDir::new(active.path().to_path_buf()),
-            signals: SignalSource::new().unwrap(),
-            state: ShepherdState::NoFailure,
-        };
+        let mut run = job_run(
+            active.path(),
+            JobConfig::parse("job_id=12\nja_task_id=3\nsubmission_time=1700000000\n"),
+        );
         let never = || JobError::AgentNeverConnected("VM ended before its agent connected".into());
         let outcome = |run: &mut JobRun, e| {
             run.outcome(Err(e), false, SystemTime::now(), 1)
