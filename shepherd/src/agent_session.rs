@@ -36,6 +36,10 @@ pub struct JobIo {
 pub enum JobError {
     #[error("the guest agent never connected: {0}")]
     AgentNeverConnected(String),
+    /// The VM ended by itself (the guest reset, shut down or crashed, or the VMM could not
+    /// run it) before its agent connected: what was booted does not boot.
+    #[error("the guest did not boot: {0}")]
+    GuestDidNotBoot(String),
     #[error("lost the guest agent: {0}")]
     AgentLost(String),
     #[error("the job could not be started in the guest ({stage:?}): {message}")]
@@ -72,6 +76,7 @@ impl JobError {
         use crate::vmm_process::message::bounded_text as cut;
         match self {
             JobError::AgentNeverConnected(m) => JobError::AgentNeverConnected(cut(m)),
+            JobError::GuestDidNotBoot(m) => JobError::GuestDidNotBoot(cut(m)),
             JobError::AgentLost(m) => JobError::AgentLost(cut(m)),
             JobError::SpawnFailed {
                 stage,

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::backend;
+use crate::host_memory;
 use crate::image::store::ImageStore;
 use crate::path_trust::{self, UntrustedPath};
 use crate::settings::{Settings, VmSettings};
@@ -152,6 +153,15 @@ fn check_queue(scope: &str, vm: &VmSettings) -> Vec<Problem> {
                 ),
             ));
         }
+    }
+    // A guest larger than the host can back is refused at every start, as a shortage.
+    if let Err(short) =
+        host_memory::can_back(u64::from(vm.memory_mib) + u64::from(vm.vmm_overhead_mib))
+    {
+        problems.push(problem(
+            format!("guest RAM of {} MiB: {short}", vm.memory_mib),
+            "lower memory_mib for the queue, or give the host more memory".into(),
+        ));
     }
     if let Err(e) = backend::select(vm.backend) {
         problems.push(problem(

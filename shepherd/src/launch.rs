@@ -79,9 +79,8 @@ pub struct ImageChoice {
     pub name: String,
 }
 
-/// Why no VM could be started. [`LaunchError::is_job_error`] tells the job's own mistakes
-/// (an unknown or corrupted OS image, an unshareable directory) from "not now, not the job's
-/// fault".
+/// Why no VM could be started. Whose fault each is (the job's, the queue's, or a shortage)
+/// is decided in [`crate::sge::start_failure`].
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error(transparent)]
@@ -100,6 +99,8 @@ pub enum LaunchError {
     BackendUnavailable(String),
     #[error("VM could not start: {0}")]
     VmStart(String),
+    #[error("the guest kernel or initramfs cannot be booted: {0}")]
+    GuestUnbootable(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -118,22 +119,12 @@ pub enum LaunchError {
     VmmProcess(#[from] ForkError),
 }
 
-impl LaunchError {
-    /// True when the job asked for something that cannot be given (a job error, not a host
-    /// or queue problem): retrying elsewhere will not help.
-    pub fn is_job_error(&self) -> bool {
-        matches!(
-            self,
-            LaunchError::Image(_) | LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. }
-        )
-    }
-}
-
 impl From<backend::BackendError> for LaunchError {
     fn from(e: backend::BackendError) -> Self {
         match e {
             backend::BackendError::Unavailable(m) => LaunchError::BackendUnavailable(m),
             backend::BackendError::Start(m) => LaunchError::VmStart(m),
+            backend::BackendError::Guest(m) => LaunchError::GuestUnbootable(m),
             backend::BackendError::Io(e) => LaunchError::Io(e),
             backend::BackendError::RunDir(e) => LaunchError::RunDir(e),
         }
@@ -427,6 +418,7 @@ pub fn launch_in(
             return Err(LaunchError::BackendUnavailable(m))
         }
         Start::Failed(StartFailure::Start(m)) => return Err(LaunchError::VmStart(m)),
+        Start::Failed(StartFailure::Guest(m)) => return Err(LaunchError::GuestUnbootable(m)),
     }
     Ok(RunningJob {
         controller: JobController {
@@ -465,6 +457,7 @@ impl VmmJob {
             Err(e) => {
                 let failure = match e {
                     BackendError::Unavailable(m) => StartFailure::Unavailable(m),
+                    BackendError::Guest(m) => StartFailure::Guest(m),
                     other => StartFailure::Start(other.to_string()),
                 };
                 let _ = channel.send(&FromVmm::StartFailed(failure));
@@ -572,11 +565,16 @@ fn accept_agent(
         }
         match vm.wait_timeout(Duration::from_millis(2)) {
             Ok(Some(exit)) => {
-                return Err(JobError::AgentNeverConnected(format!(
+                let what = format!(
                     "VM ended before its agent connected ({}); {}",
                     exit.description,
                     console_tail(console_log)
-                )))
+                );
+                return Err(if exit.stopped_from_outside {
+                    JobError::AgentNeverConnected(what)
+                } else {
+                    JobError::GuestDidNotBoot(what)
+                });
             }
             Ok(None) => {}
             Err(e) => return Err(JobError::Vm(e.to_string())),
@@ -659,6 +657,17 @@ mod tests {
     use std::path::Path;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
+
+    /// A failure that is the administrator's, charged to the queue even when the job chose
+    /// its image.
+    fn assert_administrators(err: &LaunchError) {
+        use crate::sge::start_failure::{launch_failure, BootOwner};
+        assert_eq!(
+            launch_failure(err, BootOwner::Job).0,
+            crate::sge::fault::Fault::Queue,
+            "the administrator's problem, not the job's: {err}"
+        );
+    }
 
     const NOBODY: u32 = 65534;
 
@@ -833,10 +842,7 @@ mod tests {
             .err()
             .expect("booted a kernel others can replace");
         assert!(matches!(err, LaunchError::UntrustedGuestImage(_)), "{err}");
-        assert!(
-            !err.is_job_error(),
-            "the administrator's problem, not the job's"
-        );
+        assert_administrators(&err);
         assert_eq!(std::fs::read_dir(run_dir.path()).unwrap().count(), 0);
     }
 
@@ -876,10 +882,7 @@ mod tests {
         std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = trusted_image(&choice).expect_err("an image others can swap");
         assert!(matches!(err, LaunchError::UntrustedImage { .. }), "{err}");
-        assert!(
-            !err.is_job_error(),
-            "the administrator's problem, not the job's"
-        );
+        assert_administrators(&err);
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod agent_session;
 pub mod backend;
 pub mod guest_image;
 pub mod host_check;
+pub mod host_memory;
 pub mod image;
 mod job_control;
 pub mod launch;

@@ -11,6 +11,8 @@
 //! backend = "auto"          # auto | embedded | qemu
 //! vmm_overhead_mib = 192    # host memory the VMM needs beyond guest RAM (h_vmem sizing)
 //! stock_shepherd = "/usr/sbin/sge_shepherd"   # for delegated jobs; default from bootstrap
+//! shortage_limit = 3        # a queue's VM-start shortages in a row that re-queue the job;
+//! shortage_window_s = 3600  # the next one within the window puts the queue in error
 //! extra_cmdline = ""
 //! share_job_dirs = true     # share cwd, $HOME, $TMPDIR and the script's directory
 //! shares = ["/data"]        # more host directories the jobs see at the same paths
@@ -26,11 +28,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::backend::BackendChoice;
 use crate::guest_image;
 use crate::image;
 use crate::sge::delegation::DelegationPolicy;
+use crate::sge::shortage_streak::{ShortagePolicy, DEFAULT_LIMIT, DEFAULT_WINDOW};
 
 pub const DEFAULT_PATH: &str = "/etc/sge_virtualizer.toml";
 pub const PATH_ENV: &str = "SGE_VIRTUALIZER_CONFIG";
@@ -87,6 +91,8 @@ pub struct Settings {
     pub image_store: Option<PathBuf>,
     pub vmm_overhead_mib: Option<u32>,
     pub stock_shepherd: Option<PathBuf>,
+    pub shortage_limit: Option<u32>,
+    pub shortage_window_s: Option<u64>,
     #[serde(default)]
     pub queues: BTreeMap<String, VmOverrides>,
 }
@@ -113,6 +119,8 @@ pub struct VmSettings {
     /// What happens to tasks that are not virtualized.
     pub delegate: DelegationPolicy,
     pub image_store: PathBuf,
+    /// How many shortages in a row the queue may have (host-wide setting).
+    pub shortage: ShortagePolicy,
 }
 
 impl Settings {
@@ -178,6 +186,13 @@ impl Settings {
                 .unwrap_or_default(),
             delegate: q.delegate.or(d.delegate).unwrap_or_default(),
             image_store: image::store_dir(self.image_store.as_deref()),
+            shortage: ShortagePolicy {
+                limit: self.shortage_limit.unwrap_or(DEFAULT_LIMIT),
+                window: self
+                    .shortage_window_s
+                    .map(Duration::from_secs)
+                    .unwrap_or(DEFAULT_WINDOW),
+            },
         }
     }
 }
@@ -223,6 +238,8 @@ stock_shepherd = "/usr/sbin/sge_shepherd"
 image = "bookworm"
 shares = ["/data"]
 image_store = "/srv/images"
+shortage_limit = 5
+shortage_window_s = 60
 [queues."big.q"]
 memory_mib = 2048
 vcpus = 4
@@ -252,6 +269,17 @@ job_images = ["*"]
         assert!(all.job_images.is_empty());
         assert_eq!(big.job_images, ["*"]);
         assert_eq!(big.image_store, PathBuf::from("/srv/images"));
+        assert_eq!(
+            big.shortage,
+            ShortagePolicy {
+                limit: 5,
+                window: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            Settings::default().for_queue("q").shortage,
+            ShortagePolicy::default()
+        );
         assert_eq!(
             s.stock_shepherd,
             Some(PathBuf::from("/usr/sbin/sge_shepherd"))

@@ -69,6 +69,7 @@ fn each_misconfiguration_is_named_with_its_fix_and_fails_the_check() {
             "{GOOD}[queues.\"nokernel.q\"]\nkernel = \"@DIR@/missing/vmlinux\"\n\
              [queues.\"garbage.q\"]\nkernel = \"@DIR@/garbage\"\n\
              [queues.\"noimage.q\"]\nimage = \"nosuch\"\n\
+             [queues.\"huge.q\"]\nmemory_mib = 67108864\n\
              [queues.\"good.q\"]\nmemory_mib = 512\n"
         ),
     ) else {
@@ -85,6 +86,8 @@ fn each_misconfiguration_is_named_with_its_fix_and_fails_the_check() {
         "is not a guest kernel file",
         "noimage.q: the queue's OS image \"nosuch\"",
         "fix: build it",
+        "huge.q: guest RAM of 67108864 MiB",
+        "fix: lower memory_mib",
     ] {
         assert!(said.contains(needle), "{needle:?} not in:\n{said}");
     }

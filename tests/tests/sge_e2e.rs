@@ -23,6 +23,10 @@ const SPOOL: &str = "/var/spool/gridengine/execd";
 /// The OS image store the cell's jobs use (the image tests build bullseye and bookworm there;
 /// building is cached).
 const IMAGE_STORE: &str = "/var/lib/sge_virtualizer/images";
+/// Where the shepherds on this host count each queue's shortages in a row.
+const SHORTAGES: &str = "/var/lib/sge_virtualizer/shortages";
+/// A queue's guest RAM no test host can back (64 TiB): a shortage that never passes.
+const HUGE_GUEST: &str = "memory_mib = 67108864";
 /// The queue notify time sge-cell.sh configures (`SGE_CELL_NOTIFY`).
 const NOTIFY_SECS: u64 = 5;
 
@@ -128,8 +132,9 @@ impl Cell {
                 "kernel = \"{r}/vmlinux\"\ninitramfs = \"{r}/initramfs.cpio\"\nbackend = \"qemu\"\n\
                  image_store = \"{IMAGE_STORE}\"\njob_images = [\"bookworm\", \"nosuch\"]\n\
                  [queues.\"bullseye.q\"]\nimage = \"bullseye\"\n\
-                 [queues.\"nokernel.q\"]\nkernel = \"{r}/missing/vmlinux\"\n\
-                 [queues.\"badvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n\
+                 [queues.\"seqnokernel.q\"]\nkernel = \"{r}/missing/vmlinux\"\n\
+                 [queues.\"seqbadvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n\
+                 [queues.\"shortage.q\"]\n{HUGE_GUEST}\n\
                  [queues.\"outsiders.q\"]\ndelegate = \"never\"\n\
                  [queues.\"noshare.q\"]\nshare_job_dirs = false\n",
                 r = TEST_ROOT
@@ -161,8 +166,10 @@ impl Cell {
             guest_release,
         };
         for q in [
-            "nokernel.q",
-            "badvm.q",
+            "seqnokernel.q",
+            "seqbadvm.q",
+            "seqgood.q",
+            "shortage.q",
             "settings.q",
             "bullseye.q",
             "outsiders.q",
@@ -311,6 +318,12 @@ impl Cell {
             .unwrap_or_else(|e| panic!("qsub {args:?}: {e}"))
     }
 
+    /// Submits without `-q`: the scheduler chooses the queue.
+    fn qsub_unrouted(&self, dir: &Path, args: &[&str]) -> u32 {
+        self.submit(dir, &[], args)
+            .unwrap_or_else(|e| panic!("qsub {args:?}: {e}"))
+    }
+
     /// [`Self::qsub`], with qsub's complaint when it refuses the job.
     fn try_qsub(&self, dir: &Path, args: &[&str]) -> Result<u32, String> {
         let queue: &[&str] = if args.contains(&"-q") {
@@ -318,6 +331,10 @@ impl Cell {
         } else {
             &["-q", "all.q"]
         };
+        self.submit(dir, queue, args)
+    }
+
+    fn submit(&self, dir: &Path, queue: &[&str], args: &[&str]) -> Result<u32, String> {
         let out = run(Command::new("runuser")
             .args(["-u", JOB_USER, "--", "env", "-C", dir.to_str().unwrap()])
             .args(["qsub", "-terse", "-cwd"])
@@ -1023,37 +1040,244 @@ fn ten_mib_of_stdout_stderr_separate_and_merged() {
     });
 }
 
-/// Submits `-q queue` and checks the job is re-queued (failed 25) with the queue fine.
-fn assert_requeued_without_queue_error(c: &Cell, queue: &str, needle: &str) {
-    let dir = c.work_dir(queue);
-    let job = c.qsub(&dir, &["-q", queue, "-b", "y", "/bin/true"]);
-    let rec = c.wait_accounting(job, 1, JOB_WAIT);
-    c.qdel(job);
-    assert!(field(&rec[0], "failed").starts_with("25"), "{rec:?}");
-    assert_eq!(
-        c.queue_state(queue),
-        "",
-        "queue {queue} must not be in error"
+/// The qmaster's log lines that name `job`: where SoGE 8.1.9 keeps the reason a queue went
+/// into error. (Its `qstat -explain E` line is fixed text naming only the job: "queue Q marked
+/// QERROR as result of job N's failure at host H"; the first line of the shepherd's `error`
+/// file goes to "job N.1 failed on host H general before job because: ...".)
+fn qmaster_log_of(job: u32) -> String {
+    let log = std::fs::read_to_string("/var/spool/gridengine/qmaster/messages").unwrap_or_default();
+    let needle = format!("job {job}.1 failed");
+    log.lines()
+        .filter(|l| l.contains(&needle))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `qstat -explain E` for `queue` on this host.
+fn explain_error(c: &Cell, queue: &str) -> String {
+    text(&run(Command::new("qstat").args([
+        "-explain",
+        "E",
+        "-q",
+        &format!("{queue}@{}", c.host),
+    ])))
+}
+
+/// Asserts `queue` went into error because of `job`, with `reason` as the job's failure
+/// reason where the administrator looks: `qstat -explain E` names the job, and the qmaster's
+/// log gives the reason for that job.
+fn assert_queue_error_explained(c: &Cell, queue: &str, job: u32, reason: &str) {
+    assert!(c.queue_state(queue).contains('E'), "{queue} not in error");
+    let explain = explain_error(c, queue);
+    assert!(
+        explain.contains(&format!("marked QERROR as result of job {job}'s failure")),
+        "qstat -explain E: {explain}"
     );
-    assert_eq!(c.queue_state("all.q"), "");
-    let error = c.active_file(job, "error").unwrap_or_default();
-    assert!(error.contains(needle), "error file: {error:?}");
-    assert!(c.active_file(job, "noresources").is_some());
+    let log = qmaster_log_of(job);
+    assert!(log.contains(reason), "qmaster log for job {job}: {log}");
+}
+
+/// Scheduler, queue order and enabled queues for a test that lets the scheduler choose the
+/// queue (no `-q`): put back whatever happens.
+struct SchedulerChoice<'a> {
+    cell: &'a Cell,
+    sched: String,
+}
+
+impl<'a> SchedulerChoice<'a> {
+    /// Only `queues` enabled on this host, tried by `seq_no` in the order given.
+    fn only(cell: &'a Cell, queues: &[&str]) -> Self {
+        let sched = text(&run(Command::new("qconf").arg("-ssconf")));
+        let seqno: String = sched
+            .lines()
+            .map(|l| {
+                if l.starts_with("queue_sort_method") {
+                    "queue_sort_method seqno\n".to_string()
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        let file = Path::new(TEST_ROOT).join("sched.seqno");
+        std::fs::write(&file, seqno).unwrap();
+        assert!(run(Command::new("qconf").arg("-Msconf").arg(&file))
+            .status
+            .success());
+        for (seq, q) in queues.iter().enumerate() {
+            cell.add_queue(q, &[("seq_no", &(seq * 10).to_string())]);
+        }
+        let _ = run(Command::new("qmod").args(["-d", &format!("*@{}", cell.host)]));
+        for q in queues {
+            let _ = run(Command::new("qmod").args(["-e", &format!("{q}@{}", cell.host)]));
+        }
+        SchedulerChoice { cell, sched }
+    }
+}
+
+impl Drop for SchedulerChoice<'_> {
+    fn drop(&mut self) {
+        let file = Path::new(TEST_ROOT).join("sched.saved");
+        if std::fs::write(&file, &self.sched).is_ok() {
+            let _ = run(Command::new("qconf").arg("-Msconf").arg(&file));
+        }
+        let all = format!("*@{}", self.cell.host);
+        let _ = run(Command::new("qmod").args(["-e", &all]));
+        let _ = run(Command::new("qmod").args(["-c", &all]));
+    }
+}
+
+/// Issue 20: a job submitted without `-q` while the queue the scheduler prefers is broken by
+/// the administrator's configuration (`broken`, `seq_no` 0) runs and finishes in the good
+/// queue; the broken queue is in error with the reason; the job has a few accounting records,
+/// not an unbounded number (it used to be re-queued to the broken queue for ever).
+fn assert_job_goes_around_broken_queue(c: &Cell, broken: &str, reason: &str) {
+    let good = "seqgood.q";
+    let _choice = SchedulerChoice::only(c, &[broken, good]);
+    let dir = c.work_dir(broken);
+    let job = c.qsub_unrouted(&dir, &["-b", "y", "/bin/echo", "ran"]);
+    let start = Instant::now();
+    let records = loop {
+        let r = c.accounting(job);
+        if r.iter().any(|rec| field(rec, "failed") == "0") {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "job {job} did not finish in {good} within 180 s: {} records; qstat:\n{}",
+            r.len(),
+            text(&run(Command::new("qstat").args(["-f", "-u", "*"])))
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let last = records.last().unwrap();
+    assert_eq!(field(last, "qname"), good, "{records:?}");
+    assert_eq!(number(last, "exit_status"), 0.0);
+    assert!(
+        records.len() <= 3,
+        "{} accounting records: {records:?}",
+        records.len()
+    );
+    for rec in &records[..records.len() - 1] {
+        assert_eq!(field(rec, "qname"), broken, "{records:?}");
+        assert!(field(rec, "failed").starts_with("11"), "{records:?}");
+    }
+    assert_queue_error_explained(c, broken, job, reason);
+    assert_eq!(c.queue_state(good), "", "the good queue stays usable");
     assert_exit_status_written(c, job);
 }
 
 #[test]
-fn missing_kernel_requeues_without_queue_error() {
-    with_cell("missing_kernel_requeues_without_queue_error", |c| {
-        assert_requeued_without_queue_error(c, "nokernel.q", "guest kernel");
+fn a_job_goes_around_a_queue_whose_kernel_is_missing() {
+    with_cell("a_job_goes_around_a_queue_whose_kernel_is_missing", |c| {
+        assert_job_goes_around_broken_queue(c, "seqnokernel.q", "guest kernel");
     });
 }
 
 #[test]
-fn vm_that_cannot_start_requeues_without_queue_error() {
-    with_cell("vm_that_cannot_start_requeues_without_queue_error", |c| {
-        assert_requeued_without_queue_error(c, "badvm.q", "VM");
-    });
+fn a_job_goes_around_a_queue_whose_kernel_does_not_boot() {
+    with_cell(
+        "a_job_goes_around_a_queue_whose_kernel_does_not_boot",
+        |c| {
+            assert_job_goes_around_broken_queue(c, "seqbadvm.q", "guest does not boot");
+        },
+    );
+}
+
+/// The shortage streak of `queue` starts from nothing (root's state on this host).
+fn forget_shortages(queue: &str) {
+    let _ = std::fs::remove_file(Path::new(SHORTAGES).join(queue));
+}
+
+/// Issue 20: a shortage (guest RAM the host cannot back now) re-queues the job without a queue
+/// error, and the job runs once the shortage passes.
+#[test]
+fn a_shortage_requeues_the_job_and_it_runs_once_the_shortage_passes() {
+    with_cell(
+        "a_shortage_requeues_the_job_and_it_runs_once_the_shortage_passes",
+        |c| {
+            forget_shortages("shortage.q");
+            let path = Path::new(TEST_ROOT).join("settings.toml");
+            let good = std::fs::read_to_string(&path).unwrap();
+            let restore = RestoreSettings(good.clone());
+            let dir = c.work_dir("shortage");
+            let job = c.qsub(&dir, &["-q", "shortage.q", "-b", "y", "/bin/true"]);
+            let _delete = ForceDelete(c, job);
+            let rec = c.wait_accounting(job, 1, JOB_WAIT);
+            assert!(field(&rec[0], "failed").starts_with("25"), "{rec:?}");
+            assert_eq!(
+                c.queue_state("shortage.q"),
+                "",
+                "a shortage is not an error"
+            );
+            let error = c.active_file(job, "error").unwrap_or_default();
+            assert!(
+                error.contains("can't start the job's VM now") && error.contains("MemAvailable"),
+                "error file: {error:?}"
+            );
+            assert!(c.active_file(job, "noresources").is_some());
+            assert_exit_status_written(c, job);
+            // the shortage passes: the queue's guest fits the host again
+            std::fs::write(&path, good.replace(HUGE_GUEST, "")).unwrap();
+            let start = Instant::now();
+            let records = loop {
+                let r = c.accounting(job);
+                if r.last().is_some_and(|rec| field(rec, "failed") == "0") {
+                    break r;
+                }
+                assert!(start.elapsed() < JOB_WAIT, "job {job} never ran: {r:?}");
+                std::thread::sleep(Duration::from_millis(250));
+            };
+            drop(restore);
+            assert!(records.len() <= 4, "{records:?}");
+            for rec in &records[..records.len() - 1] {
+                assert!(field(rec, "failed").starts_with("25"), "{records:?}");
+            }
+            assert_eq!(c.queue_state("shortage.q"), "");
+        },
+    );
+}
+
+/// Issue 20: a shortage that never passes re-queues the job the configured number of times in
+/// a row (3 by default), and the next one puts the queue in error with the reason.
+#[test]
+fn a_shortage_that_never_passes_puts_the_queue_in_error_after_the_limit() {
+    with_cell(
+        "a_shortage_that_never_passes_puts_the_queue_in_error_after_the_limit",
+        |c| {
+            forget_shortages("shortage.q");
+            let dir = c.work_dir("shortage_forever");
+            let job = c.qsub(&dir, &["-q", "shortage.q", "-b", "y", "/bin/true"]);
+            let _delete = ForceDelete(c, job);
+            let records = c.wait_accounting(job, 4, Duration::from_secs(240));
+            for (i, rec) in records[..3].iter().enumerate() {
+                assert!(
+                    field(rec, "failed").starts_with("25"),
+                    "record {i}: {records:?}"
+                );
+            }
+            assert!(
+                field(&records[3], "failed").starts_with("11"),
+                "{records:?}"
+            );
+            let start = Instant::now();
+            while !c.queue_state("shortage.q").contains('E') {
+                assert!(
+                    start.elapsed() < JOB_WAIT,
+                    "shortage.q never went into error"
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            assert_queue_error_explained(c, "shortage.q", job, "4 shortages in a row");
+            assert_eq!(
+                c.queue_state("all.q"),
+                "",
+                "only the short queue is in error"
+            );
+            assert_exit_status_written(c, job);
+            c.qdel(job);
+            let _ = run(Command::new("qmod").args(["-c", &format!("shortage.q@{}", c.host)]));
+        },
+    );
 }
 
 #[test]
@@ -1196,49 +1420,48 @@ impl Drop for RestoreSettings {
     }
 }
 
+/// Issue 20: a settings file that does not parse is every queue's on this host: the host's
+/// error (every queue of the host in `E`), with the reason; repaired and cleared, the re-queued
+/// job runs.
 #[test]
-fn bad_settings_file_fails_the_job_in_its_queue_only() {
-    with_cell("bad_settings_file_fails_the_job_in_its_queue_only", |c| {
+fn an_unparsable_settings_file_puts_the_host_in_error() {
+    with_cell("an_unparsable_settings_file_puts_the_host_in_error", |c| {
         let path = Path::new(TEST_ROOT).join("settings.toml");
         let restore = RestoreSettings(std::fs::read_to_string(&path).unwrap());
+        let all = format!("*@{}", c.host);
         std::fs::write(&path, "memory_mib = \"lots\"\n").unwrap();
         let dir = c.work_dir("badsettings");
         let job = c.qsub(&dir, &["-q", "settings.q", "-b", "y", "/bin/true"]);
         let start = Instant::now();
-        while !c.queue_state("settings.q").contains('E') {
+        while !(c.queue_state("settings.q").contains('E') && c.queue_state("all.q").contains('E')) {
             assert!(
                 start.elapsed() < JOB_WAIT,
-                "settings.q never went into error"
+                "the host's queues never went into error: {:?}",
+                c.queues_in_error()
             );
             std::thread::sleep(Duration::from_millis(250));
         }
         drop(restore);
+        let reason = format!(
+            "sge_virtualizer: bad sge_virtualizer settings {}",
+            path.display()
+        );
         let error = c.active_file(job, "error").unwrap_or_default();
+        assert!(error.starts_with(&reason), "error file: {error:?}");
+        assert_eq!(c.active_file(job, "exit_status").unwrap_or_default(), "7\n");
         assert!(
-            error.starts_with(&format!(
-                "sge_virtualizer: bad sge_virtualizer settings {}",
-                path.display()
-            )),
-            "error file: {error:?}"
+            qmaster_log_of(job).contains(&reason),
+            "{}",
+            qmaster_log_of(job)
         );
-        assert_eq!(
-            c.active_file(job, "exit_status").unwrap_or_default(),
-            "11\n"
-        );
-        assert_eq!(
-            c.queue_state("all.q"),
-            "",
-            "only the job's queue is in error"
-        );
-        // with the file repaired and the queue cleared, the re-queued job runs
-        assert!(
-            run(Command::new("qmod").args(["-c", &format!("settings.q@{}", c.host)]))
-                .status
-                .success()
-        );
+        // with the file repaired and the host's queues cleared, the re-queued job runs
+        assert!(run(Command::new("qmod").args(["-c", &all]))
+            .status
+            .success());
         let rec = c.wait_accounting(job, 2, JOB_WAIT);
-        assert!(field(&rec[0], "failed").starts_with("11"), "{rec:?}");
+        assert!(field(&rec[0], "failed").starts_with('7'), "{rec:?}");
         assert_eq!(number(&rec[1], "failed"), 0.0, "{rec:?}");
+        assert!(c.queues_in_error().is_empty(), "{:?}", c.queues_in_error());
     });
 }
 
@@ -2070,6 +2293,130 @@ fn stdin_the_job_never_reads_does_not_keep_qdel_from_ending_it() {
             c.wait_for_text(&dir.join("out.txt"), "started", Duration::from_secs(60));
             std::thread::sleep(Duration::from_secs(3));
             assert_qdel_ends(c, job, "all.q");
+        },
+    );
+}
+
+/// The host's `vm_ready` as execd last reported it (`qhost -F vm_ready`), `None` before any.
+fn reported_vm_ready(c: &Cell) -> Option<String> {
+    let out = run(Command::new("qhost").args(["-F", "vm_ready", "-h", &c.host]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.split_once("hl:vm_ready=").map(|(_, v)| v.trim()))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v.to_string())
+}
+
+fn wait_vm_ready(c: &Cell, want: &str) {
+    let start = Instant::now();
+    while reported_vm_ready(c).as_deref() != Some(want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "vm_ready is {:?}, not {want}, after 90 s; execd messages:\n{}",
+            reported_vm_ready(c),
+            std::fs::read_dir(SPOOL)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|h| std::fs::read_to_string(h.path().join("messages")).ok())
+                .collect::<String>()
+                .lines()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The load sensor configuration and the complex, taken back whatever happens.
+struct LoadSensor;
+
+impl LoadSensor {
+    fn install(script: &Path) -> LoadSensor {
+        let complexes = text(&run(Command::new("qconf").arg("-sc")));
+        if !complexes.lines().any(|l| l.starts_with("vm_ready ")) {
+            let file = Path::new(TEST_ROOT).join("complexes");
+            std::fs::write(
+                &file,
+                format!("{complexes}vm_ready vm_ready INT <= YES NO 0 0\n"),
+            )
+            .unwrap();
+            let out = run(Command::new("qconf").arg("-Mc").arg(&file));
+            assert!(out.status.success(), "qconf -Mc: {}", text(&out));
+        }
+        set_load_sensor(&script.display().to_string());
+        LoadSensor
+    }
+}
+
+impl Drop for LoadSensor {
+    fn drop(&mut self) {
+        set_load_sensor("none");
+    }
+}
+
+fn set_load_sensor(value: &str) {
+    let global = text(&run(Command::new("qconf").args(["-sconf", "global"])));
+    let mut found = false;
+    let mut conf: String = global
+        .lines()
+        .filter(|l| !l.starts_with("#"))
+        .map(|l| {
+            if l.starts_with("load_sensor ") {
+                found = true;
+                format!("load_sensor                  {value}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    if !found {
+        conf.push_str(&format!("load_sensor                  {value}\n"));
+    }
+    // qconf -Mconf takes the configuration's name from the file's
+    let dir = Path::new(TEST_ROOT).join("conf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("global");
+    std::fs::write(&file, conf).unwrap();
+    let out = run(Command::new("qconf").arg("-Mconf").arg(&file));
+    assert!(out.status.success(), "qconf -Mconf: {}", text(&out));
+}
+
+/// Issue 20 item 3: `sge_virtualizer check --load-sensor` as the host's Grid Engine load
+/// sensor: execd publishes `vm_ready` 1 while the host can run its VMs and 0 once the guest
+/// kernel is gone, so a load threshold or a job request can keep jobs off a broken host.
+#[test]
+fn as_execds_load_sensor_check_reports_a_broken_host_as_not_ready() {
+    with_cell(
+        "as_execds_load_sensor_check_reports_a_broken_host_as_not_ready",
+        |c| {
+            let root = Path::new(TEST_ROOT);
+            let settings = root.join("sensor.toml");
+            let good = format!(
+                "kernel = \"{TEST_ROOT}/vmlinux\"\ninitramfs = \"{TEST_ROOT}/initramfs.cpio\"\n\
+                 backend = \"qemu\"\n"
+            );
+            std::fs::write(&settings, &good).unwrap();
+            let script = root.join("vm_ready_sensor.sh");
+            std::fs::write(
+                &script,
+                format!(
+                    "#!/bin/sh\nexec {TEST_ROOT}/sge_virtualizer check --load-sensor \
+                     --settings {}\n",
+                    settings.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            let _sensor = LoadSensor::install(&script);
+            wait_vm_ready(c, "1");
+            std::fs::write(&settings, good.replace("/vmlinux", "/missing/vmlinux")).unwrap();
+            wait_vm_ready(c, "0");
+            std::fs::write(&settings, &good).unwrap();
+            wait_vm_ready(c, "1");
         },
     );
 }

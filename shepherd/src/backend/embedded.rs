@@ -64,7 +64,11 @@ impl VmBackend for EmbeddedBackend {
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
         let mut config = vm_config(spec);
         config.run_as = thread_identity(spec, nix::unistd::geteuid().as_raw())?;
-        let handle = vmm::Vm::start(config).map_err(|e| BackendError::Start(e.to_string()))?;
+        let handle = vmm::Vm::start(config).map_err(|e| match e {
+            vmm::VmError::Boot(_) => BackendError::Guest(e.to_string()),
+            vmm::VmError::KvmUnavailable(_) => BackendError::Unavailable(e.to_string()),
+            _ => BackendError::Start(e.to_string()),
+        })?;
         Ok(Box::new(EmbeddedVm {
             handle: Arc::new(handle),
         }))
@@ -83,6 +87,7 @@ impl RunningVm for EmbeddedVm {
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, BackendError> {
         Ok(self.handle.wait_timeout(timeout).map(|reason| VmExit {
             orderly: matches!(reason, vmm::ExitReason::GuestReset),
+            stopped_from_outside: matches!(reason, vmm::ExitReason::HostRequest),
             description: reason.to_string(),
         }))
     }

@@ -182,16 +182,23 @@ pub enum BackendError {
     Unavailable(String),
     #[error("VM failed to start: {0}")]
     Start(String),
+    /// The guest kernel or initramfs cannot be booted (not a kernel, not loadable): the
+    /// administrator's to fix, not a shortage that passes.
+    #[error("the guest cannot be booted: {0}")]
+    Guest(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     RunDir(#[from] crate::run_dir::RunDirError),
 }
 
-/// How a VM ended, in words, and whether that was the guest's orderly reset.
+/// How a VM ended, in words, whether that was the guest's orderly reset, and whether something
+/// outside the VM ended it (the host's stop, a signal to the VMM) rather than the guest or the
+/// VMM itself.
 #[derive(Debug, Clone)]
 pub struct VmExit {
     pub orderly: bool,
+    pub stopped_from_outside: bool,
     pub description: String,
 }
 

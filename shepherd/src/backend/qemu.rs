@@ -346,13 +346,18 @@ impl RunningVm for QemuVm {
         loop {
             if let Some(status) = self.qemu.try_wait()? {
                 self.reaped.store(true, Ordering::SeqCst);
+                // The vsock daemon gone first: something outside ended the VM's device.
+                let daemon_gone = matches!(self.daemon.try_wait(), Ok(Some(_)));
                 let _ = self.daemon.kill();
                 let _ = self.daemon.wait();
-                let orderly = status.success();
+                let log = run_dir::read_log_tail(&self.log);
+                let log = String::from_utf8_lossy(&log);
+                // QEMU exits 0 on SIGTERM/SIGINT/SIGHUP, and says so in its log.
+                let signalled = std::os::unix::process::ExitStatusExt::signal(&status).is_some()
+                    || log.contains("terminating on signal");
+                let orderly = status.success() && !signalled;
                 let mut description = format!("qemu exited ({status})");
                 if !orderly {
-                    let log = run_dir::read_log_tail(&self.log);
-                    let log = String::from_utf8_lossy(&log);
                     if let Some(last) = log.lines().rev().find(|l| !l.trim().is_empty()) {
                         description.push_str(": ");
                         description.push_str(last.trim());
@@ -360,6 +365,7 @@ impl RunningVm for QemuVm {
                 }
                 return Ok(Some(VmExit {
                     orderly,
+                    stopped_from_outside: signalled || daemon_gone,
                     description,
                 }));
             }

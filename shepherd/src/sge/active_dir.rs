@@ -98,6 +98,19 @@ impl ActiveDir {
 
     /// Creates `error` and `exit_status` empty (and `trace` if missing).
     pub fn create_empty_results(&self) -> Result<(), ResultFileError> {
+        // A re-queued task runs again in the same directory where execd keeps it
+        // (`KEEP_ACTIVE`): an earlier run's marker would re-queue this run too, for ever.
+        for marker in ["noresources", "checkpointed"] {
+            match std::fs::remove_file(self.path(marker)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(ResultFileError {
+                        path: self.path(marker).display().to_string(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
         self.write("error", "", false, self.admin)?;
         self.write("exit_status", "", false, self.admin)?;
         self.write("trace", "", true, self.admin)
@@ -164,6 +177,19 @@ fn one_line(msg: &str) -> Cow<'_, str> {
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// A re-queued task's shepherd, in the directory execd kept (`KEEP_ACTIVE`), must not
+    /// leave the earlier run's re-queue markers to execd.
+    #[test]
+    fn an_earlier_runs_markers_are_gone_before_this_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = ActiveDir::new(tmp.path().to_path_buf());
+        d.write_noresources().unwrap();
+        d.write_checkpointed().unwrap();
+        d.create_empty_results().unwrap();
+        assert!(!tmp.path().join("noresources").exists());
+        assert!(!tmp.path().join("checkpointed").exists());
+    }
 
     #[test]
     fn formats_and_modes() {

@@ -5,9 +5,12 @@
 //!
 //! * the job's owner (working directory, paths, script, requested image, limits, environment)
 //!   → a job error, with the state the stock shepherd writes for that cause;
-//! * the administrator's configuration or this host → the queue's error, the reason in `error`;
+//! * the administrator's configuration of one queue, or what it boots (guest kernel, initramfs,
+//!   the queue's OS image, a backend) → the queue's error, the reason in `error`;
+//! * what every queue of this host shares (the settings file) → the host's error;
 //! * a shortage that may pass (the VM cannot be started now) → re-queued without error
-//!   (`noresources`).
+//!   (`noresources`), a bounded number of times in a row ([`super::shortage_streak`]), then
+//!   the queue's error.
 //!
 //! The prolog, pe_start, pe_stop and epilog keep the stock shepherd's own states
 //! ([`super::procedure::ProcedureKind::states`]); their working directory is the job owner's.
@@ -22,6 +25,9 @@ pub enum Fault {
     /// The administrator's configuration or this host: the job's queue goes into error and the
     /// job is re-queued.
     Queue,
+    /// What every queue of this host depends on: every queue of the host goes into error and
+    /// the job is re-queued.
+    Host,
     /// A shortage that may pass: the job is re-queued, no queue goes into error.
     Shortage,
 }
@@ -47,6 +53,7 @@ impl Fault {
             Fault::Job(JobCause::File) => ShepherdState::OpenOutput,
             Fault::Job(JobCause::Request) => ShepherdState::AppError,
             Fault::Queue => ShepherdState::BeforeJob,
+            Fault::Host => ShepherdState::BeforeProlog,
             Fault::Shortage => ShepherdState::Again,
         }
     }
@@ -63,7 +70,7 @@ mod tests {
 
     /// execd's `general_failure` for the states these faults write (`execution_states.c` and
     /// `reaper_execd.c`, see sge-shepherd-contract.md 5.1): 26, 28 and 30 are always the job's;
-    /// 11 is the queue's when the shepherd names no job cause; 25 is a re-queue.
+    /// 11 is the queue's when the shepherd names no job cause; 7 the host's; 25 a re-queue.
     #[test]
     fn each_owner_gets_a_state_execd_charges_to_it() {
         for cause in [JobCause::Cwd, JobCause::File, JobCause::Request] {
@@ -77,7 +84,9 @@ mod tests {
         assert!(!Fault::Queue.no_resources());
         assert_eq!(Fault::Shortage.state().code(), 25);
         assert!(Fault::Shortage.no_resources());
-        // never 7, which puts every queue of the host in error
+        assert_eq!(Fault::Host.state().code(), 7);
+        assert!(!Fault::Host.no_resources());
+        // only the host's fault writes 7, which puts every queue of the host in error
         for f in [
             Fault::Job(JobCause::Cwd),
             Fault::Job(JobCause::File),

@@ -21,17 +21,19 @@ use super::job_user::JobUser;
 use super::limits;
 use super::output_paths::{self, JobStreams, OutputKind};
 use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
+use super::shortage_streak::{ShortageStreak, ShortageVerdict};
 use super::signal_relay::SignalRelay;
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
 use super::spawn_size;
 use super::start_attempts::{StartAttempts, MAX_NEVER_CONNECTED};
+use super::start_failure::{self, BootOwner};
 use super::state::{job_exit_state, ShepherdState};
 use super::usage::{JobEnd, UsageRecord};
+use crate::host_memory;
 use crate::image::selection::{self, ImagePolicy};
 use crate::launch::{
-    self, ImageChoice, JobError, JobFilesystems, JobIo, LaunchError, LaunchSpec, StdinSource,
-    VmmCredentials,
+    self, ImageChoice, JobError, JobFilesystems, JobIo, LaunchSpec, StdinSource, VmmCredentials,
 };
 use crate::settings::{Settings, VmSettings};
 use crate::shared_dirs::{job_shares, JobPaths, SharedDir};
@@ -87,12 +89,13 @@ pub fn run_as_shepherd() -> i32 {
     };
     // Not ours to run: hand over before writing anything (the stock shepherd writes its files).
     if config.task_kind() != TaskKind::Batch {
-        // Unreadable settings cannot say whether the queue allows it: refuse, in the queue only.
+        // Unreadable settings cannot say whether the queue allows it: refuse; every queue of
+        // this host reads the same file, so it is the host's error.
         let settings = match Settings::load() {
             Ok(s) => s,
             Err(e) => {
                 let msg = format!("sge_virtualizer: {e}");
-                return finish_early(&dir, ShepherdState::BeforeJob, &msg);
+                return finish_early(&dir, Fault::Host.state(), &msg);
             }
         };
         let queue = config.get("queue").unwrap_or_default();
@@ -317,9 +320,9 @@ impl JobRun {
             user.gid,
             user.add_grp_id
         ));
-        // a bad settings file is this host's problem: fail before the prolog, in the queue only
+        // a bad settings file is every queue's on this host: the host's error, before the prolog
         let vm = Settings::load()
-            .map_err(|e| Failure::of(Fault::Queue, format!("sge_virtualizer: {e}")))?
+            .map_err(|e| Failure::of(Fault::Host, format!("sge_virtualizer: {e}")))?
             .for_queue(c.get("queue").unwrap_or_default());
         let methods = ControlMethods::from_config(c).map_err(|e| {
             Failure::new(ShepherdState::BeforeProlog, format!("sge_virtualizer: {e}"))
@@ -537,6 +540,28 @@ impl JobRun {
                     .map_err(|e| before_job(e.to_string()))?;
             }
         }
+        // Who shaped what boots before the agent connects: an image the job chose (other than
+        // the queue's), or guest RAM its limits lowered, make a guest that does not boot the
+        // job's to answer for, not the queue's.
+        let job_chose_image = p
+            .env
+            .get(selection::JOB_IMAGE_VAR)
+            .map(str::trim)
+            .is_some_and(|r| !r.is_empty() && Some(r) != vm.image.as_deref());
+        let boot_owner = if job_chose_image || mem_mib < vm.memory_mib {
+            BootOwner::Job
+        } else {
+            BootOwner::Queue
+        };
+        // Guest RAM this host cannot back now is a shortage, found before any VM starts.
+        if let Err(short) =
+            host_memory::can_back(u64::from(mem_mib) + u64::from(vm.vmm_overhead_mib))
+        {
+            return Err(self.shortage(
+                vm,
+                format!("sge_virtualizer: can't start the job's VM now: {short}"),
+            ));
+        }
         let run_dir = tempfile::Builder::new()
             .prefix(&format!(
                 "sge_virtualizer.{}.",
@@ -544,9 +569,10 @@ impl JobRun {
             ))
             .tempdir()
             .map_err(|e| {
-                Failure::no_resources(format!(
-                    "sge_virtualizer: can't create the VM's runtime directory: {e}"
-                ))
+                self.shortage(
+                    vm,
+                    format!("sge_virtualizer: can't create the VM's runtime directory: {e}"),
+                )
             })?;
         let (stdout, stderr) = match p.output.take() {
             Some(files) => files,
@@ -588,20 +614,18 @@ impl JobRun {
                 groups: p.user.groups.clone(),
             }),
         };
-        let running = launch::launch_in(spec, &filesystems, io).map_err(|e| match &e {
-            LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. } => Failure::of(
-                Fault::Job(JobCause::Cwd),
-                format!("sge_virtualizer: can't give the job its directories: {e}"),
-            ),
-            // the job's own request (an image it may not have, or a broken image): job error
-            _ if e.is_job_error() => Failure::of(
-                Fault::Job(JobCause::Request),
-                format!("sge_virtualizer: the job's OS image is unusable: {e}"),
-            ),
-            _ => Failure::no_resources(format!(
-                "sge_virtualizer: can't start the job's VM now: {e}"
-            )),
+        let running = launch::launch_in(spec, &filesystems, io).map_err(|e| {
+            let image_owner = if job_chose_image {
+                BootOwner::Job
+            } else {
+                BootOwner::Queue
+            };
+            match start_failure::launch_failure(&e, image_owner) {
+                (Fault::Shortage, message) => self.shortage(vm, message),
+                (fault, message) => Failure::of(fault, message),
+            }
         })?;
+        self.shortage_streak(vm).clear(self.queue());
         crash_state(ShepherdState::AfterJob);
         // The VMM process: the job user's, with add_grp_id among its groups.
         let job_pid = running.vmm_pid();
@@ -620,7 +644,39 @@ impl JobRun {
         let relay = SignalRelay::new(&self.dir, &self.config, &p.methods, runner);
         let (result, killed) = relay.run(&mut self.signals, &controller, &rx);
         drop(run_dir);
-        self.outcome(result, killed, started_wall, vcpus)
+        self.outcome(result, killed, started_wall, vcpus, boot_owner)
+    }
+
+    /// The job's queue (its settings section and its shortage streak).
+    fn queue(&self) -> &str {
+        self.config.get("queue").unwrap_or_default()
+    }
+
+    fn shortage_streak(&self, vm: &VmSettings) -> ShortageStreak {
+        ShortageStreak::configured(vm.shortage)
+    }
+
+    /// The failure for a shortage that may pass: re-queued, unless the queue has had its
+    /// allowed number in a row on this host; then the queue's error.
+    fn shortage(&self, vm: &VmSettings, message: String) -> Failure {
+        match self.shortage_streak(vm).record(self.queue()) {
+            Ok(ShortageVerdict::Requeue { count, limit }) => Failure::no_resources(format!(
+                "{message} (shortage {count} of {limit} in a row allowed on this host)"
+            )),
+            Ok(ShortageVerdict::QueueError { count }) => Failure::of(
+                Fault::Queue,
+                format!(
+                    "{message} ({count} shortages in a row on this host: the queue stays in \
+                     error until an administrator clears it with qmod -c)"
+                ),
+            ),
+            Err(count_error) => {
+                self.dir.trace(&format!(
+                    "can't count the queue's shortages ({count_error}): re-queued unbounded"
+                ));
+                Failure::no_resources(message)
+            }
+        }
     }
 
     /// The OS image (the queue's, or the one the job asked for where allowed) and the shared
@@ -699,6 +755,7 @@ impl JobRun {
         killed: bool,
         started: SystemTime,
         vcpus: u8,
+        boot_owner: BootOwner,
     ) -> Result<UsageRecord, Failure> {
         let killed_record = |start: SystemTime| UsageRecord {
             end: JobEnd::Signaled {
@@ -709,7 +766,10 @@ impl JobRun {
             end_time: SystemTime::now(),
             rusage: Rusage::default(),
         };
-        if !matches!(result, Err(JobError::AgentNeverConnected(_))) {
+        if !matches!(
+            result,
+            Err(JobError::AgentNeverConnected(_) | JobError::GuestDidNotBoot(_))
+        ) {
             // The agent connected (or the job was not started at all): no bound to keep.
             StartAttempts::configured().clear(&self.config);
         }
@@ -737,6 +797,15 @@ impl JobRun {
                     end_time: o.job_ended,
                     rusage,
                 })
+            }
+            Err(e @ JobError::GuestDidNotBoot(_)) if !killed => {
+                match start_failure::did_not_boot(boot_owner) {
+                    Some(fault) => Err(Failure::of(
+                        fault,
+                        format!("sge_virtualizer: this queue's guest does not boot: {e}"),
+                    )),
+                    None => Err(self.never_connected(&e)),
+                }
             }
             Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(self.never_connected(&e)),
             Err(e) if killed => {
@@ -877,7 +946,7 @@ mod tests {
         let mut run = job_run(tmp.path(), JobConfig::default());
         let trace =
             |run: &JobRun| std::fs::read_to_string(run.dir.path("trace")).unwrap_or_default();
-        match run.outcome(Err(e), false, SystemTime::now(), 1) {
+        match run.outcome(Err(e), false, SystemTime::now(), 1, BootOwner::Queue) {
             Err(f) => (f.state.charged_to(), f.message),
             Ok(_) => (run.state.charged_to(), trace(&run)),
         }
@@ -901,7 +970,10 @@ mod tests {
             job_ended: started + Duration::from_secs(3),
             timings: Default::default(),
         };
-        let record = run.outcome(Ok(outcome), false, started, 2).ok().unwrap();
+        let record = run
+            .outcome(Ok(outcome), false, started, 2, BootOwner::Queue)
+            .ok()
+            .unwrap();
         // (3 s + 1 s of clock slack) × 2 vCPUs
         assert_eq!(record.rusage.utime_us + record.rusage.stime_us, 8_000_000);
         let trace = std::fs::read_to_string(run.dir.path("trace")).unwrap();
@@ -928,7 +1000,7 @@ mod tests {
         );
         let never = || JobError::AgentNeverConnected("VM ended before its agent connected".into());
         let outcome = |run: &mut JobRun, e| {
-            run.outcome(Err(e), false, SystemTime::now(), 1)
+            run.outcome(Err(e), false, SystemTime::now(), 1, BootOwner::Queue)
                 .err()
                 .unwrap()
         };
@@ -947,7 +1019,7 @@ mod tests {
             if round == 0 {
                 // The agent connects this time (and the job fails otherwise): count forgotten.
                 let later = JobError::Vm("later trouble".into());
-                let _ = run.outcome(Err(later), false, SystemTime::now(), 1);
+                let _ = run.outcome(Err(later), false, SystemTime::now(), 1, BootOwner::Queue);
             }
         }
         let last = outcome(&mut run, never());
@@ -960,6 +1032,82 @@ mod tests {
             last.message
         );
         std::env::remove_var(crate::sge::start_attempts::DIR_ENV);
+    }
+
+    /// Issue 20 item 2: a guest that ends by itself before its agent connects did not boot.
+    /// When only the queue shaped it (kernel, initramfs, image, RAM) that is the queue's error;
+    /// when the job did (its own image, or limits that shrank the guest), the job's own bounded
+    /// start attempts apply, so a job's owner cannot put a queue in error.
+    #[test]
+    fn a_guest_that_does_not_boot_is_the_queues_unless_the_job_shaped_it() {
+        let active = tempfile::tempdir().unwrap();
+        let mut run = job_run(active.path(), JobConfig::default());
+        let e = || JobError::GuestDidNotBoot("VM ended before its agent connected".into());
+        let f = run
+            .outcome(Err(e()), false, SystemTime::now(), 1, BootOwner::Queue)
+            .err()
+            .unwrap();
+        assert_eq!(f.state.charged_to(), Charge::Queue, "{}", f.message);
+        assert!(!f.no_resources);
+        assert!(f.message.contains("guest does not boot"), "{}", f.message);
+        // A key no earlier run used: the count is 1 wherever the counts are kept (or cannot be
+        // kept), so the start is re-queued.
+        let unique = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let mut run = job_run(
+            active.path(),
+            JobConfig::parse(&format!(
+                "job_id={}\nja_task_id=0\nsubmission_time={unique}\n",
+                std::process::id()
+            )),
+        );
+        let f = run
+            .outcome(Err(e()), false, SystemTime::now(), 1, BootOwner::Job)
+            .err()
+            .unwrap();
+        assert_eq!(f.state, ShepherdState::Again, "{}", f.message);
+        assert!(f.no_resources);
+    }
+
+    /// Issue 20 item 1: shortages re-queue the job up to the configured number in a row, then
+    /// the next one is the queue's error with the reason; a started VM ends the streak.
+    #[test]
+    fn shortages_in_a_row_end_with_the_queue_in_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::env::set_var(
+            crate::sge::shortage_streak::DIR_ENV,
+            tmp.path().join("shortages"),
+        );
+        let active = tempfile::tempdir().unwrap();
+        let run = job_run(active.path(), JobConfig::parse("queue=short.q\n"));
+        let mut vm = Settings::default().for_queue("short.q");
+        vm.shortage.limit = 2;
+        for count in 1..=2 {
+            let f = run.shortage(&vm, "no RAM".into());
+            assert_eq!(f.state, ShepherdState::Again, "{}", f.message);
+            assert!(f.no_resources);
+            assert!(
+                f.message.contains(&format!("shortage {count} of 2")),
+                "{}",
+                f.message
+            );
+        }
+        let f = run.shortage(&vm, "no RAM".into());
+        assert_eq!(f.state.charged_to(), Charge::Queue, "{}", f.message);
+        assert!(!f.no_resources);
+        assert!(
+            f.message.starts_with("no RAM (3 shortages in a row"),
+            "{}",
+            f.message
+        );
+        // the streak started again; a started VM ends it
+        run.shortage(&vm, "no RAM".into());
+        run.shortage_streak(&vm).clear("short.q");
+        let f = run.shortage(&vm, "no RAM".into());
+        assert!(f.message.contains("shortage 1 of 2"), "{}", f.message);
+        std::env::remove_var(crate::sge::shortage_streak::DIR_ENV);
     }
 
     fn hello() -> Frame {

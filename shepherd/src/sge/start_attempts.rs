@@ -10,15 +10,11 @@
 //! file, so concurrent shepherds cannot lose a count. The file goes away when the job's agent
 //! connects here; files older than [`STALE_AFTER`] (jobs that went on elsewhere) are pruned.
 
-use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
-
-use nix::fcntl::{Flock, FlockArg};
+use std::time::Duration;
 
 use super::config::JobConfig;
+use super::counter_dir::{CounterDir, CounterDirError};
 
 /// Where the counts are kept.
 pub const DEFAULT_DIR: &str = "/var/lib/sge_virtualizer/start-attempts";
@@ -32,15 +28,8 @@ const STALE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Why the counts cannot be kept.
 #[derive(Debug, thiserror::Error)]
 pub enum StartAttemptsError {
-    #[error("start-attempt directory {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "start-attempt directory {0} is not a directory owned by this user and closed to others"
-    )]
-    Unsafe(String),
+    #[error("start-attempt counts: {0}")]
+    Dir(#[from] CounterDirError),
     #[error("the job's config lacks a numeric {0}")]
     JobKey(&'static str),
 }
@@ -48,7 +37,7 @@ pub enum StartAttemptsError {
 /// The counts of one host.
 #[derive(Debug)]
 pub struct StartAttempts {
-    dir: PathBuf,
+    dir: CounterDir,
 }
 
 /// The file name of one job task's count.
@@ -74,104 +63,35 @@ impl StartAttempts {
         let dir = std::env::var_os(DIR_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
-        StartAttempts { dir }
-    }
-
-    /// Uses `dir`, creating and checking it now ([`Self::checked_dir`]).
-    pub fn at(dir: &Path) -> Result<Self, StartAttemptsError> {
-        let attempts = StartAttempts {
-            dir: dir.to_path_buf(),
-        };
-        attempts.checked_dir()?;
-        Ok(attempts)
-    }
-
-    /// Creates the directory (mode 0700) if needed. It must be a real directory owned by this
-    /// process's user and writable by nobody else: the shepherd is root, and the count decides
-    /// whether a job is failed.
-    fn checked_dir(&self) -> Result<(), StartAttemptsError> {
-        let dir = &self.dir;
-        let io = |source| StartAttemptsError::Io {
-            path: dir.display().to_string(),
-            source,
-        };
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io)?;
-        let meta = std::fs::symlink_metadata(dir).map_err(io)?;
-        if !meta.is_dir()
-            || meta.uid() != nix::unistd::geteuid().as_raw()
-            || meta.mode() & 0o022 != 0
-        {
-            return Err(StartAttemptsError::Unsafe(dir.display().to_string()));
+        StartAttempts {
+            dir: CounterDir::new(dir),
         }
-        Ok(())
     }
 
-    fn open(&self, name: &str) -> Result<Flock<File>, StartAttemptsError> {
-        let path = self.dir.join(name);
-        let io = |source| StartAttemptsError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io)?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| io(errno.into()))
+    /// Uses `dir`, creating and checking it now.
+    pub fn at(dir: &Path) -> Result<Self, StartAttemptsError> {
+        let dir = CounterDir::new(dir.to_path_buf());
+        dir.checked()?;
+        Ok(StartAttempts { dir })
     }
 
     /// Counts one more start of the job without a connecting agent; returns the count so far.
     pub fn record_never_connected(&self, config: &JobConfig) -> Result<u32, StartAttemptsError> {
         let name = key(config)?;
-        self.checked_dir()?;
-        self.prune_stale(&name);
-        let mut file = self.open(&name)?;
-        let io = |source| StartAttemptsError::Io {
-            path: self.dir.join(&name).display().to_string(),
-            source,
-        };
-        let mut text = String::new();
-        file.read_to_string(&mut text).map_err(io)?;
+        self.dir.checked()?;
+        self.dir.prune_stale(&name, STALE_AFTER);
         // An unreadable count (it is only ever written here) starts again from 0.
-        let count = text.trim().parse::<u32>().unwrap_or(0).saturating_add(1);
-        file.rewind().map_err(io)?;
-        file.set_len(0).map_err(io)?;
-        file.write_all(format!("{count}\n").as_bytes())
-            .map_err(io)?;
-        file.sync_data().map_err(io)?;
-        Ok(count)
+        let text = self.dir.update(&name, |old| {
+            let count = old.trim().parse::<u32>().unwrap_or(0).saturating_add(1);
+            format!("{count}\n")
+        })?;
+        Ok(text.trim().parse().unwrap_or(u32::MAX))
     }
 
-    /// Forgets the job's count: its agent connected here. (`unlink` follows no symlink.)
+    /// Forgets the job's count: its agent connected here.
     pub fn clear(&self, config: &JobConfig) {
         if let Ok(name) = key(config) {
-            let _ = std::fs::remove_file(self.dir.join(name));
-        }
-    }
-
-    /// Removes counts not touched for [`STALE_AFTER`], except `keep`.
-    fn prune_stale(&self, keep: &str) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        let now = SystemTime::now();
-        for entry in entries.flatten() {
-            let stale = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| now.duration_since(t).unwrap_or_default() > STALE_AFTER)
-                .unwrap_or(false);
-            if stale && entry.file_name() != keep {
-                let _ = std::fs::remove_file(entry.path());
-            }
+            self.dir.remove(&name);
         }
     }
 }
@@ -179,7 +99,7 @@ impl StartAttempts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::MetadataExt;
 
     fn job(id: u32, task: u32) -> JobConfig {
         JobConfig::parse(&format!(
@@ -220,37 +140,6 @@ mod tests {
         threads.into_iter().for_each(|t| t.join().unwrap());
         let attempts = StartAttempts::at(&dir).unwrap();
         assert_eq!(attempts.record_never_connected(&job(9, 0)).unwrap(), 81);
-    }
-
-    #[test]
-    fn an_open_or_linked_directory_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let open = tmp.path().join("open");
-        std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(matches!(
-            StartAttempts::at(&open),
-            Err(StartAttemptsError::Unsafe(_))
-        ));
-        let link = tmp.path().join("link");
-        let real = tmp.path().join("real");
-        std::fs::create_dir(&real).unwrap();
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        assert!(matches!(
-            StartAttempts::at(&link),
-            Err(StartAttemptsError::Unsafe(_))
-        ));
-    }
-
-    #[test]
-    fn a_planted_symlink_is_not_followed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let attempts = StartAttempts::at(&tmp.path().join("attempts")).unwrap();
-        let victim = tmp.path().join("victim");
-        std::fs::write(&victim, "precious").unwrap();
-        std::os::unix::fs::symlink(&victim, tmp.path().join("attempts/7.0.1700000000")).unwrap();
-        assert!(attempts.record_never_connected(&job(7, 0)).is_err());
-        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub enum ToVmm {
 pub enum StartFailure {
     Unavailable(String),
     Start(String),
+    Guest(String),
 }
 
 /// From the VMM process to the shepherd. (A handful per job: the size of the largest variant
