@@ -26,9 +26,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # debootstrap + e2fsprogs: `sge_virtualizer image build` (OS images jobs run in).
+# quota: setquota, for the test of job output beyond the job user's disk quota.
 PACKAGES=(qemu-system-x86 linux-source-6.1 busybox-static build-essential flex bison bc
           libelf-dev libssl-dev xz-utils cpio patch binutils ca-certificates curl
-          debootstrap e2fsprogs)
+          debootstrap e2fsprogs quota)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -276,3 +276,43 @@ fn host_vanishing_kills_the_job() {
     });
     assert!(gone, "job process {} still exists", pid.unwrap());
 }
+
+/// Protocol 4: the host's Eof for stdout says it can no longer write the job's stdout file (a
+/// full quota, the file-size limit): the agent closes the pipe, so the job's next write fails
+/// as its write to that file would have failed on the host; the job goes on and ends normally.
+#[test]
+fn a_stream_the_host_refuses_fails_the_jobs_later_writes() {
+    let script = "trap '' PIPE; i=0; while [ $i -lt 500 ]; do \
+                  echo line || { echo write-failed >&2; exit 3; }; i=$((i+1)); sleep 0.01; done; \
+                  exit 0";
+    let mut s = start(&["/bin/sh", "-c", script], StdinMode::Null);
+    let mut c = Collected::default();
+    let mut refused = false;
+    loop {
+        match s.reader.read_frame().unwrap() {
+            Some(Frame::Started { .. }) => c.started = true,
+            Some(Frame::Stdout(d)) => {
+                c.stdout.extend_from_slice(&d);
+                if !refused {
+                    s.writer.write_frame(&Frame::Eof(Stream::Stdout)).unwrap();
+                    refused = true;
+                }
+            }
+            Some(Frame::Stderr(d)) => c.stderr.extend_from_slice(&d),
+            Some(Frame::Eof(_)) => c.eofs += 1,
+            Some(Frame::Exit { wait_status, .. }) => {
+                assert_eq!(c.eofs, 2);
+                c.exit = Some((wait_status, Rusage::default()));
+                s.writer.write_frame(&Frame::Ack).unwrap();
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(s.agent.wait().unwrap().success());
+    let (status, _) = c.exit.unwrap();
+    assert_eq!(libc::WEXITSTATUS(status), 3, "stderr: {:?}", c.stderr);
+    assert!(c.stderr.ends_with(b"write-failed\n"), "{:?}", c.stderr);
+    // far fewer than the 500 lines the job would have written
+    assert!(c.stdout.len() < 100 * 5, "{} bytes", c.stdout.len());
+}

@@ -40,6 +40,10 @@ pub enum JobError {
     /// run it) before its agent connected: what was booted does not boot.
     #[error("the guest did not boot: {0}")]
     GuestDidNotBoot(String),
+    /// The VMM could not go on running the VM before its agent connected (QEMU exited with an
+    /// error, a device or vCPU thread failed): a host problem that may pass.
+    #[error("the VM could not be run: {0}")]
+    VmFailedToRun(String),
     #[error("lost the guest agent: {0}")]
     AgentLost(String),
     #[error("the job could not be started in the guest ({stage:?}): {message}")]
@@ -77,6 +81,7 @@ impl JobError {
         match self {
             JobError::AgentNeverConnected(m) => JobError::AgentNeverConnected(cut(m)),
             JobError::GuestDidNotBoot(m) => JobError::GuestDidNotBoot(cut(m)),
+            JobError::VmFailedToRun(m) => JobError::VmFailedToRun(cut(m)),
             JobError::AgentLost(m) => JobError::AgentLost(cut(m)),
             JobError::SpawnFailed {
                 stage,
@@ -98,6 +103,8 @@ impl JobError {
 pub struct AgentExit {
     pub wait_status: i32,
     pub rusage: Rusage,
+    /// See [`crate::launch::JobOutcome::output_failures`].
+    pub output_failures: Vec<String>,
 }
 
 /// How long the agent may take to sync and close the connection after our Ack.
@@ -184,6 +191,7 @@ pub(crate) fn converse(
     let err = OutputWriter::start("stderr", stderr, link.output_abandoned()).map_err(lost)?;
     let mut stdin = Some(stdin);
     let mut on_started = Some(on_started);
+    let mut failures = Vec::new();
     let ended = loop {
         let frame = match reader.read_frame() {
             Ok(Some(f)) => f,
@@ -209,8 +217,14 @@ pub(crate) fn converse(
             Ok(AgentEvent::Output {
                 stream: Stream::Stderr,
                 data,
-            }) => err.write(&data),
-            Ok(AgentEvent::Output { data, .. }) => out.write(&data),
+            }) => {
+                err.write(&data);
+                failures.extend(stop_failed_stream(&err, Stream::Stderr, link));
+            }
+            Ok(AgentEvent::Output { data, .. }) => {
+                out.write(&data);
+                failures.extend(stop_failed_stream(&out, Stream::Stdout, link));
+            }
             Ok(AgentEvent::OutputEnded(Stream::Stderr)) => err.drain(),
             Ok(AgentEvent::OutputEnded(_)) => out.drain(),
             Ok(AgentEvent::Exited {
@@ -220,6 +234,8 @@ pub(crate) fn converse(
                 timings.job_exited_ms = now_ms();
                 out.drain();
                 err.drain();
+                failures.extend(stop_failed_stream(&out, Stream::Stdout, link));
+                failures.extend(stop_failed_stream(&err, Stream::Stderr, link));
                 // Every output byte is written: now the agent may end the VM. It closes the
                 // connection once its file systems are synced; after that the VM may be
                 // stopped without waiting for the guest's own reset.
@@ -229,6 +245,7 @@ pub(crate) fn converse(
                 return Ok(AgentExit {
                     wait_status,
                     rusage,
+                    output_failures: failures,
                 });
             }
             other => break session_error(other),
@@ -238,6 +255,28 @@ pub(crate) fn converse(
     out.drain();
     err.drain();
     Err(ended)
+}
+
+/// When the destination of one of the job's streams failed (a full quota or file system, the
+/// job's file-size limit, a reader that went away), the job must see its own later writes
+/// fail, as they would on the host: the agent is told to close that stream's pipe (the job's
+/// next write gets EPIPE), and a file-size limit first sends SIGXFSZ, as the kernel does to a
+/// writer past its `RLIMIT_FSIZE`. Returns the failure for the trace, once.
+fn stop_failed_stream(writer: &OutputWriter, stream: Stream, link: &AgentLink) -> Option<String> {
+    let e = writer.take_failure()?;
+    if e.raw_os_error() == Some(libc::EFBIG) {
+        let _ = link.send(&Frame::Signal {
+            signo: libc::SIGXFSZ,
+        });
+    }
+    let _ = link.send(&Frame::Eof(stream));
+    let name = match stream {
+        Stream::Stderr => "stderr",
+        _ => "stdout",
+    };
+    Some(format!(
+        "the job's {name} file could not be written ({e}): the job's later writes to it fail"
+    ))
 }
 
 /// The error that ends a session on `result` of [`SessionState::accept`]: a spawn the guest
@@ -285,6 +324,18 @@ mod tests {
     /// which sends `after_spawn` once it has read the Spawn frame. Returns the session's result
     /// and the job's stdout.
     fn converse_with(after_spawn: Vec<Frame>) -> (Result<AgentExit, JobError>, Vec<u8>) {
+        let stdout = Captured::default();
+        let (result, _) = converse_into(after_spawn, Box::new(stdout.clone()));
+        let out = stdout.0.lock().unwrap().clone();
+        (result, out)
+    }
+
+    /// [`converse_with`] writing the job's stdout to `stdout`; also returns the frames the
+    /// session sent to the agent after Spawn.
+    fn converse_into(
+        after_spawn: Vec<Frame>,
+        stdout: Box<dyn Write + Send>,
+    ) -> (Result<AgentExit, JobError>, Vec<Frame>) {
         let (host, guest) = UnixStream::pair().unwrap();
         let fake_agent = std::thread::spawn(move || {
             let mut writer = FrameWriter::new(guest.try_clone().unwrap());
@@ -301,12 +352,24 @@ mod tests {
                 if writer.write_frame(frame).is_err() {
                     break;
                 }
+                // (a pause lets the session's output writer meet the destination first)
+                if matches!(frame, Frame::Stdout(_)) {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
             }
+            let mut sent = Vec::new();
+            while let Ok(Some(frame)) = reader.read_frame() {
+                let ack = frame == Frame::Ack;
+                sent.push(frame);
+                if ack {
+                    break;
+                }
+            }
+            sent
         });
-        let stdout = Captured::default();
         let io = JobIo {
             stdin: StdinSource::Null,
-            stdout: Box::new(stdout.clone()),
+            stdout,
             stderr: Box::new(std::io::sink()),
         };
         let result = converse(
@@ -318,9 +381,59 @@ mod tests {
             &mut Timings::default(),
             || {},
         );
-        fake_agent.join().unwrap();
-        let out = stdout.0.lock().unwrap().clone();
-        (result, out)
+        let sent = fake_agent.join().unwrap();
+        (result, sent)
+    }
+
+    /// A file past the job's file-size limit (EFBIG in the VMM process, which ignores
+    /// SIGXFSZ).
+    struct TooBig;
+
+    impl Write for TooBig {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(libc::EFBIG))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Issue 18: output the host cannot write makes the job's own writes fail, as on the host:
+    /// past the file-size limit the job gets SIGXFSZ, as the kernel sends it, and the agent is
+    /// told to close the stream; the failure is reported for the trace.
+    #[test]
+    fn output_past_the_file_size_limit_sends_sigxfsz_and_closes_the_stream() {
+        let (result, sent) = converse_into(
+            vec![
+                Frame::Started { pid: 42 },
+                Frame::Stdout(b"too much".to_vec()),
+                Frame::Stdout(b"more".to_vec()),
+                Frame::Eof(Stream::Stdout),
+                Frame::Eof(Stream::Stderr),
+                Frame::Exit {
+                    wait_status: libc::SIGXFSZ,
+                    rusage: Rusage::default(),
+                },
+            ],
+            Box::new(TooBig),
+        );
+        let exit = result.map_err(|e| e.to_string()).unwrap();
+        assert_eq!(
+            sent,
+            vec![
+                Frame::Signal {
+                    signo: libc::SIGXFSZ
+                },
+                Frame::Eof(Stream::Stdout),
+                Frame::Ack
+            ]
+        );
+        assert_eq!(exit.output_failures.len(), 1, "{:?}", exit.output_failures);
+        assert!(
+            exit.output_failures[0].contains("stdout"),
+            "{:?}",
+            exit.output_failures
+        );
     }
 
     /// Issue 12 item 4: a guest that forges SpawnFailed after Started (it used to end the job

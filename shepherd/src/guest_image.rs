@@ -99,9 +99,50 @@ pub fn check_trusted(kernel: &Path, initrd: &Path) -> Result<(), UntrustedGuestI
     Ok(())
 }
 
+/// The first bytes of `path`, enough to tell its format.
+pub fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(0x210);
+    std::fs::File::open(path)?
+        .take(0x210)
+        .read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// An uncompressed ELF `vmlinux` or a bzImage (`HdrS` at 0x202).
+pub fn is_kernel(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF") || head.get(0x202..0x206) == Some(b"HdrS")
+}
+
+/// A newc cpio archive, or one compressed as the kernel can unpack it.
+pub fn is_initramfs(head: &[u8]) -> bool {
+    const MAGICS: [&[u8]; 6] = [
+        b"070701",
+        b"070702",
+        b"\x1f\x8b",
+        b"\x28\xb5\x2f\xfd",
+        b"\xfd7zXZ",
+        b"\x02\x21\x4c\x18",
+    ];
+    MAGICS.iter().any(|m| head.starts_with(m))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_and_initramfs_formats_are_recognised() {
+        assert!(is_kernel(b"\x7fELF\x02\x01"));
+        let mut bz = vec![0u8; 0x210];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert!(is_kernel(&bz));
+        assert!(!is_kernel(b"not a kernel\n"));
+        assert!(is_initramfs(b"070701000000"));
+        assert!(is_initramfs(b"\x1f\x8b\x08"));
+        assert!(!is_initramfs(b"\x7fELF"));
+    }
+
     use std::os::unix::fs::PermissionsExt;
 
     /// A source tree with a built guest above the executable, as a writable ancestor of an

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::backend;
+use crate::guest_image;
 use crate::host_memory;
 use crate::image::store::ImageStore;
 use crate::path_trust::{self, UntrustedPath};
@@ -113,10 +114,14 @@ fn check_queue(scope: &str, vm: &VmSettings) -> Vec<Problem> {
     };
     let mut problems = Vec::new();
     for (file, what, is_format) in [
-        (&vm.kernel, "guest kernel", is_kernel as fn(&[u8]) -> bool),
-        (&vm.initramfs, "guest initramfs", is_initramfs),
+        (
+            &vm.kernel,
+            "guest kernel",
+            guest_image::is_kernel as fn(&[u8]) -> bool,
+        ),
+        (&vm.initramfs, "guest initramfs", guest_image::is_initramfs),
     ] {
-        match read_head(file) {
+        match guest_image::read_head(file) {
             Err(e) => problems.push(problem(
                 format!("{what} {}: {e}", file.display()),
                 format!(
@@ -210,49 +215,9 @@ fn untrusted(
     })
 }
 
-/// The first bytes of `path`, enough to tell its format.
-fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(0x210);
-    std::fs::File::open(path)?
-        .take(0x210)
-        .read_to_end(&mut head)?;
-    Ok(head)
-}
-
-/// An uncompressed ELF `vmlinux` or a bzImage (`HdrS` at 0x202).
-fn is_kernel(head: &[u8]) -> bool {
-    head.starts_with(b"\x7fELF") || head.get(0x202..0x206) == Some(b"HdrS")
-}
-
-/// A newc cpio archive, or one compressed as the kernel can unpack it.
-fn is_initramfs(head: &[u8]) -> bool {
-    const MAGICS: [&[u8]; 6] = [
-        b"070701",
-        b"070702",
-        b"\x1f\x8b",
-        b"\x28\xb5\x2f\xfd",
-        b"\xfd7zXZ",
-        b"\x02\x21\x4c\x18",
-    ];
-    MAGICS.iter().any(|m| head.starts_with(m))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kernel_and_initramfs_formats_are_recognised() {
-        assert!(is_kernel(b"\x7fELF\x02\x01"));
-        let mut bz = vec![0u8; 0x210];
-        bz[0x202..0x206].copy_from_slice(b"HdrS");
-        assert!(is_kernel(&bz));
-        assert!(!is_kernel(b"not a kernel\n"));
-        assert!(is_initramfs(b"070701000000"));
-        assert!(is_initramfs(b"\x1f\x8b\x08"));
-        assert!(!is_initramfs(b"\x7fELF"));
-    }
 
     #[test]
     fn a_directory_others_can_write_is_a_problem_with_its_fix() {

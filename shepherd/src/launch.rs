@@ -17,7 +17,7 @@ use guest_agent::protocol::{
 use crate::agent_session::{converse, AgentExit};
 pub use crate::agent_session::{JobError, JobIo, StdinSource};
 use crate::backend::{
-    self, BackendError, RunningVm, VmBackend, VmLogs, VmShare, VmSpec, CONSOLE_LOG,
+    self, BackendError, EndedBy, RunningVm, VmBackend, VmLogs, VmShare, VmSpec, CONSOLE_LOG,
     ROOT_DISK_GUEST_DEVICE,
 };
 pub use crate::backend::{BackendChoice, VmmCredentials};
@@ -140,6 +140,9 @@ pub struct JobOutcome {
     pub job_started: SystemTime,
     pub job_ended: SystemTime,
     pub timings: Timings,
+    /// What went wrong writing the job's output files (a full quota, `h_fsize`), for the
+    /// trace; the job itself saw its later writes fail.
+    pub output_failures: Vec<String>,
 }
 
 impl JobOutcome {
@@ -317,6 +320,13 @@ pub fn launch_in(
         return Err(LaunchError::InitrdMissing(spec.initrd));
     }
     guest_image::check_trusted(&spec.kernel, &spec.initrd)?;
+    // A kernel no backend can load fails every start: the queue's, found before any VM.
+    if !guest_image::read_head(&spec.kernel).is_ok_and(|head| guest_image::is_kernel(&head)) {
+        return Err(LaunchError::GuestUnbootable(format!(
+            "guest kernel {} is neither an ELF vmlinux nor a bzImage",
+            spec.kernel.display()
+        )));
+    }
     let mut selection = backend::select(spec.backend)?;
     // What the job needs attached that the chosen backend cannot attach, in words.
     let missing = |b: &dyn backend::VmBackend| {
@@ -500,6 +510,12 @@ impl VmmJob {
                 job_started: o.job_started,
                 job_ended: o.job_ended,
                 timings: o.timings,
+                output_failures: o
+                    .output_failures
+                    .into_iter()
+                    .take(2)
+                    .map(crate::vmm_process::message::bounded_text)
+                    .collect(),
             },
             Err(e) => FromVmm::Failed(e.bounded()),
         };
@@ -570,10 +586,10 @@ fn accept_agent(
                     exit.description,
                     console_tail(console_log)
                 );
-                return Err(if exit.stopped_from_outside {
-                    JobError::AgentNeverConnected(what)
-                } else {
-                    JobError::GuestDidNotBoot(what)
+                return Err(match exit.ended_by {
+                    EndedBy::Outside => JobError::AgentNeverConnected(what),
+                    EndedBy::Guest => JobError::GuestDidNotBoot(what),
+                    EndedBy::Vmm => JobError::VmFailedToRun(what),
                 });
             }
             Ok(None) => {}
@@ -647,6 +663,7 @@ fn run_session(
         job_started,
         job_ended,
         timings,
+        output_failures: exit.output_failures,
     })
 }
 
@@ -723,12 +740,14 @@ mod tests {
         let secret = tempfile::tempdir().unwrap();
         let victim = secret.path().join("victim");
         std::fs::write(&victim, b"precious\n").unwrap();
-        // A kernel that does not boot: everything the backends create is created before the
-        // kernel is loaded (embedded) or looked at (QEMU).
+        // A kernel that does not boot (an ELF header and nothing behind it, so that the
+        // launch's own format check lets it by): everything the backends create is created
+        // before the kernel is loaded (embedded) or looked at (QEMU).
         let images = tempfile::tempdir().unwrap();
-        for f in ["vmlinux", "initramfs.cpio"] {
-            std::fs::write(images.path().join(f), b"").unwrap();
-        }
+        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+        elf.resize(64, 0);
+        std::fs::write(images.path().join("vmlinux"), elf).unwrap();
+        std::fs::write(images.path().join("initramfs.cpio"), b"").unwrap();
         // As the shepherd makes it: a fresh root-owned temporary directory.
         let run_dir = tempfile::Builder::new()
             .prefix("sge_virtualizer.test.")

@@ -23,6 +23,8 @@ struct Queue {
     bytes: usize,
     /// The destination failed (EPIPE and the like): later output is dropped.
     broken: bool,
+    /// Why, as an errno, until [`OutputWriter::take_failure`] takes it.
+    failure: Option<i32>,
     /// No more output will come: the writer ends once the queue is empty.
     closed: bool,
 }
@@ -73,11 +75,12 @@ impl OutputWriter {
                         q = theirs.changed.wait(q).unwrap_or_else(|p| p.into_inner());
                     }
                 };
-                let failed = out.write_all(&chunk).is_err() || out.flush().is_err();
+                let result = out.write_all(&chunk).and_then(|()| out.flush());
                 let mut q = theirs.lock();
                 q.bytes -= chunk.len();
-                if failed {
+                if let Err(e) = result {
                     q.broken = true;
+                    q.failure = Some(e.raw_os_error().unwrap_or(libc::EIO));
                     q.bytes -= q.chunks.drain(..).map(|c| c.len()).sum::<usize>();
                 }
                 theirs.changed.notify_all();
@@ -120,6 +123,15 @@ impl OutputWriter {
             q.chunks.push_back(data.to_vec());
             self.shared.changed.notify_all();
         }
+    }
+
+    /// Why the destination failed, the first time this is asked after it did.
+    pub(crate) fn take_failure(&self) -> Option<std::io::Error> {
+        self.shared
+            .lock()
+            .failure
+            .take()
+            .map(std::io::Error::from_raw_os_error)
     }
 
     /// Waits until everything queued is written (or the output is dropped).
@@ -205,6 +217,50 @@ mod tests {
         session.join().unwrap();
         assert_eq!(&accepted.lock().unwrap()[..], b"0123456789");
         drop(release);
+    }
+
+    /// A destination that fails with `errno` after `accept` bytes.
+    struct Failing {
+        accept: usize,
+        errno: i32,
+    }
+
+    impl Write for Failing {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            if self.accept == 0 {
+                return Err(std::io::Error::from_raw_os_error(self.errno));
+            }
+            let n = data.len().min(self.accept);
+            self.accept -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Issue 18: why a destination failed (a quota, the file-size limit) reaches the session
+    /// once, so it can make the job's own writes fail; later output is dropped, not waited on.
+    #[test]
+    fn a_failed_destination_is_reported_once_and_later_output_dropped() {
+        let w = OutputWriter::start(
+            "test",
+            Box::new(Failing {
+                accept: 5,
+                errno: libc::EDQUOT,
+            }),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        w.write(b"0123456789");
+        w.drain();
+        let e = w.take_failure().expect("the failure");
+        assert_eq!(e.raw_os_error(), Some(libc::EDQUOT));
+        assert!(w.take_failure().is_none());
+        let start = Instant::now();
+        w.write(&vec![b'x'; 4 * QUEUE_LIMIT]);
+        w.drain();
+        assert!(start.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

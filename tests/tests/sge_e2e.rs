@@ -2420,3 +2420,210 @@ fn as_execds_load_sensor_check_reports_a_broken_host_as_not_ready() {
         },
     );
 }
+
+/// Runs a job that writes 20 MB to its stdout file under `-l h_fsize=1M` and returns its
+/// `exit_status` in qacct and the file's size.
+fn fsize_limited_job(c: &Cell, dir: &Path, name: &str) -> (f64, u64) {
+    c.script(
+        dir,
+        &format!("{name}.sh"),
+        "#!/bin/sh\nhead -c 20000000 /dev/zero\n",
+    );
+    let out = dir.join(format!("{name}.out"));
+    let job = c.qsub(
+        dir,
+        &[
+            "-l",
+            "h_fsize=1M",
+            "-o",
+            out.to_str().unwrap(),
+            "-j",
+            "y",
+            &format!("{name}.sh"),
+        ],
+    );
+    let rec = c.wait_accounting(job, 1, JOB_WAIT);
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    (number(&rec[0], "exit_status"), size)
+}
+
+/// Issue 18: `h_fsize` limits the job's output as under the stock shepherd: the file stops at
+/// the limit and the job is killed by SIGXFSZ (exit status 128 + 25), under both shepherds.
+/// (The VMM process, which writes the output, has the job's file-size limit.)
+#[test]
+fn h_fsize_limits_the_jobs_output_as_under_the_stock_shepherd() {
+    with_cell(
+        "h_fsize_limits_the_jobs_output_as_under_the_stock_shepherd",
+        |c| {
+            let dir = c.work_dir("fsize");
+            let ours = fsize_limited_job(c, &dir, "ours");
+            let stock = {
+                let _restore = RestoreShepherd(c);
+                c.set_shepherd(true);
+                fsize_limited_job(c, &dir, "stock")
+            };
+            assert_eq!(stock, (153.0, 1 << 20), "the stock shepherd");
+            assert_eq!(ours, stock, "ours, against the stock shepherd");
+        },
+    );
+}
+
+/// A small ext4 file system mounted for one test, owned by the job user; unmounted whatever
+/// happens.
+struct SmallFs {
+    mount: PathBuf,
+    image: PathBuf,
+}
+
+impl SmallFs {
+    /// Makes a 32 MiB file system at `mount` with `mkfs` options and `mount` options; `Err`
+    /// says why it cannot be made here.
+    fn make(mount: &Path, mkfs: &[&str], options: &str) -> Result<SmallFs, String> {
+        let image = Path::new(TEST_ROOT).join("small-fs.img");
+        let _ = run(Command::new("umount").arg(mount));
+        std::fs::create_dir_all(mount).map_err(|e| e.to_string())?;
+        step(Command::new("truncate").args(["-s", "32M"]).arg(&image))?;
+        step(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-O", "^has_journal"])
+                .args(mkfs)
+                .arg(&image),
+        )?;
+        step(
+            Command::new("mount")
+                .args(["-o", &format!("loop,{options}")])
+                .arg(&image)
+                .arg(mount),
+        )?;
+        let fs = SmallFs {
+            mount: mount.to_path_buf(),
+            image,
+        };
+        step(Command::new("chown").arg(JOB_USER).arg(mount))?;
+        Ok(fs)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = run(Command::new("umount").arg(&self.mount));
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Runs `cmd`, `Err` with its output when it fails.
+fn step(cmd: &mut Command) -> Result<(), String> {
+    let out = run(cmd);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?}: {}", text(&out).trim()))
+    }
+}
+
+/// Runs a job that writes 30 MB to `out` (on a small file system) and checks that the file
+/// stayed within `most` bytes, that the job saw its write fail (as its own write on the host
+/// would have), that the reason (`errno_text`) is in the trace, and that no queue went into
+/// error.
+fn assert_output_stops_like_the_users_write(
+    c: &Cell,
+    dir: &Path,
+    out: &Path,
+    most: u64,
+    errno_text: &str,
+) {
+    c.script(
+        dir,
+        "fill.sh",
+        "#!/bin/sh\ntrap '' PIPE\nhead -c 30000000 /dev/zero\necho \"head=$?\" >&2\n",
+    );
+    let job = c.qsub(
+        dir,
+        &["-o", out.to_str().unwrap(), "-e", "err.txt", "fill.sh"],
+    );
+    let rec = c.wait_accounting(job, 1, JOB_WAIT);
+    let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size <= most,
+        "{size} bytes, more than the job user may write ({most})"
+    );
+    assert!(size > 0, "nothing written");
+    let err = std::fs::read_to_string(dir.join("err.txt")).unwrap_or_default();
+    assert!(
+        err.contains("head=1"),
+        "the job did not see its write fail: {err:?}"
+    );
+    assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+    let trace = c.active_file(job, "trace").unwrap_or_default();
+    assert!(
+        trace.contains(&format!("could not be written ({errno_text}")),
+        "{trace}"
+    );
+    assert!(c.queues_in_error().is_empty(), "{:?}", c.queues_in_error());
+    assert_exit_status_written(c, job);
+}
+
+/// Issue 18: the job's output is written by the job user, never by root: on a file system
+/// whose last half is reserved for root, the output stops where the job user's own write
+/// would (root's CAP_SYS_RESOURCE would have filled it), the job sees its write fail, and no
+/// queue goes into error.
+#[test]
+fn output_beyond_the_space_the_user_may_use_fails_as_the_users_write_would() {
+    const TEST: &str = "output_beyond_the_space_the_user_may_use_fails_as_the_users_write_would";
+    with_cell(TEST, |c| {
+        let dir = c.work_dir("reserved");
+        let fs = match SmallFs::make(&dir.join("mnt"), &["-m", "50"], "rw") {
+            Ok(fs) => fs,
+            Err(why) => return report_skip(TEST, &why),
+        };
+        let out = fs.mount.join("out.txt");
+        assert_output_stops_like_the_users_write(
+            c,
+            &dir,
+            &out,
+            17 << 20,
+            "No space left on device",
+        );
+    });
+}
+
+/// Issue 18: output beyond the job user's disk quota fails as the user's own write would.
+/// Needs a host kernel with quota support (CONFIG_QUOTA); says SKIPPED where it has none.
+#[test]
+fn output_beyond_the_users_quota_fails_as_the_users_write_would() {
+    const TEST: &str = "output_beyond_the_users_quota_fails_as_the_users_write_would";
+    with_cell(TEST, |c| {
+        let dir = c.work_dir("quota");
+        if find_program("setquota").is_none() {
+            return report_skip(
+                TEST,
+                "setquota not installed (Debian package quota; scripts/setup.sh)",
+            );
+        }
+        let fs = match SmallFs::make(
+            &dir.join("mnt"),
+            &["-O", "quota", "-E", "quotatype=usrquota"],
+            "usrquota",
+        ) {
+            Ok(fs) => fs,
+            Err(why) => {
+                let kernel = run(&mut Command::new("dmesg"));
+                let no_quota = text(&kernel).contains("not built with CONFIG_QUOTA");
+                let why = if no_quota {
+                    format!("this host's kernel has no quota support (CONFIG_QUOTA): {why}")
+                } else {
+                    why
+                };
+                return report_skip(TEST, &why);
+            }
+        };
+        let quota = step(
+            Command::new("setquota")
+                .args(["-u", JOB_USER, "1024", "1024", "0", "0"])
+                .arg(&fs.mount),
+        );
+        assert!(quota.is_ok(), "{quota:?}");
+        let out = fs.mount.join("out.txt");
+        assert_output_stops_like_the_users_write(c, &dir, &out, 1 << 20, "Disk quota exceeded");
+    });
+}

@@ -1,9 +1,11 @@
-//! Reads the host's frames: stdin data for the job, signals for its process group, the final
-//! Ack. Runs on its own thread so a signal is delivered while the main loop waits.
+//! Reads the host's frames: stdin data for the job, signals for its process group, output
+//! streams the host can no longer write, the final Ack. Runs on its own thread so a signal is delivered while the main loop waits.
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Sender, SyncSender};
+use std::sync::Arc;
 
 use super::event::Event;
 use crate::protocol::{Frame, FrameReader, Stream};
@@ -32,8 +34,21 @@ fn spawn_stdin_feeder(stdin: Option<File>) -> SyncSender<Option<Vec<u8>>> {
     tx
 }
 
+/// Which output streams the host refused (their destination failed); the pumps close them.
+#[derive(Debug, Clone, Default)]
+pub struct RefusedOutput {
+    pub stdout: Arc<AtomicBool>,
+    pub stderr: Arc<AtomicBool>,
+}
+
 /// Reads frames until the connection ends. `job_pgid` is the job's process group.
-pub fn run(conn: File, job_pgid: libc::pid_t, stdin: Option<File>, events: Sender<Event>) {
+pub fn run(
+    conn: File,
+    job_pgid: libc::pid_t,
+    stdin: Option<File>,
+    refused: RefusedOutput,
+    events: Sender<Event>,
+) {
     let feeder = spawn_stdin_feeder(stdin);
     let mut reader = FrameReader::new(conn);
     loop {
@@ -55,6 +70,8 @@ pub fn run(conn: File, job_pgid: libc::pid_t, stdin: Option<File>, events: Sende
             Frame::Eof(Stream::Stdin) => {
                 let _ = feeder.send(None);
             }
+            Frame::Eof(Stream::Stdout) => refused.stdout.store(true, Ordering::SeqCst),
+            Frame::Eof(Stream::Stderr) => refused.stderr.store(true, Ordering::SeqCst),
             Frame::Signal { signo } => {
                 // SAFETY: kill has no memory-safety preconditions. A negative pid addresses the
                 // job's whole process group; ESRCH (group already gone) is fine to ignore.

@@ -179,13 +179,17 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
         let tx = tx.clone();
         std::thread::spawn(move || reaper::run(job.pid, tx));
     }
-    for (pipe, stream) in [(job.stdout, Stream::Stdout), (job.stderr, Stream::Stderr)] {
+    let refused = host_reader::RefusedOutput::default();
+    for (pipe, stream, refused) in [
+        (job.stdout, Stream::Stdout, refused.stdout.clone()),
+        (job.stderr, Stream::Stderr, refused.stderr.clone()),
+    ] {
         let (w, tx) = (writer.clone(), tx.clone());
-        std::thread::spawn(move || output_pump::pump(pipe, stream, w, tx));
+        std::thread::spawn(move || output_pump::pump(pipe, stream, w, refused, tx));
     }
     {
         let (stdin, tx) = (job.stdin, tx.clone());
-        std::thread::spawn(move || host_reader::run(conn, pgid, stdin, tx));
+        std::thread::spawn(move || host_reader::run(conn, pgid, stdin, refused, tx));
     }
     drop(tx);
     Ok(supervise(config, pgid, &writer, &rx))

@@ -3,20 +3,39 @@
 //! Backpressure is end to end: when the host stops reading, the frame write blocks, this pump
 //! stops reading the pipe, the pipe fills and the job blocks in `write`. Nothing is buffered
 //! without bound.
+//!
+//! When the host says the stream's destination failed (its `Eof` for this stream: a full
+//! quota, the job's file-size limit, a reader that went away), the pump closes the pipe, so
+//! the job's next write fails as its write to that file would have failed on the host.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use super::event::Event;
 use super::shared_writer::SharedWriter;
 use crate::protocol::{Frame, Stream, MAX_DATA_CHUNK};
 
-/// Pumps `pipe` until EOF, then reports [`Event::OutputClosed`].
-pub fn pump(mut pipe: File, stream: Stream, writer: SharedWriter, events: Sender<Event>) {
+/// Pumps `pipe` until EOF, or until the host `refused` the stream, then reports
+/// [`Event::OutputClosed`].
+pub fn pump(
+    mut pipe: File,
+    stream: Stream,
+    writer: SharedWriter,
+    refused: Arc<AtomicBool>,
+    events: Sender<Event>,
+) {
     let mut buf = vec![0u8; MAX_DATA_CHUNK];
     loop {
-        match pipe.read(&mut buf) {
+        let read = pipe.read(&mut buf);
+        if refused.load(Ordering::SeqCst) {
+            // Closing the pipe's only read end: the job's next write gets EPIPE (SIGPIPE).
+            drop(pipe);
+            break;
+        }
+        match read {
             Ok(0) => break,
             Ok(n) => {
                 let data = buf[..n].to_vec();

@@ -25,7 +25,9 @@ pub enum Frame {
     Stdout(Vec<u8>),
     /// agent → host: bytes the job wrote to stderr.
     Stderr(Vec<u8>),
-    /// End of one stream (stdin from the host; stdout/stderr from the agent).
+    /// End of one stream: stdin from the host; stdout/stderr from the agent. From the host,
+    /// stdout/stderr means their destination failed: the agent closes the job's pipe, so the
+    /// job's next write fails (EPIPE), and sends its own Eof for the stream when done.
     Eof(Stream),
     /// host → agent: deliver this signal to the job's process group.
     Signal { signo: i32 },

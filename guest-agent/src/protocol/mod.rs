@@ -32,7 +32,9 @@ pub use stream::{FrameReader, FrameWriter};
 /// Version spoken by this build; carried in [`Frame::Hello`]. The host refuses other versions.
 /// 2: the host may send [`Frame::Filesystems`] (OS image, shared directories) before Spawn.
 /// 3: [`Frame::Filesystems`] carries the job user's account.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: the host may send [`Frame::Eof`] for stdout or stderr: it can no longer write that
+///    stream's destination, and the agent closes the job's pipe.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest frame body accepted (kind byte plus payload).
 pub const MAX_FRAME_LEN: usize = 1 << 20;

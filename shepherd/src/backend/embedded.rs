@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use guest_agent::protocol::ShareTransport;
 
-use super::{BackendError, RunningVm, VmBackend, VmExit, VmKiller, VmSpec};
+use super::{BackendError, EndedBy, RunningVm, VmBackend, VmExit, VmKiller, VmSpec};
 
 /// The guest's vsock context id.
 const GUEST_CID: u64 = 3;
@@ -87,7 +87,13 @@ impl RunningVm for EmbeddedVm {
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, BackendError> {
         Ok(self.handle.wait_timeout(timeout).map(|reason| VmExit {
             orderly: matches!(reason, vmm::ExitReason::GuestReset),
-            stopped_from_outside: matches!(reason, vmm::ExitReason::HostRequest),
+            ended_by: match reason {
+                vmm::ExitReason::HostRequest => EndedBy::Outside,
+                vmm::ExitReason::DeviceError { .. } | vmm::ExitReason::VcpuError { .. } => {
+                    EndedBy::Vmm
+                }
+                _ => EndedBy::Guest,
+            },
             description: reason.to_string(),
         }))
     }

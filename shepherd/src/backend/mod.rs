@@ -192,14 +192,24 @@ pub enum BackendError {
     RunDir(#[from] crate::run_dir::RunDirError),
 }
 
-/// How a VM ended, in words, whether that was the guest's orderly reset, and whether something
-/// outside the VM ended it (the host's stop, a signal to the VMM) rather than the guest or the
-/// VMM itself.
+/// How a VM ended, in words, whether that was the guest's orderly reset, and who ended it.
 #[derive(Debug, Clone)]
 pub struct VmExit {
     pub orderly: bool,
-    pub stopped_from_outside: bool,
+    pub ended_by: EndedBy,
     pub description: String,
+}
+
+/// Who ended a VM: before its agent connects, this says whose a failed start is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedBy {
+    /// The guest: it reset, shut down or crashed, or KVM could not run what it did.
+    Guest,
+    /// The VMM could not go on running it (QEMU exited with an error, a device or vCPU
+    /// thread failed): a host problem that may pass.
+    Vmm,
+    /// Something outside: the host's stop, a signal to the VMM, its helper gone.
+    Outside,
 }
 
 /// Stops a VM from any thread.

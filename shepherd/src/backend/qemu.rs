@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BackendError, RunningVm, VmBackend, VmExit, VmKiller, VmSpec, VmmCredentials};
+use super::{
+    BackendError, EndedBy, RunningVm, VmBackend, VmExit, VmKiller, VmSpec, VmmCredentials,
+};
 use crate::run_dir;
 
 /// The guest's vsock context id (any value ≥ 3; each VM has its own daemon).
@@ -363,9 +365,18 @@ impl RunningVm for QemuVm {
                         description.push_str(last.trim());
                     }
                 }
+                // QEMU exits 0 when the guest resets or shuts down (-no-reboot), and with an
+                // error when it cannot run the VM.
+                let ended_by = if signalled || daemon_gone {
+                    EndedBy::Outside
+                } else if status.success() {
+                    EndedBy::Guest
+                } else {
+                    EndedBy::Vmm
+                };
                 return Ok(Some(VmExit {
                     orderly,
-                    stopped_from_outside: signalled || daemon_gone,
+                    ended_by,
                     description,
                 }));
             }

@@ -49,11 +49,19 @@ impl CounterDir {
             path: dir.display().to_string(),
             source,
         };
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io)?;
+        // Missing parents get the usual 0755: they may be shared (the image store lives beside
+        // these directories in /var/lib/sge_virtualizer, and job users must reach it).
+        if let Some(parent) = dir.parent() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(io)?;
+        }
+        match DirBuilder::new().mode(0o700).create(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io(e)),
+            _ => {}
+        }
         let meta = std::fs::symlink_metadata(dir).map_err(io)?;
         if !meta.is_dir()
             || meta.uid() != nix::unistd::geteuid().as_raw()
@@ -140,6 +148,20 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         dir.remove("a");
         assert_eq!(dir.update("a", |t| format!("{t}y")).unwrap(), "y");
+    }
+
+    /// The parents it makes stay open to others (the image store sits beside it, and job
+    /// users must reach that); only the directory itself is closed.
+    #[test]
+    fn missing_parents_are_made_reachable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CounterDir::new(tmp.path().join("lib/state/counts"));
+        dir.checked().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        // (with the usual umask 022)
+        assert_eq!(mode(&tmp.path().join("lib")), 0o755);
+        assert_eq!(mode(&tmp.path().join("lib/state")), 0o755);
+        assert_eq!(mode(dir.path()), 0o700);
     }
 
     #[test]

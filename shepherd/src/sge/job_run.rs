@@ -15,13 +15,14 @@ use super::control_method::{ControlMethods, MethodRunner};
 use super::delegation::{self, DelegationPolicy};
 use super::environment::JobEnvironment;
 use super::fault::{Fault, JobCause};
+use super::file_size_limit::FileSizeLimited;
 use super::guest_rusage;
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
 use super::job_user::JobUser;
 use super::limits;
 use super::output_paths::{self, JobStreams, OutputKind};
 use super::procedure::{exit_code, Procedure, ProcedureKind, RunAs};
-use super::shortage_streak::{ShortageStreak, ShortageVerdict};
+use super::shortage_streak::{ShortagePolicy, ShortageStreak, ShortageVerdict};
 use super::signal_relay::SignalRelay;
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
@@ -206,6 +207,15 @@ fn install_panic_hook(dir: &ActiveDir) {
 
 fn crash_state(state: ShepherdState) {
     STATE_IF_CRASHED.store(state.code(), Ordering::SeqCst);
+}
+
+/// What the shepherd knows of the job's VM when it judges how the job ended.
+struct VmFacts {
+    vcpus: u8,
+    /// Who shaped what the VM booted before its agent connected.
+    boot_owner: BootOwner,
+    /// How many shortages in a row the job's queue may have.
+    shortage: ShortagePolicy,
 }
 
 /// The job's host-side resources, set up before the prolog.
@@ -477,6 +487,12 @@ impl JobRun {
             .map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
         let rlimits =
             limits::job_rlimits(c).map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
+        // The job's output files keep its file-size limit, as its own writes would.
+        let output_limit = rlimits
+            .iter()
+            .find(|r| r.resource == libc::RLIMIT_FSIZE)
+            .map(|r| r.soft)
+            .filter(|&soft| soft != guest_agent::protocol::RLIM_INFINITY);
         let budget =
             limits::vmem_budget(c).map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
         let slots = c.number("host_slots", 1).unwrap_or(1).clamp(1, 255) as u8;
@@ -558,7 +574,7 @@ impl JobRun {
             host_memory::can_back(u64::from(mem_mib) + u64::from(vm.vmm_overhead_mib))
         {
             return Err(self.shortage(
-                vm,
+                vm.shortage,
                 format!("sge_virtualizer: can't start the job's VM now: {short}"),
             ));
         }
@@ -570,7 +586,7 @@ impl JobRun {
             .tempdir()
             .map_err(|e| {
                 self.shortage(
-                    vm,
+                    vm.shortage,
                     format!("sge_virtualizer: can't create the VM's runtime directory: {e}"),
                 )
             })?;
@@ -580,8 +596,8 @@ impl JobRun {
         };
         let io = JobIo {
             stdin,
-            stdout: Box::new(stdout),
-            stderr: Box::new(stderr),
+            stdout: FileSizeLimited::wrap(stdout, output_limit),
+            stderr: FileSizeLimited::wrap(stderr, output_limit),
         };
         self.dir.trace(&format!(
             "starting VM: kernel {} initramfs {} {} MiB {} vCPUs backend {:?}; image {:?}; \
@@ -621,11 +637,10 @@ impl JobRun {
                 BootOwner::Queue
             };
             match start_failure::launch_failure(&e, image_owner) {
-                (Fault::Shortage, message) => self.shortage(vm, message),
+                (Fault::Shortage, message) => self.shortage(vm.shortage, message),
                 (fault, message) => Failure::of(fault, message),
             }
         })?;
-        self.shortage_streak(vm).clear(self.queue());
         crash_state(ShepherdState::AfterJob);
         // The VMM process: the job user's, with add_grp_id among its groups.
         let job_pid = running.vmm_pid();
@@ -644,7 +659,12 @@ impl JobRun {
         let relay = SignalRelay::new(&self.dir, &self.config, &p.methods, runner);
         let (result, killed) = relay.run(&mut self.signals, &controller, &rx);
         drop(run_dir);
-        self.outcome(result, killed, started_wall, vcpus, boot_owner)
+        let facts = VmFacts {
+            vcpus,
+            boot_owner,
+            shortage: vm.shortage,
+        };
+        self.outcome(result, killed, started_wall, &facts)
     }
 
     /// The job's queue (its settings section and its shortage streak).
@@ -652,14 +672,14 @@ impl JobRun {
         self.config.get("queue").unwrap_or_default()
     }
 
-    fn shortage_streak(&self, vm: &VmSettings) -> ShortageStreak {
-        ShortageStreak::configured(vm.shortage)
+    fn shortage_streak(&self, policy: ShortagePolicy) -> ShortageStreak {
+        ShortageStreak::configured(policy)
     }
 
     /// The failure for a shortage that may pass: re-queued, unless the queue has had its
     /// allowed number in a row on this host; then the queue's error.
-    fn shortage(&self, vm: &VmSettings, message: String) -> Failure {
-        match self.shortage_streak(vm).record(self.queue()) {
+    fn shortage(&self, policy: ShortagePolicy, message: String) -> Failure {
+        match self.shortage_streak(policy).record(self.queue()) {
             Ok(ShortageVerdict::Requeue { count, limit }) => Failure::no_resources(format!(
                 "{message} (shortage {count} of {limit} in a row allowed on this host)"
             )),
@@ -754,8 +774,7 @@ impl JobRun {
         result: Result<launch::JobOutcome, JobError>,
         killed: bool,
         started: SystemTime,
-        vcpus: u8,
-        boot_owner: BootOwner,
+        facts: &VmFacts,
     ) -> Result<UsageRecord, Failure> {
         let killed_record = |start: SystemTime| UsageRecord {
             end: JobEnd::Signaled {
@@ -766,12 +785,16 @@ impl JobRun {
             end_time: SystemTime::now(),
             rusage: Rusage::default(),
         };
-        if !matches!(
+        let connected = !matches!(
             result,
-            Err(JobError::AgentNeverConnected(_) | JobError::GuestDidNotBoot(_))
-        ) {
-            // The agent connected (or the job was not started at all): no bound to keep.
+            Err(JobError::AgentNeverConnected(_)
+                | JobError::GuestDidNotBoot(_)
+                | JobError::VmFailedToRun(_))
+        );
+        if connected {
+            // The VM came up and its agent connected: no bound to keep, no shortage now.
             StartAttempts::configured().clear(&self.config);
+            self.shortage_streak(facts.shortage).clear(self.queue());
         }
         if let Err(e) = &result {
             if let Some(failure) = refused_before_start(e) {
@@ -787,7 +810,10 @@ impl JobRun {
                     .job_ended
                     .duration_since(o.job_started)
                     .unwrap_or_default();
-                let (rusage, note) = guest_rusage::bounded(o.rusage, wall, vcpus);
+                for failure in &o.output_failures {
+                    self.dir.trace(failure);
+                }
+                let (rusage, note) = guest_rusage::bounded(o.rusage, wall, facts.vcpus);
                 if let Some(note) = note {
                     self.dir.trace(&note);
                 }
@@ -799,7 +825,7 @@ impl JobRun {
                 })
             }
             Err(e @ JobError::GuestDidNotBoot(_)) if !killed => {
-                match start_failure::did_not_boot(boot_owner) {
+                match start_failure::did_not_boot(facts.boot_owner) {
                     Some(fault) => Err(Failure::of(
                         fault,
                         format!("sge_virtualizer: this queue's guest does not boot: {e}"),
@@ -808,6 +834,10 @@ impl JobRun {
                 }
             }
             Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(self.never_connected(&e)),
+            Err(e @ JobError::VmFailedToRun(_)) if !killed => Err(self.shortage(
+                facts.shortage,
+                format!("sge_virtualizer: can't start the job's VM now: {e}"),
+            )),
             Err(e) if killed => {
                 self.dir.trace(&format!("job killed; its VM ended: {e}"));
                 Ok(killed_record(started))
@@ -929,6 +959,14 @@ mod tests {
     use guest_agent::protocol::{BootTimes, Frame, Stream, PROTOCOL_VERSION};
     use proptest::prelude::*;
 
+    fn facts(vcpus: u8, boot_owner: BootOwner) -> VmFacts {
+        VmFacts {
+            vcpus,
+            boot_owner,
+            shortage: ShortagePolicy::default(),
+        }
+    }
+
     /// A job run whose active directory is `dir`, as the tests drive `outcome` with it.
     fn job_run(dir: &Path, config: JobConfig) -> JobRun {
         JobRun {
@@ -946,7 +984,12 @@ mod tests {
         let mut run = job_run(tmp.path(), JobConfig::default());
         let trace =
             |run: &JobRun| std::fs::read_to_string(run.dir.path("trace")).unwrap_or_default();
-        match run.outcome(Err(e), false, SystemTime::now(), 1, BootOwner::Queue) {
+        match run.outcome(
+            Err(e),
+            false,
+            SystemTime::now(),
+            &facts(1, BootOwner::Queue),
+        ) {
             Err(f) => (f.state.charged_to(), f.message),
             Ok(_) => (run.state.charged_to(), trace(&run)),
         }
@@ -969,9 +1012,10 @@ mod tests {
             job_started: started,
             job_ended: started + Duration::from_secs(3),
             timings: Default::default(),
+            output_failures: Vec::new(),
         };
         let record = run
-            .outcome(Ok(outcome), false, started, 2, BootOwner::Queue)
+            .outcome(Ok(outcome), false, started, &facts(2, BootOwner::Queue))
             .ok()
             .unwrap();
         // (3 s + 1 s of clock slack) × 2 vCPUs
@@ -1000,9 +1044,14 @@ mod tests {
         );
         let never = || JobError::AgentNeverConnected("VM ended before its agent connected".into());
         let outcome = |run: &mut JobRun, e| {
-            run.outcome(Err(e), false, SystemTime::now(), 1, BootOwner::Queue)
-                .err()
-                .unwrap()
+            run.outcome(
+                Err(e),
+                false,
+                SystemTime::now(),
+                &facts(1, BootOwner::Queue),
+            )
+            .err()
+            .unwrap()
         };
         for round in 0..2 {
             for attempt in 1..MAX_NEVER_CONNECTED {
@@ -1019,7 +1068,12 @@ mod tests {
             if round == 0 {
                 // The agent connects this time (and the job fails otherwise): count forgotten.
                 let later = JobError::Vm("later trouble".into());
-                let _ = run.outcome(Err(later), false, SystemTime::now(), 1, BootOwner::Queue);
+                let _ = run.outcome(
+                    Err(later),
+                    false,
+                    SystemTime::now(),
+                    &facts(1, BootOwner::Queue),
+                );
             }
         }
         let last = outcome(&mut run, never());
@@ -1044,7 +1098,12 @@ mod tests {
         let mut run = job_run(active.path(), JobConfig::default());
         let e = || JobError::GuestDidNotBoot("VM ended before its agent connected".into());
         let f = run
-            .outcome(Err(e()), false, SystemTime::now(), 1, BootOwner::Queue)
+            .outcome(
+                Err(e()),
+                false,
+                SystemTime::now(),
+                &facts(1, BootOwner::Queue),
+            )
             .err()
             .unwrap();
         assert_eq!(f.state.charged_to(), Charge::Queue, "{}", f.message);
@@ -1064,7 +1123,12 @@ mod tests {
             )),
         );
         let f = run
-            .outcome(Err(e()), false, SystemTime::now(), 1, BootOwner::Job)
+            .outcome(
+                Err(e()),
+                false,
+                SystemTime::now(),
+                &facts(1, BootOwner::Job),
+            )
             .err()
             .unwrap();
         assert_eq!(f.state, ShepherdState::Again, "{}", f.message);
@@ -1081,11 +1145,11 @@ mod tests {
             tmp.path().join("shortages"),
         );
         let active = tempfile::tempdir().unwrap();
-        let run = job_run(active.path(), JobConfig::parse("queue=short.q\n"));
+        let mut run = job_run(active.path(), JobConfig::parse("queue=short.q\n"));
         let mut vm = Settings::default().for_queue("short.q");
         vm.shortage.limit = 2;
         for count in 1..=2 {
-            let f = run.shortage(&vm, "no RAM".into());
+            let f = run.shortage(vm.shortage, "no RAM".into());
             assert_eq!(f.state, ShepherdState::Again, "{}", f.message);
             assert!(f.no_resources);
             assert!(
@@ -1094,7 +1158,7 @@ mod tests {
                 f.message
             );
         }
-        let f = run.shortage(&vm, "no RAM".into());
+        let f = run.shortage(vm.shortage, "no RAM".into());
         assert_eq!(f.state.charged_to(), Charge::Queue, "{}", f.message);
         assert!(!f.no_resources);
         assert!(
@@ -1103,10 +1167,22 @@ mod tests {
             f.message
         );
         // the streak started again; a started VM ends it
-        run.shortage(&vm, "no RAM".into());
-        run.shortage_streak(&vm).clear("short.q");
-        let f = run.shortage(&vm, "no RAM".into());
+        run.shortage(vm.shortage, "no RAM".into());
+        run.shortage_streak(vm.shortage).clear("short.q");
+        let f = run.shortage(vm.shortage, "no RAM".into());
         assert!(f.message.contains("shortage 1 of 2"), "{}", f.message);
+        // a VM the VMM could not run (QEMU exited with an error) is a shortage too
+        let failed = JobError::VmFailedToRun("qemu exited (exit status: 1)".into());
+        let vm_facts = VmFacts {
+            vcpus: 1,
+            boot_owner: BootOwner::Queue,
+            shortage: vm.shortage,
+        };
+        let f = run
+            .outcome(Err(failed), false, SystemTime::now(), &vm_facts)
+            .err()
+            .unwrap();
+        assert!(f.message.contains("shortage 2 of 2"), "{}", f.message);
         std::env::remove_var(crate::sge::shortage_streak::DIR_ENV);
     }
 

@@ -13,6 +13,7 @@ pub mod delegation;
 pub mod environment;
 pub mod expand;
 pub mod fault;
+pub mod file_size_limit;
 pub mod guest_rusage;
 pub mod job_argv;
 pub mod job_fifo;

@@ -61,6 +61,8 @@ pub enum FromVmm {
         job_started: SystemTime,
         job_ended: SystemTime,
         timings: Timings,
+        /// [`crate::launch::JobOutcome::output_failures`], one per stream at most.
+        output_failures: Vec<String>,
     },
     /// The job did not produce an exit status.
     Failed(JobError),

@@ -242,6 +242,7 @@ impl VmmProcess {
                 job_started,
                 job_ended,
                 timings,
+                output_failures,
             } if self.report.is_none() => {
                 self.report = Some(Ok(JobOutcome {
                     wait_status,
@@ -249,6 +250,7 @@ impl VmmProcess {
                     job_started,
                     job_ended,
                     timings,
+                    output_failures,
                 }));
                 self.begin_reaping(false);
                 None
@@ -447,6 +449,7 @@ mod tests {
                 job_started: SystemTime::now(),
                 job_ended: SystemTime::now(),
                 timings: Timings::default(),
+                output_failures: Vec::new(),
             })
             .unwrap();
         });
