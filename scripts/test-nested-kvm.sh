@@ -7,6 +7,8 @@
 #   image_e2e    embedded::*   (OS image on virtio-blk, the cwd shared over virtio-fs)
 #   vmm real_kernel            (the real guest kernel in the VMM: vsock, virtio-fs and ext4 roots)
 #   timings                    (an embedded job-path smoke: `run --timings -- true`, three times)
+#   sge                        (a Grid Engine cell in the nested host whose jobs run in embedded
+#                               VMs: scripts/nested-sge-checks.sh)
 #
 # Prints the number of tests run in the tier at the end; fails when any of them fails, when the
 # outer host cannot boot, or when a test skips for want of vmx/svm (it must not, there).
@@ -17,10 +19,11 @@
 # then end the run, and the outer serial log is printed.
 #
 # Usage: scripts/test-nested-kvm.sh [--timeout S]     (after scripts/setup.sh)
-# Environment: NESTED_KVM_TIER_FILTER (default: all three groups above; a space-separated subset
-#              of run_e2e image_e2e real_kernel timings), NESTED_KVM_TEST_THREADS (default 1),
-#              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 480; the whole run: --timeout,
-#              default 900; a full tier takes 3-6 min on 2 busy cores).
+# Environment: NESTED_KVM_TIER_FILTER (default: all the groups above; a space-separated subset
+#              of run_e2e image_e2e real_kernel timings sge), NESTED_KVM_TEST_THREADS (default 1),
+#              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 480; sge:
+#              NESTED_KVM_SGE_TIMEOUT, default 720; the whole run: --timeout,
+#              default 1500; a full tier takes 8-12 min on 2 busy cores).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,6 +55,28 @@ if [ "${1:-}" = --inside ]; then
                 fi
                 echo "=== timings: run $i: $(( ($(date +%s%N) - start) / 1000000 )) ms wall: $(tail -n 1 "$log")"
             done
+            continue
+        fi
+        if [ "$name" = sge ]; then
+            echo "=== sge: $bin (a Grid Engine cell on real KVM)"
+            start=$(date +%s)
+            set +e
+            # (a cell of its own first: it needs more time than a test group)
+            timeout -k 10 "${NESTED_KVM_SGE_TIMEOUT:-720}" "$bin" "$SGE_VIRTUALIZER_BIN" \
+                "$REPO/target/nested-kvm-sge/gridengine" 2>&1 | tee "$log"
+            rc=${PIPESTATUS[0]}
+            set -e
+            result=$(grep -E '^nested-sge: [0-9]+ checks passed' "$log" | tail -n 1)
+            passed=$(echo "$result" | sed -n 's/^nested-sge: \([0-9]*\) checks passed.*/\1/p')
+            failed=$(echo "$result" | sed -n 's/.* \([0-9]*\) failed$/\1/p')
+            echo "=== sge: exit $rc, ${passed:-0} checks passed, ${failed:-0} failed, $(($(date +%s) - start)) s"
+            total_passed=$((total_passed + ${passed:-0}))
+            total_failed=$((total_failed + ${failed:-0}))
+            if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+                stalled_groups+=(sge)
+            elif [ "$rc" != 0 ] || [ -z "$result" ]; then
+                failed_groups+=(sge)
+            fi
             continue
         fi
         filter=()
@@ -96,14 +121,14 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # On the host: build the test binaries, then run them all in one boot of the outer VM.
-timeout=900
+timeout=1500
 while [ $# -gt 0 ]; do
     case $1 in
         --timeout) timeout=$2; shift 2 ;;
         *) die "unknown argument $1" ;;
     esac
 done
-groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e real_kernel timings}
+groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e real_kernel timings sge}
 
 # The test executable cargo builds for `--test NAME` of package PKG.
 test_executable() {
@@ -125,7 +150,16 @@ for g in $groups; do
         run_e2e|image_e2e) exe=$(test_executable integration-tests "$g") ;;
         real_kernel) exe=$(test_executable vmm real_kernel) ;;
         timings) exe=$SGE_VIRTUALIZER_BIN ;;
-        *) die "unknown group $g (run_e2e image_e2e real_kernel timings)" ;;
+        sge)
+            # The cell's files as the host's packages made them (installed if need be); the
+            # outer host makes a fresh spool from them.
+            [ -f /var/lib/gridengine/default/common/bootstrap ] || "$REPO/scripts/sge-cell.sh" install
+            rm -rf "$REPO/target/nested-kvm-sge"
+            mkdir -p "$REPO/target/nested-kvm-sge"
+            cp -a /var/lib/gridengine "$REPO/target/nested-kvm-sge/gridengine"
+            exe=$REPO/scripts/nested-sge-checks.sh
+            ;;
+        *) die "unknown group $g (run_e2e image_e2e real_kernel timings sge)" ;;
     esac
     [ -n "$exe" ] && [ -x "$exe" ] || die "cannot build the $g test executable"
     pairs+=("$g" "$exe")
@@ -146,7 +180,7 @@ for attempt in 1 2; do
     say "running ${groups} in the nested real-KVM host (one outer boot; try $attempt of 2)"
     rc=0
     "$REPO/scripts/nested-kvm-host.sh" run --cpus 4 --timeout "$timeout" "${shares[@]}" \
-        --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT \
+        --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT --env NESTED_KVM_SGE_TIMEOUT \
         -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}" || rc=$?
     case $rc in
         0) exit 0 ;;

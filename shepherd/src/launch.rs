@@ -161,11 +161,17 @@ impl JobOutcome {
 pub struct RunningJob {
     controller: JobController,
     process: VmmProcess,
+    backend: String,
 }
 
 impl RunningJob {
     pub fn controller(&self) -> JobController {
         self.controller.clone()
+    }
+
+    /// The backend that runs the VM and why it was chosen, in words (for the job's trace).
+    pub fn backend(&self) -> &str {
+        &self.backend
     }
 
     /// The VMM process (Grid Engine's `job_pid`): the job user's, carrying its groups.
@@ -355,6 +361,7 @@ pub fn launch_in(
             selection.backend.name()
         )));
     }
+    let backend_in_words = format!("{} ({})", selection.backend.name(), selection.reason);
     let timings = Timings {
         backend: selection.backend.name().to_string(),
         backend_reason: selection.reason.clone(),
@@ -435,6 +442,7 @@ pub fn launch_in(
             vmm: process.control(),
         },
         process,
+        backend: backend_in_words,
     })
 }
 

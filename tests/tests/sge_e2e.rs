@@ -122,8 +122,10 @@ impl Cell {
         for f in ["vmlinux", "initramfs.cpio"] {
             std::fs::copy(image.join(f), root.join(f)).map_err(|e| e.to_string())?;
         }
-        // a "kernel" QEMU cannot boot, for the VM-start fault
+        // a "kernel" that is none, and an initramfs the kernel cannot use (it panics)
         std::fs::write(root.join("garbage-kernel"), b"not a kernel\n")
+            .map_err(|e| e.to_string())?;
+        std::fs::write(root.join("garbage-initramfs"), b"not an initramfs\n")
             .map_err(|e| e.to_string())?;
         let settings = root.join("settings.toml");
         std::fs::write(
@@ -133,7 +135,8 @@ impl Cell {
                  image_store = \"{IMAGE_STORE}\"\njob_images = [\"bookworm\", \"nosuch\"]\n\
                  [queues.\"bullseye.q\"]\nimage = \"bullseye\"\n\
                  [queues.\"seqnokernel.q\"]\nkernel = \"{r}/missing/vmlinux\"\n\
-                 [queues.\"seqbadvm.q\"]\nkernel = \"{r}/garbage-kernel\"\n\
+                 [queues.\"seqbadvm.q\"]\ninitramfs = \"{r}/garbage-initramfs\"\n\
+                 [queues.\"seqnotkernel.q\"]\nkernel = \"{r}/garbage-kernel\"\n\
                  [queues.\"shortage.q\"]\n{HUGE_GUEST}\n\
                  [queues.\"outsiders.q\"]\ndelegate = \"never\"\n\
                  [queues.\"noshare.q\"]\nshare_job_dirs = false\n",
@@ -168,6 +171,7 @@ impl Cell {
         for q in [
             "seqnokernel.q",
             "seqbadvm.q",
+            "seqnotkernel.q",
             "seqgood.q",
             "shortage.q",
             "settings.q",
@@ -1173,12 +1177,26 @@ fn a_job_goes_around_a_queue_whose_kernel_is_missing() {
     });
 }
 
+/// The queue's guest kernel panics (its initramfs is not one): the VM ends by itself before
+/// its agent connects.
 #[test]
-fn a_job_goes_around_a_queue_whose_kernel_does_not_boot() {
+fn a_job_goes_around_a_queue_whose_guest_does_not_boot() {
+    with_cell("a_job_goes_around_a_queue_whose_guest_does_not_boot", |c| {
+        assert_job_goes_around_broken_queue(c, "seqbadvm.q", "guest does not boot");
+    });
+}
+
+/// The queue's guest kernel is not a kernel: refused before any VM starts.
+#[test]
+fn a_job_goes_around_a_queue_whose_kernel_is_not_a_kernel() {
     with_cell(
-        "a_job_goes_around_a_queue_whose_kernel_does_not_boot",
+        "a_job_goes_around_a_queue_whose_kernel_is_not_a_kernel",
         |c| {
-            assert_job_goes_around_broken_queue(c, "seqbadvm.q", "guest does not boot");
+            assert_job_goes_around_broken_queue(
+                c,
+                "seqnotkernel.q",
+                "is neither an ELF vmlinux nor a bzImage",
+            );
         },
     );
 }
@@ -2625,5 +2643,60 @@ fn output_beyond_the_users_quota_fails_as_the_users_write_would() {
         assert!(quota.is_ok(), "{quota:?}");
         let out = fs.mount.join("out.txt");
         assert_output_stops_like_the_users_write(c, &dir, &out, 1 << 20, "Disk quota exceeded");
+    });
+}
+
+/// The `usage` line of `qstat -j job` (execd's online usage), if any.
+fn online_usage(job: u32) -> Option<String> {
+    let out = run(Command::new("qstat").args(["-j", &job.to_string()]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("usage"))
+        .map(str::to_string)
+}
+
+/// The seconds in a qstat `cpu=[D:]HH:MM:SS` field.
+fn cpu_seconds(usage: &str) -> u64 {
+    let field = usage
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .find_map(|f| f.strip_prefix("cpu="))
+        .unwrap_or("0");
+    field
+        .split(':')
+        .fold(0, |acc, part| acc * 60 + part.parse::<u64>().unwrap_or(0))
+}
+
+/// Issue 18 item 3: execd's process data collector sees the job's VM (the VMM process and its
+/// helpers carry the job's `add_grp_id`): `qstat -j` shows the job's online CPU and memory
+/// usage while it runs, and a job with `h_cpu` spinning in its VM is ended within the limit's
+/// reach, with the CPU time in its accounting. (Here the VM runs under QEMU; the embedded
+/// VMM's vCPUs are threads of the same VMM process.)
+#[test]
+fn online_usage_and_h_cpu_cover_the_jobs_vm() {
+    with_cell("online_usage_and_h_cpu_cover_the_jobs_vm", |c| {
+        let dir = c.work_dir("h_cpu");
+        c.script(&dir, "spin.sh", "#!/bin/sh\nwhile :; do :; done\n");
+        let job = c.qsub(&dir, &["-l", "h_cpu=0:0:15", "spin.sh"]);
+        let _delete = ForceDelete(c, job);
+        c.wait_running(job, JOB_WAIT);
+        let start = Instant::now();
+        let usage = loop {
+            match online_usage(job) {
+                Some(u) if cpu_seconds(&u) >= 2 && u.contains("maxvmem=") => break u,
+                other => assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "no online CPU usage for job {job} after 60 s: {other:?}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert!(!usage.contains("maxvmem=0.000"), "no memory usage: {usage}");
+        let rec = c.wait_accounting(job, 1, Duration::from_secs(120));
+        let exit = number(&rec[0], "exit_status");
+        assert!(exit > 128.0, "the spinning job was not killed: {rec:?}");
+        let cpu = number(&rec[0], "cpu");
+        assert!((10.0..=60.0).contains(&cpu), "cpu {cpu} s: {rec:?}");
+        let wall = number(&rec[0], "ru_wallclock");
+        assert!(wall <= 90.0, "ran {wall} s with h_cpu 15 s: {rec:?}");
     });
 }

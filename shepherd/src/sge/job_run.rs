@@ -644,6 +644,10 @@ impl JobRun {
         crash_state(ShepherdState::AfterJob);
         // The VMM process: the job user's, with add_grp_id among its groups.
         let job_pid = running.vmm_pid();
+        self.dir.trace(&format!(
+            "VM started: backend {}, VMM process {job_pid}",
+            running.backend()
+        ));
         self.config.set("job_pid", &job_pid.to_string());
         let _ = self.dir.write_job_pid(job_pid);
         let controller = running.controller();

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Inside the nested real-KVM host (scripts/test-nested-kvm.sh, group `sge`): a one-host Son of
+# Grid Engine cell (the host's Debian packages over the shared /usr, a fresh spool in the outer
+# host's memory) whose shepherd is sge_virtualizer with `backend = "auto"`, which picks the
+# embedded VMM there. Checks, each printed as `check NAME: ok` or `check NAME: FAILED (why)`:
+#
+#   auto_is_embedded   a job's VM runs in the embedded VMM: the job's trace says so, vCPU
+#                      threads in the job user's VMM process, no QEMU anywhere
+#   qacct_like_stock   the same job (output, exit 7) gives the same output file and qacct
+#                      failed/exit_status under the stock shepherd and under ours
+#   qdel_leaves_no_vm  qdel of a running job ends it and leaves no VMM process
+#   online_usage       qstat -j shows the running job's CPU and memory (execd sees the VM)
+#   h_cpu              a job spinning past h_cpu is killed, with its CPU time in qacct
+#
+# Usage (as root in the outer host): nested-sge-checks.sh SGE_VIRTUALIZER_BIN STAGED_SGE_ROOT
+# STAGED_SGE_ROOT is a copy of the host's /var/lib/gridengine (scripts/test-nested-kvm.sh makes
+# it). Exits 1 when a check failed.
+set -uo pipefail
+
+BIN=$1
+STAGED=$2
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+JOB_USER=sgetest
+export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+WORK=/home/$JOB_USER/nested-sge
+passed=0 failed=0
+
+say() { echo "nested-sge: $*"; }
+ok() { echo "check $1: ok${2:+ ($2)}"; passed=$((passed + 1)); }
+bad() { echo "check $1: FAILED ($2)"; failed=$((failed + 1)); }
+
+# ---- the cell ------------------------------------------------------------------------------
+# The cell is named after the host it was set up on; /etc (shared) says which. Its address here
+# is the loopback's, which must resolve back to that name, not to `localhost` (commlib refuses a
+# client whose address resolves to another name than the one it gives): a private hosts file.
+host=$(cat /etc/hostname)
+hostname "$host"
+printf '127.0.0.1\t%s localhost\n::1\tlocalhost\n' "$host" >/tmp/hosts
+mount --bind /tmp/hosts /etc/hosts
+mkdir -p "$SGE_ROOT" /var/spool/gridengine /home
+cp -a "$STAGED/." "$SGE_ROOT/"
+rm -f "$SGE_ROOT/$SGE_CELL/common/accounting"
+chown -R sgeadmin: "$SGE_ROOT" /var/spool/gridengine
+install -d -o "$JOB_USER" -g "$JOB_USER" "/home/$JOB_USER" "$WORK"
+settings=/tmp/sge_virtualizer.toml
+cat >"$settings" <<EOF
+kernel = "$REPO/build/guest/vmlinux"
+initramfs = "$REPO/build/guest/initramfs.cpio"
+backend = "auto"
+EOF
+say "starting the cell (fresh spool; takes a minute under TCG)"
+start=$(date +%s)
+if ! SGE_CELL_VIRTUALIZER_CONFIG=$settings SGE_CELL_KEEP_ACTIVE=true SGE_CELL_SLOTS=2 \
+    timeout 240 "$REPO/scripts/sge-cell.sh" start "$BIN" >/tmp/sge-cell.log 2>&1; then
+    cat /tmp/sge-cell.log
+    tail -n 20 /var/spool/gridengine/qmaster/messages
+    bad cell "sge-cell.sh start failed"
+    echo "nested-sge: $passed checks passed, $failed failed"
+    exit 1
+fi
+say "cell ready in $(($(date +%s) - start)) s"
+
+qsub_job() { # ARGS... -> job id
+    runuser -u "$JOB_USER" -- env -C "$WORK" qsub -terse -q all.q -cwd "$@" | cut -d. -f1
+}
+
+# accounting JOB FIELD: the field's value in the job's (first) qacct record
+accounting() {
+    qacct -j "$1" 2>/dev/null | awk -v k="$2" '$1 == k { $1 = ""; sub(/^ /, ""); print; exit }'
+}
+
+# until SECONDS CMD...: runs CMD until it succeeds or SECONDS have passed (each Grid Engine
+# command takes seconds under TCG: deadlines, not counts).
+until_ok() {
+    local end=$(($(date +%s) + $1))
+    shift
+    until "$@"; do
+        [ "$(date +%s)" -lt "$end" ] || return 1
+        sleep 1
+    done
+}
+
+has_accounting() { [ -n "$(accounting "$1" failed)" ]; }
+
+# The job's VMM process (named sge_vmm-<job>), if it runs.
+vmm_pid() {
+    local p
+    for p in /proc/[0-9]*; do
+        [ "$(cat "$p/comm" 2>/dev/null)" = "sge_vmm-$1" ] && { basename "$p"; return 0; }
+    done
+    return 1
+}
+
+# What is known of a job that did not do what a check expected.
+trace_of() {
+    tail -n 3 /var/spool/gridengine/execd/*/active_jobs/"$1".1/trace 2>/dev/null
+    qstat -j "$1" 2>&1 | grep -E '^(job_state|scheduling info|error reason)' || true
+    echo "qacct failed: $(accounting "$1" failed), exit_status: $(accounting "$1" exit_status)"
+}
+
+# ---- qacct_like_stock, trace_says_embedded -------------------------------------------------
+printf '#!/bin/sh\necho hi\nexit 7\n' >"$WORK/job.sh"
+chown "$JOB_USER:" "$WORK/job.sh"
+ours=$(qsub_job job.sh)
+say "job $ours (exit 7) under sge_virtualizer"
+if until_ok 180 has_accounting "$ours"; then
+    "$REPO/scripts/sge-cell.sh" shepherd none >/dev/null 2>&1
+    sleep 3
+    stock=$(qsub_job job.sh)
+    say "job $stock (exit 7) under the stock shepherd"
+    until_ok 120 has_accounting "$stock" || true
+    "$REPO/scripts/sge-cell.sh" shepherd "$BIN" >/dev/null 2>&1
+    sleep 3
+    o="$(accounting "$ours" failed)/$(accounting "$ours" exit_status)"
+    s="$(accounting "$stock" failed)/$(accounting "$stock" exit_status)"
+    o_out=$(cat "$WORK/job.sh.o$ours" 2>&1)
+    s_out=$(cat "$WORK/job.sh.o$stock" 2>&1)
+    if [ "$o" = "$s" ] && [ "$(accounting "$ours" exit_status)" = 7 ] &&
+        [ "$o_out" = "$s_out" ] && [ "$o_out" = hi ]; then
+        ok qacct_like_stock "failed/exit_status $o and output '$o_out' under both"
+    else
+        bad qacct_like_stock "ours $o '$o_out', stock $s '$s_out'"
+    fi
+    trace=$(grep -h 'VM started' /var/spool/gridengine/execd/*/active_jobs/"$ours".1/trace 2>/dev/null)
+    case $trace in
+        *"backend embedded (auto"*) ok trace_says_embedded "${trace#*sge_virtualizer: }" ;;
+        *) bad trace_says_embedded "trace: '$trace'" ;;
+    esac
+else
+    bad qacct_like_stock "job $ours has no accounting after 180 s: $(trace_of "$ours")"
+fi
+
+# ---- auto_is_embedded, online_usage, h_cpu -------------------------------------------------
+# (a script: `-b y sh -c '…'` would lose its quoting on the way)
+printf '#!/bin/sh\nwhile :; do :; done\n' >"$WORK/spin.sh"
+chown "$JOB_USER:" "$WORK/spin.sh"
+spin=$(qsub_job -l h_cpu=0:0:30 spin.sh)
+say "job $spin (spins, h_cpu 30 s)"
+if until_ok 180 vmm_pid "$spin" >/dev/null; then
+    pid=$(vmm_pid "$spin")
+    threads=$(cat /proc/"$pid"/task/*/comm 2>/dev/null | sort | uniq -c | tr -s ' \n' ' ')
+    if grep -qs vcpu /proc/"$pid"/task/*/comm && ! pgrep -f qemu-system >/dev/null; then
+        ok auto_is_embedded "VMM process $pid threads:$threads"
+    else
+        bad auto_is_embedded "VMM process $pid threads:$threads; qemu: $(pgrep -af qemu-system)"
+    fi
+    usage=
+    busy_usage() {
+        usage=$(qstat -j "$spin" 2>/dev/null | grep '^usage' || true)
+        case $usage in *cpu=00:00:0[0-1],* | "") return 1 ;; esac
+    }
+    until_ok 90 busy_usage || true
+    case $usage in
+        *cpu=*maxvmem=0.000*) bad online_usage "no memory: $usage" ;;
+        *cpu=00:00:0[0-1],*) bad online_usage "no CPU time: $usage" ;;
+        *cpu=*maxvmem=*) ok online_usage "$usage" ;;
+        *) bad online_usage "no usage line in qstat -j: $(qstat -j "$spin" 2>&1 | tail -n 8 | tr '\n' '|')" ;;
+    esac
+    if until_ok 180 has_accounting "$spin"; then
+        exit_status=$(accounting "$spin" exit_status | awk '{print $1}')
+        cpu=$(accounting "$spin" cpu | sed 's/s$//; s/\..*//')
+        if [ "${exit_status:-0}" -gt 128 ] && [ "${cpu:-0}" -ge 25 ] && [ "${cpu:-0}" -le 150 ]; then
+            ok h_cpu "killed with exit status $exit_status after ${cpu} s of CPU"
+        else
+            bad h_cpu "exit_status $exit_status, cpu $cpu"
+        fi
+    else
+        bad h_cpu "the spinning job was not ended within 180 s: $(trace_of "$spin")"
+        qdel -f "$spin" >/dev/null 2>&1
+    fi
+else
+    for c in auto_is_embedded online_usage h_cpu; do
+        bad "$c" "job $spin's VMM process never appeared: $(trace_of "$spin")"
+    done
+fi
+
+# ---- qdel_leaves_no_vm ---------------------------------------------------------------------
+sleeper=$(qsub_job -b y sleep 600)
+say "job $sleeper (sleeps; deleted once running)"
+if until_ok 180 vmm_pid "$sleeper" >/dev/null; then
+    pid=$(vmm_pid "$sleeper")
+    sleep 2
+    qdel "$sleeper" >/dev/null
+    gone() { [ ! -d "/proc/$pid" ]; }
+    if ! until_ok 30 gone; then
+        bad qdel_leaves_no_vm "VMM process $pid still there 30 s after qdel"
+    elif until_ok 60 has_accounting "$sleeper"; then
+        ok qdel_leaves_no_vm "exit_status $(accounting "$sleeper" exit_status), VMM gone"
+    else
+        bad qdel_leaves_no_vm "no accounting 60 s after the VMM was gone"
+    fi
+else
+    bad qdel_leaves_no_vm "job $sleeper's VMM process never appeared: $(trace_of "$sleeper")"
+fi
+
+"$REPO/scripts/sge-cell.sh" stop >/dev/null 2>&1 || true
+echo "nested-sge: $passed checks passed, $failed failed"
+[ "$failed" = 0 ]
