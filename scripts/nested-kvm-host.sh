@@ -28,9 +28,11 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${SGE_VM_CACHE:-/var/cache/sge_virtualizer}/nested-kvm-host
 RUNS=${NESTED_KVM_RUNS:-$REPO/target/nested-kvm-host}
-# Modules the outer host loads, in this order after their dependencies: KVM on AMD SVM, and the
-# 9p file system over virtio-pci that carries the shared directories.
-readonly MODULES=(kvm-amd 9p 9pnet_virtio virtio_pci)
+# Modules the outer host loads, in this order after their dependencies: KVM on AMD SVM, the
+# 9p file system over virtio-pci that carries the shared directories, and loop devices, ext4
+# and quota for tests that make a small file system with user quotas (this host's own kernel
+# may lack quota support; Debian's has it).
+readonly MODULES=(kvm-amd 9p 9pnet_virtio virtio_pci loop ext4 quota_v2)
 # Bump when the initramfs layout or /init below changes.
 readonly RECIPE_VERSION=2
 
@@ -70,7 +72,8 @@ resolve_kernel_package() {
 # modules.order (the insmod order, dependencies first).
 build_kernel() {
     local pkg=$1 dir=$CACHE/$1
-    [ -s "$dir/vmlinuz" ] && [ -s "$dir/modules.order" ] && return 0
+    [ -s "$dir/vmlinuz" ] && [ -s "$dir/modules.order" ] &&
+        [ "$(cat "$dir/modules.wanted" 2>/dev/null)" = "${MODULES[*]}" ] && return 0
     local work
     work=$(mktemp -d "$CACHE/.fetch.XXXXXX")
     say "fetching $pkg (Debian's kernel for the outer host; unpacked, not installed)"
@@ -96,6 +99,7 @@ build_kernel() {
     done
     cp "$work/root/boot/vmlinuz-$release" "$work/out/vmlinuz"
     echo "$release" >"$work/out/release"
+    echo "${MODULES[*]}" >"$work/out/modules.wanted"
     rm -rf "$dir"
     mv "$work/out" "$dir"
     rm -rf "$work"

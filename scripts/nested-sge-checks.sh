@@ -11,6 +11,9 @@
 #   qdel_leaves_no_vm  qdel of a running job ends it and leaves no VMM process
 #   online_usage       qstat -j shows the running job's CPU and memory (execd sees the VM)
 #   h_cpu              a job spinning past h_cpu is killed, with its CPU time in qacct
+#   quota              output beyond the job user's disk quota stops at the quota, and the job
+#                      sees its write fail (this host's kernel has quotas; the development
+#                      machines' has none)
 #
 # Usage (as root in the outer host): nested-sge-checks.sh SGE_VIRTUALIZER_BIN STAGED_SGE_ROOT
 # STAGED_SGE_ROOT is a copy of the host's /var/lib/gridengine (scripts/test-nested-kvm.sh makes
@@ -23,6 +26,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 JOB_USER=sgetest
 export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# Every sge-cell.sh call keeps the active job directories: the checks read the shepherd's trace.
+export SGE_CELL_KEEP_ACTIVE=true
 WORK=/home/$JOB_USER/nested-sge
 passed=0 failed=0
 
@@ -51,7 +56,7 @@ backend = "auto"
 EOF
 say "starting the cell (fresh spool; takes a minute under TCG)"
 start=$(date +%s)
-if ! SGE_CELL_VIRTUALIZER_CONFIG=$settings SGE_CELL_KEEP_ACTIVE=true SGE_CELL_SLOTS=2 \
+if ! SGE_CELL_VIRTUALIZER_CONFIG=$settings SGE_CELL_SLOTS=2 \
     timeout 240 "$REPO/scripts/sge-cell.sh" start "$BIN" >/tmp/sge-cell.log 2>&1; then
     cat /tmp/sge-cell.log
     tail -n 20 /var/spool/gridengine/qmaster/messages
@@ -99,6 +104,8 @@ trace_of() {
     echo "qacct failed: $(accounting "$1" failed), exit_status: $(accounting "$1" exit_status)"
 }
 
+only=${NESTED_SGE_ONLY:-}
+if [ -z "$only" ]; then
 # ---- qacct_like_stock, trace_says_embedded -------------------------------------------------
 printf '#!/bin/sh\necho hi\nexit 7\n' >"$WORK/job.sh"
 chown "$JOB_USER:" "$WORK/job.sh"
@@ -193,6 +200,39 @@ if until_ok 180 vmm_pid "$sleeper" >/dev/null; then
 else
     bad qdel_leaves_no_vm "job $sleeper's VMM process never appeared: $(trace_of "$sleeper")"
 fi
+
+fi
+
+# ---- quota ---------------------------------------------------------------------------------
+quota_check() {
+    local img=/tmp/quota.img mnt=$WORK/quota job size
+    install -d -o "$JOB_USER" -g "$JOB_USER" "$mnt"
+    if ! { truncate -s 32M "$img" &&
+        mkfs.ext4 -q -F -O ^has_journal,quota -E quotatype=usrquota "$img" &&
+        mount -o loop,usrquota "$img" "$mnt" && chown "$JOB_USER:" "$mnt" &&
+        setquota -u "$JOB_USER" 1024 1024 0 0 "$mnt"; } >/tmp/quota.log 2>&1; then
+        bad quota "cannot make a file system with a user quota: $(tail -n 3 /tmp/quota.log | tr '\n' ' ')"
+        return
+    fi
+    printf '#!/bin/sh\ntrap "" PIPE\nhead -c 30000000 /dev/zero\necho "head=$?" >&2\n' >"$WORK/fill.sh"
+    chown "$JOB_USER:" "$WORK/fill.sh"
+    job=$(qsub_job -o "$mnt/out.txt" -e "$WORK/fill.err" fill.sh)
+    say "job $job (writes 30 MB to a file system where its user may have 1 MiB)"
+    if ! until_ok 180 has_accounting "$job"; then
+        bad quota "job $job did not end within 180 s: $(trace_of "$job")"
+    else
+        size=$(stat -c %s "$mnt/out.txt" 2>/dev/null || echo 0)
+        if [ "$size" -gt 0 ] && [ "$size" -le 1048576 ] && grep -q 'head=1' "$WORK/fill.err" &&
+            grep -q 'could not be written (Disk quota exceeded' \
+                /var/spool/gridengine/execd/*/active_jobs/"$job".1/trace; then
+            ok quota "the output stopped at $size bytes; the job saw its write fail"
+        else
+            bad quota "output $size bytes, job's stderr '$(cat "$WORK/fill.err" 2>&1)', $(trace_of "$job")"
+        fi
+    fi
+    umount "$mnt" 2>/dev/null
+}
+quota_check
 
 "$REPO/scripts/sge-cell.sh" stop >/dev/null 2>&1 || true
 echo "nested-sge: $passed checks passed, $failed failed"
