@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io::{Seek, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 
 /// An output file with the job's file-size limit. Only regular files are limited, as by the
 /// kernel (a FIFO, a terminal, `/dev/null` are not).
@@ -23,7 +22,7 @@ impl FileSizeLimited {
     pub fn wrap(file: File, limit: Option<u64>) -> Box<dyn Write + Send> {
         let regular = file
             .metadata()
-            .map(|m| m.file_type().is_file() && !m.file_type().is_fifo())
+            .map(|m| m.file_type().is_file())
             .unwrap_or(false);
         match limit {
             Some(limit) if regular => {

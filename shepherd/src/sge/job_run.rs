@@ -559,15 +559,16 @@ impl JobRun {
         // Who shaped what boots before the agent connects: an image the job chose (other than
         // the queue's), or guest RAM its limits lowered, make a guest that does not boot the
         // job's to answer for, not the queue's.
-        let job_chose_image = p
-            .env
-            .get(selection::JOB_IMAGE_VAR)
-            .map(str::trim)
-            .is_some_and(|r| !r.is_empty() && Some(r) != vm.image.as_deref());
-        let boot_owner = if job_chose_image || mem_mib < vm.memory_mib {
+        let image_owner =
+            if filesystems.image.as_ref().map(|i| i.name.as_str()) != vm.image.as_deref() {
+                BootOwner::Job
+            } else {
+                BootOwner::Queue
+            };
+        let boot_owner = if mem_mib < vm.memory_mib {
             BootOwner::Job
         } else {
-            BootOwner::Queue
+            image_owner
         };
         // Guest RAM this host cannot back now is a shortage, found before any VM starts.
         if let Err(short) =
@@ -631,11 +632,6 @@ impl JobRun {
             }),
         };
         let running = launch::launch_in(spec, &filesystems, io).map_err(|e| {
-            let image_owner = if job_chose_image {
-                BootOwner::Job
-            } else {
-                BootOwner::Queue
-            };
             match start_failure::launch_failure(&e, image_owner) {
                 (Fault::Shortage, message) => self.shortage(vm.shortage, message),
                 (fault, message) => Failure::of(fault, message),
@@ -676,14 +672,10 @@ impl JobRun {
         self.config.get("queue").unwrap_or_default()
     }
 
-    fn shortage_streak(&self, policy: ShortagePolicy) -> ShortageStreak {
-        ShortageStreak::configured(policy)
-    }
-
     /// The failure for a shortage that may pass: re-queued, unless the queue has had its
     /// allowed number in a row on this host; then the queue's error.
     fn shortage(&self, policy: ShortagePolicy, message: String) -> Failure {
-        match self.shortage_streak(policy).record(self.queue()) {
+        match ShortageStreak::configured(policy).record(self.queue()) {
             Ok(ShortageVerdict::Requeue { count, limit }) => Failure::no_resources(format!(
                 "{message} (shortage {count} of {limit} in a row allowed on this host)"
             )),
@@ -798,7 +790,7 @@ impl JobRun {
         if connected {
             // The VM came up and its agent connected: no bound to keep, no shortage now.
             StartAttempts::configured().clear(&self.config);
-            self.shortage_streak(facts.shortage).clear(self.queue());
+            ShortageStreak::configured(facts.shortage).clear(self.queue());
         }
         if let Err(e) = &result {
             if let Some(failure) = refused_before_start(e) {
@@ -1172,7 +1164,7 @@ mod tests {
         );
         // the streak started again; a started VM ends it
         run.shortage(vm.shortage, "no RAM".into());
-        run.shortage_streak(vm.shortage).clear("short.q");
+        ShortageStreak::configured(vm.shortage).clear("short.q");
         let f = run.shortage(vm.shortage, "no RAM".into());
         assert!(f.message.contains("shortage 1 of 2"), "{}", f.message);
         // a VM the VMM could not run (QEMU exited with an error) is a shortage too
