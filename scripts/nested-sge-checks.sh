@@ -104,6 +104,21 @@ trace_of() {
     echo "qacct failed: $(accounting "$1" failed), exit_status: $(accounting "$1" exit_status)"
 }
 
+# Everything known of the host when a job did not start or end in time (for flakes that a
+# full tier run shows and a single check does not): printed after the check's line.
+host_state_of() {
+    echo "---- host state for job $1"
+    echo "trace:"; cat /var/spool/gridengine/execd/*/active_jobs/"$1".1/trace 2>&1 | tail -n 40
+    echo "qstat -f:"; qstat -f 2>&1 | tail -n 12
+    echo "qstat -j:"; qstat -j "$1" 2>&1 | tail -n 25
+    echo "execd messages:"; tail -n 15 /var/spool/gridengine/execd/*/messages 2>&1
+    echo "qmaster messages:"; tail -n 15 /var/spool/gridengine/qmaster/messages 2>&1
+    grep -E '^(MemTotal|MemAvailable|SwapFree)' /proc/meminfo
+    echo "processes:"; ps -eo pid,ppid,user,stat,wchan:24,etime,comm 2>&1 |
+        grep -E 'sge|vmm|qemu|vcpu' | grep -v grep
+    echo "----"
+}
+
 only=${NESTED_SGE_ONLY:-}
 if [ -z "$only" ]; then
 # ---- qacct_like_stock, trace_says_embedded -------------------------------------------------
@@ -136,6 +151,7 @@ if until_ok 180 has_accounting "$ours"; then
     esac
 else
     bad qacct_like_stock "job $ours has no accounting after 180 s: $(trace_of "$ours")"
+    host_state_of "$ours"
 fi
 
 # ---- auto_is_embedded, online_usage, h_cpu -------------------------------------------------
@@ -180,6 +196,7 @@ else
     for c in auto_is_embedded online_usage h_cpu; do
         bad "$c" "job $spin's VMM process never appeared: $(trace_of "$spin")"
     done
+    host_state_of "$spin"
 fi
 
 # ---- qdel_leaves_no_vm ---------------------------------------------------------------------
@@ -199,6 +216,7 @@ if until_ok 180 vmm_pid "$sleeper" >/dev/null; then
     fi
 else
     bad qdel_leaves_no_vm "job $sleeper's VMM process never appeared: $(trace_of "$sleeper")"
+    host_state_of "$sleeper"
 fi
 
 fi
@@ -220,6 +238,8 @@ quota_check() {
     say "job $job (writes 30 MB to a file system where its user may have 1 MiB)"
     if ! until_ok 180 has_accounting "$job"; then
         bad quota "job $job did not end within 180 s: $(trace_of "$job")"
+        host_state_of "$job"
+        qdel -f "$job" >/dev/null 2>&1
     else
         size=$(stat -c %s "$mnt/out.txt" 2>/dev/null || echo 0)
         if [ "$size" -gt 0 ] && [ "$size" -le 1048576 ] && grep -q 'head=1' "$WORK/fill.err" &&

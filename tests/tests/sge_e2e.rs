@@ -2243,6 +2243,98 @@ fn a_stalled_fifo_reader_does_not_keep_qdel_from_ending_the_job() {
     );
 }
 
+/// A FUSE file system whose server never answers, mounted for the job user (as `fusermount`
+/// would mount it for them: no `allow_other`, so root's accesses are refused at once and only
+/// the job user's wait). Not even the connection's INIT is answered, so every request from the
+/// job user blocks until the connection is aborted or the waiting process gets a fatal signal.
+struct StalledFuse {
+    mount_point: PathBuf,
+    device: Option<std::fs::File>,
+}
+
+impl StalledFuse {
+    fn mount(mount_point: &Path, user: &str) -> Result<StalledFuse, String> {
+        use std::os::fd::AsRawFd;
+        let user = nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("no user {user}"))?;
+        let device = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .map_err(|e| format!("cannot open /dev/fuse: {e}"))?;
+        let options = format!(
+            "fd={},rootmode=40000,user_id={},group_id={}",
+            device.as_raw_fd(),
+            user.uid,
+            user.gid
+        );
+        nix::mount::mount(
+            Some("stalled"),
+            mount_point,
+            Some("fuse"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(options.as_str()),
+        )
+        .map_err(|e| format!("cannot mount a FUSE file system: {e}"))?;
+        Ok(StalledFuse {
+            mount_point: mount_point.to_path_buf(),
+            device: Some(device),
+        })
+    }
+}
+
+impl Drop for StalledFuse {
+    fn drop(&mut self) {
+        // Closing the server's end aborts the connection: every waiting request ends.
+        drop(self.device.take());
+        let _ = nix::mount::umount2(&self.mount_point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_stalled_fuse_mount_in_a_share_does_not_keep_qdel_from_ending_the_job() {
+    let test = "a_stalled_fuse_mount_in_a_share_does_not_keep_qdel_from_ending_the_job";
+    with_cell(test, |c| {
+        let dir = c.work_dir("fuse_stall");
+        c.script(
+            &dir,
+            "look.sh",
+            "#!/bin/sh\necho started\nls stalled/\necho ls-returned\n",
+        );
+        let mount_point = dir.join("stalled");
+        let out = run(Command::new("runuser")
+            .args(["-u", JOB_USER, "--", "mkdir"])
+            .arg(&mount_point));
+        assert!(out.status.success(), "mkdir: {}", text(&out));
+        let fuse = match StalledFuse::mount(&mount_point, JOB_USER) {
+            Ok(fuse) => fuse,
+            Err(why) => return report_skip(test, &why),
+        };
+        // The mount stalls its user as it should: a `stat` there waits until killed.
+        let out = run(Command::new("runuser")
+            .args(["-u", JOB_USER, "--", "timeout", "3", "stat"])
+            .arg(&mount_point));
+        assert_eq!(out.status.code(), Some(124), "{}", text(&out));
+
+        // The job's cwd is shared into its VM; its `ls` reaches the mount through the VMM.
+        let job = c.qsub(&dir, &["-o", "out.txt", "look.sh"]);
+        let _cleanup = ForceDelete(c, job);
+        c.wait_running(job, Duration::from_secs(60));
+        c.wait_for_text(&dir.join("out.txt"), "started", Duration::from_secs(60));
+        std::thread::sleep(Duration::from_secs(3));
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap_or_default();
+        assert!(
+            !out.contains("ls-returned"),
+            "the job's ls did not wait on the mount: {out:?}"
+        );
+        assert!(c.job_state(job).is_some(), "the job ended by itself");
+        assert_qdel_ends(c, job, "all.q");
+        drop(fuse);
+    });
+}
+
 #[test]
 fn a_fifo_as_input_never_blocks_the_shepherd() {
     with_cell("a_fifo_as_input_never_blocks_the_shepherd", |c| {
