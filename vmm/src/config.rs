@@ -1,6 +1,6 @@
 //! What a caller asks for: [`VmConfig`] (kernel, initrd, command line, memory, vCPUs, console,
-//! vsock, disks, shared directories, the identity of the VMM's threads, seccomp, CPU features to
-//! hide).
+//! vsock, disks, shared directories, the balloon, the identity of the VMM's threads, seccomp,
+//! CPU features to hide).
 
 use std::path::PathBuf;
 
@@ -80,11 +80,17 @@ pub struct VmConfig {
     /// An open `/dev/kvm` to use instead of opening it: a VMM process that runs as a user who
     /// may not open the device gets it from its privileged parent. `None`: open it.
     pub kvm_device: Option<std::sync::Arc<std::fs::File>>,
+    /// A virtio-balloon device with free page reporting ([`crate::virtio::balloon`]), after all
+    /// other virtio devices: memory the guest frees goes back to the host a few seconds later
+    /// (the guest kernel needs `CONFIG_VIRTIO_BALLOON` and `CONFIG_PAGE_REPORTING`; without
+    /// them the device is simply unused). The host never asks the guest to inflate. It takes
+    /// one virtio slot and GSI, and gives a VM without other virtio devices a VMM thread.
+    pub balloon: bool,
 }
 
 impl VmConfig {
     /// A VM with 128 MiB, one vCPU, [`DEFAULT_CMDLINE`], no console, no vsock, no disks, no
-    /// shares, the caller's identity, seccomp on.
+    /// shares, the balloon, the caller's identity, seccomp on.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
             kernel: kernel.into(),
@@ -100,6 +106,7 @@ impl VmConfig {
             seccomp: true,
             hidden_cpu_features: Vec::new(),
             kvm_device: None,
+            balloon: true,
         }
     }
 }

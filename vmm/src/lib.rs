@@ -3,7 +3,9 @@
 //! virtio-vsock device whose host side is Unix sockets (Firecracker's hybrid-vsock convention),
 //! virtio-blk disks backed by host files ([`VmConfig::disks`], read-only or read-write), and
 //! virtio-fs devices that share host directories through an in-process FUSE passthrough server
-//! ([`VmConfig::shares`], [`fuse`]). It knows nothing about Grid Engine.
+//! ([`VmConfig::shares`], [`fuse`]), and a virtio-balloon device with free page reporting that
+//! gives the memory the guest frees back to the host ([`VmConfig::balloon`]). It knows nothing
+//! about Grid Engine.
 //!
 //! # Using it
 //!
@@ -63,7 +65,7 @@
 //! [`layout`] (guest address map), [`memory`] (guest RAM), [`boot`] (kernel, initrd, zero page,
 //! MP table), [`cpu`] (CPUID, MSRs, registers), `vcpu` (threads, exits, kicks), `lifecycle` (run
 //! state, exit reasons, timestamps), [`devices`] (serial, i8042, boot timer, console),
-//! [`virtio`] (MMIO transport, queues, vsock, block, fs), [`fuse`] (the FUSE passthrough server
+//! [`virtio`] (MMIO transport, queues, vsock, block, fs, balloon), [`fuse`] (the FUSE passthrough server
 //! behind virtio-fs), [`credentials`] (per-thread identity), `event_loop` (the VMM thread),
 //! [`seccomp`], [`probe`], [`resources`].
 

@@ -6,7 +6,8 @@
 //!   there: the transport hands them to the VMM thread through the queue eventfds.
 //! * the VMM thread (the event loop of the virtio devices): epoll, Unix-socket I/O for the vsock
 //!   muxer (`socket` limited to `AF_UNIX`), positioned file I/O and `fdatasync` for the
-//!   virtio-blk disks, eventfds, locks, allocation, thread exit; where the VM has shared
+//!   virtio-blk disks, eventfds, locks, allocation (whose `madvise` also lets the balloon
+//!   device drop the guest pages it is told are free), thread exit; where the VM has shared
 //!   directories, the file system calls of their servers (`FILE_SERVER`).
 //!
 //! Each thread installs its filter itself before it runs guest code or handles guest-driven

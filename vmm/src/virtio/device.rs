@@ -47,10 +47,15 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), DeviceFault>;
     /// The driver notified queue `index`.
     fn queue_notified(&mut self, index: usize) -> Result<(), DeviceFault>;
-    /// A host-side fd the event loop should watch for this device, if any.
-    fn backend_fd(&self) -> Option<RawFd>;
+    /// A host-side fd the event loop should watch for this device, if any (devices that only
+    /// answer the driver's requests have none).
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// The backend fd is ready.
-    fn backend_ready(&mut self) -> Result<(), DeviceFault>;
+    fn backend_ready(&mut self) -> Result<(), DeviceFault> {
+        Ok(())
+    }
     /// Device reset: drops the queues and all device state tied to the driver.
     fn reset(&mut self);
 }

@@ -612,6 +612,44 @@ mod tests {
         assert!(calls.iter().all(|(_, id)| *id == vmm_id));
     }
 
+    /// The balloon offers three queues, and a driver that did not ack REPORTING sets up only the
+    /// first two (Linux compacts the queues of features it did not negotiate): DRIVER_OK
+    /// activates it all the same, and a notification of the unset queue does not fail it.
+    #[test]
+    fn driver_ok_with_a_queue_the_driver_left_unset_activates() {
+        use crate::virtio::balloon::device::{
+            VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_REPORTING,
+        };
+        use crate::virtio::balloon::BalloonDevice;
+        for reporting in [false, true] {
+            let mem = Arc::new(create_guest_memory(2).unwrap());
+            let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+            let device = Box::new(BalloonDevice::new());
+            let mut t = MmioTransport::new(device, mem, interrupt).unwrap();
+            wr(&mut t, REG_STATUS, 1);
+            wr(&mut t, REG_STATUS, 3);
+            let mut low = 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
+            if reporting {
+                low |= 1 << VIRTIO_BALLOON_F_REPORTING;
+            }
+            wr(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+            wr(&mut t, REG_DRIVER_FEATURES, low);
+            wr(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+            wr(&mut t, REG_DRIVER_FEATURES, 1);
+            wr(&mut t, REG_STATUS, 11);
+            assert_eq!(rd(&mut t, REG_STATUS), 11, "features accepted");
+            let queues = if reporting { 3 } else { 2 };
+            for q in 0..queues {
+                setup_queue(&mut t, q, 0x10000 + q * 0x4000, 16);
+            }
+            wr(&mut t, REG_STATUS, 15);
+            t.finish_activation();
+            assert!(t.is_activated(), "reporting {reporting}");
+            t.notify_queue(2);
+            assert_eq!(rd(&mut t, REG_STATUS), 15, "reporting {reporting}");
+        }
+    }
+
     #[test]
     fn invalid_queue_at_driver_ok_needs_reset() {
         let mut f = transport();

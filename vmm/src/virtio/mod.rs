@@ -1,8 +1,11 @@
 //! Virtio devices over the MMIO transport: the transport ([`mmio`]), the device interface
 //! ([`device`]), interrupts ([`interrupt`]), descriptor-chain validation ([`chain`]), the vsock
-//! device ([`vsock`]), the block device ([`block`]), the file-system device ([`fs`]), and wiring a device into a VM (`attach_devices`: MMIO window, irqfd,
-//! one ioeventfd per queue, the event-loop subscriber, the `virtio_mmio.device=` cmdline entry).
+//! device ([`vsock`]), the block device ([`block`]), the file-system device ([`fs`]), the
+//! balloon device with free page reporting ([`balloon`]), and wiring a device into a VM
+//! (`attach_devices`: MMIO window, irqfd, one ioeventfd per queue, the event-loop subscriber,
+//! the `virtio_mmio.device=` cmdline entry).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod device;
@@ -244,7 +247,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VirtioError 
 pub const MAX_DEVICES: usize = (layout::MAX_LEGACY_GSI - layout::VIRTIO_FIRST_GSI + 1) as usize;
 
 /// Creates the configured virtio devices and wires them into the VM: the vsock device first (if
-/// any), then the disks, then the shared directories, in order.
+/// any), then the disks, then the shared directories, in order, then the balloon (if any), last
+/// so that it moves no other device's MMIO window or GSI.
 pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &VmFd,
@@ -252,7 +256,10 @@ pub(crate) fn attach_devices(
     mem: &Arc<GuestMemory>,
     cmdline: &mut Cmdline,
 ) -> Result<AttachedDevices, VirtioError> {
-    let count = usize::from(config.vsock.is_some()) + config.disks.len() + config.shares.len();
+    let count = usize::from(config.vsock.is_some())
+        + config.disks.len()
+        + config.shares.len()
+        + usize::from(config.balloon);
     if count > MAX_DEVICES {
         return Err(VirtioError::TooManyDevices(count));
     }
@@ -301,6 +308,11 @@ pub(crate) fn attach_devices(
         });
         attached.subscribers.push(wired.events);
         index += 1;
+    }
+    if config.balloon {
+        let device = balloon::BalloonDevice::new();
+        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.subscribers.push(wired.events);
     }
     Ok(attached)
 }

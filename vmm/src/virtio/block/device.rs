@@ -5,7 +5,6 @@
 //! host buffer with vm-memory. A chain without a status byte is returned unused and counted; a
 //! broken queue puts the device in DEVICE_NEEDS_RESET.
 
-use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -264,14 +263,6 @@ impl VirtioDevice for BlockDevice {
             0 => self.process_queue(),
             _ => Ok(()),
         }
-    }
-
-    fn backend_fd(&self) -> Option<RawFd> {
-        None
-    }
-
-    fn backend_ready(&mut self) -> Result<(), DeviceFault> {
-        Ok(())
     }
 
     fn reset(&mut self) {

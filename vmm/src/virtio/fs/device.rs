@@ -9,7 +9,6 @@
 //! that does not fit the driver's buffers is replaced by an EIO reply. Requests are served on the
 //! VMM thread, one at a time, with that thread's credentials (the job user's).
 
-use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -191,14 +190,6 @@ impl VirtioDevice for FsDevice {
 
     fn queue_notified(&mut self, index: usize) -> Result<(), DeviceFault> {
         self.process(index)
-    }
-
-    fn backend_fd(&self) -> Option<RawFd> {
-        None
-    }
-
-    fn backend_ready(&mut self) -> Result<(), DeviceFault> {
-        Ok(())
     }
 
     fn reset(&mut self) {
