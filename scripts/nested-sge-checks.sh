@@ -13,7 +13,7 @@
 #   h_cpu              a job spinning past h_cpu is killed, with its CPU time in qacct
 #   quota              output beyond the job user's disk quota stops at the quota, and the job
 #                      sees its write fail (this host's kernel has quotas; the development
-#                      machines' has none). Opt-in for now: NESTED_SGE_QUOTA=1
+#                      machines' has none). NESTED_SGE_QUOTA=0 skips it
 #
 # Usage (as root in the outer host): nested-sge-checks.sh SGE_VIRTUALIZER_BIN STAGED_SGE_ROOT
 # STAGED_SGE_ROOT is a copy of the host's /var/lib/gridengine (scripts/test-nested-kvm.sh makes
@@ -158,38 +158,43 @@ fi
 # (a script: `-b y sh -c '…'` would lose its quoting on the way)
 printf '#!/bin/sh\nwhile :; do :; done\n' >"$WORK/spin.sh"
 chown "$JOB_USER:" "$WORK/spin.sh"
-spin=$(qsub_job -l h_cpu=0:0:30 spin.sh)
-say "job $spin (spins, h_cpu 30 s)"
+# h_cpu leaves execd time to report online usage before the kill (qstat -j had no usage line
+# yet in a run at load 5 with h_cpu 30 s: the VM's boot counts towards it).
+spin=$(qsub_job -l h_cpu=0:1:0 spin.sh)
+say "job $spin (spins, h_cpu 60 s)"
 if until_ok 180 vmm_pid "$spin" >/dev/null; then
     pid=$(vmm_pid "$spin")
     threads=$(cat /proc/"$pid"/task/*/comm 2>/dev/null | sort | uniq -c | tr -s ' \n' ' ')
-    if grep -qs vcpu /proc/"$pid"/task/*/comm && ! pgrep -f qemu-system >/dev/null; then
+    # The job's own QEMU would be a child of its VMM process (a global pgrep also caught
+    # short-lived probes such as a load sensor's `qemu-system-x86_64 --version`).
+    children=$(ps --ppid "$pid" -o comm= 2>/dev/null | tr '\n' ' ')
+    if grep -qs vcpu /proc/"$pid"/task/*/comm && [[ $children != *qemu* ]]; then
         ok auto_is_embedded "VMM process $pid threads:$threads"
     else
-        bad auto_is_embedded "VMM process $pid threads:$threads; qemu: $(pgrep -af qemu-system)"
+        bad auto_is_embedded "VMM process $pid threads:$threads; children: $children"
     fi
     usage=
     busy_usage() {
         usage=$(qstat -j "$spin" 2>/dev/null | grep '^usage' || true)
         case $usage in *cpu=00:00:0[0-1],* | "") return 1 ;; esac
     }
-    until_ok 90 busy_usage || true
+    until_ok 120 busy_usage || true
     case $usage in
         *cpu=*maxvmem=0.000*) bad online_usage "no memory: $usage" ;;
         *cpu=00:00:0[0-1],*) bad online_usage "no CPU time: $usage" ;;
         *cpu=*maxvmem=*) ok online_usage "$usage" ;;
         *) bad online_usage "no usage line in qstat -j: $(qstat -j "$spin" 2>&1 | tail -n 8 | tr '\n' '|')" ;;
     esac
-    if until_ok 180 has_accounting "$spin"; then
+    if until_ok 300 has_accounting "$spin"; then
         exit_status=$(accounting "$spin" exit_status | awk '{print $1}')
         cpu=$(accounting "$spin" cpu | sed 's/s$//; s/\..*//')
-        if [ "${exit_status:-0}" -gt 128 ] && [ "${cpu:-0}" -ge 25 ] && [ "${cpu:-0}" -le 150 ]; then
+        if [ "${exit_status:-0}" -gt 128 ] && [ "${cpu:-0}" -ge 55 ] && [ "${cpu:-0}" -le 180 ]; then
             ok h_cpu "killed with exit status $exit_status after ${cpu} s of CPU"
         else
             bad h_cpu "exit_status $exit_status, cpu $cpu"
         fi
     else
-        bad h_cpu "the spinning job was not ended within 180 s: $(trace_of "$spin")"
+        bad h_cpu "the spinning job was not ended within 300 s: $(trace_of "$spin")"
         qdel -f "$spin" >/dev/null 2>&1
     fi
 else
@@ -236,8 +241,8 @@ quota_check() {
     chown "$JOB_USER:" "$WORK/fill.sh"
     job=$(qsub_job -o "$mnt/out.txt" -e "$WORK/fill.err" fill.sh)
     say "job $job (writes 30 MB to a file system where its user may have 1 MiB)"
-    if ! until_ok 180 has_accounting "$job"; then
-        bad quota "job $job did not end within 180 s: $(trace_of "$job")"
+    if ! until_ok 300 has_accounting "$job"; then
+        bad quota "job $job did not end within 300 s: $(trace_of "$job")"
         host_state_of "$job"
         qdel -f "$job" >/dev/null 2>&1
     else
@@ -252,10 +257,10 @@ quota_check() {
     fi
     umount "$mnt" 2>/dev/null
 }
-# Opt-in (NESTED_SGE_QUOTA=1, or NESTED_SGE_ONLY=quota) until a flake is understood: in 2 of 4
-# full runs the quota job's VM never started within 180 s after the qdel check (it passed
-# alone and in the other full runs).
-if [ -n "${NESTED_SGE_QUOTA:-}" ] || [ "$only" = quota ]; then
+# On by default again (NESTED_SGE_QUOTA=0 skips it): in 2 of 4 full runs at load 5-8 its job
+# had not ended within 180 s after the qdel check; it passed after qdel in the sge group alone.
+# The deadline is 300 s now, and a job that misses it prints the host's state (host_state_of).
+if [ "${NESTED_SGE_QUOTA:-1}" != 0 ] || [ "$only" = quota ]; then
     quota_check
 fi
 

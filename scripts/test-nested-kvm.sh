@@ -22,8 +22,8 @@
 # Environment: NESTED_KVM_TIER_FILTER (default: all the groups above; a space-separated subset
 #              of run_e2e image_e2e real_kernel timings sge), NESTED_KVM_TEST_THREADS (default 1),
 #              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 480; sge:
-#              NESTED_KVM_SGE_TIMEOUT, default 720; the whole run: --timeout,
-#              default 1500; a full tier takes 8-12 min on 2 busy cores).
+#              NESTED_KVM_SGE_TIMEOUT, default 900; the whole run: --timeout,
+#              default 1800; a full tier takes 10-15 min on 2 busy cores).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -62,7 +62,7 @@ if [ "${1:-}" = --inside ]; then
             start=$(date +%s)
             set +e
             # (a cell of its own first: it needs more time than a test group)
-            timeout -k 10 "${NESTED_KVM_SGE_TIMEOUT:-720}" "$bin" "$SGE_VIRTUALIZER_BIN" \
+            timeout -k 10 "${NESTED_KVM_SGE_TIMEOUT:-900}" "$bin" "$SGE_VIRTUALIZER_BIN" \
                 "$REPO/target/nested-kvm-sge/gridengine" 2>&1 | tee "$log"
             rc=${PIPESTATUS[0]}
             set -e
@@ -121,7 +121,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # On the host: build the test binaries, then run them all in one boot of the outer VM.
-timeout=1500
+timeout=1800
 while [ $# -gt 0 ]; do
     case $1 in
         --timeout) timeout=$2; shift 2 ;;

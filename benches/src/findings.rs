@@ -119,19 +119,24 @@ pub fn findings(results: &[BenchResult]) -> Vec<String> {
                 ms(exit - first),
                 ms(gone - exit)
             ));
-            for size in ["16 MiB", "1024 MiB"] {
+            for size in ["256 MiB", "4096 MiB", "65536 MiB"] {
                 let variant = format!("{v}, {size}");
-                if let Some(r) = median(boot, &variant, "first_vcpu_run") {
+                if let (Some(r), Some(f)) = (
+                    median(boot, &variant, "first_vcpu_run"),
+                    median(boot, &variant, "first_instruction"),
+                ) {
                     let verdict = if (r / run - 1.0).abs() <= 0.25 {
                         "within 25%"
                     } else {
                         "more than 25% apart"
                     };
                     out.push(format!(
-                        "Guest RAM size: set-up with {size} {} against {} with 128 MiB \
-                         ({verdict}, same run).",
+                        "Guest RAM size (mapped lazily): set-up with {size} {}, first \
+                         instruction {}, against {} and {} with 128 MiB ({verdict}, same run).",
                         ms(r),
-                        ms(run)
+                        ms(f),
+                        ms(run),
+                        ms(first)
                     ));
                 }
             }

@@ -49,7 +49,10 @@ fn main() -> ExitCode {
     }
 
     if pid1 {
-        for problem in agent::pid1::mount_basics() {
+        for problem in agent::pid1::mount_basics()
+            .into_iter()
+            .chain(agent::pid1::overcommit_like_the_host())
+        {
             eprintln!("sge-vm-agent: {problem}");
         }
         std::env::set_var("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");

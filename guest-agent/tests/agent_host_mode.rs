@@ -101,8 +101,11 @@ fn collect(s: &mut Session, mut on_started: impl FnMut(&mut FrameWriter<UnixStre
             Some(Frame::Exit {
                 wait_status,
                 rusage,
+                memory,
             }) => {
                 assert_eq!(c.eofs, 2, "both output streams end before Exit");
+                // host mode: the host's own memory, read as the guest's would be
+                assert!(memory.total_kib > 0, "{memory:?}");
                 c.exit = Some((wait_status, rusage));
                 s.writer.write_frame(&Frame::Ack).unwrap();
                 break;

@@ -128,10 +128,16 @@ fn frame() -> impl Strategy<Value = Frame> {
         bytes(300).prop_map(Frame::Stderr),
         stream.prop_map(Frame::Eof),
         any::<i32>().prop_map(|signo| Frame::Signal { signo }),
-        (any::<i32>(), rusage()).prop_map(|(wait_status, rusage)| Frame::Exit {
-            wait_status,
-            rusage
-        }),
+        (any::<i32>(), rusage(), any::<u64>(), any::<u64>()).prop_map(
+            |(wait_status, rusage, total_kib, oom_kills)| Frame::Exit {
+                wait_status,
+                rusage,
+                memory: GuestMemoryReport {
+                    total_kib,
+                    oom_kills
+                },
+            }
+        ),
         Just(Frame::Ack),
         ".{0,40}".prop_map(|message| Frame::Error { message }),
     ]

@@ -13,7 +13,9 @@
 //! accepted; a `SpawnFailed` then is a violation. The states are plain data (no handles), so a
 //! session's position can be recorded with a VM snapshot.
 
-use guest_agent::protocol::{BootTimes, Frame, Rusage, SpawnStage, Stream, PROTOCOL_VERSION};
+use guest_agent::protocol::{
+    BootTimes, Frame, GuestMemoryReport, Rusage, SpawnStage, Stream, PROTOCOL_VERSION,
+};
 
 /// Where an agent session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -76,7 +78,11 @@ pub enum AgentEvent {
     /// The job's stdout or stderr ended.
     OutputEnded(Stream),
     /// The job ended (raw wait status and rusage as the guest reports them).
-    Exited { wait_status: i32, rusage: Rusage },
+    Exited {
+        wait_status: i32,
+        rusage: Rusage,
+        memory: GuestMemoryReport,
+    },
     /// The agent reported a fatal problem; the session is over.
     AgentFailed { message: String },
 }
@@ -223,12 +229,14 @@ impl SessionState {
                 Frame::Exit {
                     wait_status,
                     rusage,
+                    memory,
                 },
             ) => (
                 SessionState::Exited,
                 AgentEvent::Exited {
                     wait_status,
                     rusage,
+                    memory,
                 },
             ),
             (SessionState::Spawning | SessionState::Running { .. }, Frame::Error { message }) => {
@@ -265,6 +273,7 @@ mod tests {
         Frame::Exit {
             wait_status: 0,
             rusage: Rusage::default(),
+            memory: Default::default(),
         }
     }
 
@@ -395,7 +404,8 @@ mod tests {
             any_stream().prop_map(Frame::Eof),
             any::<i32>().prop_map(|wait_status| Frame::Exit {
                 wait_status,
-                rusage: Rusage::default()
+                rusage: Rusage::default(),
+                memory: GuestMemoryReport::default()
             }),
             any::<i32>().prop_map(|signo| Frame::Signal { signo }),
             Just(Frame::Ack),

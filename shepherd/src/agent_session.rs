@@ -7,7 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use guest_agent::protocol::{
-    Filesystems, Frame, FrameReader, Rusage, Spawn, SpawnStage, Stream, MAX_DATA_CHUNK,
+    Filesystems, Frame, FrameReader, GuestMemoryReport, Rusage, Spawn, SpawnStage, Stream,
+    MAX_DATA_CHUNK,
 };
 
 use crate::agent_protocol::{AgentEvent, ProtocolViolation, SessionState};
@@ -103,6 +104,7 @@ impl JobError {
 pub struct AgentExit {
     pub wait_status: i32,
     pub rusage: Rusage,
+    pub memory: GuestMemoryReport,
     /// See [`crate::launch::JobOutcome::output_failures`].
     pub output_failures: Vec<String>,
 }
@@ -230,6 +232,7 @@ pub(crate) fn converse(
             Ok(AgentEvent::Exited {
                 wait_status,
                 rusage,
+                memory,
             }) => {
                 timings.job_exited_ms = now_ms();
                 out.drain();
@@ -245,6 +248,7 @@ pub(crate) fn converse(
                 return Ok(AgentExit {
                     wait_status,
                     rusage,
+                    memory,
                     output_failures: failures,
                 });
             }
@@ -413,6 +417,7 @@ mod tests {
                 Frame::Exit {
                     wait_status: libc::SIGXFSZ,
                     rusage: Rusage::default(),
+                    memory: GuestMemoryReport::default(),
                 },
             ],
             Box::new(TooBig),
@@ -491,6 +496,7 @@ mod tests {
             Frame::Exit {
                 wait_status: 7 << 8,
                 rusage: Rusage::default(),
+                memory: GuestMemoryReport::default(),
             },
         ]);
         assert_eq!(result.map(|e| e.wait_status).ok(), Some(7 << 8));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backend;
 use crate::guest_image;
+use crate::guest_ram::{self, GuestRam, JobMemoryRequest};
 use crate::host_memory;
 use crate::image::store::ImageStore;
 use crate::path_trust::{self, UntrustedPath};
@@ -159,13 +160,19 @@ fn check_queue(scope: &str, vm: &VmSettings) -> Vec<Problem> {
             ));
         }
     }
-    // A guest larger than the host can back is refused at every start, as a shortage.
-    if let Err(short) =
-        host_memory::can_back(u64::from(vm.memory_mib) + u64::from(vm.vmm_overhead_mib))
-    {
+    // A guest whose start the host cannot back is refused at every start, as a shortage.
+    let ram = GuestRam::choose(
+        &vm.ram,
+        &JobMemoryRequest::default(),
+        guest_ram::host_total_mib(),
+    );
+    if let Err(short) = host_memory::can_back(guest_ram::start_footprint_mib(
+        ram.mib,
+        vm.ram.vmm_overhead_mib,
+    )) {
         problems.push(problem(
-            format!("guest RAM of {} MiB: {short}", vm.memory_mib),
-            "lower memory_mib for the queue, or give the host more memory".into(),
+            format!("{ram}: {short}"),
+            "lower memory_mib or memory_max_mib for the queue, or give the host more memory".into(),
         ));
     }
     if let Err(e) = backend::select(vm.backend) {

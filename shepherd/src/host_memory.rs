@@ -1,7 +1,7 @@
-//! Whether this host can back a VM's memory now. Guest RAM is reserved lazily, so a VM larger
-//! than what the host can give would start and then be killed by the OOM killer in the middle
-//! of its job; a shepherd refuses it up front instead, as a shortage that may pass (other jobs
-//! end, memory frees up). "Can give" is what the kernel reports it could give without
+//! Whether this host can back a VM's start now ([`crate::guest_ram::start_footprint_mib`]).
+//! Guest RAM is backed lazily, so a VM the host cannot even start would be killed by the OOM
+//! killer on its way up; a shepherd refuses it up front instead, as a shortage that may pass
+//! (other jobs end, memory frees up). "Can give" is what the kernel reports it could give without
 //! swapping out page cache it needs (`MemAvailable`) plus free swap.
 
 use std::path::Path;
@@ -9,8 +9,8 @@ use std::path::Path;
 /// The host cannot back a VM of this size now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the VM needs {wanted_mib} MiB (guest RAM and VMM) and this host can give {available_mib} \
-     MiB now (MemAvailable + SwapFree)"
+    "the VM needs {wanted_mib} MiB to start (the VMM, the guest kernel's page array, boot \
+     memory) and this host can give {available_mib} MiB now (MemAvailable + SwapFree)"
 )]
 pub struct MemoryShortfall {
     pub wanted_mib: u64,

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use guest_agent::protocol::{
-    Account, Filesystems, RootImage, Rusage, ShareTransport, SharedMount, Spawn, AGENT_VSOCK_PORT,
+    Account, Filesystems, GuestMemoryReport, RootImage, Rusage, ShareTransport, SharedMount, Spawn,
+    AGENT_VSOCK_PORT,
 };
 
 use crate::agent_session::{converse, AgentExit};
@@ -137,6 +138,8 @@ pub struct JobOutcome {
     /// Raw wait status from `wait4` in the guest.
     pub wait_status: i32,
     pub rusage: Rusage,
+    /// The guest's size and OOM kills.
+    pub memory: GuestMemoryReport,
     pub job_started: SystemTime,
     pub job_ended: SystemTime,
     pub timings: Timings,
@@ -515,6 +518,7 @@ impl VmmJob {
             Ok(o) => FromVmm::Exited {
                 wait_status: o.wait_status,
                 rusage: o.rusage,
+                memory: o.memory,
                 job_started: o.job_started,
                 job_ended: o.job_ended,
                 timings: o.timings,
@@ -668,6 +672,7 @@ fn run_session(
     Ok(JobOutcome {
         wait_status: exit.wait_status,
         rusage: exit.rusage,
+        memory: exit.memory,
         job_started,
         job_ended,
         timings,

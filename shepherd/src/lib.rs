@@ -13,6 +13,7 @@ mod agent_protocol;
 mod agent_session;
 pub mod backend;
 pub mod guest_image;
+pub mod guest_ram;
 pub mod host_check;
 pub mod host_memory;
 pub mod image;

@@ -9,11 +9,13 @@ use signal_hook::consts::signal::{SIGCONT, SIGHUP, SIGINT, SIGTERM, SIGTSTP, SIG
 use signal_hook::iterator::Signals;
 
 use shepherd::guest_image;
+use shepherd::guest_ram::{self, GuestRam, JobMemoryRequest, RamPolicy};
 use shepherd::image::store_dir;
 use shepherd::launch::{
     launch_in, BackendChoice, ImageChoice, JobError, JobFilesystems, JobIo, LaunchSpec,
     StdinSource, VmmCredentials,
 };
+use shepherd::settings::{DEFAULT_MEMORY_RESERVE_MIB, DEFAULT_VMM_OVERHEAD_MIB};
 use shepherd::shared_dirs::SharedDir;
 
 /// Signals relayed to the job's process group.
@@ -25,9 +27,10 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub mem: u32,
+    /// Guest memory in MiB (default: the host's memory less a 1 GiB reserve and the VMM's
+    /// overhead, as a host process could use; backed only as the guest touches it).
+    #[arg(long)]
+    pub mem: Option<u32>,
     /// VM backend: auto, embedded or qemu.
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
@@ -199,6 +202,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
     };
+    let mem_mib = match args.mem {
+        Some(mib) => mib,
+        None => {
+            let policy = RamPolicy {
+                fixed_mib: None,
+                max_mib: None,
+                reserve_mib: DEFAULT_MEMORY_RESERVE_MIB,
+                vmm_overhead_mib: DEFAULT_VMM_OVERHEAD_MIB,
+            };
+            let ram = GuestRam::choose(
+                &policy,
+                &JobMemoryRequest::default(),
+                guest_ram::host_total_mib(),
+            );
+            tracing::debug!("{ram}");
+            ram.mib
+        }
+    };
     // Handlers go in before the VM starts so no signal is lost in between.
     let mut signals = Signals::new(FORWARDED).context("installing signal handlers")?;
     let job = launch_in(
@@ -207,7 +228,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             initrd: image.initrd,
             backend: args.backend,
             vcpus: args.vcpus,
-            mem_mib: args.mem,
+            mem_mib,
             extra_cmdline: args.cmdline,
             spawn,
             run_dir: run_dir.path().to_path_buf(),
@@ -252,6 +273,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         other => other?,
     };
+    if let Some(note) = guest_ram::out_of_memory_note(&outcome.memory) {
+        eprintln!("sge_virtualizer: {note}");
+    }
     if args.timings {
         eprintln!("{}", serde_json::to_string(&outcome.timings)?);
     }

@@ -6,7 +6,11 @@
 //! ```toml
 //! kernel = "/usr/lib/sge_virtualizer/vmlinux"      # the default; root-owned, see guest_image
 //! initramfs = "/usr/lib/sge_virtualizer/initramfs.cpio"
-//! memory_mib = 512          # guest RAM when h_vmem does not limit it
+//! memory_mib = 512          # guest RAM for jobs that request none (default: the host's
+//!                           # memory less memory_reserve_mib; see guest_ram)
+//! memory_max_mib = 65536    # the most any job's guest gets (a cap on every rule)
+//! memory_reserve_mib = 1024 # host memory kept back from a guest sized from the host
+//! memory_requests = ["mem_free", "m_mem_free"]  # consumables whose request sizes the guest
 //! vcpus = 2                 # default: the job's slots on this host
 //! backend = "auto"          # auto | embedded | qemu
 //! vmm_overhead_mib = 192    # host memory the VMM needs beyond guest RAM (h_vmem sizing)
@@ -32,6 +36,7 @@ use std::time::Duration;
 
 use crate::backend::BackendChoice;
 use crate::guest_image;
+use crate::guest_ram::RamPolicy;
 use crate::image;
 use crate::sge::delegation::DelegationPolicy;
 use crate::sge::shortage_streak::{ShortagePolicy, DEFAULT_LIMIT, DEFAULT_WINDOW};
@@ -39,10 +44,11 @@ use crate::sge::shortage_streak::{ShortagePolicy, DEFAULT_LIMIT, DEFAULT_WINDOW}
 pub const DEFAULT_PATH: &str = "/etc/sge_virtualizer.toml";
 pub const PATH_ENV: &str = "SGE_VIRTUALIZER_CONFIG";
 
-pub const DEFAULT_MEMORY_MIB: u32 = 256;
 pub const DEFAULT_VMM_OVERHEAD_MIB: u32 = 192;
-/// The least guest RAM the guest kernel boots with.
-pub const MIN_MEMORY_MIB: u32 = 64;
+/// Host memory kept back from a guest sized from the host's memory.
+pub const DEFAULT_MEMORY_RESERVE_MIB: u32 = 1024;
+/// Memory consumables whose request sizes a job's guest when it has no `h_vmem`/`s_vmem`.
+pub const DEFAULT_MEMORY_REQUESTS: [&str; 2] = ["mem_free", "m_mem_free"];
 
 /// Why the settings file is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,8 @@ pub struct VmOverrides {
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub memory_mib: Option<u32>,
+    pub memory_max_mib: Option<u32>,
+    pub memory_requests: Option<Vec<String>>,
     pub vcpus: Option<u8>,
     pub backend: Option<BackendChoice>,
     pub extra_cmdline: Option<String>,
@@ -80,6 +88,9 @@ pub struct Settings {
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub memory_mib: Option<u32>,
+    pub memory_max_mib: Option<u32>,
+    pub memory_reserve_mib: Option<u32>,
+    pub memory_requests: Option<Vec<String>>,
     pub vcpus: Option<u8>,
     pub backend: Option<BackendChoice>,
     pub extra_cmdline: Option<String>,
@@ -102,12 +113,14 @@ pub struct Settings {
 pub struct VmSettings {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    pub memory_mib: u32,
+    /// How the guest's RAM is sized (see [`crate::guest_ram`]).
+    pub ram: RamPolicy,
+    /// Memory consumables whose request sizes the guest (looked up in the job's requests).
+    pub memory_requests: Vec<String>,
     /// `None`: one per slot.
     pub vcpus: Option<u8>,
     pub backend: BackendChoice,
     pub extra_cmdline: String,
-    pub vmm_overhead_mib: u32,
     /// Share the job's cwd, `$HOME`, `$TMPDIR` and script directory into the guest.
     pub share_job_dirs: bool,
     /// More host directories to share.
@@ -169,14 +182,22 @@ impl Settings {
         VmSettings {
             kernel: image.kernel,
             initramfs: image.initrd,
-            memory_mib: q.memory_mib.or(d.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB),
+            ram: RamPolicy {
+                fixed_mib: q.memory_mib.or(d.memory_mib),
+                max_mib: q.memory_max_mib.or(d.memory_max_mib),
+                reserve_mib: d.memory_reserve_mib.unwrap_or(DEFAULT_MEMORY_RESERVE_MIB),
+                vmm_overhead_mib: d.vmm_overhead_mib.unwrap_or(DEFAULT_VMM_OVERHEAD_MIB),
+            },
+            memory_requests: q
+                .memory_requests
+                .or_else(|| d.memory_requests.clone())
+                .unwrap_or_else(|| DEFAULT_MEMORY_REQUESTS.map(String::from).to_vec()),
             vcpus: q.vcpus.or(d.vcpus),
             backend: q.backend.or(d.backend).unwrap_or(BackendChoice::Auto),
             extra_cmdline: q
                 .extra_cmdline
                 .or_else(|| d.extra_cmdline.clone())
                 .unwrap_or_default(),
-            vmm_overhead_mib: self.vmm_overhead_mib.unwrap_or(DEFAULT_VMM_OVERHEAD_MIB),
             share_job_dirs: q.share_job_dirs.or(d.share_job_dirs).unwrap_or(true),
             shares: q.shares.or_else(|| d.shares.clone()).unwrap_or_default(),
             image: q.image.or_else(|| d.image.clone()),
@@ -193,22 +214,6 @@ impl Settings {
                     .map(Duration::from_secs)
                     .unwrap_or(DEFAULT_WINDOW),
             },
-        }
-    }
-}
-
-impl VmSettings {
-    /// Guest RAM for a job whose VMM may use at most `vmem_budget` bytes (execd's PDC kills the
-    /// job above that): the configured size, lowered to fit, never below [`MIN_MEMORY_MIB`].
-    pub fn guest_memory_mib(&self, vmem_budget: Option<u64>) -> u32 {
-        match vmem_budget {
-            None => self.memory_mib,
-            Some(bytes) => {
-                let budget_mib = (bytes >> 20).min(u64::from(u32::MAX)) as u32;
-                self.memory_mib
-                    .min(budget_mib.saturating_sub(self.vmm_overhead_mib))
-                    .max(MIN_MEMORY_MIB)
-            }
         }
     }
 }
@@ -240,8 +245,11 @@ shares = ["/data"]
 image_store = "/srv/images"
 shortage_limit = 5
 shortage_window_s = 60
+memory_reserve_mib = 2048
 [queues."big.q"]
 memory_mib = 2048
+memory_max_mib = 8192
+memory_requests = ["bigmem"]
 vcpus = 4
 kernel = "/k2"
 share_job_dirs = false
@@ -254,13 +262,18 @@ job_images = ["*"]
         let all = s.for_queue("all.q");
         assert_eq!(all.kernel, PathBuf::from("/k"));
         assert_eq!(all.initramfs, PathBuf::from("/i"));
-        assert_eq!(all.memory_mib, 512);
+        assert_eq!(all.ram.fixed_mib, Some(512));
+        assert_eq!((all.ram.max_mib, all.ram.reserve_mib), (None, 2048));
+        assert_eq!(all.ram.vmm_overhead_mib, 100);
+        assert_eq!(all.memory_requests, DEFAULT_MEMORY_REQUESTS);
         assert_eq!(all.vcpus, None);
         assert_eq!(all.backend, BackendChoice::Qemu);
         let big = s.for_queue("big.q");
         assert_eq!(big.kernel, PathBuf::from("/k2"));
         assert_eq!(big.initramfs, PathBuf::from("/i"));
-        assert_eq!((big.memory_mib, big.vcpus), (2048, Some(4)));
+        assert_eq!((big.ram.fixed_mib, big.vcpus), (Some(2048), Some(4)));
+        assert_eq!((big.ram.max_mib, big.ram.reserve_mib), (Some(8192), 2048));
+        assert_eq!(big.memory_requests, ["bigmem"]);
         assert!(all.share_job_dirs && !big.share_job_dirs);
         assert_eq!(all.shares, [PathBuf::from("/data")]);
         assert_eq!(big.shares, [PathBuf::from("/data")]);
@@ -323,15 +336,13 @@ job_images = ["*"]
     }
 
     #[test]
-    fn memory_fits_the_vmem_budget() {
+    fn by_default_guest_ram_comes_from_the_host_and_the_jobs_requests() {
         let v = Settings::default().for_queue("q");
-        assert_eq!(v.memory_mib, DEFAULT_MEMORY_MIB);
-        assert_eq!(v.guest_memory_mib(None), DEFAULT_MEMORY_MIB);
-        assert_eq!(v.guest_memory_mib(Some(1 << 30)), DEFAULT_MEMORY_MIB);
-        assert_eq!(
-            v.guest_memory_mib(Some(400 << 20)),
-            400 - DEFAULT_VMM_OVERHEAD_MIB
-        );
-        assert_eq!(v.guest_memory_mib(Some(100 << 20)), MIN_MEMORY_MIB);
+        assert_eq!(v.ram.fixed_mib, None);
+        assert_eq!(v.ram.max_mib, None);
+        assert_eq!(v.ram.reserve_mib, DEFAULT_MEMORY_RESERVE_MIB);
+        assert_eq!(v.ram.vmm_overhead_mib, DEFAULT_VMM_OVERHEAD_MIB);
+        assert_eq!(v.memory_requests, DEFAULT_MEMORY_REQUESTS);
+        assert!(Settings::parse("[queues.q]\nmemory_reserve_mib = 5\n", "t").is_err());
     }
 }

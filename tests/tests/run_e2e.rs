@@ -345,6 +345,135 @@ fn missing_kernel_is_a_clear_error(backend: &str) {
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
 }
 
+/// A job with no `--mem` gets the host's memory (less a reserve): it allocates and touches
+/// 2 GiB (`dd`'s one block) and exits 0.
+fn a_job_gets_the_hosts_memory_and_holds_two_gib(backend: &str) {
+    let out = run_output(
+        backend,
+        &[
+            "-n",
+            "--",
+            "/bin/sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/null bs=2047M count=1 2>/dev/null; echo dd=$?; \
+             grep MemTotal /proc/meminfo",
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.starts_with("dd=0\n"), "{stdout}");
+    eprintln!("{backend}: {}", stdout.replace('\n', " "));
+}
+
+/// Resident memory of `pid` and every process below it, in KiB.
+fn tree_rss_kib(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if integration_tests::parent_pid(child) == Some(p) {
+                frontier.push(child);
+            }
+        }
+    }
+    total
+}
+
+/// A 16 GiB guest costs the host only what it touches, and memory the job frees comes back
+/// (free page reporting) within a bounded time, measured.
+fn a_large_guest_costs_what_it_touches_and_freed_memory_comes_back(backend: &str) {
+    let mut child = run_cmd(
+        backend,
+        &[
+            "-n",
+            "--mem",
+            "16384",
+            "--",
+            "/bin/sh",
+            "-c",
+            "grep -E 'MemTotal|MemFree' /proc/meminfo; echo idle; sleep 6; \
+             echo allocating; dd if=/dev/zero of=/dev/null bs=1000M count=1 2>/dev/null; \
+             echo freed; sleep 120",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .expect("start sge_virtualizer");
+    let pid = child.id();
+    let rx = line_reader(&mut child);
+    let mut seen = Vec::new();
+    wait_for(&rx, "idle", &mut seen);
+    let kib = |key: &str| -> u64 {
+        seen.iter()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {seen:?}"))
+    };
+    let (total, free) = (kib("MemTotal:"), kib("MemFree:"));
+    assert!(total > 15 << 20, "a 16 GiB guest has MemTotal {total} kB");
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = tree_rss_kib(pid);
+    // What the guest touched is at most all of its RAM that is not free (its kernel, the
+    // kernel's page array of 1/64 of RAM, what runs); plus the VMM's allowance (192 MiB):
+    // nothing like 16 GiB.
+    let touched = (16 << 20) - free;
+    let bound = (192 << 10) + touched;
+    eprintln!(
+        "{backend}: idle 16 GiB guest: host RSS {} MiB (not free in the guest: {} MiB; bound {} MiB)",
+        idle >> 10,
+        touched >> 10,
+        bound >> 10
+    );
+    assert!(idle < bound, "idle RSS {idle} kB > {bound} kB");
+
+    // Peak while the job holds 1 GB, then how soon the host has it back.
+    wait_for(&rx, "allocating", &mut seen);
+    let mut peak = 0;
+    let start = Instant::now();
+    while !seen.iter().any(|l| l == "freed") {
+        peak = peak.max(tree_rss_kib(pid));
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "{seen:?}");
+    }
+    assert!(peak > idle + (800 << 10), "peak {peak} kB, idle {idle} kB");
+    let freed_at = Instant::now();
+    let mut now = tree_rss_kib(pid);
+    while now > idle + (256 << 10) && freed_at.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(250));
+        now = tree_rss_kib(pid);
+    }
+    eprintln!(
+        "{backend}: host RSS idle {} MiB, peak {} MiB, {} MiB {:.1} s after the job freed it",
+        idle >> 10,
+        peak >> 10,
+        now >> 10,
+        freed_at.elapsed().as_secs_f64()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        now <= idle + (256 << 10),
+        "the host did not get the freed memory back within 60 s: {now} kB, idle {idle} kB"
+    );
+}
+
 macro_rules! backend_suite {
     ($module:ident, $backend:literal, [$($test:ident),* $(,)?]) => {
         mod $module {
@@ -381,6 +510,8 @@ backend_suites!(
         signals_reach_the_jobs_process_group,
         terminal_stop_suspends_the_job_and_cont_resumes_it,
         orphaned_background_children_do_not_keep_the_vm_alive,
-        missing_or_unexecutable_commands_exit_127_and_126
+        missing_or_unexecutable_commands_exit_127_and_126,
+        a_job_gets_the_hosts_memory_and_holds_two_gib,
+        a_large_guest_costs_what_it_touches_and_freed_memory_comes_back
     ]
 );

@@ -1572,6 +1572,93 @@ fn h_vmem_limits_the_job_in_the_guest_and_sizes_the_vm_below_it() {
     );
 }
 
+/// A job that allocates and touches `$1` MiB in one buffer (`dd`'s block, filled by one read),
+/// then reports dd's status and the guest's size.
+const ALLOCATING_JOB: &str =
+    "#!/bin/sh\ndd if=/dev/zero of=/dev/null bs=\"$1\"M count=1 2>/dev/null\n\
+                              st=$?\necho \"dd=$st\"\ngrep MemTotal /proc/meminfo\nexit $st\n";
+
+#[test]
+fn a_job_with_no_memory_request_gets_the_hosts_memory() {
+    with_cell("a_job_with_no_memory_request_gets_the_hosts_memory", |c| {
+        let dir = c.work_dir("no_mem_request");
+        c.script(&dir, "allocate.sh", ALLOCATING_JOB);
+        // 2 GiB, where the guest's old fixed size was 256 MiB
+        let job = c.qsub(&dir, &["-o", "out.txt", "allocate.sh", "2047"]);
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap_or_default();
+        let trace = c.active_file(job, "trace").unwrap_or_default();
+        assert_eq!(number(&rec[0], "exit_status"), 0.0, "{out}\n{trace}");
+        assert!(out.starts_with("dd=0\n"), "{out}");
+        assert!(
+            trace.contains("MiB reserve and the VMM's"),
+            "the trace says which rule sized the guest: {trace}"
+        );
+        // qacct's maxvmem is the VMM's resident memory: the 2 GB the job held, not the
+        // guest's whole (lazily mapped) size
+        let maxvmem = field(&rec[0], "maxvmem");
+        eprintln!("no request: {out:?}; qacct maxvmem {maxvmem}");
+        assert!(number(&rec[0], "maxvmem") > 0.0, "maxvmem {maxvmem}");
+    });
+}
+
+#[test]
+fn a_job_beyond_its_h_vmem_is_killed_by_the_guests_oom_killer_and_the_trace_says_so() {
+    with_cell(
+        "a_job_beyond_its_h_vmem_is_killed_by_the_guests_oom_killer_and_the_trace_says_so",
+        |c| {
+            let dir = c.work_dir("h_vmem_oom");
+            c.script(&dir, "allocate.sh", ALLOCATING_JOB);
+            // 900 MiB: under the job's RLIMIT_AS (h_vmem, 1 GiB), over its guest's 832 MiB
+            let job = c.qsub(
+                &dir,
+                &["-l", "h_vmem=1G", "-o", "out.txt", "allocate.sh", "900"],
+            );
+            let rec = c.wait_accounting(job, 1, JOB_WAIT);
+            let out = std::fs::read_to_string(dir.join("out.txt")).unwrap_or_default();
+            let trace = c.active_file(job, "trace").unwrap_or_default();
+            assert_eq!(number(&rec[0], "exit_status"), 137.0, "{out}\n{trace}");
+            assert_eq!(number(&rec[0], "failed"), 0.0, "{rec:?}");
+            assert!(out.starts_with("dd=137\n"), "{out}");
+            assert!(
+                trace.contains("guest RAM 832 MiB: the job's h_vmem (1024 MiB)"),
+                "{trace}"
+            );
+            assert!(
+                trace.contains("the guest ran out of memory: its kernel's OOM killer killed"),
+                "{trace}"
+            );
+            assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+        },
+    );
+}
+
+#[test]
+fn a_memory_consumable_request_sizes_the_guest() {
+    with_cell("a_memory_consumable_request_sizes_the_guest", |c| {
+        let dir = c.work_dir("mem_free_request");
+        c.script(&dir, "size.sh", "#!/bin/sh\ngrep MemTotal /proc/meminfo\n");
+        let job = c.qsub(&dir, &["-l", "mem_free=600M", "-o", "out.txt", "size.sh"]);
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        assert_eq!(number(&rec[0], "exit_status"), 0.0, "{rec:?}");
+        let trace = c.active_file(job, "trace").unwrap_or_default();
+        assert!(
+            trace.contains("guest RAM 408 MiB: the job's request mem_free=600 MiB"),
+            "{trace}"
+        );
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap_or_default();
+        let total_kib: u64 = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no MemTotal: {out:?}"));
+        assert!(
+            (300 << 10..=408 << 10).contains(&total_kib),
+            "MemTotal {total_kib} kB for a 408 MiB guest"
+        );
+    });
+}
+
 #[test]
 fn unwritable_output_file_puts_only_the_job_in_error_state() {
     with_cell(

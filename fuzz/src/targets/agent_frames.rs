@@ -80,6 +80,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 maxrss: 5678,
                 ..Rusage::default()
             },
+            memory: Default::default(),
         },
     ];
     let failure = [

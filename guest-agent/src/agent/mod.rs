@@ -10,6 +10,7 @@
 
 mod connection;
 mod event;
+mod guest_memory;
 mod host_reader;
 mod job_process;
 mod output_pump;
@@ -264,6 +265,7 @@ fn supervise(
         .send(&Frame::Exit {
             wait_status: exit.0,
             rusage: exit.1,
+            memory: guest_memory::report(),
         })
         .is_err()
     {

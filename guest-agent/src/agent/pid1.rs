@@ -83,6 +83,17 @@ pub fn mount_basics() -> Vec<String> {
     problems
 }
 
+/// Lets the job allocate as it could on its host. The guest's RAM is sized below the job's
+/// address-space limit (`h_vmem` less the VMM's allowance), so the kernel's default heuristic
+/// would refuse a single allocation that the host, with its larger memory, grants; with
+/// overcommit always on, the job's own `RLIMIT_AS` decides, as on the host, and memory it
+/// touches beyond the guest's is the OOM killer's (reported to the host with the exit).
+pub fn overcommit_like_the_host() -> Option<String> {
+    std::fs::write("/proc/sys/vm/overcommit_memory", b"1")
+        .err()
+        .map(|e| format!("vm.overcommit_memory: {e}"))
+}
+
 /// Ends the VM: kill everything left, flush file systems, reset. With `reboot=k` the embedded
 /// VMM sees the i8042 reset; QEMU started with `-no-reboot` exits.
 pub fn end_vm() -> ! {

@@ -1,8 +1,8 @@
 //! Encoding frames to bytes and decoding them back, with every length checked.
 
 use super::frame::{
-    Account, BootTimes, Filesystems, Frame, Rlimit, RootImage, Rusage, ShareTransport, SharedMount,
-    Spawn, SpawnStage, StdinMode, Stream,
+    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, Rlimit, RootImage, Rusage,
+    ShareTransport, SharedMount, Spawn, SpawnStage, StdinMode, Stream,
 };
 use super::MAX_FRAME_LEN;
 
@@ -145,6 +145,7 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
         Frame::Exit {
             wait_status,
             rusage,
+            memory,
         } => {
             w.u8(KIND_EXIT);
             w.i32(*wait_status);
@@ -153,6 +154,8 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
             for v in rusage_counters(rusage) {
                 w.i64(v);
             }
+            w.u64(memory.total_kib);
+            w.u64(memory.oom_kills);
         }
         Frame::Ack => w.u8(KIND_ACK),
         Frame::Error { message } => {
@@ -319,9 +322,14 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
                 *c = r.i64("rusage")?;
             }
             set_rusage_counters(&mut rusage, counters);
+            let memory = GuestMemoryReport {
+                total_kib: r.u64("guest memory")?,
+                oom_kills: r.u64("guest memory")?,
+            };
             Frame::Exit {
                 wait_status,
                 rusage,
+                memory,
             }
         }
         KIND_ACK => Frame::Ack,

@@ -31,8 +31,12 @@ pub enum Frame {
     Eof(Stream),
     /// host → agent: deliver this signal to the job's process group.
     Signal { signo: i32 },
-    /// agent → host: the job ended; raw `wait4` status and the job's rusage.
-    Exit { wait_status: i32, rusage: Rusage },
+    /// agent → host: the job ended; raw `wait4` status, the job's rusage and the guest's memory.
+    Exit {
+        wait_status: i32,
+        rusage: Rusage,
+        memory: GuestMemoryReport,
+    },
     /// host → agent: Exit received and every output byte written.
     Ack,
     /// Either way: a fatal problem, in words.
@@ -56,6 +60,16 @@ pub struct BootTimes {
     pub connected_ns: u64,
     /// CLOCK_REALTIME when the agent started (guest wall clock, for cross-checking).
     pub agent_start_realtime_ns: u64,
+}
+
+/// The guest's memory when the job ended: how large it was and whether it ran out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestMemoryReport {
+    /// The guest's `MemTotal`, in KiB.
+    pub total_kib: u64,
+    /// Processes the guest kernel's OOM killer killed (`oom_kill` in `/proc/vmstat`). The guest
+    /// runs only this job, so every one was the job's.
+    pub oom_kills: u64,
 }
 
 /// How the job's stdin is fed.

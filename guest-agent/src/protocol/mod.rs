@@ -24,8 +24,8 @@ mod stream;
 
 pub use codec::{decode_body, encode, ProtocolError};
 pub use frame::{
-    Account, BootTimes, Filesystems, Frame, Rlimit, RootImage, Rusage, ShareTransport, SharedMount,
-    Spawn, SpawnStage, StdinMode, Stream, RLIM_INFINITY,
+    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, Rlimit, RootImage, Rusage,
+    ShareTransport, SharedMount, Spawn, SpawnStage, StdinMode, Stream, RLIM_INFINITY,
 };
 pub use stream::{FrameReader, FrameWriter};
 
@@ -34,7 +34,8 @@ pub use stream::{FrameReader, FrameWriter};
 /// 3: [`Frame::Filesystems`] carries the job user's account.
 /// 4: the host may send [`Frame::Eof`] for stdout or stderr: it can no longer write that
 ///    stream's destination, and the agent closes the job's pipe.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: [`Frame::Exit`] carries the guest's memory size and OOM kills.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest frame body accepted (kind byte plus payload).
 pub const MAX_FRAME_LEN: usize = 1 << 20;

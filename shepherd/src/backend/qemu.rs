@@ -167,6 +167,11 @@ fn option_path(path: &Path) -> String {
 /// 9p uses `security_model=none`: QEMU, running as the job user, creates files as itself and
 /// its permission checks are the job user's; `multidevs=remap` keeps inode numbers unique
 /// when a share spans several host file systems.
+/// The virtio-balloon device: free page reporting (the guest hands back what it frees; QEMU
+/// punches it out of the memfd), and the guest may deflate under memory pressure. Never inflated
+/// by the host: the guest keeps all the RAM it was given.
+const BALLOON_DEVICE: &str = "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on";
+
 fn disk_and_share_args(spec: &VmSpec) -> Vec<String> {
     let mut args = Vec::new();
     if let Some(disk) = &spec.root_disk {
@@ -289,6 +294,8 @@ impl VmBackend for QemuBackend {
                 &format!("socket,id=vsock,path={}", vhost_sock.display()),
             ])
             .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+            // Pages the guest frees go back to the host (its RAM is backed as it is touched).
+            .args(["-device", BALLOON_DEVICE])
             .args(disk_and_share_args(spec))
             .arg("-kernel")
             .arg(&spec.kernel)

@@ -18,6 +18,7 @@ use super::fault::{Fault, JobCause};
 use super::file_size_limit::FileSizeLimited;
 use super::guest_rusage;
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
+use super::job_requests;
 use super::job_user::JobUser;
 use super::limits;
 use super::output_paths::{self, JobStreams, OutputKind};
@@ -31,6 +32,7 @@ use super::start_attempts::{StartAttempts, MAX_NEVER_CONNECTED};
 use super::start_failure::{self, BootOwner};
 use super::state::{job_exit_state, ShepherdState};
 use super::usage::{JobEnd, UsageRecord};
+use crate::guest_ram::{self, GuestRam, JobMemoryRequest};
 use crate::host_memory;
 use crate::image::selection::{self, ImagePolicy};
 use crate::launch::{
@@ -493,10 +495,27 @@ impl JobRun {
             .find(|r| r.resource == libc::RLIMIT_FSIZE)
             .map(|r| r.soft)
             .filter(|&soft| soft != guest_agent::protocol::RLIM_INFINITY);
-        let budget =
+        let hard_vmem =
             limits::vmem_budget(c).map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
+        let soft_vmem =
+            limits::soft_vmem_budget(c).map_err(|e| before_job(format!("sge_virtualizer: {e}")))?;
+        let consumable = if hard_vmem.is_none() && soft_vmem.is_none() {
+            self.requested_memory(c, &vm.memory_requests)
+        } else {
+            None
+        };
+        let ram = GuestRam::choose(
+            &vm.ram,
+            &JobMemoryRequest {
+                hard_vmem,
+                soft_vmem,
+                consumable,
+            },
+            guest_ram::host_total_mib(),
+        );
+        self.dir.trace(&ram.to_string());
+        let mem_mib = ram.mib;
         let slots = c.number("host_slots", 1).unwrap_or(1).clamp(1, 255) as u8;
-        let mem_mib = vm.guest_memory_mib(budget);
         let vcpus = vm.vcpus.unwrap_or(slots).max(1);
         let filesystems = self.filesystems(p, vm)?;
 
@@ -565,15 +584,16 @@ impl JobRun {
             } else {
                 BootOwner::Queue
             };
-        let boot_owner = if mem_mib < vm.memory_mib {
+        let boot_owner = if ram.rule.is_the_jobs() {
             BootOwner::Job
         } else {
             image_owner
         };
-        // Guest RAM this host cannot back now is a shortage, found before any VM starts.
-        if let Err(short) =
-            host_memory::can_back(u64::from(mem_mib) + u64::from(vm.vmm_overhead_mib))
-        {
+        // A VM start this host cannot back now is a shortage, found before any VM starts.
+        if let Err(short) = host_memory::can_back(guest_ram::start_footprint_mib(
+            mem_mib,
+            vm.ram.vmm_overhead_mib,
+        )) {
             return Err(self.shortage(
                 vm.shortage,
                 format!("sge_virtualizer: can't start the job's VM now: {short}"),
@@ -674,6 +694,39 @@ impl JobRun {
 
     /// The failure for a shortage that may pass: re-queued, unless the queue has had its
     /// allowed number in a row on this host; then the queue's error.
+    /// The memory consumable among `names` the job requested (`-l mem_free=4G`), over its
+    /// slots here. Unreadable requests are traced and count as none.
+    fn requested_memory(&self, c: &JobConfig, names: &[String]) -> Option<(String, u64)> {
+        if names.is_empty() {
+            return None;
+        }
+        let job_id = c.get("job_id")?.trim();
+        let requests = match job_requests::hard_requests(job_id) {
+            Ok(r) => r,
+            Err(e) => {
+                self.dir.trace(&format!(
+                    "can't read the job's memory request ({e}); sizing its guest as for a job \
+                     that made none"
+                ));
+                return None;
+            }
+        };
+        let (name, value) = job_requests::first_of(&requests, names)?;
+        match limits::parse_amount(value) {
+            Some(bytes) => Some((
+                name.to_string(),
+                bytes.saturating_mul(limits::host_slots(c)),
+            )),
+            None => {
+                self.dir.trace(&format!(
+                    "the job's request {name}={value} is not a memory amount; ignored for the \
+                     guest's size"
+                ));
+                None
+            }
+        }
+    }
+
     fn shortage(&self, policy: ShortagePolicy, message: String) -> Failure {
         match ShortageStreak::configured(policy).record(self.queue()) {
             Ok(ShortageVerdict::Requeue { count, limit }) => Failure::no_resources(format!(
@@ -808,6 +861,9 @@ impl JobRun {
                     .unwrap_or_default();
                 for failure in &o.output_failures {
                     self.dir.trace(failure);
+                }
+                if let Some(note) = guest_ram::out_of_memory_note(&o.memory) {
+                    self.dir.trace(&note);
                 }
                 let (rusage, note) = guest_rusage::bounded(o.rusage, wall, facts.vcpus);
                 if let Some(note) = note {
@@ -1005,6 +1061,7 @@ mod tests {
                 stime_us: 0,
                 ..Rusage::default()
             },
+            memory: Default::default(),
             job_started: started,
             job_ended: started + Duration::from_secs(3),
             timings: Default::default(),

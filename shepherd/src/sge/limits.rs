@@ -147,13 +147,33 @@ pub fn job_rlimits(config: &JobConfig) -> Result<Vec<Rlimit>, LimitError> {
 /// The job's `h_vmem` over all its slots here, in bytes; `None` when unlimited. Execd's PDC
 /// kills the job when its processes (the VMM) use more.
 pub fn vmem_budget(config: &JobConfig) -> Result<Option<u64>, LimitError> {
-    let hard = read(config, "h_vmem".into(), Unit::Amount)?;
-    let factor = if config.flag("h_vmem_is_consumable_job") {
+    vmem_over_slots(config, "h")
+}
+
+/// The job's `s_vmem` over all its slots here, in bytes, as [`vmem_budget`] counts `h_vmem`.
+pub fn soft_vmem_budget(config: &JobConfig) -> Result<Option<u64>, LimitError> {
+    vmem_over_slots(config, "s")
+}
+
+fn vmem_over_slots(config: &JobConfig, prefix: &str) -> Result<Option<u64>, LimitError> {
+    let value = read(config, format!("{prefix}_vmem"), Unit::Amount)?;
+    let factor = if config.flag(&format!("{prefix}_vmem_is_consumable_job")) {
         1
     } else {
         slots(config)
     };
-    Ok(hard.map(|v| v.saturating_mul(factor)))
+    Ok(value.map(|v| v.saturating_mul(factor)))
+}
+
+/// A memory amount as Grid Engine writes it (`4G`, `512m`, `1.5K`); `None` when unlimited or
+/// not an amount.
+pub fn parse_amount(value: &str) -> Option<u64> {
+    parse_value(value, Unit::Amount).flatten()
+}
+
+/// The job's slots on this host (`host_slots`, at least 1).
+pub fn host_slots(config: &JobConfig) -> u64 {
+    slots(config)
 }
 
 /// The job's nice value (`priority`).

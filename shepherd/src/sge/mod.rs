@@ -17,6 +17,7 @@ pub mod file_size_limit;
 pub mod guest_rusage;
 pub mod job_argv;
 pub mod job_fifo;
+pub mod job_requests;
 mod job_run;
 pub mod job_user;
 pub mod limits;

@@ -10,7 +10,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, SystemTime};
 
-use guest_agent::protocol::Rusage;
+use guest_agent::protocol::{GuestMemoryReport, Rusage};
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +58,8 @@ pub enum FromVmm {
         wait_status: i32,
         #[serde(with = "RusageDef")]
         rusage: Rusage,
+        #[serde(with = "GuestMemoryReportDef")]
+        memory: GuestMemoryReport,
         job_started: SystemTime,
         job_ended: SystemTime,
         timings: Timings,
@@ -66,6 +68,14 @@ pub enum FromVmm {
     },
     /// The job did not produce an exit status.
     Failed(JobError),
+}
+
+/// [`GuestMemoryReport`] on the wire.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "GuestMemoryReport")]
+struct GuestMemoryReportDef {
+    total_kib: u64,
+    oom_kills: u64,
 }
 
 /// [`Rusage`] on the wire (the protocol crate knows nothing of serde).

@@ -239,6 +239,7 @@ impl VmmProcess {
             FromVmm::Exited {
                 wait_status,
                 rusage,
+                memory,
                 job_started,
                 job_ended,
                 timings,
@@ -247,6 +248,7 @@ impl VmmProcess {
                 self.report = Some(Ok(JobOutcome {
                     wait_status,
                     rusage,
+                    memory,
                     job_started,
                     job_ended,
                     timings,
@@ -446,6 +448,7 @@ mod tests {
             ch.send(&FromVmm::Exited {
                 wait_status: 3 << 8,
                 rusage: Rusage::default(),
+                memory: Default::default(),
                 job_started: SystemTime::now(),
                 job_ended: SystemTime::now(),
                 timings: Timings::default(),
