@@ -11,6 +11,8 @@
 #   qdel_leaves_no_vm  qdel of a running job ends it and leaves no VMM process
 #   online_usage       qstat -j shows the running job's CPU and memory (execd sees the VM)
 #   h_cpu              a job spinning past h_cpu is killed, with its CPU time in qacct
+#   oom                a job touching more than its guest has (sized from h_vmem) is killed by
+#                      the guest's OOM killer: exit status 137 and a line in the trace
 #   quota              output beyond the job user's disk quota stops at the quota, and the job
 #                      sees its write fail (this host's kernel has quotas; the development
 #                      machines' has none). NESTED_SGE_QUOTA=0 skips it
@@ -224,6 +226,29 @@ else
     host_state_of "$sleeper"
 fi
 
+fi
+
+# ---- oom ------------------------------------------------------------------------------------
+# A job that touches more than its guest has (h_vmem 1 GiB: a guest of 832 MiB; 900 MiB under
+# its RLIMIT_AS) is killed by the guest's OOM killer: exit status 137, and the trace says so.
+if [ -z "$only" ] || [ "$only" = oom ]; then
+printf '#!/bin/sh\ndd if=/dev/zero of=/dev/null bs=900M count=1 2>/dev/null\nst=$?\necho "dd=$st"\nexit $st\n' \
+    >"$WORK/oom.sh"
+chown "$JOB_USER:" "$WORK/oom.sh"
+oom=$(qsub_job -l h_vmem=1G oom.sh)
+say "job $oom (touches 900 MiB in a guest of 832 MiB)"
+if until_ok 300 has_accounting "$oom"; then
+    trace=/var/spool/gridengine/execd/*/active_jobs/"$oom".1/trace
+    if [ "$(accounting "$oom" exit_status | awk '{print $1}')" = 137 ] &&
+        grep -qs 'guest RAM 832 MiB' $trace && grep -qs 'the guest ran out of memory' $trace; then
+        ok oom "exit_status 137; $(grep -ho 'the guest ran out of memory[^;]*' $trace)"
+    else
+        bad oom "exit_status $(accounting "$oom" exit_status), output '$(cat "$WORK/oom.sh.o$oom" 2>&1)', $(trace_of "$oom")"
+    fi
+else
+    bad oom "job $oom did not end within 300 s: $(trace_of "$oom")"
+    host_state_of "$oom"
+fi
 fi
 
 # ---- quota ---------------------------------------------------------------------------------

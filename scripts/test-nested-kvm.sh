@@ -181,7 +181,7 @@ for attempt in 1 2; do
     rc=0
     "$REPO/scripts/nested-kvm-host.sh" run --cpus 4 --timeout "$timeout" "${shares[@]}" \
         --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT --env NESTED_KVM_SGE_TIMEOUT \
-        --env NESTED_SGE_QUOTA \
+        --env NESTED_SGE_QUOTA --env NESTED_SGE_ONLY \
         -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}" || rc=$?
     case $rc in
         0) exit 0 ;;

@@ -18,6 +18,7 @@ mod job_latency;
 mod kvm_primitives;
 mod machine;
 mod memory_overhead;
+mod memory_return;
 mod optimisation;
 mod proc_memory;
 mod qemu_microvm;
@@ -73,6 +74,8 @@ enum Cmd {
     Job,
     /// 3: VMM memory overhead after boot, embedded vs QEMU.
     Memory,
+    /// 3b: guest memory given back: host RSS of a 16 GiB guest idle, holding 1 GiB, after.
+    MemoryReturn,
     /// 4a: output relay throughput guest → host file.
     Relay,
     /// 4b: signal round trip shepherd → job handler → output back.
@@ -196,6 +199,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Boot => Some(boot_latency::run(&ctx)?),
         Cmd::Job => Some(job_latency::run(&ctx)?),
         Cmd::Memory => Some(memory_overhead::run(&ctx)?),
+        Cmd::MemoryReturn => Some(memory_return::run(&ctx)?),
         Cmd::Relay => Some(relay::run(&ctx)?),
         Cmd::Signal => Some(signal_latency::run(&ctx)?),
         Cmd::Gridengine => match grid_engine::run(&ctx) {
@@ -270,7 +274,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     type Bench = fn(&BenchContext) -> anyhow::Result<BenchResult>;
-    let all: [(&str, &str, Bench); 9] = [
+    let all: [(&str, &str, Bench); 10] = [
         (
             "boot",
             "VMM start to first guest instruction",
@@ -278,6 +282,11 @@ fn main() -> anyhow::Result<()> {
         ),
         ("job", "sge_virtualizer run -- /bin/true", job_latency::run),
         ("memory", "VMM memory overhead", memory_overhead::run),
+        (
+            "memory-return",
+            "Guest memory given back",
+            memory_return::run,
+        ),
         ("relay", "Output relay throughput", relay::run),
         ("signal", "Signal round trip", signal_latency::run),
         ("gridengine", "Grid Engine qsub -sync y", grid_engine::run),

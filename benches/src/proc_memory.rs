@@ -109,6 +109,22 @@ fn parent_of(pid: u32) -> Option<u32> {
     after.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Resident memory (VmRSS) of `pid` and every process below it, in KiB.
+pub fn tree_rss_kib(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        frontier.extend(children(p));
+    }
+    total
+}
+
 /// The command name of `pid`.
 pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))

@@ -13,10 +13,11 @@ use crate::results::{utc_now, BenchResult};
 use crate::stats::Summary;
 
 /// The benchmarks in report order.
-pub const IDS: [&str; 9] = [
+pub const IDS: [&str; 10] = [
     "boot",
     "job",
     "memory",
+    "memory-return",
     "relay",
     "signal",
     "gridengine",
@@ -551,6 +552,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         ("boot", "1. "),
         ("job", "2. "),
         ("memory", "3. "),
+        ("memory-return", "3b. "),
         ("relay", "4a. "),
         ("signal", "4b. "),
         ("gridengine", "5. "),

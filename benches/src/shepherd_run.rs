@@ -23,8 +23,14 @@ pub struct PhaseTimings {
 
 /// `sge_virtualizer run --backend <backend> -n --timings -- <job…>`, stdout and stderr piped.
 pub fn command(ut: &UnderTest, backend: &str, job: &[&str]) -> Command {
+    command_with(ut, backend, &[], job)
+}
+
+/// [`command`] with more `run` options (`--mem 256`).
+pub fn command_with(ut: &UnderTest, backend: &str, options: &[&str], job: &[&str]) -> Command {
     let mut cmd = Command::new(&ut.shepherd);
     cmd.args(["run", "--backend", backend, "-n", "--timings"]);
+    cmd.args(options);
     if !ut.extra_cmdline.is_empty() {
         cmd.args(["--cmdline", &ut.extra_cmdline]);
     }

@@ -903,6 +903,7 @@ mod tests {
             sha256: verification::sha256_file(&dir.join(IMAGE_FILE)).unwrap(),
             created: String::new(),
             os_version: None,
+            source: None,
         }
         .save(&dir.join(MANIFEST_FILE))
         .unwrap();

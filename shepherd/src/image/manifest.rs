@@ -1,5 +1,5 @@
-//! The manifest of one image: what it was built from, and the size and checksum its file must
-//! have.
+//! The manifest of one image: what it was built from (a Debian suite, or an imported OCI or
+//! docker-save image), and the size and checksum its file must have.
 
 use std::path::Path;
 
@@ -26,12 +26,53 @@ pub struct Manifest {
     pub sha256: String,
     /// When it was built, RFC 3339 UTC.
     pub created: String,
-    /// `/etc/debian_version` inside the image, when it has one.
+    /// `/etc/debian_version` inside the image, when it has one (for imported images without
+    /// one: `ID VERSION_ID` of its os-release).
     #[serde(default)]
     pub os_version: Option<String>,
+    /// Where an imported image came from; `None` for images built with debootstrap (and in
+    /// manifests written before imports existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ImportedFrom>,
+}
+
+/// The origin of an imported image (`image import`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImportedFrom {
+    /// `oci-layout`, `oci-archive` or `docker-archive`.
+    pub kind: String,
+    /// The directory or archive it was imported from (absolute).
+    pub path: String,
+    /// The name it was chosen by in the source (`--ref`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The image digest: the digest of its OCI image manifest, `sha256:<hex>`. A docker-save
+    /// archive without an OCI layout has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The image ID: the digest of its configuration, `sha256:<hex>`. Images with the same ID
+    /// have the same file system tree.
+    pub image_id: String,
+    /// The configuration's `Env` (`KEY=value` strings).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The configuration's `WorkingDir`, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
 }
 
 impl Manifest {
+    /// Where the image came from, for messages: `suite bullseye` or `imported from ...`.
+    pub fn origin(&self) -> String {
+        match &self.source {
+            None => format!("suite {}", self.suite),
+            Some(from) => format!(
+                "imported from {} {}, image ID {}",
+                from.kind, from.path, from.image_id
+            ),
+        }
+    }
+
     /// Reads and checks the manifest at `path` for the image `name`.
     pub fn load(name: &str, path: &Path) -> Result<Self, ImageError> {
         let bad = |detail: String| ImageError::Manifest {
@@ -83,6 +124,25 @@ mod tests {
             sha256: "ab".repeat(32),
             created: "2026-11-25T23:00:00Z".into(),
             os_version: Some("11.11".into()),
+            source: None,
+        }
+    }
+
+    fn imported() -> Manifest {
+        Manifest {
+            suite: String::new(),
+            mirror: String::new(),
+            variant: String::new(),
+            source: Some(ImportedFrom {
+                kind: "oci-archive".into(),
+                path: "/srv/images/app.tar".into(),
+                reference: Some("app:1".into()),
+                digest: Some(format!("sha256:{}", "cd".repeat(32))),
+                image_id: format!("sha256:{}", "ef".repeat(32)),
+                env: vec!["PATH=/usr/bin:/bin".into()],
+                working_dir: Some("/work".into()),
+            }),
+            ..sample()
         }
     }
 
@@ -92,6 +152,27 @@ mod tests {
         let path = dir.path().join("manifest.json");
         sample().save(&path).unwrap();
         assert_eq!(Manifest::load("bullseye", &path).unwrap(), sample());
+    }
+
+    #[test]
+    fn an_imported_image_round_trips_and_an_old_manifest_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.json");
+        imported().save(&path).unwrap();
+        assert_eq!(Manifest::load("bullseye", &path).unwrap(), imported());
+        assert!(imported()
+            .origin()
+            .contains("oci-archive /srv/images/app.tar"));
+        // A manifest written before imports existed has no `source`.
+        let old = r#"{"name":"bullseye","suite":"bullseye","mirror":"m","variant":"minbase",
+            "file":"rootfs.ext4","fstype":"ext4","size":1,"sha256":"SHA","created":""}"#
+            .replace("SHA", &"ab".repeat(32));
+        std::fs::write(&path, old).unwrap();
+        let loaded = Manifest::load("bullseye", &path).unwrap();
+        assert_eq!((loaded.source, loaded.os_version), (None, None));
+        // And a debootstrap image's manifest does not mention it.
+        sample().save(&path).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("source"));
     }
 
     #[test]

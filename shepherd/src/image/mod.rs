@@ -2,20 +2,30 @@
 //!
 //! Each image is a directory `<store>/<name>/` holding `rootfs.ext4` (an ext4 file system,
 //! attached to the guest read-only as virtio-blk; the agent puts a tmpfs overlay over it and
-//! switches root into it) and `manifest.json` (suite, size, SHA-256, creation time). Before a
-//! job uses an image its checksum is verified, so a corrupted image fails the job with a clear
-//! error before any VM starts.
+//! switches root into it) and `manifest.json` (suite or import source, size, SHA-256, creation
+//! time). Before a job uses an image its checksum is verified, so a corrupted image fails the
+//! job with a clear error before any VM starts.
 //!
 //! * [`store`]: listing, resolving, verifying and removing images.
 //! * [`manifest`]: the manifest record.
 //! * [`verification`]: checksums and the record of the last full check.
 //! * [`debootstrap`]: building an image from a Debian suite without loop mounts.
+//! * [`oci`]: reading an OCI image layout, OCI archive or docker-save archive, digests checked.
+//! * [`unpack`]: applying image layers to a private staging tree without following links.
+//! * [`import`]: importing such an image into the store.
+//! * [`ext4`]: making an image's ext4 file from a tree.
 //! * [`selection`]: which image a job runs in (its queue's, or one it may ask for).
 
 pub mod debootstrap;
+pub mod ext4;
+pub mod import;
 pub mod manifest;
+pub mod oci;
 pub mod selection;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod unpack;
 pub mod verification;
 
 use std::path::PathBuf;
@@ -69,10 +79,25 @@ pub enum ImageError {
         path: PathBuf,
         detail: String,
     },
-    #[error("OS image {name:?} already exists (suite {suite}); remove it first with `image rm`")]
-    Exists { name: String, suite: String },
+    #[error("OS image {name:?} already exists ({origin}); remove it first with `image rm`")]
+    Exists { name: String, origin: String },
     #[error("building OS image {name:?}: {detail}")]
     Build { name: String, detail: String },
+    #[error("importing OS image {name:?} from {}: {error}", path.display())]
+    ImportSource {
+        name: String,
+        path: PathBuf,
+        error: Box<oci::SourceError>,
+    },
+    #[error("importing OS image {name:?}: layer {layer} of {layers} ({digest}): {error}")]
+    Unpack {
+        name: String,
+        /// 1-based.
+        layer: usize,
+        layers: usize,
+        digest: String,
+        error: Box<unpack::UnpackError>,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,

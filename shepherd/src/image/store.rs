@@ -1,5 +1,11 @@
 //! The image store: one directory per image under the store directory.
+//!
+//! Builders and importers lock the image's name (`.<name>.lock`); importers also lock the image
+//! ID they import (`.sha256:<hex>.lock`, a name no image can have), always in that order: ID,
+//! then name. They work in a staging directory `.<verb>-<name>-<pid>` in the store and rename it
+//! into place at the end.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -29,7 +35,7 @@ pub struct VerifiedImage {
 /// be read.
 pub type Listing = (String, Result<Manifest, ImageError>);
 
-/// A held lock on one image name (building and removing take it).
+/// A held lock on one image name (building and removing take it) or image ID (importing).
 pub struct ImageLock {
     _lock: Flock<File>,
 }
@@ -121,8 +127,22 @@ impl ImageStore {
     /// the store directory when missing.
     pub fn lock(&self, name: &str) -> Result<ImageLock, ImageError> {
         validate_name(name)?;
+        self.lock_file(&format!(".{name}.lock"))
+    }
+
+    /// Takes the lock for importing image ID `image_id` (`sha256:<hex>`), waiting for another
+    /// import of the same ID. Take it before the name's lock.
+    pub fn lock_image_id(&self, image_id: &str) -> Result<ImageLock, ImageError> {
+        let hex = image_id.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ImageError::InvalidName(image_id.to_string()));
+        }
+        self.lock_file(&format!(".sha256:{hex}.lock"))
+    }
+
+    fn lock_file(&self, file_name: &str) -> Result<ImageLock, ImageError> {
         std::fs::create_dir_all(&self.dir).map_err(ImageError::io("creating", &self.dir))?;
-        let path = self.dir.join(format!(".{name}.lock"));
+        let path = self.dir.join(file_name);
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -138,6 +158,16 @@ impl ImageStore {
         Ok(ImageLock { _lock: lock })
     }
 
+    /// The images imported from image ID `image_id`, with their manifests.
+    pub fn with_image_id(&self, image_id: &str) -> Result<Vec<(String, Manifest)>, ImageError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter_map(|(name, manifest)| Some((name, manifest.ok()?)))
+            .filter(|(_, m)| m.source.as_ref().is_some_and(|s| s.image_id == image_id))
+            .collect())
+    }
+
     /// Removes image `name`.
     pub fn remove(&self, name: &str) -> Result<Manifest, ImageError> {
         let _lock = self.lock(name)?;
@@ -148,6 +178,15 @@ impl ImageStore {
         // builder lock a new file and run beside that waiter.
         Ok(manifest)
     }
+}
+
+/// Whether `file_name` is a staging directory `<prefix><pid>` (a build or import of exactly the
+/// name in `prefix`, not of a longer name that starts the same).
+pub(crate) fn is_staging_of(file_name: &OsStr, prefix: &str) -> bool {
+    file_name
+        .to_str()
+        .and_then(|n| n.strip_prefix(prefix))
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -170,6 +209,7 @@ mod tests {
             sha256: verification::sha256_file(&dir.join(IMAGE_FILE)).unwrap(),
             created: String::new(),
             os_version: None,
+            source: None,
         };
         manifest.save(&dir.join(MANIFEST_FILE)).unwrap();
         manifest
@@ -219,6 +259,13 @@ mod tests {
             .join("img")
             .join(verification::RECORD_FILE)
             .exists());
+    }
+
+    #[test]
+    fn staging_directories_of_a_longer_name_are_not_ours() {
+        assert!(is_staging_of(OsStr::new(".build-x-123"), ".build-x-"));
+        assert!(!is_staging_of(OsStr::new(".build-x-y-123"), ".build-x-"));
+        assert!(!is_staging_of(OsStr::new(".build-x-"), ".build-x-"));
     }
 
     #[test]

@@ -154,6 +154,7 @@ mod tests {
             sha256: sha256_file(&image).unwrap(),
             created: String::new(),
             os_version: None,
+            source: None,
         };
         (dir, image, manifest)
     }

@@ -1,0 +1,273 @@
+//! Imported OS images end to end: `sge_virtualizer image import` turns an OCI archive, made
+//! here from local files (the host's static BusyBox; no registry, no network), into an image of
+//! the store, and `sge_virtualizer run --image NAME` runs a real guest (QEMU backend) in it
+//! that sees the layers applied: whiteouts, hard and symbolic links, setuid modes and owners.
+//!
+//! Needs root (importing keeps owners) and a static `/bin/busybox`; a test that cannot have
+//! them prints `SKIPPED: <why>`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use integration_tests::{guest_image_dir, report_skip, sge_virtualizer_bin};
+use sha2::{Digest, Sha256};
+
+/// Where a job user's VM helpers can be executed from (not root's ~/.cargo/bin).
+const SHARED_VHOST_VSOCK: &str = "/usr/local/bin/vhost-device-vsock";
+const BUSYBOX: &str = "/bin/busybox";
+const MTIME: u64 = 1_600_000_000;
+
+fn hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A layer's tar stream.
+struct Layer(tar::Builder<Vec<u8>>);
+
+impl Layer {
+    fn new() -> Layer {
+        Layer(tar::Builder::new(Vec::new()))
+    }
+
+    fn entry(
+        &mut self,
+        kind: tar::EntryType,
+        path: &str,
+        mode: u32,
+        owner: (u64, u64),
+        link: Option<&str>,
+        data: &[u8],
+    ) -> &mut Layer {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(path).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(owner.0);
+        h.set_gid(owner.1);
+        h.set_mtime(MTIME);
+        h.set_size(data.len() as u64);
+        if let Some(link) = link {
+            h.set_link_name(link).unwrap();
+        }
+        h.set_cksum();
+        self.0.append(&h, data).unwrap();
+        self
+    }
+
+    fn dir(&mut self, path: &str) -> &mut Layer {
+        self.entry(tar::EntryType::Directory, path, 0o755, (0, 0), None, b"")
+    }
+
+    fn file(&mut self, path: &str, mode: u32, owner: (u64, u64), data: &[u8]) -> &mut Layer {
+        self.entry(tar::EntryType::Regular, path, mode, owner, None, data)
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) -> &mut Layer {
+        self.entry(
+            tar::EntryType::Symlink,
+            path,
+            0o777,
+            (0, 0),
+            Some(target),
+            b"",
+        )
+    }
+
+    fn hard_link(&mut self, path: &str, target: &str) -> &mut Layer {
+        self.entry(tar::EntryType::Link, path, 0o755, (0, 0), Some(target), b"")
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        std::mem::replace(&mut self.0, tar::Builder::new(Vec::new()))
+            .into_inner()
+            .unwrap()
+    }
+}
+
+/// An OCI archive (a tar of an OCI image layout) of `layers`, tagged `reference`.
+fn oci_archive(layers: &[Vec<u8>], reference: &str) -> Vec<u8> {
+    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut layer_descs = Vec::new();
+    for layer in layers {
+        layer_descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": format!("sha256:{}", hex(layer)),
+            "size": layer.len(),
+        }));
+        blobs.push((hex(layer), layer.clone()));
+    }
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", hex(l)))
+        .collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{}", hex(&config)),
+            "size": config.len(),
+        },
+        "layers": layer_descs,
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", hex(&manifest)),
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": reference},
+        }],
+    }))
+    .unwrap();
+    blobs.push((hex(&config), config));
+    blobs.push((hex(&manifest), manifest));
+    let mut archive = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        archive.append_data(&mut h, path, data).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", &index);
+    for (digest, data) in &blobs {
+        add(&format!("blobs/sha256/{digest}"), data);
+    }
+    archive.into_inner().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn image_cmd(store: &Path, args: &[&str]) -> Output {
+    Command::new(sge_virtualizer_bin())
+        .arg("image")
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .expect("run sge_virtualizer image")
+}
+
+fn run_in(store: &Path, image: &str, script: &str) -> Output {
+    let guest = guest_image_dir();
+    let mut cmd = Command::new(sge_virtualizer_bin());
+    cmd.args(["run", "--backend", "qemu", "-n"])
+        .arg("--kernel")
+        .arg(guest.join("vmlinux"))
+        .arg("--initrd")
+        .arg(guest.join("initramfs.cpio"))
+        .arg("--images")
+        .arg(store)
+        .args(["--image", image, "--", "/bin/sh", "-c", script])
+        .stdin(Stdio::null());
+    if Path::new(SHARED_VHOST_VSOCK).is_file() {
+        cmd.env("SGE_VIRTUALIZER_VHOST_VSOCK", SHARED_VHOST_VSOCK);
+    }
+    cmd.output().expect("run sge_virtualizer")
+}
+
+/// A store directory as the administrator keeps it: root's, readable by all.
+fn store() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = tmp.path().join("images");
+    (tmp, store)
+}
+
+#[test]
+fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
+    if !nix::unistd::geteuid().is_root() {
+        report_skip("oci_import_e2e", "importing an OS image needs root");
+        return;
+    }
+    let Ok(busybox) = std::fs::read(BUSYBOX) else {
+        report_skip(
+            "oci_import_e2e",
+            "no /bin/busybox to build the test image from",
+        );
+        return;
+    };
+    let mut base = Layer::new();
+    base.dir("bin")
+        .file("bin/busybox", 0o755, (0, 0), &busybox)
+        .dir("etc")
+        .file(
+            "etc/passwd",
+            0o644,
+            (0, 0),
+            b"root:x:0:0:root:/root:/bin/sh\n",
+        )
+        .file("etc/group", 0o644, (0, 0), b"root:x:0:\n")
+        .file(
+            "etc/hello",
+            0o644,
+            (0, 0),
+            b"hello from an imported image\n",
+        )
+        .file(
+            "etc/obsolete",
+            0o644,
+            (0, 0),
+            b"removed by the next layer\n",
+        )
+        .file("bin/su-test", 0o4755, (0, 0), b"#!/bin/sh\n")
+        .dir("root");
+    for applet in ["sh", "cat", "stat", "ls", "readlink", "echo"] {
+        base.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let base = base.finish();
+    let top = Layer::new()
+        .file("etc/.wh.obsolete", 0o644, (0, 0), b"")
+        .hard_link("bin/busybox-again", "bin/busybox")
+        .dir("data")
+        .file("data/owned", 0o640, (1234, 5678), b"owned\n")
+        .finish();
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.oci.tar");
+    std::fs::write(&archive, oci_archive(&[base, top], "app:1")).unwrap();
+    let (_keep, store) = store();
+
+    let out = image_cmd(&store, &["import", archive.to_str().unwrap(), "app"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("app imported"), "{out:?}");
+    let again = image_cmd(&store, &["import", archive.to_str().unwrap(), "app"]);
+    assert!(again.status.success(), "{again:?}");
+    assert!(stdout(&again).contains("already present"), "{again:?}");
+    let list = image_cmd(&store, &["list"]);
+    assert!(list.status.success(), "{list:?}");
+    let line = stdout(&list);
+    assert!(line.starts_with("app "), "{line}");
+    assert!(
+        line.contains("oci-archive:") && line.contains(" digest "),
+        "{line}"
+    );
+    assert!(image_cmd(&store, &["verify", "app"]).status.success());
+
+    let script = "cat /etc/hello; cat /etc/obsolete 2>/dev/null || echo obsolete gone; \
+                  stat -c '%a %u:%g' /bin/su-test /data/owned; \
+                  stat -c %h /bin/busybox; readlink /bin/sh; echo done";
+    let out = run_in(&store, "app", script);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "hello from an imported image\nobsolete gone\n4755 0:0\n640 1234:5678\n2\nbusybox\n\
+         done\n",
+        "{out:?}"
+    );
+}
