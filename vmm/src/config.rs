@@ -1,8 +1,10 @@
 //! What a caller asks for: [`VmConfig`] (kernel, initrd, command line, memory, vCPUs, console,
-//! vsock, disks, shared directories, the balloon, the identity of the VMM's threads, seccomp,
-//! CPU features to hide).
+//! vsock, disks, shared directories, the balloon, the network, the identity of the VMM's threads,
+//! seccomp, CPU features to hide).
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::cpu::CpuFeature;
 use crate::credentials::ThreadCredentials;
@@ -47,6 +49,37 @@ pub struct ShareConfig {
     pub read_only: bool,
 }
 
+/// A virtio-net device whose frames go to and from `passt` in its "qemu" mode
+/// ([`crate::virtio::net`]).
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// A connected stream socket to passt (each frame preceded by its length, 4 bytes big
+    /// endian): one end of a socketpair whose other end passt got with `--fd`, or a connection
+    /// to passt's `--socket`. An fd, not a path: the caller sets the connection up with its
+    /// own rights before the VMM's threads take the job user's identity and their seccomp
+    /// filter. Shared (clones of the config share it); the VMM keeps a reference while the VM
+    /// runs, and passt sees the end of the stream once every holder has dropped it.
+    pub stream: Arc<OwnedFd>,
+    /// The guest's MAC address (unicast, not all zero).
+    pub mac: [u8; 6],
+    /// The MTU announced to the guest (VIRTIO_NET_F_MTU: also the most the guest may set),
+    /// [`crate::virtio::net::device::MIN_MTU`]..=[`crate::virtio::net::device::MAX_MTU`].
+    /// Without mergeable RX buffers each received frame must fit one of the guest's RX
+    /// buffers, which Linux sizes from it; give passt the same value (`--mtu`).
+    pub mtu: u16,
+}
+
+impl NetConfig {
+    /// The device for `stream` and `mac`, with [`crate::virtio::net::device::DEFAULT_MTU`].
+    pub fn new(stream: OwnedFd, mac: [u8; 6]) -> Self {
+        Self {
+            stream: Arc::new(stream),
+            mac,
+            mtu: crate::virtio::net::device::DEFAULT_MTU,
+        }
+    }
+}
+
 /// A microVM to start.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -86,11 +119,14 @@ pub struct VmConfig {
     /// them the device is simply unused). The host never asks the guest to inflate. It takes
     /// one virtio slot and GSI, and gives a VM without other virtio devices a VMM thread.
     pub balloon: bool,
+    /// A virtio-net device backed by passt ([`NetConfig`]), after every other virtio device
+    /// (the balloon included), so that it moves no other device's MMIO window or GSI.
+    pub net: Option<NetConfig>,
 }
 
 impl VmConfig {
     /// A VM with 128 MiB, one vCPU, [`DEFAULT_CMDLINE`], no console, no vsock, no disks, no
-    /// shares, the balloon, the caller's identity, seccomp on.
+    /// shares, the balloon, no network, the caller's identity, seccomp on.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
             kernel: kernel.into(),
@@ -107,6 +143,7 @@ impl VmConfig {
             hidden_cpu_features: Vec::new(),
             kvm_device: None,
             balloon: true,
+            net: None,
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::lifecycle::{ExitReason, Lifecycle, Timestamps};
 use crate::memory::{self, GuestMemory};
 use crate::resources::MemoryUsage;
 use crate::thread_exit::{join_by, THREAD_EXIT_PATIENCE};
-use crate::virtio::{DeviceInfo, ShareDeviceInfo, VsockDeviceInfo};
+use crate::virtio::{DeviceInfo, NetDeviceInfo, ShareDeviceInfo, VsockDeviceInfo};
 use crate::vm::VmError;
 
 /// How long [`VmHandle::pause`] waits for every vCPU to park.
@@ -32,6 +32,7 @@ pub struct VmHandle {
     console: Option<ConsoleRing>,
     vsock: Option<VsockDeviceInfo>,
     shares: Vec<ShareDeviceInfo>,
+    net: Option<NetDeviceInfo>,
     memory: Arc<GuestMemory>,
     // Declared last: the VM and KVM fds are closed only after the threads using them are joined
     // (in Drop) and the fields above are dropped.
@@ -58,6 +59,7 @@ impl VmHandle {
             console,
             vsock: devices.vsock,
             shares: devices.shares,
+            net: devices.net,
             memory,
             _vm: vm,
             _kvm: kvm,
@@ -141,6 +143,11 @@ impl VmHandle {
     /// The virtio-vsock device's state, if the VM has one.
     pub fn vsock(&self) -> Option<&VsockDeviceInfo> {
         self.vsock.as_ref()
+    }
+
+    /// The virtio-net device's state (link, counters), if the VM has one.
+    pub fn net(&self) -> Option<&NetDeviceInfo> {
+        self.net.as_ref()
     }
 
     /// The process's resident memory and how much of it is guest RAM.

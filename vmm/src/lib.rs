@@ -4,8 +4,9 @@
 //! virtio-blk disks backed by host files ([`VmConfig::disks`], read-only or read-write), and
 //! virtio-fs devices that share host directories through an in-process FUSE passthrough server
 //! ([`VmConfig::shares`], [`fuse`]), and a virtio-balloon device with free page reporting that
-//! gives the memory the guest frees back to the host ([`VmConfig::balloon`]). It knows nothing
-//! about Grid Engine.
+//! gives the memory the guest frees back to the host ([`VmConfig::balloon`]), and a virtio-net
+//! device whose frames go to and from `passt` over a stream socket the caller hands in
+//! ([`VmConfig::net`], [`virtio::net`]). It knows nothing about Grid Engine.
 //!
 //! # Using it
 //!
@@ -65,7 +66,7 @@
 //! [`layout`] (guest address map), [`memory`] (guest RAM), [`boot`] (kernel, initrd, zero page,
 //! MP table), [`cpu`] (CPUID, MSRs, registers), `vcpu` (threads, exits, kicks), `lifecycle` (run
 //! state, exit reasons, timestamps), [`devices`] (serial, i8042, boot timer, console),
-//! [`virtio`] (MMIO transport, queues, vsock, block, fs, balloon), [`fuse`] (the FUSE passthrough server
+//! [`virtio`] (MMIO transport, queues, vsock, block, fs, balloon, net), [`fuse`] (the FUSE passthrough server
 //! behind virtio-fs), [`credentials`] (per-thread identity), `event_loop` (the VMM thread),
 //! [`seccomp`], [`probe`], [`resources`].
 
@@ -88,7 +89,9 @@ mod vcpu;
 pub mod virtio;
 mod vm;
 
-pub use config::{DiskConfig, ShareConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, MAX_VCPUS};
+pub use config::{
+    DiskConfig, NetConfig, ShareConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, MAX_VCPUS,
+};
 pub use cpu::CpuFeature;
 pub use credentials::ThreadCredentials;
 pub use devices::boot_timer::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};

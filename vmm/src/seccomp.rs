@@ -5,7 +5,8 @@
 //!   on a virtio device reset, thread exit). Device activation and queue processing never run
 //!   there: the transport hands them to the VMM thread through the queue eventfds.
 //! * the VMM thread (the event loop of the virtio devices): epoll, Unix-socket I/O for the vsock
-//!   muxer (`socket` limited to `AF_UNIX`), positioned file I/O and `fdatasync` for the
+//!   muxer (`socket` limited to `AF_UNIX`) and for virtio-net's stream to passt (`sendto`,
+//!   `recvfrom`), positioned file I/O and `fdatasync` for the
 //!   virtio-blk disks, eventfds, locks, allocation (whose `madvise` also lets the balloon
 //!   device drop the guest pages it is told are free), thread exit; where the VM has shared
 //!   directories, the file system calls of their servers (`FILE_SERVER`).
@@ -141,7 +142,8 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|s| (*s, vec![])).collect();
     rules.insert(libc::SYS_ioctl, vec![eq(1, KVM_RUN)?]);
     // A driver's device reset (a register write, handled on the vCPU thread) drops the vsock
-    // connections, taking their host streams out of the muxer's epoll set.
+    // connections, taking their host streams out of the muxer's epoll set, and makes
+    // virtio-net stop (or change) watching its stream to passt.
     rules.insert(libc::SYS_epoll_ctl, vec![]);
     // std checks in debug builds that an fd is open before closing it (F_GETFD).
     rules.insert(libc::SYS_fcntl, vec![eq(1, libc::F_GETFD as u64)?]);

@@ -138,3 +138,95 @@ fn vmm_thread_filter_blocks_ip_sockets() {
     );
     assert_eq!(signal, Some(libc::SIGSYS), "child stderr: {stderr}");
 }
+
+/// What the virtio-net device uses on the VMM thread, set up before the filter as the VMM does:
+/// the stream to passt, passt's end, the device's epoll set and its eventfd.
+struct NetIo {
+    stream: vmm::virtio::net::passt_stream::PasstStream,
+    peer: std::os::unix::net::UnixStream,
+    epoll: vmm_sys_util::epoll::Epoll,
+    more: vmm_sys_util::eventfd::EventFd,
+}
+
+fn net_prepare() -> NetIo {
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = std::sync::Arc::new(std::os::fd::OwnedFd::from(ours));
+    NetIo {
+        stream: vmm::virtio::net::passt_stream::PasstStream::new(fd).unwrap(),
+        peer,
+        epoll: vmm_sys_util::epoll::Epoll::new().unwrap(),
+        more: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    }
+}
+
+fn net_allowed(io: NetIo) {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+    let NetIo {
+        stream,
+        mut peer,
+        epoll,
+        more,
+    } = io;
+    // A length-prefixed frame each way (send with MSG_DONTWAIT | MSG_NOSIGNAL, recv with
+    // MSG_DONTWAIT).
+    let mut wire = vmm::virtio::net::passt_stream::encode_len(60)
+        .unwrap()
+        .to_vec();
+    wire.extend_from_slice(&[0x5a; 60]);
+    assert_eq!(stream.send(&wire).unwrap(), wire.len());
+    let mut got = vec![0u8; wire.len()];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(got, wire);
+    peer.write_all(&wire).unwrap();
+    assert_eq!(stream.recv(&mut got).unwrap(), wire.len());
+    // Watching the socket for what the device waits for, and waking itself.
+    let fd = stream.as_raw_fd();
+    epoll
+        .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+        .unwrap();
+    epoll
+        .ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(EventSet::OUT, 0),
+        )
+        .unwrap();
+    let mut events = [EpollEvent::default(); 2];
+    assert_eq!(epoll.wait(0, &mut events).unwrap(), 1);
+    epoll
+        .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        .unwrap();
+    more.write(1).unwrap();
+    more.read().unwrap();
+    // passt gone: EPIPE, not SIGPIPE; then the device closes its end.
+    drop(peer);
+    let e = stream.send(&wire).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
+    drop(stream);
+}
+
+#[test]
+fn vmm_thread_filter_allows_the_net_device_stream_io() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        child_body(
+            "vmm",
+            vmm::seccomp::vmm_thread_filter(false).unwrap(),
+            net_prepare,
+            net_allowed,
+            vmm_forbidden,
+        );
+        return;
+    }
+    let (signal, stderr) = run_child("vmm_thread_filter_allows_the_net_device_stream_io");
+    assert!(
+        stderr.contains("ALLOWED-SYSCALLS-OK"),
+        "child stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("FORBIDDEN-SYSCALL-RETURNED"),
+        "child stderr: {stderr}"
+    );
+    assert_eq!(signal, Some(libc::SIGSYS), "child stderr: {stderr}");
+}

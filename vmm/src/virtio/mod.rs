@@ -1,7 +1,8 @@
 //! Virtio devices over the MMIO transport: the transport ([`mmio`]), the device interface
 //! ([`device`]), interrupts ([`interrupt`]), descriptor-chain validation ([`chain`]), the vsock
 //! device ([`vsock`]), the block device ([`block`]), the file-system device ([`fs`]), the
-//! balloon device with free page reporting ([`balloon`]), and wiring a device into a VM
+//! balloon device with free page reporting ([`balloon`]), the network device backed by passt
+//! ([`net`]), and wiring a device into a VM
 //! (`attach_devices`: MMIO window, irqfd, one ioeventfd per queue, the event-loop subscriber,
 //! the `virtio_mmio.device=` cmdline entry).
 
@@ -12,6 +13,7 @@ pub mod device;
 pub mod fs;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::cell::LazyCell;
@@ -50,6 +52,9 @@ pub enum VirtioError {
     /// A disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] block::DiskError),
+    /// The network device could not be set up.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
     /// A shared directory could not be served.
     #[error("virtio-fs share {tag}: {message}")]
     Share {
@@ -226,11 +231,47 @@ impl ShareDeviceInfo {
     }
 }
 
+/// The virtio-net device as the VM handle sees it.
+#[derive(Clone)]
+pub struct NetDeviceInfo {
+    transport: Arc<Mutex<MmioTransport>>,
+    state: Arc<Mutex<net::NetState>>,
+    /// Guest physical address of the device's MMIO window.
+    pub mmio_base: u64,
+    /// The device's GSI.
+    pub gsi: u32,
+}
+
+impl std::fmt::Debug for NetDeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetDeviceInfo")
+            .field("mmio_base", &self.mmio_base)
+            .field("gsi", &self.gsi)
+            .field("driver_ok", &self.driver_ok())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl NetDeviceInfo {
+    /// Whether the guest driver brought the device to DRIVER_OK and it is running.
+    pub fn driver_ok(&self) -> bool {
+        let t = lock(&self.transport);
+        t.status() & VIRTIO_CONFIG_S_DRIVER_OK != 0 && t.is_activated()
+    }
+
+    /// The device's state (link, counters) as of its last event.
+    pub fn state(&self) -> net::NetState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// What the VM handle keeps of the attached devices.
 #[derive(Debug, Default)]
 pub(crate) struct DeviceInfo {
     pub(crate) vsock: Option<VsockDeviceInfo>,
     pub(crate) shares: Vec<ShareDeviceInfo>,
+    pub(crate) net: Option<NetDeviceInfo>,
 }
 
 /// Devices attached to a VM.
@@ -247,8 +288,9 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VirtioError 
 pub const MAX_DEVICES: usize = (layout::MAX_LEGACY_GSI - layout::VIRTIO_FIRST_GSI + 1) as usize;
 
 /// Creates the configured virtio devices and wires them into the VM: the vsock device first (if
-/// any), then the disks, then the shared directories, in order, then the balloon (if any), last
-/// so that it moves no other device's MMIO window or GSI.
+/// any), then the disks, then the shared directories, in order, then the balloon (if any), then
+/// the network device (if any): each added later so that it moves no earlier device's MMIO
+/// window or GSI.
 pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &VmFd,
@@ -259,7 +301,8 @@ pub(crate) fn attach_devices(
     let count = usize::from(config.vsock.is_some())
         + config.disks.len()
         + config.shares.len()
-        + usize::from(config.balloon);
+        + usize::from(config.balloon)
+        + usize::from(config.net.is_some());
     if count > MAX_DEVICES {
         return Err(VirtioError::TooManyDevices(count));
     }
@@ -312,6 +355,19 @@ pub(crate) fn attach_devices(
     if config.balloon {
         let device = balloon::BalloonDevice::new();
         let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.subscribers.push(wired.events);
+        index += 1;
+    }
+    if let Some(nc) = &config.net {
+        let device = net::NetDevice::new(nc)?;
+        let state = device.shared_state();
+        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.info.net = Some(NetDeviceInfo {
+            transport: wired.transport.clone(),
+            state,
+            mmio_base: wired.base,
+            gsi: wired.gsi,
+        });
         attached.subscribers.push(wired.events);
     }
     Ok(attached)
