@@ -27,9 +27,10 @@ fi
 
 # debootstrap + e2fsprogs: `sge_virtualizer image build` (OS images jobs run in).
 # quota: setquota, for the test of job output beyond the job user's disk quota.
+# passt: jobs' network (the job user's own sockets on the host, issue 13).
 PACKAGES=(qemu-system-x86 linux-source-6.1 busybox-static build-essential flex bison bc
           libelf-dev libssl-dev xz-utils cpio patch binutils ca-certificates curl
-          debootstrap e2fsprogs quota)
+          debootstrap e2fsprogs quota passt)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -55,6 +55,8 @@ pub struct LaunchSpec {
     pub backend: BackendChoice,
     pub vcpus: u8,
     pub mem_mib: u32,
+    /// Guest RAM on transparent huge pages (see [`VmSpec::huge_pages`]).
+    pub huge_pages: bool,
     /// Extra kernel command-line words after [`DEFAULT_CMDLINE`].
     pub extra_cmdline: String,
     pub spawn: Spawn,
@@ -403,6 +405,7 @@ pub fn launch_in(
         cmdline,
         vcpus: spec.vcpus.max(1),
         mem_mib: spec.mem_mib,
+        huge_pages: spec.huge_pages,
         vsock_uds,
         console_log: run_dir.path().join(CONSOLE_LOG),
         logs,
@@ -789,6 +792,7 @@ mod tests {
             backend,
             vcpus: 1,
             mem_mib: 64,
+            huge_pages: false,
             extra_cmdline: String::new(),
             spawn: Spawn {
                 argv: vec![b"/bin/true".to_vec()],
@@ -860,6 +864,7 @@ mod tests {
             backend: BackendChoice::Qemu,
             vcpus: 1,
             mem_mib: 64,
+            huge_pages: false,
             extra_cmdline: String::new(),
             spawn: Spawn::default(),
             run_dir: run_dir.path().to_path_buf(),

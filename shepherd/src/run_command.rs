@@ -229,6 +229,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             backend: args.backend,
             vcpus: args.vcpus,
             mem_mib,
+            huge_pages: false,
             extra_cmdline: args.cmdline,
             spawn,
             run_dir: run_dir.path().to_path_buf(),

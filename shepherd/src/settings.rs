@@ -11,6 +11,7 @@
 //! memory_max_mib = 65536    # the most any job's guest gets (a cap on every rule)
 //! memory_reserve_mib = 1024 # host memory kept back from a guest sized from the host
 //! memory_requests = ["mem_free", "m_mem_free"]  # consumables whose request sizes the guest
+//! huge_pages = false        # guest RAM on transparent huge pages (embedded VMM)
 //! vcpus = 2                 # default: the job's slots on this host
 //! backend = "auto"          # auto | embedded | qemu
 //! vmm_overhead_mib = 192    # host memory the VMM needs beyond guest RAM (h_vmem sizing)
@@ -71,6 +72,7 @@ pub struct VmOverrides {
     pub memory_mib: Option<u32>,
     pub memory_max_mib: Option<u32>,
     pub memory_requests: Option<Vec<String>>,
+    pub huge_pages: Option<bool>,
     pub vcpus: Option<u8>,
     pub backend: Option<BackendChoice>,
     pub extra_cmdline: Option<String>,
@@ -91,6 +93,7 @@ pub struct Settings {
     pub memory_max_mib: Option<u32>,
     pub memory_reserve_mib: Option<u32>,
     pub memory_requests: Option<Vec<String>>,
+    pub huge_pages: Option<bool>,
     pub vcpus: Option<u8>,
     pub backend: Option<BackendChoice>,
     pub extra_cmdline: Option<String>,
@@ -117,6 +120,8 @@ pub struct VmSettings {
     pub ram: RamPolicy,
     /// Memory consumables whose request sizes the guest (looked up in the job's requests).
     pub memory_requests: Vec<String>,
+    /// Guest RAM on transparent huge pages where the host has them.
+    pub huge_pages: bool,
     /// `None`: one per slot.
     pub vcpus: Option<u8>,
     pub backend: BackendChoice,
@@ -192,6 +197,7 @@ impl Settings {
                 .memory_requests
                 .or_else(|| d.memory_requests.clone())
                 .unwrap_or_else(|| DEFAULT_MEMORY_REQUESTS.map(String::from).to_vec()),
+            huge_pages: q.huge_pages.or(d.huge_pages).unwrap_or(false),
             vcpus: q.vcpus.or(d.vcpus),
             backend: q.backend.or(d.backend).unwrap_or(BackendChoice::Auto),
             extra_cmdline: q
@@ -250,6 +256,7 @@ memory_reserve_mib = 2048
 memory_mib = 2048
 memory_max_mib = 8192
 memory_requests = ["bigmem"]
+huge_pages = true
 vcpus = 4
 kernel = "/k2"
 share_job_dirs = false
@@ -274,6 +281,7 @@ job_images = ["*"]
         assert_eq!((big.ram.fixed_mib, big.vcpus), (Some(2048), Some(4)));
         assert_eq!((big.ram.max_mib, big.ram.reserve_mib), (Some(8192), 2048));
         assert_eq!(big.memory_requests, ["bigmem"]);
+        assert!(big.huge_pages && !all.huge_pages);
         assert!(all.share_job_dirs && !big.share_job_dirs);
         assert_eq!(all.shares, [PathBuf::from("/data")]);
         assert_eq!(big.shares, [PathBuf::from("/data")]);

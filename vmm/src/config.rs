@@ -113,6 +113,9 @@ pub struct VmConfig {
     /// An open `/dev/kvm` to use instead of opening it: a VMM process that runs as a user who
     /// may not open the device gets it from its privileged parent. `None`: open it.
     pub kvm_device: Option<std::sync::Arc<std::fs::File>>,
+    /// Back guest RAM with transparent huge pages where the host has them
+    /// ([`crate::memory::advise_huge_pages`]). Off by default.
+    pub huge_pages: bool,
     /// A virtio-balloon device with free page reporting ([`crate::virtio::balloon`]), after all
     /// other virtio devices: memory the guest frees goes back to the host a few seconds later
     /// (the guest kernel needs `CONFIG_VIRTIO_BALLOON` and `CONFIG_PAGE_REPORTING`; without
@@ -142,6 +145,7 @@ impl VmConfig {
             seccomp: true,
             hidden_cpu_features: Vec::new(),
             kvm_device: None,
+            huge_pages: false,
             balloon: true,
             net: None,
         }

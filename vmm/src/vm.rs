@@ -255,6 +255,9 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
     // Guest RAM is registered before the in-kernel IRQ chip: on some KVM implementations
     // (measured: kvm_pvm) the first memslot after KVM_CREATE_IRQCHIP costs milliseconds.
     let mem = Arc::new(memory::create_guest_memory(config.mem_mib)?);
+    if config.huge_pages {
+        memory::advise_huge_pages(&mem)?;
+    }
     memory::register_with_kvm(&vm, &mem)?;
     add_irqchip_and_pit(&vm)?;
 

@@ -112,6 +112,7 @@ fn vm_config(spec: &VmSpec) -> vmm::VmConfig {
     // The i8042 reset is how the guest ends the VM; no PCI, no modules in our guest.
     config.cmdline = format!("reboot=k pci=off nomodule {}", spec.cmdline);
     config.mem_mib = spec.mem_mib.into();
+    config.huge_pages = spec.huge_pages;
     config.vcpus = spec.vcpus;
     config.vsock = Some(vmm::VsockConfig {
         guest_cid: GUEST_CID,

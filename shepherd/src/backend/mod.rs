@@ -117,6 +117,9 @@ pub struct VmSpec {
     pub cmdline: String,
     pub vcpus: u8,
     pub mem_mib: u32,
+    /// Back guest RAM with transparent huge pages (the embedded VMM advises them; QEMU already
+    /// advises them for all guest RAM, and the host's `shmem_enabled` decides for its memfd).
+    pub huge_pages: bool,
     /// Hybrid-vsock base path; the guest's connections to port P arrive at `<vsock_uds>_P`.
     /// Its directory holds the VM's sockets; it is the VM user's where
     /// [`VmBackend::helpers_create_sockets`] says so.
@@ -163,6 +166,7 @@ impl VmSpec {
             cmdline: String::new(),
             vcpus: 1,
             mem_mib: 64,
+            huge_pages: false,
             vsock_uds: PathBuf::from("/run/v"),
             console_log: PathBuf::from("/run/c"),
             logs: VmLogs::default(),

@@ -642,6 +642,7 @@ impl JobRun {
             backend: vm.backend,
             vcpus,
             mem_mib,
+            huge_pages: vm.huge_pages,
             extra_cmdline: vm.extra_cmdline.clone(),
             spawn,
             run_dir: run_dir.path().to_path_buf(),
