@@ -11,6 +11,12 @@
 #   qdel_leaves_no_vm  qdel of a running job ends it and leaves no VMM process
 #   online_usage       qstat -j shows the running job's CPU and memory (execd sees the VM)
 #   h_cpu              a job spinning past h_cpu is killed, with its CPU time in qacct
+#   seccomp            the VMM process's vCPU and VMM threads run under their seccomp filters
+#                      while the job's output flows
+#   suspend_resume     qmod -sj stops the job in its VM, qmod -usj lets it go on
+#   notify             with -notify, USR1 before the suspend and USR2 before qdel's kill
+#   h_rt               a job past h_rt is killed (137) after its wall-clock limit
+#   per_queue_image    a queue's OS image (bullseye, built by the host tier) is the job's OS
 #   oom                a job touching more than its guest has (sized from h_vmem) is killed by
 #                      the guest's OOM killer: exit status 137 and a line in the trace
 #   quota              output beyond the job user's disk quota stops at the quota, and the job
@@ -55,6 +61,8 @@ cat >"$settings" <<EOF
 kernel = "$REPO/build/guest/vmlinux"
 initramfs = "$REPO/build/guest/initramfs.cpio"
 backend = "auto"
+[queues."bullseye.q"]
+image = "bullseye"
 EOF
 say "starting the cell (fresh spool; takes a minute under TCG)"
 start=$(date +%s)
@@ -226,6 +234,112 @@ else
     host_state_of "$sleeper"
 fi
 
+fi
+
+# lines FILE: how many lines FILE has now
+lines() { wc -l <"$1" 2>/dev/null || echo 0; }
+
+# ---- suspend_resume, notify ----------------------------------------------------------------
+# qmod -sj stops the job in its VM (USR1 first with -notify), -usj lets it go on, qdel sends
+# USR2 and, the queue's notify time (5 s) later, KILL.
+if [ -z "$only" ] || [ "$only" = suspend ]; then
+printf '#!/bin/sh\ntrap "echo got USR1" USR1\ntrap "echo got USR2" USR2\necho ready\nwhile :; do date +%%s; sleep 1; done\n' \
+    >"$WORK/ticker.sh"
+chown "$JOB_USER:" "$WORK/ticker.sh"
+ticker=$(qsub_job -notify -o ticker.out ticker.sh)
+out=$WORK/ticker.out
+say "job $ticker (ticks every second; -notify)"
+ready() { grep -qs ready "$out" && [ "$(lines "$out")" -ge 4 ]; }
+if until_ok 300 ready; then
+    # every thread of the VMM process that runs guest work has its seccomp filter while the
+    # guest's output flows
+    pid=$(vmm_pid "$ticker" || true)
+    unfiltered=
+    for t in /proc/"$pid"/task/*; do
+        name=$(cat "$t/comm" 2>/dev/null)
+        case $name in
+            vcpu* | vmm) grep -qs '^Seccomp:[[:space:]]*2' "$t/status" || unfiltered="$unfiltered $name" ;;
+        esac
+    done
+    if [ -n "$pid" ] && grep -qs vcpu /proc/"$pid"/task/*/comm && [ -z "$unfiltered" ]; then
+        ok seccomp "vCPU and VMM threads of VMM process $pid in seccomp filter mode while the job's output flows"
+    else
+        bad seccomp "VMM process '$pid': threads without a filter:${unfiltered:- (none found)}"
+    fi
+    qmod -sj "$ticker" >/dev/null 2>&1
+    got_usr1() { grep -qs "got USR1" "$out"; }
+    until_ok 60 got_usr1 || true
+    sleep 5
+    frozen=$(lines "$out")
+    sleep 10
+    still=$(lines "$out")
+    qmod -usj "$ticker" >/dev/null 2>&1
+    moving() { [ "$(lines "$out")" -gt $((still + 2)) ]; }
+    if ! got_usr1; then
+        bad notify "no USR1 before the suspend: $(tail -n 3 "$out" | tr '\n' ' ')"
+    fi
+    if [ "$still" -le $((frozen + 1)) ] && until_ok 120 moving; then
+        ok suspend_resume "$frozen lines when suspended, $still 10 s later, $(lines "$out") after -usj"
+    else
+        bad suspend_resume "lines: $frozen suspended, $still 10 s later, $(lines "$out") after -usj"
+    fi
+    qdel "$ticker" >/dev/null 2>&1
+    got_usr2() { grep -qs "got USR2" "$out"; }
+    if until_ok 60 got_usr2 && until_ok 240 has_accounting "$ticker" &&
+        [ "$(accounting "$ticker" exit_status | awk '{print $1}')" = 137 ] && got_usr1; then
+        ok notify "USR1 before the suspend, USR2 before the kill, exit_status 137"
+    elif got_usr1; then
+        bad notify "after qdel: USR2 $(got_usr2 && echo seen || echo missing), exit_status '$(accounting "$ticker" exit_status)'"
+    fi
+else
+    bad suspend_resume "job $ticker never ticked: $(trace_of "$ticker")"
+    host_state_of "$ticker"
+    qdel -f "$ticker" >/dev/null 2>&1
+fi
+fi
+
+# ---- h_rt ----------------------------------------------------------------------------------
+if [ -z "$only" ] || [ "$only" = h_rt ]; then
+hrt=$(qsub_job -l h_rt=0:0:30 -b y sleep 600)
+say "job $hrt (sleeps; h_rt 30 s)"
+if until_ok 300 has_accounting "$hrt"; then
+    wall=$(accounting "$hrt" ru_wallclock | sed 's/s$//; s/\..*//')
+    status=$(accounting "$hrt" exit_status | awk '{print $1}')
+    if [ "$status" = 137 ] && [ "${wall:-0}" -ge 29 ] && [ "${wall:-0}" -le 120 ]; then
+        ok h_rt "killed after ${wall} s of wall clock, exit_status 137"
+    else
+        bad h_rt "exit_status $status after ${wall} s"
+    fi
+else
+    bad h_rt "job $hrt did not end within 300 s: $(trace_of "$hrt")"
+    host_state_of "$hrt"
+fi
+fi
+
+# ---- per_queue_image -----------------------------------------------------------------------
+# The image store is the host's, shared in read-only; the host tier's image_e2e builds bullseye.
+if [ -z "$only" ] || [ "$only" = image ]; then
+if [ -f /var/lib/sge_virtualizer/images/bullseye/manifest.json ]; then
+    qconf -sq all.q | sed 's/^qname .*/qname bullseye.q/; s/^slots .*/slots 1/' >/tmp/bullseye.q
+    qconf -Aq /tmp/bullseye.q >/dev/null 2>&1
+    printf '#!/bin/sh\ncat /etc/debian_version\n' >"$WORK/version.sh"
+    chown "$JOB_USER:" "$WORK/version.sh"
+    img=$(runuser -u "$JOB_USER" -- env -C "$WORK" qsub -terse -q bullseye.q -cwd -o version.out version.sh | cut -d. -f1)
+    say "job $img (bullseye.q: the queue's OS image)"
+    if until_ok 300 has_accounting "$img"; then
+        version=$(cat "$WORK/version.out" 2>&1)
+        case $version in
+            11.*) ok per_queue_image "/etc/debian_version $version in the queue's bullseye image" ;;
+            *) bad per_queue_image "output '$version', $(trace_of "$img")" ;;
+        esac
+    else
+        bad per_queue_image "job $img did not end within 300 s: $(trace_of "$img")"
+        host_state_of "$img"
+    fi
+else
+    echo "check per_queue_image: SKIPPED (no bullseye image in /var/lib/sge_virtualizer/images:" \
+        "the host tier's image_e2e builds it)"
+fi
 fi
 
 # ---- oom ------------------------------------------------------------------------------------

@@ -213,6 +213,29 @@ pub fn findings(results: &[BenchResult]) -> Vec<String> {
             ));
         }
     }
+    if let Some(nested) = get("nested") {
+        let (e, q) = (
+            "embedded VMM (nested real KVM)",
+            "QEMU microvm, -accel kvm (nested real KVM)",
+        );
+        if let (Some(ew), Some(qw)) = (median(nested, e, "wall"), median(nested, q, "wall")) {
+            let gone =
+                |v: &str| Some(median(nested, v, "vm_gone")? - median(nested, v, "job_exited")?);
+            let hello = |v: &str| median(nested, v, "agent_hello");
+            out.push(format!(
+                "Nested real KVM (emulated twice: ratios, not times): embedded {} vs QEMU -accel \
+                 kvm {} end to end ({:.2}×); to the agent's hello {} vs {}; job exit → VM gone \
+                 {} vs {}.",
+                ms(ew),
+                ms(qw),
+                ew / qw,
+                hello(e).map_or("-".into(), ms),
+                hello(q).map_or("-".into(), ms),
+                gone(e).map_or("-".into(), ms),
+                gone(q).map_or("-".into(), ms),
+            ));
+        }
+    }
     if let Some(job) = get("job") {
         for v in job.variants() {
             let Some(wall) = median(job, v, "wall") else {

@@ -19,6 +19,7 @@ mod kvm_primitives;
 mod machine;
 mod memory_overhead;
 mod memory_return;
+mod nested_kvm;
 mod optimisation;
 mod proc_memory;
 mod qemu_microvm;
@@ -89,6 +90,14 @@ enum Cmd {
     /// 8: the virtio-fs file server: device + FUSE server vs direct host I/O, and a
     /// /dev/fuse mount (root) vs the host directory.
     Fs,
+    /// 9: `run -- /bin/true` on real KVM in the nested host: embedded vs QEMU -accel kvm.
+    Nested,
+    /// The inside of `nested` (run by it in the nested host): writes the result to `--json`.
+    #[command(hide = true)]
+    NestedInside {
+        #[arg(long)]
+        json: PathBuf,
+    },
     /// Every benchmark (1-8), then the report. A benchmark that cannot run here is reported
     /// with the reason.
     All,
@@ -200,6 +209,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Job => Some(job_latency::run(&ctx)?),
         Cmd::Memory => Some(memory_overhead::run(&ctx)?),
         Cmd::MemoryReturn => Some(memory_return::run(&ctx)?),
+        Cmd::Nested => Some(nested_kvm::run(&ctx)?),
+        Cmd::NestedInside { json } => {
+            nested_kvm::inside(&ctx, json)?;
+            return Ok(());
+        }
         Cmd::Relay => Some(relay::run(&ctx)?),
         Cmd::Signal => Some(signal_latency::run(&ctx)?),
         Cmd::Gridengine => match grid_engine::run(&ctx) {

@@ -13,11 +13,12 @@ use crate::results::{utc_now, BenchResult};
 use crate::stats::Summary;
 
 /// The benchmarks in report order.
-pub const IDS: [&str; 10] = [
+pub const IDS: [&str; 11] = [
     "boot",
     "job",
     "memory",
     "memory-return",
+    "nested",
     "relay",
     "signal",
     "gridengine",
@@ -559,6 +560,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         ("profile", "6. "),
         ("kvm", "7. "),
         ("fs", "8. "),
+        ("nested", "9. "),
     ];
     for r in &results {
         let number = numbering
@@ -569,6 +571,9 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         result_section(&mut out, number, r);
         if r.id == "job" {
             phase_breakdown(&mut out, out_dir, r, &PHASES, CHART_FILE)?;
+        }
+        if r.id == "nested" {
+            phase_breakdown(&mut out, out_dir, r, &PHASES, "nested.png")?;
         }
         if r.id == "boot" {
             phase_breakdown(&mut out, out_dir, r, &BOOT_PHASES, "boot.png")?;

@@ -196,6 +196,8 @@ struct AttachedFilesystems {
     frame: Option<Filesystems>,
     root_disk: Option<PathBuf>,
     shares: Vec<VmShare>,
+    /// An imported image's `Env`, to go under the job's environment.
+    image_env: Vec<String>,
 }
 
 /// The host's passwd and group entries of the job user, for an image that does not know it.
@@ -304,10 +306,16 @@ fn attach_filesystems(
             .collect(),
         account: host_account(spawn),
     });
+    let image_env = image
+        .as_ref()
+        .and_then(|img| img.manifest.source.as_ref())
+        .map(|s| s.env.clone())
+        .unwrap_or_default();
     Ok(AttachedFilesystems {
         frame,
         root_disk: image.map(|img| img.path),
         shares: vm_shares,
+        image_env,
     })
 }
 
@@ -323,7 +331,9 @@ pub fn launch_in(
     filesystems: &JobFilesystems,
     io: JobIo,
 ) -> Result<RunningJob, LaunchError> {
+    let mut spec = spec;
     let attached = attach_filesystems(filesystems, &spec.spawn, spec.vmm_credentials.as_ref())?;
+    spec.spawn.env = crate::image::image_env::under_job(&spec.spawn.env, &attached.image_env);
     if !spec.kernel.is_file() {
         return Err(LaunchError::KernelMissing(spec.kernel));
     }

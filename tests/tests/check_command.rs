@@ -86,7 +86,7 @@ fn each_misconfiguration_is_named_with_its_fix_and_fails_the_check() {
         "is not a guest kernel file",
         "noimage.q: the queue's OS image \"nosuch\"",
         "fix: build it",
-        "huge.q: guest RAM of 67108864 MiB",
+        "huge.q: guest RAM 67108864 MiB",
         "fix: lower memory_mib",
     ] {
         assert!(said.contains(needle), "{needle:?} not in:\n{said}");

@@ -107,7 +107,10 @@ fn oci_archive(layers: &[Vec<u8>], reference: &str) -> Vec<u8> {
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "config": {
+            "Env": ["PATH=/bin", "IMAGE_ONLY=from-image", "HOME=/image-home"],
+            "WorkingDir": "/"
+        },
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }))
     .unwrap();
@@ -165,10 +168,17 @@ fn image_cmd(store: &Path, args: &[&str]) -> Output {
 }
 
 fn run_in(store: &Path, image: &str, script: &str) -> Output {
+    run_as_in(store, image, None, script)
+}
+
+fn run_as_in(store: &Path, image: &str, user: Option<&str>, script: &str) -> Output {
     let guest = guest_image_dir();
     let mut cmd = Command::new(sge_virtualizer_bin());
-    cmd.args(["run", "--backend", "qemu", "-n"])
-        .arg("--kernel")
+    cmd.args(["run", "--backend", "qemu", "-n"]);
+    if let Some(user) = user {
+        cmd.args(["--user", user]);
+    }
+    cmd.arg("--kernel")
         .arg(guest.join("vmlinux"))
         .arg("--initrd")
         .arg(guest.join("initramfs.cpio"))
@@ -215,6 +225,12 @@ fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
         )
         .file("etc/group", 0o644, (0, 0), b"root:x:0:\n")
         .file(
+            "etc/os-release",
+            0o644,
+            (0, 0),
+            b"NAME=\"Rocky Linux\"\nID=rocky\nVERSION_ID=9.3\n",
+        )
+        .file(
             "etc/hello",
             0o644,
             (0, 0),
@@ -228,7 +244,7 @@ fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
         )
         .file("bin/su-test", 0o4755, (0, 0), b"#!/bin/sh\n")
         .dir("root");
-    for applet in ["sh", "cat", "stat", "ls", "readlink", "echo"] {
+    for applet in ["sh", "cat", "stat", "ls", "readlink", "echo", "id"] {
         base.symlink(&format!("bin/{applet}"), "busybox");
     }
     let base = base.finish();
@@ -268,6 +284,25 @@ fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
         stdout(&out),
         "hello from an imported image\nobsolete gone\n4755 0:0\n640 1234:5678\n2\nbusybox\n\
          done\n",
+        "{out:?}"
+    );
+
+    // A user the image has never heard of, in an image that is not Debian: its os-release, the
+    // user's name from `id`, the image's Env under the job's (the job's HOME wins).
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let out = run_as_in(
+        &store,
+        "app",
+        Some("nobody"),
+        ". /etc/os-release; echo $ID $VERSION_ID; id -un; echo image=$IMAGE_ONLY home=$HOME",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "rocky 9.3\nnobody\nimage=from-image home={}\n",
+            nobody.dir.display()
+        ),
         "{out:?}"
     );
 }

@@ -201,14 +201,17 @@ fn disk_and_share_args(spec: &VmSpec) -> Vec<String> {
 
 impl QemuBackend {
     /// The kernel command line for this backend: microvm has no i8042 to pulse, so a
-    /// triple-fault reset ends it (with -no-reboot) about a second sooner than the
-    /// keyboard-controller method's fallbacks. Under TCG with one vCPU, `noapictimer` skips
-    /// the emulated APIC timer's calibration, about 0.2 s of every boot
+    /// triple-fault reset ends it (with -no-reboot). `reboot=t` goes last: the kernel applies
+    /// every `reboot=` in order, and the shared command line's `reboot=k` (right for the
+    /// embedded VMM, which has an i8042) used to win, so the guest polled the missing keyboard
+    /// controller 10 × 65536 times before its fallback: a second under TCG, about 10 s under
+    /// nested KVM, where each port read is a VM exit. Under TCG with one vCPU, `noapictimer`
+    /// skips the emulated APIC timer's calibration, about 0.2 s of every boot
     /// (benches/REPORT.md, compare-cmdline); with more vCPUs it gains nothing.
     fn cmdline(&self, spec: &VmSpec) -> String {
         let tcg_single = self.accel == "tcg" && spec.vcpus <= 1;
         format!(
-            "reboot=t {}{}",
+            "{}{} reboot=t",
             if tcg_single { "noapictimer " } else { "" },
             spec.cmdline
         )
@@ -424,6 +427,23 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec::for_tests()
+    }
+
+    #[test]
+    fn the_last_reboot_word_is_the_triple_fault() {
+        let backend = QemuBackend {
+            qemu: PathBuf::from("qemu"),
+            vhost_vsock: PathBuf::from("vhost"),
+            accel: "kvm".into(),
+        };
+        let mut s = spec();
+        s.cmdline = crate::launch::DEFAULT_CMDLINE.to_string();
+        let line = backend.cmdline(&s);
+        let last = line
+            .split_whitespace()
+            .filter(|w| w.starts_with("reboot="))
+            .last();
+        assert_eq!(last, Some("reboot=t"), "{line}");
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 pub mod debootstrap;
 pub mod ext4;
+pub mod image_env;
 pub mod import;
 pub mod manifest;
 pub mod oci;
