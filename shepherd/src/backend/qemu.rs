@@ -439,10 +439,7 @@ mod tests {
         let mut s = spec();
         s.cmdline = crate::launch::DEFAULT_CMDLINE.to_string();
         let line = backend.cmdline(&s);
-        let last = line
-            .split_whitespace()
-            .filter(|w| w.starts_with("reboot="))
-            .last();
+        let last = line.split_whitespace().rfind(|w| w.starts_with("reboot="));
         assert_eq!(last, Some("reboot=t"), "{line}");
     }
 
