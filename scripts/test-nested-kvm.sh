@@ -37,6 +37,12 @@ die() { echo "test-nested-kvm: error: $*" >&2; exit 1; }
 # Inside the outer VM: run each group, count.
 if [ "${1:-}" = --inside ]; then
     shift
+    # The large-guest memory tests (16 GiB and 2 GiB guests) locked up the outer host's kernel
+    # (soft lockup of a vcpu thread, or silence) in 2 of 5 tier runs on 2026-12-06; they run
+    # here only when asked (NESTED_KVM_MEMORY=1), and print SKIPPED otherwise.
+    if [ "${NESTED_KVM_MEMORY:-0}" != 1 ]; then
+        export SGE_VIRTUALIZER_SKIP_LARGE_GUESTS=1
+    fi
     threads=${NESTED_KVM_TEST_THREADS:-1}
     total_passed=0 total_failed=0 total_skipped=0 failed_groups=() stalled_groups=()
     log=$(mktemp)
@@ -181,7 +187,7 @@ for attempt in 1 2; do
     rc=0
     "$REPO/scripts/nested-kvm-host.sh" run --cpus 4 --timeout "$timeout" "${shares[@]}" \
         --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT --env NESTED_KVM_SGE_TIMEOUT \
-        --env NESTED_SGE_QUOTA --env NESTED_SGE_ONLY \
+        --env NESTED_SGE_QUOTA --env NESTED_SGE_ONLY --env NESTED_KVM_MEMORY \
         -- "$REPO/scripts/test-nested-kvm.sh" --inside "${pairs[@]}" || rc=$?
     case $rc in
         0) exit 0 ;;

@@ -345,9 +345,29 @@ fn missing_kernel_is_a_clear_error(backend: &str) {
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
 }
 
+/// Whether the large-guest tests are to be left out here, and says so: the nested real-KVM tier
+/// sets `SGE_VIRTUALIZER_SKIP_LARGE_GUESTS` (its outer host froze in 2 of 5 runs with them,
+/// 2026-12-06; `NESTED_KVM_MEMORY=1` runs them there).
+fn large_guests_left_out(test: &str) -> bool {
+    let out = std::env::var_os("SGE_VIRTUALIZER_SKIP_LARGE_GUESTS").is_some();
+    if out {
+        integration_tests::report_skip(
+            test,
+            "large guests left out of this tier (SGE_VIRTUALIZER_SKIP_LARGE_GUESTS): the nested \
+             host's outer kernel locked up under them in 2 of 5 runs",
+        );
+    }
+    out
+}
+
 /// A job with no `--mem` gets the host's memory (less a reserve): it allocates and touches
 /// 2 GiB (`dd`'s one block) and exits 0.
 fn a_job_gets_the_hosts_memory_and_holds_two_gib(backend: &str) {
+    if large_guests_left_out(&format!(
+        "{backend}::a_job_gets_the_hosts_memory_and_holds_two_gib"
+    )) {
+        return;
+    }
     let out = run_output(
         backend,
         &[
@@ -396,6 +416,11 @@ fn tree_rss_kib(pid: u32) -> u64 {
 /// A 16 GiB guest costs the host only what it touches, and memory the job frees comes back
 /// (free page reporting) within a bounded time, measured.
 fn a_large_guest_costs_what_it_touches_and_freed_memory_comes_back(backend: &str) {
+    if large_guests_left_out(&format!(
+        "{backend}::a_large_guest_costs_what_it_touches_and_freed_memory_comes_back"
+    )) {
+        return;
+    }
     let mut child = run_cmd(
         backend,
         &[
