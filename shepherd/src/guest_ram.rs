@@ -181,19 +181,6 @@ pub fn out_of_memory_note(report: &GuestMemoryReport) -> Option<String> {
     })
 }
 
-/// The host's `MemTotal` in MiB.
-pub fn host_total_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total_mib(&text)
-}
-
-fn parse_mem_total_mib(meminfo: &str) -> Option<u64> {
-    meminfo.lines().find_map(|l| {
-        let rest = l.strip_prefix("MemTotal:")?;
-        Some(rest.split_whitespace().next()?.parse::<u64>().ok()? / 1024)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,15 +315,5 @@ mod tests {
         assert!(note.contains("ran out of memory"), "{note}");
         assert!(note.contains("killed 1 process of the job"), "{note}");
         assert!(note.contains("800 MiB"), "{note}");
-    }
-
-    #[test]
-    fn reads_mem_total() {
-        assert_eq!(
-            parse_mem_total_mib("MemTotal:       24684544 kB\nMemFree: 1 kB\n"),
-            Some(24106)
-        );
-        assert_eq!(parse_mem_total_mib("MemFree: 1 kB\n"), None);
-        assert!(host_total_mib().unwrap_or(0) > 0);
     }
 }

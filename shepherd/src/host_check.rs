@@ -164,7 +164,7 @@ fn check_queue(scope: &str, vm: &VmSettings) -> Vec<Problem> {
     let ram = GuestRam::choose(
         &vm.ram,
         &JobMemoryRequest::default(),
-        guest_ram::host_total_mib(),
+        host_memory::total_mib(),
     );
     if let Err(short) = host_memory::can_back(guest_ram::start_footprint_mib(
         ram.mib,

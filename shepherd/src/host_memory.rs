@@ -36,15 +36,27 @@ fn available_mib(meminfo: &Path) -> Option<u64> {
 }
 
 fn parse_available_mib(text: &str) -> Option<u64> {
-    let kib = |key: &str| {
-        text.lines().find_map(|l| {
-            let rest = l.strip_prefix(key)?.strip_prefix(':')?;
-            rest.split_whitespace().next()?.parse::<u64>().ok()
-        })
-    };
-    let available = kib("MemAvailable")?;
-    let swap = kib("SwapFree").unwrap_or(0);
+    let available = field_kib(text, "MemAvailable")?;
+    let swap = field_kib(text, "SwapFree").unwrap_or(0);
     Some(available.saturating_add(swap) / 1024)
+}
+
+/// The host's `MemTotal` in MiB (what a guest sized from the host is sized from).
+pub fn total_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_total_mib(&text)
+}
+
+fn parse_total_mib(text: &str) -> Option<u64> {
+    Some(field_kib(text, "MemTotal")? / 1024)
+}
+
+/// The value in kB of meminfo line `key:`.
+fn field_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse::<u64>().ok()
+    })
 }
 
 #[cfg(test)]
@@ -57,6 +69,16 @@ mod tests {
                     MemAvailable:    2097152 kB\nSwapTotal: 0 kB\nSwapFree:        1048576 kB\n";
         assert_eq!(parse_available_mib(text), Some(3072));
         assert_eq!(parse_available_mib("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn reads_mem_total() {
+        assert_eq!(
+            parse_total_mib("MemTotal:       24684544 kB\nMemFree: 1 kB\n"),
+            Some(24106)
+        );
+        assert_eq!(parse_total_mib("MemFree: 1 kB\n"), None);
+        assert!(total_mib().unwrap_or(0) > 0);
     }
 
     #[test]

@@ -34,10 +34,11 @@ use crate::vmm_process::message::{Channel, FromVmm, Received, StartFailure, ToVm
 use crate::vmm_process::supervisor::Start;
 use crate::vmm_process::{self, ForkError, VmmProcess};
 
-/// Kernel command line for the guest. `reboot=k panic=-1`: a reset or a panic ends the VM
-/// at once; `quiet`: every console byte is a slow emulated port write.
+/// Kernel command line for the guest. `panic=-1`: a panic ends the VM at once; `quiet`: every
+/// console byte is a slow emulated port write. How a reset ends the VM (`reboot=`) is each
+/// backend's: it depends on the devices the backend gives the guest.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+    "console=ttyS0 panic=-1 quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// The hybrid-vsock base name in the run directory's `vm/`.
 const VSOCK_UDS: &str = "vsock.sock";

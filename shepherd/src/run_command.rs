@@ -10,6 +10,7 @@ use signal_hook::iterator::Signals;
 
 use shepherd::guest_image;
 use shepherd::guest_ram::{self, GuestRam, JobMemoryRequest, RamPolicy};
+use shepherd::host_memory;
 use shepherd::image::store_dir;
 use shepherd::launch::{
     launch_in, BackendChoice, ImageChoice, JobError, JobFilesystems, JobIo, LaunchSpec,
@@ -214,7 +215,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             let ram = GuestRam::choose(
                 &policy,
                 &JobMemoryRequest::default(),
-                guest_ram::host_total_mib(),
+                host_memory::total_mib(),
             );
             tracing::debug!("{ram}");
             ram.mib

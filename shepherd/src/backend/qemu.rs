@@ -201,11 +201,10 @@ fn disk_and_share_args(spec: &VmSpec) -> Vec<String> {
 
 impl QemuBackend {
     /// The kernel command line for this backend: microvm has no i8042 to pulse, so a
-    /// triple-fault reset ends it (with -no-reboot). `reboot=t` goes last: the kernel applies
-    /// every `reboot=` in order, and the shared command line's `reboot=k` (right for the
-    /// embedded VMM, which has an i8042) used to win, so the guest polled the missing keyboard
-    /// controller 10 × 65536 times before its fallback: a second under TCG, about 10 s under
-    /// nested KVM, where each port read is a VM exit. Under TCG with one vCPU, `noapictimer`
+    /// triple-fault reset ends it (with -no-reboot). (With `reboot=k`, as the shared command
+    /// line once had, the guest polled the missing keyboard controller 10 × 65536 times before
+    /// its fallback: a second under TCG, about 10 s under nested KVM, where each port read is a
+    /// VM exit.) Under TCG with one vCPU, `noapictimer`
     /// skips the emulated APIC timer's calibration, about 0.2 s of every boot
     /// (benches/REPORT.md, compare-cmdline); with more vCPUs it gains nothing.
     fn cmdline(&self, spec: &VmSpec) -> String {

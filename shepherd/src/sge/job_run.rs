@@ -511,7 +511,7 @@ impl JobRun {
                 soft_vmem,
                 consumable,
             },
-            guest_ram::host_total_mib(),
+            host_memory::total_mib(),
         );
         self.dir.trace(&ram.to_string());
         let mem_mib = ram.mib;
