@@ -313,6 +313,28 @@ impl Staging {
         Ok(current)
     }
 
+    /// Gives entry `name` of `dir` (not what it may link to) the owner of its header, when
+    /// owners are kept.
+    fn chown_at(
+        &self,
+        dir: &OwnedFd,
+        name: &[u8],
+        meta: &Meta,
+        path: &str,
+    ) -> Result<(), UnpackError> {
+        if self.owners {
+            rfs::chownat(
+                dir,
+                name,
+                Some(Uid::from_raw(meta.uid)),
+                Some(Gid::from_raw(meta.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(io_err(path, "setting the owner"))?;
+        }
+        Ok(())
+    }
+
     /// The parent directory of an entry (made when missing) and the entry's name.
     fn parent<'p>(
         &self,
@@ -517,16 +539,7 @@ impl Staging {
         let (dir, name) = self.parent(parts, path)?;
         self.clear(&dir, name, false, path)?;
         rfs::symlinkat(target, &dir, name).map_err(io_err(path, "making the symbolic link"))?;
-        if self.owners {
-            rfs::chownat(
-                &dir,
-                name,
-                Some(Uid::from_raw(meta.uid)),
-                Some(Gid::from_raw(meta.gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(io_err(path, "setting the owner"))?;
-        }
+        self.chown_at(&dir, name, meta, path)?;
         rfs::utimensat(&dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(io_err(path, "setting times"))?;
         if !meta.xattrs.is_empty() {
@@ -593,16 +606,7 @@ impl Staging {
         self.clear(&dir, name, false, path)?;
         rfs::mkfifoat(&dir, name, Mode::from_raw_mode(0o600))
             .map_err(io_err(path, "making the FIFO"))?;
-        if self.owners {
-            rfs::chownat(
-                &dir,
-                name,
-                Some(Uid::from_raw(meta.uid)),
-                Some(Gid::from_raw(meta.gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(io_err(path, "setting the owner"))?;
-        }
+        self.chown_at(&dir, name, meta, path)?;
         // Only this process writes the tree, so `name` is still the FIFO just made.
         rfs::chmodat(&dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
             .map_err(io_err(path, "setting the mode"))?;
