@@ -21,6 +21,8 @@
 #       --env      pass this host environment variable to CMD (may repeat; PATH, HOME, TERM,
 #                  RUST_BACKTRACE and SGE_VIRTUALIZER_* pass always)
 #       --cwd      CMD's working directory (default: the current directory)
+# NESTED_KVM_HOST_APPEND: more words for the outer kernel's command line (module parameters such
+# as kvm.nx_huge_pages=never, transparent_hugepage=never), for chasing outer-host stalls.
 # Each run keeps its directory (serial log of the outer VM, command, stdout, stderr, status) in
 # ${NESTED_KVM_RUNS:-<repo>/target/nested-kvm-host}/<time>-<pid>; the path is printed at the end.
 set -euo pipefail
@@ -252,7 +254,7 @@ cmd_run() {
         -accel tcg -cpu max -M pc -m "$mem" -smp "$cpus" \
         -nodefaults -no-user-config -display none -no-reboot \
         -kernel "$host/vmlinuz" -initrd "$host/initramfs-v$RECIPE_VERSION.cpio" \
-        -append "console=ttyS0 panic=-1 loglevel=4" \
+        -append "console=ttyS0 panic=-1 loglevel=5 ${NESTED_KVM_HOST_APPEND:-}" \
         -serial "file:$run/serial.log" \
         -fsdev "local,id=fsrun,path=$run,security_model=none" \
         -device "virtio-9p-pci,fsdev=fsrun,mount_tag=run" \
