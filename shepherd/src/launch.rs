@@ -23,6 +23,7 @@ use crate::backend::{
 };
 pub use crate::backend::{BackendChoice, VmmCredentials};
 use crate::guest_image::{self, UntrustedGuestImage};
+use crate::image::store::ImageInUse;
 use crate::image::{ImageError, ImageStore};
 use crate::job_control::AgentLink;
 pub use crate::job_control::JobController;
@@ -168,6 +169,8 @@ pub struct RunningJob {
     controller: JobController,
     process: VmmProcess,
     backend: String,
+    /// The job's hold on its OS image (`image rm` refuses it), released once the VM is gone.
+    _image_in_use: Option<ImageInUse>,
 }
 
 impl RunningJob {
@@ -195,6 +198,7 @@ impl RunningJob {
 /// The agent's view of the job's file systems and the backend's devices for them.
 struct AttachedFilesystems {
     frame: Option<Filesystems>,
+    image_in_use: Option<ImageInUse>,
     root_disk: Option<PathBuf>,
     shares: Vec<VmShare>,
     /// An imported image's `Env`, to go under the job's environment.
@@ -236,7 +240,11 @@ fn host_account(spawn: &Spawn) -> Option<Account> {
 
 /// Resolves and verifies the OS image. As root, only from a store nobody else can change: the
 /// image is every job's root file system, and root writes its verification record there.
-fn trusted_image(choice: &ImageChoice) -> Result<crate::image::VerifiedImage, LaunchError> {
+/// The job's hold on the image is taken first, so `image rm` cannot take it away between the
+/// check and the VM.
+fn trusted_image(
+    choice: &ImageChoice,
+) -> Result<(crate::image::VerifiedImage, Option<ImageInUse>), LaunchError> {
     let store = ImageStore::new(&choice.store);
     let as_root = nix::unistd::geteuid().is_root();
     let untrusted = |reason| LaunchError::UntrustedImage {
@@ -247,11 +255,19 @@ fn trusted_image(choice: &ImageChoice) -> Result<crate::image::VerifiedImage, La
     if as_root && dir.is_dir() {
         path_trust::check_directories(&dir, 0).map_err(untrusted)?;
     }
+    let in_use = store.hold_in_use(&choice.name)?;
+    if in_use.is_none() {
+        tracing::warn!(
+            image = %choice.name,
+            "cannot mark the OS image as in use (the store is not this user's): `image rm` \
+             will not know of this job"
+        );
+    }
     let image = store.verified(&choice.name)?;
     if as_root {
         path_trust::check_file(&image.path, 0).map_err(untrusted)?;
     }
-    Ok(image)
+    Ok((image, in_use))
 }
 
 /// Resolves and verifies the OS image and checks the shares. Changes nothing on the host
@@ -261,9 +277,12 @@ fn attach_filesystems(
     spawn: &Spawn,
     creds: Option<&VmmCredentials>,
 ) -> Result<AttachedFilesystems, LaunchError> {
-    let image = match &fs.image {
-        Some(choice) => Some(trusted_image(choice)?),
-        None => None,
+    let (image, image_in_use) = match &fs.image {
+        Some(choice) => {
+            let (image, in_use) = trusted_image(choice)?;
+            (Some(image), in_use)
+        }
+        None => (None, None),
     };
     let shares = shared_dirs::prepare(&fs.shares)?;
     if !shares.is_empty() {
@@ -314,6 +333,7 @@ fn attach_filesystems(
         .unwrap_or_default();
     Ok(AttachedFilesystems {
         frame,
+        image_in_use,
         root_disk: image.map(|img| img.path),
         shares: vm_shares,
         image_env,
@@ -443,9 +463,14 @@ pub fn launch_in(
     };
     // From here on the job is the VMM process's: this process keeps none of its descriptors
     // (the listener, the output files), which go with `job` into the child.
-    let mut process = vmm_process::fork(spec.vmm_credentials.as_ref(), move |channel| {
-        job.run(channel)
-    })?;
+    let image_in_use = attached.image_in_use;
+    let parent_only: Vec<_> = image_in_use.iter().map(ImageInUse::as_fd).collect();
+    let mut process = vmm_process::fork(
+        spec.vmm_credentials.as_ref(),
+        &parent_only,
+        move |channel| job.run(channel),
+    )?;
+    drop(parent_only);
     match process.await_start() {
         Start::Started { .. } | Start::Ended => {}
         Start::Failed(StartFailure::Unavailable(m)) => {
@@ -460,6 +485,7 @@ pub fn launch_in(
         },
         process,
         backend: backend_in_words,
+        _image_in_use: image_in_use,
     })
 }
 

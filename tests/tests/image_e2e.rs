@@ -533,6 +533,55 @@ fn image_list_and_rm() {
 }
 
 #[test]
+fn image_rm_refuses_an_image_a_running_job_uses() {
+    let Some(_) = ensure_image("bullseye", "bullseye") else {
+        return;
+    };
+    let store = store_with_image("held", &store_dir().join("bullseye/rootfs.ext4"));
+    let rm = || {
+        Command::new(sge_virtualizer_bin())
+            .args(["image", "rm", "held", "--store"])
+            .arg(store.path())
+            .output()
+            .unwrap()
+    };
+    let mut job = run_cmd(
+        store.path(),
+        &[
+            "--image",
+            "held",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo up; sleep 8; cat /etc/debian_version",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start sge_virtualizer");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(job.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "up\n", "the job did not start");
+    let refused = rm();
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        stderr(&refused).contains("in use by a running job"),
+        "{refused:?}"
+    );
+    let out = job.wait_with_output().unwrap();
+    assert!(out.status.success(), "the job: {out:?}");
+    assert!(stdout(&out).starts_with("11."), "{out:?}");
+    let removed = rm();
+    assert!(removed.status.success(), "{removed:?}");
+    assert!(!store.path().join("held").exists());
+}
+
+#[test]
 fn an_unreachable_mirror_is_a_clear_build_error_that_leaves_no_image() {
     if !is_root() {
         report_skip("image_e2e", "building an OS image needs root (debootstrap)");

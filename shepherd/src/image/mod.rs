@@ -82,6 +82,10 @@ pub enum ImageError {
     },
     #[error("OS image {name:?} already exists ({origin}); remove it first with `image rm`")]
     Exists { name: String, origin: String },
+    #[error("OS image {name:?} is in use by a running job; remove it once no job uses it")]
+    InUse { name: String },
+    #[error("OS image {name:?} is being removed")]
+    Removing { name: String },
     #[error("building OS image {name:?}: {detail}")]
     Build { name: String, detail: String },
     #[error("importing OS image {name:?} from {}: {error}", path.display())]

@@ -4,11 +4,19 @@
 //! ID they import (`.sha256:<hex>.lock`, a name no image can have), always in that order: ID,
 //! then name. They work in a staging directory `.<verb>-<name>-<pid>` in the store and rename it
 //! into place at the end.
+//!
+//! A job holds its image for its whole life with a shared lock on `.<name>.in-use` (root's,
+//! mode 0600: no other user can hold it, or block it); `image rm` takes that lock exclusively
+//! without waiting, so it refuses an image a running job uses.
 
 use std::ffi::OsStr;
 use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 use super::manifest::Manifest;
@@ -39,6 +47,23 @@ pub type Listing = (String, Result<Manifest, ImageError>);
 pub struct ImageLock {
     _lock: Flock<File>,
 }
+
+/// A running job's hold on its image: while any is held, `image rm` refuses the image.
+#[derive(Debug)]
+pub struct ImageInUse {
+    lock: Flock<File>,
+}
+
+impl ImageInUse {
+    /// The descriptor that holds the lock (a forked child that is not the holder closes it).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.lock.as_fd()
+    }
+}
+
+/// How long a job waits for an `image rm` in progress (which holds the in-use lock only while it
+/// deletes the image's directory) before it gives up.
+const IN_USE_WAIT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
 
 impl ImageStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -168,11 +193,97 @@ impl ImageStore {
             .collect())
     }
 
-    /// Removes image `name`.
+    /// The in-use lock file of image `name`, opened (and created, as root's, mode 0600). `None`
+    /// when this process may not open it (a caller who is neither root nor the store's owner).
+    fn open_in_use(&self, name: &str) -> Result<Option<File>, ImageError> {
+        validate_name(name)?;
+        let path = self.dir.join(format!(".{name}.in-use"));
+        match File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(file) => Ok(Some(file)),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EACCES | libc::EPERM | libc::EROFS)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(ImageError::Io {
+                what: "opening",
+                path,
+                source: e,
+            }),
+        }
+    }
+
+    /// Marks image `name` as used by a running job until the returned hold is dropped. Waits
+    /// (at most [`IN_USE_WAIT`]) for an `image rm` in progress. `None` when this caller cannot
+    /// hold it (see [`Self::open_in_use`]): `image rm` then does not know of this job.
+    pub fn hold_in_use(&self, name: &str) -> Result<Option<ImageInUse>, ImageError> {
+        let Some(mut file) = self.open_in_use(name)? else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + IN_USE_WAIT;
+        loop {
+            match self.try_lock_in_use(name, file, FlockArg::LockSharedNonblock)? {
+                Ok(lock) => return Ok(Some(ImageInUse { lock })),
+                Err(back) if Instant::now() < deadline => {
+                    file = back;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(_) => {
+                    return Err(ImageError::Removing {
+                        name: name.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Locks the in-use file without waiting: `Ok(Err(file))` when the lock is taken.
+    fn try_lock_in_use(
+        &self,
+        name: &str,
+        file: File,
+        how: FlockArg,
+    ) -> Result<Result<Flock<File>, File>, ImageError> {
+        match Flock::lock(file, how) {
+            Ok(lock) => Ok(Ok(lock)),
+            Err((file, Errno::EWOULDBLOCK)) => Ok(Err(file)),
+            Err((_, errno)) => Err(ImageError::Io {
+                what: "locking",
+                path: self.dir.join(format!(".{name}.in-use")),
+                source: errno.into(),
+            }),
+        }
+    }
+
+    /// Removes image `name`; refuses while a running job holds it ([`Self::hold_in_use`]).
     pub fn remove(&self, name: &str) -> Result<Manifest, ImageError> {
         let _lock = self.lock(name)?;
         let manifest = self.manifest(name)?;
         let dir = self.image_dir(name)?;
+        let _unused = match self.open_in_use(name)? {
+            Some(file) => {
+                match self.try_lock_in_use(name, file, FlockArg::LockExclusiveNonblock)? {
+                    Ok(lock) => Some(lock),
+                    Err(_) => {
+                        return Err(ImageError::InUse {
+                            name: name.to_string(),
+                        })
+                    }
+                }
+            }
+            None => None,
+        };
         std::fs::remove_dir_all(&dir).map_err(ImageError::io("removing", &dir))?;
         // The lock file stays: unlinking it while someone waits on it would let a later
         // builder lock a new file and run beside that waiter.
@@ -227,6 +338,53 @@ mod tests {
         assert_eq!(a.path, tmp.path().join("a").join(IMAGE_FILE));
         store.remove("a").unwrap();
         assert_eq!(store.names().unwrap(), ["b"]);
+    }
+
+    #[test]
+    fn an_image_a_job_holds_is_not_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        add_image(&store, "a", b"aaa");
+        let held = store
+            .hold_in_use("a")
+            .unwrap()
+            .expect("the store's owner can hold");
+        let second = store
+            .hold_in_use("a")
+            .unwrap()
+            .expect("two jobs can hold one image");
+        let err = store.remove("a").unwrap_err();
+        assert!(matches!(err, ImageError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("in use by a running job"), "{err}");
+        assert_eq!(store.names().unwrap(), ["a"]);
+        drop(held);
+        assert!(matches!(store.remove("a"), Err(ImageError::InUse { .. })));
+        drop(second);
+        store.remove("a").unwrap();
+        assert!(store.names().unwrap().is_empty());
+        let mode = std::fs::metadata(tmp.path().join(".a.in-use"))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn a_job_does_not_wait_for_ever_on_a_removal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        add_image(&store, "a", b"aaa");
+        let file = store.open_in_use("a").unwrap().unwrap();
+        let _removing = Flock::lock(file, FlockArg::LockExclusive).unwrap();
+        let started = Instant::now();
+        let err = store
+            .hold_in_use("a")
+            .map(|_| ())
+            .expect_err("no hold while removing");
+        assert!(matches!(err, ImageError::Removing { .. }), "{err}");
+        assert!(started.elapsed() >= IN_USE_WAIT);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod message;
 pub mod supervisor;
 mod syscall_filter;
 
+use std::os::fd::{AsRawFd, BorrowedFd};
+
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 use crate::backend::VmmCredentials;
@@ -58,12 +60,15 @@ fn thread_count() -> usize {
 /// Forks the VMM process, which takes `identity` (none: it keeps this process's) and runs
 /// `body` with its end of the channel, then exits. `body` runs only in the child; in the parent
 /// it is dropped unrun, which closes the parent's copies of every descriptor it owns.
+/// `parent_only`: descriptors the parent keeps that the child must not have (the child closes
+/// its copies first: a lock the job user could release or convert, for one).
 ///
 /// Outside unit tests (whose harness runs threads) the caller must be single-threaded: a fork
 /// copies only the calling thread, and a lock another thread held would stay locked in the
 /// child for ever.
 pub fn fork(
     identity: Option<&VmmCredentials>,
+    parent_only: &[BorrowedFd<'_>],
     body: impl FnOnce(&Channel),
 ) -> Result<VmmProcess, ForkError> {
     let threads = if cfg!(test) { 1 } else { thread_count() };
@@ -84,6 +89,12 @@ pub fn fork(
             Ok(VmmProcess::new(child, parent_end, control_end))
         }
         ForkResult::Child => {
+            for fd in parent_only {
+                // SAFETY: this copy of the process never uses the objects that own these
+                // descriptors (they stay with the parent, and the child ends in _exit without
+                // dropping them), so closing the numbers here cannot disturb an owner.
+                unsafe { libc::close(fd.as_raw_fd()) };
+            }
             drop(parent_end);
             drop(control_end);
             let code = child_main(shepherd, identity.as_ref(), &child_end, body);

@@ -435,7 +435,7 @@ mod tests {
 
     /// Forks a VMM process running `body` and waits for its start.
     fn spawn(body: impl FnOnce(&Channel)) -> (VmmProcess, bool) {
-        let mut process = fork(None, body).unwrap();
+        let mut process = fork(None, &[], body).unwrap();
         let ok = matches!(process.await_start(), Start::Started { .. });
         (process, ok)
     }
@@ -487,7 +487,7 @@ mod tests {
 
     #[test]
     fn a_start_failure_is_reported_as_such() {
-        let mut process = fork(None, |ch| {
+        let mut process = fork(None, &[], |ch| {
             ch.send(&FromVmm::StartFailed(StartFailure::Start("no".into())))
                 .unwrap();
         })
