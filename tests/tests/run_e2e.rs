@@ -499,6 +499,45 @@ fn a_large_guest_costs_what_it_touches_and_freed_memory_comes_back(backend: &str
     );
 }
 
+/// A binary that calls the legacy vsyscall page, as CentOS 6's glibc does, runs in the guest:
+/// the guest kernel keeps vsyscall emulation (`CONFIG_X86_VSYSCALL_EMULATION`).
+fn a_binary_calling_the_legacy_vsyscall_page_runs(backend: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("vsyscall");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/guest-programs/vsyscall.c");
+    let built = Command::new("cc")
+        .args([
+            "-static",
+            "-nostdlib",
+            "-ffreestanding",
+            "-fno-stack-protector",
+            "-O2",
+        ])
+        .arg("-o")
+        .arg(&bin)
+        .arg(source)
+        .output()
+        .expect("run cc (build-essential; scripts/setup.sh installs it)");
+    assert!(built.status.success(), "cc {source}: {built:?}");
+    let out = run_output(
+        backend,
+        &[
+            "-n",
+            "--cwd",
+            dir.path().to_str().unwrap(),
+            "--",
+            "./vsyscall",
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout.starts_with("vsyscall gettimeofday rc=0 sec="),
+        "{stdout}"
+    );
+}
+
 macro_rules! backend_suite {
     ($module:ident, $backend:literal, [$($test:ident),* $(,)?]) => {
         mod $module {
@@ -537,6 +576,7 @@ backend_suites!(
         orphaned_background_children_do_not_keep_the_vm_alive,
         missing_or_unexecutable_commands_exit_127_and_126,
         a_job_gets_the_hosts_memory_and_holds_two_gib,
-        a_large_guest_costs_what_it_touches_and_freed_memory_comes_back
+        a_large_guest_costs_what_it_touches_and_freed_memory_comes_back,
+        a_binary_calling_the_legacy_vsyscall_page_runs
     ]
 );
