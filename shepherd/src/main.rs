@@ -6,6 +6,7 @@
 mod check_command;
 mod image_command;
 mod run_command;
+mod sge_command;
 mod vm_command;
 
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     /// Check that this host can run jobs in VMs (settings, guest kernel and initramfs, OS
     /// images, backend, directories); exits 1 and prints each problem's fix when it cannot.
     Check(check_command::CheckArgs),
+    /// Grid Engine helpers for OS image scheduling: the `vm_image` load sensor and JSV.
+    Sge(sge_command::SgeArgs),
 }
 
 /// True when execd started us as its shepherd: `shepherd_cmd` is exec'd with `argv[0]`
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image_command::run(args),
         Command::Vm(args) => vm_command::run(args),
         Command::Check(args) => check_command::run(args),
+        Command::Sge(args) => sge_command::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

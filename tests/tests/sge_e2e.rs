@@ -1920,6 +1920,178 @@ fn a_cwd_on_procfs_is_never_shared_and_is_the_jobs_error() {
     );
 }
 
+/// The administrator's set-up for scheduling by OS image (man page, "OS IMAGES IN GRID
+/// ENGINE"): the `vm_image` complex, the load sensor that publishes each host's images, and the
+/// JSV (returned; a cell would name it in `jsv_url`, the tests pass it to `qsub -jsv`). Waits
+/// until this host publishes its images.
+fn enable_image_scheduling(c: &Cell) -> PathBuf {
+    let root = Path::new(TEST_ROOT);
+    let wrapper = |name: &str, args: &str| {
+        let path = root.join(name);
+        let tmp = root.join(format!("{name}.new"));
+        std::fs::write(
+            &tmp,
+            format!(
+                "#!/bin/sh\nexec {}/sge_virtualizer {args}\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    };
+    let sensor = wrapper(
+        "vm_image_load_sensor",
+        &format!("sge load-sensor --store {IMAGE_STORE}"),
+    );
+    let jsv = wrapper("vm_image_jsv", "sge jsv");
+    let complexes = text(&run(Command::new("qconf").arg("-sc")));
+    if !complexes.lines().any(|l| l.starts_with("vm_image ")) {
+        let file = root.join("complexes");
+        std::fs::write(
+            &file,
+            format!("{complexes}vm_image  vmi  RESTRING  ==  YES  NO  NONE  0\n"),
+        )
+        .unwrap();
+        let out = run(Command::new("qconf").arg("-Mc").arg(&file));
+        assert!(out.status.success(), "qconf -Mc: {}", text(&out));
+    }
+    let global = text(&run(Command::new("qconf").args(["-sconf", "global"])));
+    let line = format!("load_sensor                  {}", sensor.display());
+    if !global.lines().any(|l| l == line) {
+        // One line per key (qconf continues long values with a backslash).
+        let mut conf: Vec<String> = Vec::new();
+        let mut continued = false;
+        for l in global.lines() {
+            let piece = if continued { l.trim_start() } else { l };
+            match conf.last_mut().filter(|_| continued) {
+                Some(last) => last.push_str(piece.trim_end_matches('\\')),
+                None => conf.push(piece.trim_end_matches('\\').to_string()),
+            }
+            continued = l.ends_with('\\');
+        }
+        conf.retain(|l| !l.starts_with("load_sensor "));
+        conf.push(line);
+        // qconf -Mconf takes the configuration's name from the file's.
+        let dir = root.join("qconf");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("global");
+        std::fs::write(&file, conf.join("\n") + "\n").unwrap();
+        let out = run(Command::new("qconf").arg("-Mconf").arg(&file));
+        assert!(out.status.success(), "qconf -Mconf: {}", text(&out));
+    }
+    let start = Instant::now();
+    loop {
+        let shown = text(&run(
+            Command::new("qhost").args(["-F", "vm_image", "-h", &c.host])
+        ));
+        if shown.contains("vm_image=/") && shown.contains("/bookworm/") {
+            return jsv;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the load sensor did not publish this host's images within 90 s: {shown}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn a_job_asking_for_an_image_runs_where_the_image_is_and_waits_where_none_has_it() {
+    let test = "a_job_asking_for_an_image_runs_where_the_image_is_and_waits_where_none_has_it";
+    with_cell_and_images(test, &["bullseye", "bookworm"], |c| {
+        let jsv = enable_image_scheduling(c);
+        let jsv = jsv.to_str().unwrap();
+        let dir = c.work_dir("vmimage");
+        c.script(&dir, "job.sh", "#!/bin/sh\ncat /etc/debian_version\n");
+        // Asked for as users write it: the JSV makes it the scheduler's pattern.
+        let job = c.qsub(
+            &dir,
+            &[
+                "-jsv",
+                jsv,
+                "-l",
+                "vm_image=bookworm",
+                "-o",
+                "out.txt",
+                "-j",
+                "y",
+                "job.sh",
+            ],
+        );
+        let rec = c.wait_accounting(job, 1, JOB_WAIT);
+        assert_eq!(number(&rec[0], "exit_status"), 0.0, "{rec:?}");
+        let out = std::fs::read_to_string(dir.join("out.txt")).unwrap();
+        assert!(out.starts_with("12."), "job output: {out:?}");
+
+        // No host has it: the job waits, with the scheduler's reason, and is in no error.
+        let waiting = c.qsub(
+            &dir,
+            &[
+                "-jsv",
+                jsv,
+                "-l",
+                "vm_image=nosuch",
+                "-o",
+                "/dev/null",
+                "-j",
+                "y",
+                "job.sh",
+            ],
+        );
+        let details = text(&run(
+            Command::new("qstat").args(["-j", &waiting.to_string()])
+        ));
+        assert!(
+            details.contains("vm_image=*/nosuch/*"),
+            "the JSV did not rewrite the request: {details}"
+        );
+        std::thread::sleep(Duration::from_secs(8));
+        assert_eq!(c.job_state(waiting).as_deref(), Some("qw"));
+        let why = text(&run(Command::new("qalter").args([
+            "-w",
+            "p",
+            &waiting.to_string(),
+        ])));
+        assert!(why.contains("vm_image"), "qalter -w p: {why}");
+        c.qdel(waiting);
+
+        // The host has it, but the queue does not allow it: the job's error, not the queue's.
+        let refused = c.qsub(
+            &dir,
+            &[
+                "-jsv",
+                jsv,
+                "-l",
+                "vm_image=bullseye",
+                "-o",
+                "/dev/null",
+                "-j",
+                "y",
+                "job.sh",
+            ],
+        );
+        c.wait_eqw(refused);
+        let error = c.active_file(refused, "error").unwrap_or_default();
+        assert!(
+            error.contains("\"bullseye\" may not be requested"),
+            "error file: {error:?}"
+        );
+        assert_eq!(c.queue_state("all.q"), "", "queue must not be in error");
+        c.qdel(refused);
+
+        // A name that cannot be an image is refused at submission.
+        let bad = c.try_qsub(&dir, &["-jsv", jsv, "-l", "vm_image=../etc", "job.sh"]);
+        assert!(
+            bad.as_ref()
+                .is_err_and(|e| e.contains("invalid image name")),
+            "{bad:?}"
+        );
+    });
+}
+
 #[test]
 fn an_unknown_image_is_the_jobs_error_not_the_queues() {
     with_cell("an_unknown_image_is_the_jobs_error_not_the_queues", |c| {
