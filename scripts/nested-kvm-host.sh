@@ -270,8 +270,26 @@ cmd_run() {
     local tail_out=$!
     tail -f --pid=$qemu -c +1 "$run/stderr" >&2 &
     local tail_err=$!
+    # The outer kernel's own stall reports: once a CPU has reported a soft lockup (or RCU a
+    # stall) twice, about a minute stuck, the outer host has never come back (2026-12-06/07:
+    # stuck for 600 to 1300 s until the deadline), so it is stopped now instead.
+    (
+        while kill -0 "$qemu" 2>/dev/null; do
+            stalls=$(grep -c -E 'soft lockup - CPU#|self-detected stall on CPU' \
+                "$run/serial.log" 2>/dev/null || true)
+            if [ "${stalls:-0}" -ge 2 ]; then
+                echo stalled >"$run/stalled"
+                say "the outer host's kernel reports a stall (see its serial log below): stopping it"
+                kill "$qemu" 2>/dev/null
+                break
+            fi
+            sleep 5
+        done
+    ) &
+    local stall_watch=$!
     wait $qemu || rc=$?
-    wait $tail_out $tail_err || true
+    kill $stall_watch 2>/dev/null || true
+    wait $tail_out $tail_err $stall_watch 2>/dev/null || true
     local took=$((SECONDS - start))
 
     if [ -s "$run/status" ]; then
@@ -284,7 +302,9 @@ cmd_run() {
         fi
         return "$status"
     fi
-    if [ $rc = 124 ] || [ $rc = 137 ]; then
+    if [ -e "$run/stalled" ]; then
+        say "error: the outer host stalled after ${took}s and was stopped"
+    elif [ $rc = 124 ] || [ $rc = 137 ]; then
         say "error: the outer host ran past the ${deadline}s deadline and was killed"
     else
         say "error: the outer host ended (QEMU status $rc) without the command's status"
