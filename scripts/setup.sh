@@ -25,12 +25,13 @@ if [ "$(id -u)" != 0 ]; then
     SUDO=sudo
 fi
 
-# debootstrap + e2fsprogs: `sge_virtualizer image build` (OS images jobs run in).
+# debootstrap + e2fsprogs: `sge_virtualizer image build` (OS images jobs run in); erofs-utils:
+# `image import --format erofs|erofs-lz4`.
 # quota: setquota, for the test of job output beyond the job user's disk quota.
 # passt: jobs' network (the job user's own sockets on the host, issue 13).
 PACKAGES=(qemu-system-x86 linux-source-6.1 busybox-static build-essential flex bison bc
           libelf-dev libssl-dev xz-utils cpio patch binutils ca-certificates curl
-          debootstrap e2fsprogs quota passt)
+          debootstrap e2fsprogs erofs-utils quota passt)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use shepherd::image::debootstrap::{self, BuildOutcome, BuildRequest};
+use shepherd::image::format::ImageFormat;
 use shepherd::image::import::{self, ImportOutcome, ImportRequest};
 use shepherd::image::{store_dir, ImageStore, Manifest};
 
@@ -50,6 +51,9 @@ pub enum ImageAction {
         /// Which image, where the source holds several (a tag or name, e.g. `app:1`).
         #[arg(long = "ref", value_name = "REF")]
         reference: Option<String>,
+        /// The root file system's format (benches/REPORT.md compares them).
+        #[arg(long, value_enum, default_value_t)]
+        format: ImageFormat,
     },
     /// List the images.
     List {
@@ -138,6 +142,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<i32> {
             source,
             name,
             reference,
+            format,
         } => {
             let started = std::time::Instant::now();
             eprintln!(
@@ -149,6 +154,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<i32> {
                 name,
                 source,
                 reference,
+                format,
             };
             let done = import::import(&store, &req)?;
             for warning in &done.warnings {
@@ -164,13 +170,14 @@ pub fn run(args: ImageArgs) -> anyhow::Result<i32> {
             };
             let from = m.source.as_ref();
             println!(
-                "{} {what}: {} {}, image ID {}, {}, {}, sha256 {} ({:.1} s)",
+                "{} {what}: {} {}, image ID {}, {}, {} {}, sha256 {} ({:.1} s)",
                 m.name,
                 from.map_or("?", |f| f.kind.as_str()),
                 from.and_then(|f| f.digest.as_deref())
                     .unwrap_or("(no digest)"),
                 from.map_or("?", |f| f.image_id.as_str()),
                 m.os_version.as_deref().unwrap_or("?"),
+                m.fstype,
                 mib(m.size),
                 m.sha256,
                 started.elapsed().as_secs_f64()

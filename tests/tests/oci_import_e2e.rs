@@ -244,7 +244,9 @@ fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
         )
         .file("bin/su-test", 0o4755, (0, 0), b"#!/bin/sh\n")
         .dir("root");
-    for applet in ["sh", "cat", "stat", "ls", "readlink", "echo", "id"] {
+    for applet in [
+        "sh", "cat", "stat", "ls", "readlink", "echo", "id", "grep", "dmesg",
+    ] {
         base.symlink(&format!("bin/{applet}"), "busybox");
     }
     let base = base.finish();
@@ -277,15 +279,41 @@ fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
 
     let script = "cat /etc/hello; cat /etc/obsolete 2>/dev/null || echo obsolete gone; \
                   stat -c '%a %u:%g' /bin/su-test /data/owned; \
-                  stat -c %h /bin/busybox; readlink /bin/sh; echo done";
+                  stat -c %h /bin/busybox; readlink /bin/sh; \
+                  dmesg | grep -o -m 1 -E 'EXT4-fs \\(vda\\)|erofs: \\(device vda\\)'; echo done";
+    let tree = |fstype: &str| {
+        format!(
+            "hello from an imported image\nobsolete gone\n4755 0:0\n640 1234:5678\n2\n\
+             busybox\n{fstype}\ndone\n"
+        )
+    };
+    // EROFS by default.
     let out = run_in(&store, "app", script);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(
-        stdout(&out),
-        "hello from an imported image\nobsolete gone\n4755 0:0\n640 1234:5678\n2\nbusybox\n\
-         done\n",
-        "{out:?}"
-    );
+    assert_eq!(stdout(&out), tree("erofs: (device vda)"), "{out:?}");
+    // The same image as ext4 and as lz4-compressed EROFS: the same tree in the guest.
+    for (format, mounted) in [
+        ("ext4", "EXT4-fs (vda)"),
+        ("erofs-lz4", "erofs: (device vda)"),
+    ] {
+        let name = format!("app-{format}");
+        let out = image_cmd(
+            &store,
+            &[
+                "import",
+                archive.to_str().unwrap(),
+                &name,
+                "--format",
+                format,
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let fstype = format.split('-').next().unwrap();
+        assert!(stdout(&out).contains(&format!(" {fstype} ")), "{out:?}");
+        let out = run_in(&store, &name, script);
+        assert!(out.status.success(), "{format}: {out:?}");
+        assert_eq!(stdout(&out), tree(mounted), "{format}: {out:?}");
+    }
 
     // A user the image has never heard of, in an image that is not Debian: its os-release, the
     // user's name from `id`, the image's Env under the job's (the job's HOME wins).

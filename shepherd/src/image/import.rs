@@ -20,13 +20,13 @@
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::ext4::make_ext4;
+use super::format::ImageFormat;
 use super::manifest::{ImportedFrom, Manifest};
 use super::oci::{Resolved, Source, SourceError};
 use super::store::{is_staging_of, ImageStore};
 use super::unpack::Staging;
 use super::verification::sha256_file;
-use super::{validate_name, ImageError, IMAGE_FILE, MANIFEST_FILE};
+use super::{validate_name, ImageError, MANIFEST_FILE};
 
 /// The largest release file read to name the image's OS.
 const MAX_RELEASE_FILE: u64 = 64 << 10;
@@ -40,6 +40,8 @@ pub struct ImportRequest {
     pub source: PathBuf,
     /// Which image of a source holding several (a tag or name).
     pub reference: Option<String>,
+    /// The root file system's format.
+    pub format: ImageFormat,
 }
 
 /// What [`import`] did.
@@ -110,10 +112,12 @@ pub fn import(store: &ImageStore, req: &ImportRequest) -> Result<Imported, Image
     let image = source
         .resolve(req.reference.as_deref())
         .map_err(source_error)?;
+    // The same image ID in the same format: an image's file is one format.
     let holds_it = |m: &Manifest| {
         m.source
             .as_ref()
             .is_some_and(|s| s.image_id == image.image_id)
+            && m.file == req.format.file_name()
     };
     // Check every blob before the store changes (not even a lock file), unless this name
     // already holds the image.
@@ -153,7 +157,7 @@ pub fn import(store: &ImageStore, req: &ImportRequest) -> Result<Imported, Image
     let sharing = store
         .with_image_id(&image.image_id)?
         .into_iter()
-        .find(|(other, _)| store.verified(other).is_ok());
+        .find(|(other, m)| m.file == req.format.file_name() && store.verified(other).is_ok());
     if sharing.is_none() && !verified {
         source.verify(&image).map_err(source_error)?;
     }
@@ -252,8 +256,11 @@ fn build(
     }
     let os_version = os_version(&tree);
     let warnings = tree.finish().map_err(|e| fail(e.to_string()))?;
-    let file = staging.join(IMAGE_FILE);
-    let size = make_ext4(name, &root, &file, &staging.join("mkfs.log")).map_err(fail)?;
+    let file = staging.join(req.format.file_name());
+    let size = req
+        .format
+        .make(name, &root, &file, &staging.join("mkfs.log"))
+        .map_err(fail)?;
     std::fs::remove_dir_all(&root).map_err(ImageError::io("removing", &root))?;
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
         .map_err(ImageError::io("setting the mode of", &file))?;
@@ -262,8 +269,8 @@ fn build(
         suite: String::new(),
         mirror: String::new(),
         variant: String::new(),
-        file: IMAGE_FILE.into(),
-        fstype: "ext4".into(),
+        file: req.format.file_name().into(),
+        fstype: req.format.fstype().into(),
         size,
         sha256: sha256_file(&file)?,
         created: now(),

@@ -17,7 +17,9 @@
 //! * [`selection`]: which image a job runs in (its queue's, or one it may ask for).
 
 pub mod debootstrap;
+mod erofs;
 pub mod ext4;
+pub mod format;
 pub mod image_env;
 pub mod import;
 pub mod manifest;

@@ -156,6 +156,7 @@ fn request(name: &str, source: &Path) -> ImportRequest {
         name: name.into(),
         source: source.to_path_buf(),
         reference: None,
+        format: ImageFormat::Ext4,
     }
 }
 
@@ -469,4 +470,41 @@ fn concurrent_imports_of_one_image_store_it_once() {
         .filter_map(Result::ok)
         .any(|e| e.file_name().to_string_lossy().starts_with(".import-"));
     assert!(!staging_left);
+}
+
+#[test]
+fn each_format_is_its_own_file_and_a_name_keeps_its_format() {
+    if !is_root() || ext4::program("mkfs.ext4").is_err() || ext4::program("mkfs.erofs").is_err() {
+        eprintln!("SKIPPED: importing into a store needs root, mkfs.ext4 and mkfs.erofs");
+        return;
+    }
+    let forms = Forms::new();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::new(store_dir.path());
+    let as_format = |name: &str, format| ImportRequest {
+        format,
+        ..request(name, &forms.path("oci.tar"))
+    };
+    let ext4 = import(&store, &as_format("app", ImageFormat::Ext4)).unwrap();
+    // The same image ID as EROFS is a file of its own, not the ext4 one shared.
+    let erofs = import(&store, &as_format("app-erofs", ImageFormat::ErofsLz4)).unwrap();
+    assert_eq!(erofs.outcome, ImportOutcome::Imported);
+    let m = &erofs.manifest;
+    assert_eq!(
+        (m.fstype.as_str(), m.file.as_str()),
+        ("erofs", "rootfs-lz4.erofs")
+    );
+    assert_ne!(m.sha256, ext4.manifest.sha256);
+    let head = std::fs::read(store.verified("app-erofs").unwrap().path).unwrap();
+    // The EROFS superblock's magic at offset 1024.
+    assert_eq!(head[1024..1028], 0xE0F5_E1E2u32.to_le_bytes());
+    // A third name in that format shares the EROFS file.
+    let shared = import(&store, &as_format("app-erofs2", ImageFormat::ErofsLz4)).unwrap();
+    assert_eq!(
+        shared.outcome,
+        ImportOutcome::SharedWith("app-erofs".into())
+    );
+    // A name that holds the image in one format is not quietly another.
+    let err = import(&store, &as_format("app", ImageFormat::Erofs)).unwrap_err();
+    assert!(matches!(err, ImageError::Exists { .. }), "{err}");
 }
