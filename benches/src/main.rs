@@ -13,6 +13,7 @@ mod file_server;
 mod findings;
 mod fuse_mount;
 mod grid_engine;
+mod image_formats;
 mod interleave;
 mod job_latency;
 mod kvm_primitives;
@@ -77,6 +78,8 @@ enum Cmd {
     Memory,
     /// 3b: guest memory given back: host RSS of a 16 GiB guest idle, holding 1 GiB, after.
     MemoryReturn,
+    /// 10: OS image formats: import time, size and job start (ext4, EROFS, EROFS lz4hc).
+    Images,
     /// 4a: output relay throughput guest → host file.
     Relay,
     /// 4b: signal round trip shepherd → job handler → output back.
@@ -209,6 +212,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Job => Some(job_latency::run(&ctx)?),
         Cmd::Memory => Some(memory_overhead::run(&ctx)?),
         Cmd::MemoryReturn => Some(memory_return::run(&ctx)?),
+        Cmd::Images => Some(image_formats::run(&ctx)?),
         Cmd::Nested => Some(nested_kvm::run(&ctx)?),
         Cmd::NestedInside { json } => {
             nested_kvm::inside(&ctx, json)?;
@@ -288,7 +292,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     type Bench = fn(&BenchContext) -> anyhow::Result<BenchResult>;
-    let all: [(&str, &str, Bench); 10] = [
+    let all: [(&str, &str, Bench); 11] = [
         (
             "boot",
             "VMM start to first guest instruction",
@@ -307,6 +311,7 @@ fn main() -> anyhow::Result<()> {
         ("profile", "Embedded VMM system calls", syscall_profile::run),
         ("kvm", "Host KVM primitives", kvm_primitives::run),
         ("fs", "virtio-fs file server", file_server::run),
+        ("images", "OS image formats", image_formats::run),
     ];
     for (id, title, bench) in all {
         let before = results::load_average();

@@ -13,7 +13,7 @@ use crate::results::{utc_now, BenchResult};
 use crate::stats::Summary;
 
 /// The benchmarks in report order.
-pub const IDS: [&str; 11] = [
+pub const IDS: [&str; 12] = [
     "boot",
     "job",
     "memory",
@@ -25,6 +25,7 @@ pub const IDS: [&str; 11] = [
     "profile",
     "kvm",
     "fs",
+    "images",
 ];
 const CHART_FILE: &str = "phases.png";
 
@@ -109,6 +110,11 @@ fn median(r: &BenchResult, variant: &str, metric: &str) -> Option<f64> {
 }
 
 /// The table of every series of a result.
+/// Text for a table cell: a `|` in it (a shell pipe in a variant's name) would end the cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}
+
 fn series_table(out: &mut String, r: &BenchResult) {
     out.push_str("| variant | metric | unit | median | p10 | p90 | min | max | n |\n");
     out.push_str("|---|---|---|--:|--:|--:|--:|--:|--:|\n");
@@ -125,7 +131,7 @@ fn series_table(out: &mut String, r: &BenchResult) {
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | **{}** | {} | {} | {} | {} | {n} |",
-                s.variant,
+                cell(&s.variant),
                 s.metric,
                 s.unit,
                 fmt(median),
@@ -561,6 +567,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         ("kvm", "7. "),
         ("fs", "8. "),
         ("nested", "9. "),
+        ("images", "10. "),
     ];
     for r in &results {
         let number = numbering
