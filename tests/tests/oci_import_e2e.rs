@@ -88,6 +88,60 @@ impl Layer {
     }
 }
 
+/// The image's config for `layers` (uncompressed: their digests are their diff IDs).
+fn image_config(layers: &[Vec<u8>]) -> Vec<u8> {
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", hex(l)))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/bin", "IMAGE_ONLY=from-image", "HOME=/image-home"],
+            "WorkingDir": "/"
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .unwrap()
+}
+
+/// A tar archive of `files` (path, contents).
+fn tar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut archive = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        archive.append_data(&mut h, path, &data[..]).unwrap();
+    }
+    archive.into_inner().unwrap()
+}
+
+/// The same image as `docker save` writes it: `manifest.json`, the config, a directory per
+/// layer.
+fn docker_archive(layers: &[Vec<u8>], reference: &str) -> Vec<u8> {
+    let config = image_config(layers);
+    let config_name = format!("{}.json", hex(&config));
+    let layer_paths: Vec<String> = layers
+        .iter()
+        .map(|l| format!("{}/layer.tar", hex(l)))
+        .collect();
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [reference],
+        "Layers": layer_paths,
+    }]))
+    .unwrap();
+    let mut files = vec![
+        ("manifest.json".to_string(), manifest),
+        (config_name, config),
+    ];
+    files.extend(layer_paths.into_iter().zip(layers.iter().cloned()));
+    tar_of(&files)
+}
+
 /// An OCI archive (a tar of an OCI image layout) of `layers`, tagged `reference`.
 fn oci_archive(layers: &[Vec<u8>], reference: &str) -> Vec<u8> {
     let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
@@ -100,20 +154,7 @@ fn oci_archive(layers: &[Vec<u8>], reference: &str) -> Vec<u8> {
         }));
         blobs.push((hex(layer), layer.clone()));
     }
-    let diff_ids: Vec<String> = layers
-        .iter()
-        .map(|l| format!("sha256:{}", hex(l)))
-        .collect();
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/bin", "IMAGE_ONLY=from-image", "HOME=/image-home"],
-            "WorkingDir": "/"
-        },
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }))
-    .unwrap();
+    let config = image_config(layers);
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -137,20 +178,19 @@ fn oci_archive(layers: &[Vec<u8>], reference: &str) -> Vec<u8> {
     .unwrap();
     blobs.push((hex(&config), config));
     blobs.push((hex(&manifest), manifest));
-    let mut archive = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        archive.append_data(&mut h, path, data).unwrap();
-    };
-    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    add("index.json", &index);
-    for (digest, data) in &blobs {
-        add(&format!("blobs/sha256/{digest}"), data);
-    }
-    archive.into_inner().unwrap()
+    let mut files = vec![
+        (
+            "oci-layout".to_string(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        ),
+        ("index.json".to_string(), index),
+    ];
+    files.extend(
+        blobs
+            .into_iter()
+            .map(|(digest, data)| (format!("blobs/sha256/{digest}"), data)),
+    );
+    tar_of(&files)
 }
 
 fn stdout(out: &Output) -> String {
@@ -243,9 +283,18 @@ fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
             b"removed by the next layer\n",
         )
         .file("bin/su-test", 0o4755, (0, 0), b"#!/bin/sh\n")
+        .dir("opt")
+        .dir("opt/app")
+        .file(
+            "opt/app/old",
+            0o644,
+            (0, 0),
+            b"replaced with its directory\n",
+        )
         .dir("root");
     for applet in [
-        "sh", "cat", "stat", "ls", "readlink", "echo", "id", "grep", "dmesg",
+        "sh", "cat", "stat", "ls", "readlink", "echo", "id", "grep", "dmesg", "find", "sort",
+        "xargs",
     ] {
         base.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -255,10 +304,16 @@ fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
         .hard_link("bin/busybox-again", "bin/busybox")
         .dir("data")
         .file("data/owned", 0o640, (1234, 5678), b"owned\n")
+        .dir("opt/app")
+        .file("opt/app/.wh..wh..opq", 0o644, (0, 0), b"")
+        .file("opt/app/new", 0o600, (42, 43), b"the second layer's\n")
+        .symlink("opt/app/link", "../../data/owned")
         .finish();
     let tmp = tempfile::tempdir().unwrap();
     let archive = tmp.path().join("app.oci.tar");
-    std::fs::write(&archive, oci_archive(&[base, top], "app:1")).unwrap();
+    std::fs::write(&archive, oci_archive(&[base.clone(), top.clone()], "app:1")).unwrap();
+    let docker = tmp.path().join("app.docker.tar");
+    std::fs::write(&docker, docker_archive(&[base, top], "app:1")).unwrap();
     let (_keep, store) = store();
 
     let out = image_cmd(&store, &["import", archive.to_str().unwrap(), "app"]);
@@ -313,6 +368,39 @@ fn a_job_runs_in_an_image_imported_from_an_oci_archive() {
         let out = run_in(&store, &name, script);
         assert!(out.status.success(), "{format}: {out:?}");
         assert_eq!(stdout(&out), tree(mounted), "{format}: {out:?}");
+    }
+    // The `docker save` form of the same image.
+    let out = image_cmd(&store, &["import", docker.to_str().unwrap(), "app-docker"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("docker-archive"), "{out:?}");
+
+    // Every entry of the tree as a job sees it (mode, owner, link count, link target), ext4's
+    // lost+found aside: exactly the second layer's tree (the opaque directory holds only its
+    // entries), the same from either form and in every format.
+    let listing = |name: &str| {
+        let out = run_in(
+            &store,
+            name,
+            "find / \\( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp \\) \
+             -prune -o -print | grep -v '^/lost+found' | sort | xargs stat -c '%n %a %u:%g %h %N'",
+        );
+        assert!(out.status.success(), "{name}: {out:?}");
+        stdout(&out)
+    };
+    let reference = listing("app");
+    for line in [
+        "/opt/app/new 600 42:43 1 /opt/app/new\n",
+        "/opt/app/link 777 0:0 1 '/opt/app/link' -> '../../data/owned'\n",
+        "/bin/busybox-again 755 0:0 2 /bin/busybox-again\n",
+        "/bin/su-test 4755 0:0 1 /bin/su-test\n",
+        "/data/owned 640 1234:5678 1 /data/owned\n",
+    ] {
+        assert!(reference.contains(line), "{line:?} not in {reference}");
+    }
+    assert!(!reference.contains("/opt/app/old"), "{reference}");
+    assert!(!reference.contains("/etc/obsolete"), "{reference}");
+    for name in ["app-ext4", "app-erofs-lz4", "app-docker"] {
+        assert_eq!(listing(name), reference, "{name}");
     }
 
     // A user the image has never heard of, in an image that is not Debian: its os-release, the
