@@ -240,8 +240,8 @@ fn host_account(spawn: &Spawn) -> Option<Account> {
 
 /// Resolves and verifies the OS image. As root, only from a store nobody else can change: the
 /// image is every job's root file system, and root writes its verification record there.
-/// The job's hold on the image is taken first, so `image rm` cannot take it away between the
-/// check and the VM.
+/// The job's hold on the image (`image rm` refuses it until the VM is gone) is taken once the
+/// image passed.
 fn trusted_image(
     choice: &ImageChoice,
 ) -> Result<(crate::image::VerifiedImage, Option<ImageInUse>), LaunchError> {
@@ -255,17 +255,31 @@ fn trusted_image(
     if as_root && dir.is_dir() {
         path_trust::check_directories(&dir, 0).map_err(untrusted)?;
     }
-    let in_use = store.hold_in_use(&choice.name)?;
-    if in_use.is_none() {
-        tracing::warn!(
-            image = %choice.name,
-            "cannot mark the OS image as in use (the store is not this user's): `image rm` \
-             will not know of this job"
-        );
-    }
     let image = store.verified(&choice.name)?;
     if as_root {
         path_trust::check_file(&image.path, 0).map_err(untrusted)?;
+    }
+    // Held only for an image that passed (a refused one leaves the store as it was); an
+    // `image rm` that came in between has removed it whole, which the manifest's absence shows.
+    let in_use = store.hold_in_use(&choice.name)?;
+    match &in_use {
+        Some(_) if !image.path.is_file() => {
+            return Err(store
+                .manifest(&choice.name)
+                .err()
+                .unwrap_or_else(|| ImageError::Io {
+                    what: "opening",
+                    path: image.path.clone(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                })
+                .into())
+        }
+        Some(_) => {}
+        None => tracing::warn!(
+            image = %choice.name,
+            "cannot mark the OS image as in use (the store is not this user's): `image rm` \
+             will not know of this job"
+        ),
     }
     Ok((image, in_use))
 }
