@@ -21,6 +21,8 @@
 #       --env      pass this host environment variable to CMD (may repeat; PATH, HOME, TERM,
 #                  RUST_BACKTRACE and SGE_VIRTUALIZER_* pass always)
 #       --cwd      CMD's working directory (default: the current directory)
+# NESTED_KVM_HEARTBEAT_LIMIT: seconds without the command's heartbeat (written every 10 s)
+# after which the outer host counts as stalled and is stopped (default 180).
 # NESTED_KVM_HOST_APPEND: more words for the outer kernel's command line (module parameters such
 # as kvm.nx_huge_pages=never, transparent_hugepage=never), for chasing outer-host stalls.
 # Each run keeps its directory (serial log of the outer VM, command, stdout, stderr, status) in
@@ -242,6 +244,10 @@ cmd_run() {
             [ -n "${!name+x}" ] && printf 'export %s=%q\n' "$name" "${!name}"
         done
         printf 'cd %q\n' "$cwd"
+        # A heartbeat the host watches: an outer host whose timers stopped (it froze without a
+        # word, 2026-12-07) stops writing it.
+        local beat='date +%s >/run/nested/heartbeat.tmp && mv -f /run/nested/heartbeat.tmp /run/nested/heartbeat'
+        echo "( while :; do $beat; sleep 10; done ) </dev/null >/dev/null 2>&1 &"
         echo 'set +e'
         printf 'exec'
         printf ' %q' "$@"
@@ -270,16 +276,25 @@ cmd_run() {
     local tail_out=$!
     tail -f --pid=$qemu -c +1 "$run/stderr" >&2 &
     local tail_err=$!
-    # The outer kernel's own stall reports: once a CPU has reported a soft lockup (or RCU a
-    # stall) twice, about a minute stuck, the outer host has never come back (2026-12-06/07:
-    # stuck for 600 to 1300 s until the deadline), so it is stopped now instead.
+    # A stalled outer host is stopped now rather than at the deadline: once its kernel has
+    # reported a soft lockup (or RCU a stall) twice, about a minute stuck, or once the command's
+    # heartbeat (every 10 s) is $heartbeat_limit s old. Neither kind of stall ever came back
+    # (2026-12-06/07: soft lockups for 600 to 1300 s; a silent freeze with every timer stopped).
+    local heartbeat_limit=${NESTED_KVM_HEARTBEAT_LIMIT:-180}
     (
         while kill -0 "$qemu" 2>/dev/null; do
             stalls=$(grep -c -E 'soft lockup - CPU#|self-detected stall on CPU' \
                 "$run/serial.log" 2>/dev/null || true)
+            why=
             if [ "${stalls:-0}" -ge 2 ]; then
-                echo stalled >"$run/stalled"
-                say "the outer host's kernel reports a stall (see its serial log below): stopping it"
+                why="its kernel reports a stall (see its serial log below)"
+            elif [ -e "$run/heartbeat" ] &&
+                [ $(($(date +%s) - $(stat -c %Y "$run/heartbeat"))) -gt "$heartbeat_limit" ]; then
+                why="its heartbeat stopped more than ${heartbeat_limit}s ago (its timers stopped)"
+            fi
+            if [ -n "$why" ]; then
+                echo "$why" >"$run/stalled"
+                say "the outer host stalled: $why; stopping it"
                 kill "$qemu" 2>/dev/null
                 break
             fi
