@@ -40,10 +40,11 @@ die() { echo "test-nested-kvm: error: $*" >&2; exit 1; }
 # Inside the outer VM: run each group, count.
 if [ "${1:-}" = --inside ]; then
     shift
-    # The large-guest memory tests (16 GiB and 2 GiB guests) locked up the outer host's kernel
-    # (soft lockup of a vcpu thread, or silence) in 2 of 5 tier runs on 2026-12-06; they run
-    # here only when asked (NESTED_KVM_MEMORY=1), and print SKIPPED otherwise.
-    if [ "${NESTED_KVM_MEMORY:-0}" != 1 ]; then
+    # The large-guest memory tests (16 GiB and 2 GiB guests) run here too. The outer host froze
+    # around them in 2 of 5 tier runs on 2026-12-06, as it freezes now and then elsewhere; a
+    # frozen outer host is now stopped and the groups that have not passed run again (below).
+    # NESTED_KVM_MEMORY=0 leaves them out (they print SKIPPED).
+    if [ "${NESTED_KVM_MEMORY:-1}" = 0 ]; then
         export SGE_VIRTUALIZER_SKIP_LARGE_GUESTS=1
     fi
     threads=${NESTED_KVM_TEST_THREADS:-1}

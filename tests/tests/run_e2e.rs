@@ -346,15 +346,14 @@ fn missing_kernel_is_a_clear_error(backend: &str) {
 }
 
 /// Whether the large-guest tests are to be left out here, and says so: the nested real-KVM tier
-/// sets `SGE_VIRTUALIZER_SKIP_LARGE_GUESTS` (its outer host froze in 2 of 5 runs with them,
-/// 2026-12-06; `NESTED_KVM_MEMORY=1` runs them there).
+/// sets `SGE_VIRTUALIZER_SKIP_LARGE_GUESTS` when run with `NESTED_KVM_MEMORY=0`.
 fn large_guests_left_out(test: &str) -> bool {
     let out = std::env::var_os("SGE_VIRTUALIZER_SKIP_LARGE_GUESTS").is_some();
     if out {
         integration_tests::report_skip(
             test,
-            "large guests left out of this tier (SGE_VIRTUALIZER_SKIP_LARGE_GUESTS): the nested \
-             host's outer kernel locked up under them in 2 of 5 runs",
+            "large guests left out of this tier (SGE_VIRTUALIZER_SKIP_LARGE_GUESTS, from \
+             NESTED_KVM_MEMORY=0)",
         );
     }
     out
