@@ -163,16 +163,14 @@ fn import_once(
 /// One `run -- /bin/true` (in `image` of `store`, or in the initramfs): the phases that say
 /// when the job started and when its VM was gone, and the wall time.
 fn job_once(ut: &UnderTest, image: Option<(&Path, &str)>, job: &[&str]) -> anyhow::Result<Sample> {
-    let mut options = Vec::new();
-    if let Some((store, name)) = image {
-        options = vec![
-            "--images".to_string(),
-            store.display().to_string(),
-            "--image".to_string(),
-            name.to_string(),
-        ];
-    }
-    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    let store;
+    let options = match image {
+        Some((dir, name)) => {
+            store = dir.display().to_string();
+            vec!["--images", store.as_str(), "--image", name]
+        }
+        None => Vec::new(),
+    };
     let start = Instant::now();
     let out = shepherd_run::command_with(ut, "qemu", &options, job)
         .output()
@@ -263,34 +261,20 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
         "ms",
         || job_once(ut, None, &["/bin/true"]),
     )];
-    for (format, title) in FORMATS {
-        let store = store.clone();
-        jobs.push(Variant::new(
-            format!("run -- /bin/true, image as {title}"),
-            "ms",
-            move || {
-                job_once(
-                    ut,
-                    Some((&store, &format!("bench-{format}"))),
-                    &["/bin/true"],
-                )
-            },
-        ));
-    }
-    // A job that reads much of its image: every file under /usr/lib once.
-    for (format, title) in FORMATS {
-        let store = store.clone();
-        jobs.push(Variant::new(
-            format!("run -- tar -cf - /usr/lib | wc -c, image as {title}"),
-            "ms",
-            move || {
-                job_once(
-                    ut,
-                    Some((&store, &format!("bench-{format}"))),
-                    &["/bin/sh", "-c", READ_JOB],
-                )
-            },
-        ));
+    // `/bin/true`, then a job that reads much of its image (every file under /usr/lib once).
+    let image_jobs: [(&str, &[&str]); 2] = [
+        ("/bin/true", &["/bin/true"]),
+        ("tar -cf - /usr/lib | wc -c", &["/bin/sh", "-c", READ_JOB]),
+    ];
+    for (label, job) in image_jobs {
+        for (format, title) in FORMATS {
+            let store = store.clone();
+            jobs.push(Variant::new(
+                format!("run -- {label}, image as {title}"),
+                "ms",
+                move || job_once(ut, Some((&store, &format!("bench-{format}"))), job),
+            ));
+        }
     }
     let mut notes = vec![
         format!(

@@ -109,12 +109,12 @@ fn median(r: &BenchResult, variant: &str, metric: &str) -> Option<f64> {
     r.series(variant, metric)?.summary().map(|s| s.median)
 }
 
-/// The table of every series of a result.
 /// Text for a table cell: a `|` in it (a shell pipe in a variant's name) would end the cell.
 fn cell(text: &str) -> String {
     text.replace('|', "\\|")
 }
 
+/// The table of every series of a result.
 fn series_table(out: &mut String, r: &BenchResult) {
     out.push_str("| variant | metric | unit | median | p10 | p90 | min | max | n |\n");
     out.push_str("|---|---|---|--:|--:|--:|--:|--:|--:|\n");

@@ -260,26 +260,16 @@ fn trusted_image(
         path_trust::check_file(&image.path, 0).map_err(untrusted)?;
     }
     // Held only for an image that passed (a refused one leaves the store as it was); an
-    // `image rm` that came in between has removed it whole, which the manifest's absence shows.
+    // `image rm` that came in between has removed it whole, manifest and all.
     let in_use = store.hold_in_use(&choice.name)?;
-    match &in_use {
-        Some(_) if !image.path.is_file() => {
-            return Err(store
-                .manifest(&choice.name)
-                .err()
-                .unwrap_or_else(|| ImageError::Io {
-                    what: "opening",
-                    path: image.path.clone(),
-                    source: std::io::ErrorKind::NotFound.into(),
-                })
-                .into())
-        }
-        Some(_) => {}
-        None => tracing::warn!(
+    if in_use.is_some() {
+        store.manifest(&choice.name)?;
+    } else {
+        tracing::warn!(
             image = %choice.name,
             "cannot mark the OS image as in use (the store is not this user's): `image rm` \
              will not know of this job"
-        ),
+        );
     }
     Ok((image, in_use))
 }
@@ -478,13 +468,12 @@ pub fn launch_in(
     // From here on the job is the VMM process's: this process keeps none of its descriptors
     // (the listener, the output files), which go with `job` into the child.
     let image_in_use = attached.image_in_use;
-    let parent_only: Vec<_> = image_in_use.iter().map(ImageInUse::as_fd).collect();
+    let parent_only = image_in_use.as_ref().map(ImageInUse::as_fd);
     let mut process = vmm_process::fork(
         spec.vmm_credentials.as_ref(),
-        &parent_only,
+        parent_only.as_slice(),
         move |channel| job.run(channel),
     )?;
-    drop(parent_only);
     match process.await_start() {
         Start::Started { .. } | Start::Ended => {}
         Start::Failed(StartFailure::Unavailable(m)) => {

@@ -193,11 +193,16 @@ impl ImageStore {
             .collect())
     }
 
+    /// Where image `name`'s in-use lock is.
+    fn in_use_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.in-use"))
+    }
+
     /// The in-use lock file of image `name`, opened (and created, as root's, mode 0600). `None`
     /// when this process may not open it (a caller who is neither root nor the store's owner).
     fn open_in_use(&self, name: &str) -> Result<Option<File>, ImageError> {
         validate_name(name)?;
-        let path = self.dir.join(format!(".{name}.in-use"));
+        let path = self.in_use_path(name);
         match File::options()
             .read(true)
             .write(true)
@@ -260,7 +265,7 @@ impl ImageStore {
             Err((file, Errno::EWOULDBLOCK)) => Ok(Err(file)),
             Err((_, errno)) => Err(ImageError::Io {
                 what: "locking",
-                path: self.dir.join(format!(".{name}.in-use")),
+                path: self.in_use_path(name),
                 source: errno.into(),
             }),
         }
