@@ -35,10 +35,12 @@ RUNS=${NESTED_KVM_RUNS:-$REPO/target/nested-kvm-host}
 # Modules the outer host loads, in this order after their dependencies: KVM on AMD SVM, the
 # 9p file system over virtio-pci that carries the shared directories, and loop devices, ext4
 # and quota for tests that make a small file system with user quotas (this host's own kernel
-# may lack quota support; Debian's has it).
-readonly MODULES=(kvm-amd 9p 9pnet_virtio virtio_pci loop ext4 quota_v2)
+# may lack quota support; Debian's has it), and dummy: the outer host's only non-loopback
+# interface, with an address and a default route, so passt (jobs' network) has a host
+# network to copy (the tests' traffic stays on the outer host's loopback).
+readonly MODULES=(kvm-amd 9p 9pnet_virtio virtio_pci loop ext4 quota_v2 dummy)
 # Bump when the initramfs layout or /init below changes.
-readonly RECIPE_VERSION=2
+readonly RECIPE_VERSION=4
 
 say() { echo "nested-kvm-host: $*" >&2; }
 die() { echo "nested-kvm-host: error: $*" >&2; exit 125; }
@@ -117,6 +119,17 @@ write_init() {
 #!/.nested/busybox sh
 B=/.nested/busybox
 fail() { echo "nested-kvm-host init: $*" >/dev/console; $B sync; $B poweroff -f; }
+# Run from a tmpfs copy of the initramfs: the initramfs itself (rootfs) cannot be pivot_root'ed,
+# which passt's sandbox does (as it would on an execution host's real root file system).
+if [ ! -e /.nested/on-tmpfs ]; then
+    $B mkdir -p /.root
+    $B mount -t tmpfs -o mode=0755 tmpfs /.root || fail "cannot mount the tmpfs root"
+    for e in /* /.nested; do
+        [ "$e" = /.root ] || $B cp -a "$e" /.root/ || fail "cannot copy $e to the tmpfs root"
+    done
+    $B touch /.root/.nested/on-tmpfs
+    exec $B switch_root /.root /init
+fi
 $B mount -t proc proc /proc
 $B mount -t sysfs sysfs /sys
 $B mount -t devtmpfs devtmpfs /dev
@@ -142,6 +155,12 @@ while read -r tag mode path; do
     $B mount -t 9p -o $o "$tag" "$path" || fail "cannot mount $path"
 done </run/nested/mounts
 $B ip link set lo up 2>/dev/null
+# A host network for passt to copy: no traffic leaves the outer host (it has no NIC).
+if $B ip link add nested0 type dummy 2>/dev/null; then
+    $B ip addr add 10.0.2.15/24 dev nested0
+    $B ip link set nested0 up
+    $B ip route add default via 10.0.2.2 dev nested0
+fi
 echo "nested-kvm-host init: running the command" >/dev/console
 /bin/bash /run/nested/command </dev/null >/run/nested/stdout 2>/run/nested/stderr
 echo $? >/run/nested/status.tmp

@@ -5,7 +5,8 @@
 #   1. Debian packages: QEMU (the backend where KVM cannot run Linux), linux-source-6.1 and the
 #      kernel build tools, busybox-static (the guest's /bin/sh and tools)
 #   2. vhost-device-vsock (QEMU backend's vsock daemon) from crates.io, into /usr/local/bin
-#   3. the sge_virtualizer binary (cargo build --release)
+#   3. the sge_virtualizer binary (cargo build --release), and passt built from Debian 13's
+#      source into /usr/local/libexec/sge_virtualizer (scripts/build-passt.sh)
 #   4. the guest image: kernel (vmlinux), initramfs with the static guest agent -> build/guest/
 #   5. the nested real-KVM test host (scripts/nested-kvm-host.sh build: Debian's kernel package,
 #      fetched and unpacked into the cache, with kvm-amd; kmod installed for its modules)
@@ -58,6 +59,8 @@ fi
 say "building sge_virtualizer (release)"
 (cd "$REPO" && cargo build --quiet --release -p shepherd)
 
+say "building passt for the jobs' network (Debian 12's has a TCP bug: see the script)"
+$SUDO "$REPO/scripts/build-passt.sh"
 say "building the guest image (kernel is cached after the first build)"
 "$REPO/scripts/build-guest-image.sh" --out "$REPO/build/guest"
 say "preparing the nested real-KVM test host (Debian's kernel with kvm-amd, run under QEMU TCG)"

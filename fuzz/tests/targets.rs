@@ -5,7 +5,7 @@
 
 use fuzz::driver::random_cases;
 use fuzz::targets::{
-    block_request, by_name, fuse_request, virtqueue_chains, vsock_packets, TARGETS,
+    block_request, by_name, fuse_request, net_frames, virtqueue_chains, vsock_packets, TARGETS,
 };
 
 /// Random cases per target (the queue-level targets make a guest RAM and a scratch directory
@@ -45,6 +45,11 @@ fn block_request_seeds_and_random_inputs() {
 #[test]
 fn agent_frames_seeds_and_random_inputs() {
     seeds_then_random("agent_frames");
+}
+
+#[test]
+fn net_frames_seeds_and_random_inputs() {
+    seeds_then_random("net_frames");
 }
 
 #[test]
@@ -95,4 +100,16 @@ fn block_seed_sessions_are_served_and_reads_checked() {
     assert!(writable.ok >= 4, "{writable:?}");
     let read_only = block_request::play(&block_request::seeds()[1]);
     assert!(read_only.verified_reads >= 2, "{read_only:?}");
+}
+
+/// The net seeds move frames both ways through the device, and the filter passes some and
+/// refuses others (each refusal checked).
+#[test]
+fn net_seed_session_moves_frames_and_is_judged() {
+    let outcome = net_frames::play(&net_frames::seeds()[0]);
+    assert!(
+        outcome.to_passt >= 5 && outcome.to_guest >= 3,
+        "{outcome:?}"
+    );
+    assert!(outcome.refusals >= 2 && outcome.passed >= 3, "{outcome:?}");
 }

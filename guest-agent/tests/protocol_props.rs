@@ -97,6 +97,26 @@ fn filesystems() -> impl Strategy<Value = Filesystems> {
         })
 }
 
+fn network() -> impl Strategy<Value = GuestNetwork> {
+    (
+        bytes(64),
+        proptest::option::of((any::<[u8; 4]>(), 1u8..=32, any::<[u8; 4]>(), any::<u32>())),
+        proptest::collection::vec(any::<[u8; 4]>(), 0..4),
+        proptest::collection::vec(bytes(30), 0..4),
+    )
+        .prop_map(|(hostname, ipv4, nameservers, search)| GuestNetwork {
+            hostname,
+            ipv4: ipv4.map(|(address, prefix_len, gateway, mtu)| Ipv4Interface {
+                address,
+                prefix_len,
+                gateway,
+                mtu,
+            }),
+            nameservers,
+            search,
+        })
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     let stage = proptest::sample::select(SpawnStage::ALL.to_vec());
     let stream = prop_oneof![
@@ -117,6 +137,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         }),
         spawn().prop_map(Frame::Spawn),
         filesystems().prop_map(Frame::Filesystems),
+        network().prop_map(Frame::Network),
         any::<i32>().prop_map(|pid| Frame::Started { pid }),
         (stage, any::<i32>(), ".{0,40}").prop_map(|(stage, errno, message)| Frame::SpawnFailed {
             stage,
@@ -240,6 +261,35 @@ fn unknown_share_transport_is_an_error() {
             value: 9
         })
     ));
+}
+
+#[test]
+fn a_prefix_outside_1_to_32_is_an_error() {
+    let net = GuestNetwork {
+        hostname: b"h".to_vec(),
+        ipv4: Some(Ipv4Interface {
+            address: [10, 0, 0, 2],
+            prefix_len: 24,
+            gateway: [10, 0, 0, 1],
+            mtu: 65520,
+        }),
+        nameservers: vec![],
+        search: vec![],
+    };
+    let mut body = encode(&Frame::Network(net)).unwrap()[4..].to_vec();
+    // kind, hostname (4+1), the ipv4 flag, the address, then the prefix.
+    let at = 1 + 4 + 1 + 1 + 4;
+    assert_eq!(body[at], 24);
+    for bad in [0u8, 33, 255] {
+        body[at] = bad;
+        assert!(matches!(
+            decode_body(&body),
+            Err(ProtocolError::InvalidValue {
+                field: "ipv4 prefix",
+                ..
+            })
+        ));
+    }
 }
 
 #[test]

@@ -103,6 +103,7 @@ fn kind(frame: &Frame) -> &'static str {
         Frame::Hello { .. } => "Hello",
         Frame::Spawn(_) => "Spawn",
         Frame::Filesystems(_) => "Filesystems",
+        Frame::Network(_) => "Network",
         Frame::Started { .. } => "Started",
         Frame::SpawnFailed { .. } => "SpawnFailed",
         Frame::Stdin(_) => "Stdin",

@@ -7,8 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use guest_agent::protocol::{
-    Filesystems, Frame, FrameReader, GuestMemoryReport, Rusage, Spawn, SpawnStage, Stream,
-    MAX_DATA_CHUNK,
+    Filesystems, Frame, FrameReader, GuestMemoryReport, GuestNetwork, Rusage, Spawn, SpawnStage,
+    Stream, MAX_DATA_CHUNK,
 };
 
 use crate::agent_protocol::{AgentEvent, ProtocolViolation, SessionState};
@@ -73,6 +73,7 @@ enum SpawnStageDef {
     Exec,
     Other,
     Filesystems,
+    Network,
 }
 
 impl JobError {
@@ -109,6 +110,13 @@ pub struct AgentExit {
     pub output_failures: Vec<String>,
 }
 
+/// What the agent sets up before the job: its file systems, then its name and network.
+#[derive(Debug, Default)]
+pub(crate) struct GuestSetup {
+    pub filesystems: Option<Filesystems>,
+    pub network: Option<GuestNetwork>,
+}
+
 /// How long the agent may take to sync and close the connection after our Ack.
 const AGENT_CLOSE_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -142,7 +150,7 @@ fn forward_stdin(mut source: Box<dyn Read + Send>, link: AgentLink) {
 /// `filesystems`, when given, goes to the agent right before `spawn`.
 pub(crate) fn converse(
     stream: UnixStream,
-    filesystems: Option<Filesystems>,
+    setup: GuestSetup,
     mut spawn: Spawn,
     io: JobIo,
     link: &AgentLink,
@@ -179,10 +187,13 @@ pub(crate) fn converse(
     let encode = |frame: &Frame| {
         guest_agent::protocol::encode(frame).map_err(|e| JobError::Protocol(e.to_string()))
     };
-    let mut first_frames = match filesystems {
+    let mut first_frames = match setup.filesystems {
         Some(fs) => encode(&Frame::Filesystems(fs))?,
         None => Vec::new(),
     };
+    if let Some(net) = setup.network {
+        first_frames.extend(encode(&Frame::Network(net))?);
+    }
     first_frames.extend(encode(&Frame::Spawn(spawn))?);
     writer_stream.write_all(&first_frames).map_err(lost)?;
 
@@ -378,7 +389,7 @@ mod tests {
         };
         let result = converse(
             host,
-            None,
+            GuestSetup::default(),
             Spawn::default(),
             io,
             &AgentLink::default(),

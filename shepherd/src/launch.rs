@@ -11,11 +11,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use guest_agent::protocol::{
-    Account, Filesystems, GuestMemoryReport, RootImage, Rusage, ShareTransport, SharedMount, Spawn,
-    AGENT_VSOCK_PORT,
+    Account, Filesystems, GuestMemoryReport, GuestNetwork, RootImage, Rusage, ShareTransport,
+    SharedMount, Spawn, AGENT_VSOCK_PORT,
 };
 
-use crate::agent_session::{converse, AgentExit};
+use crate::agent_session::{converse, AgentExit, GuestSetup};
 pub use crate::agent_session::{JobError, JobIo, StdinSource};
 use crate::backend::{
     self, BackendError, EndedBy, RunningVm, VmBackend, VmLogs, VmShare, VmSpec, CONSOLE_LOG,
@@ -27,6 +27,8 @@ use crate::image::store::ImageInUse;
 use crate::image::{ImageError, ImageStore};
 use crate::job_control::AgentLink;
 pub use crate::job_control::JobController;
+use crate::network::passt::PasstProcess;
+use crate::network::{JobNetwork, NetworkError, NetworkPolicy, PASST_LOG};
 use crate::path_trust;
 use crate::run_dir::{self, RunDir, RunDirError};
 use crate::shared_dirs::{self, SharedDir, SharedDirError};
@@ -66,6 +68,8 @@ pub struct LaunchSpec {
     /// out by [`RunDir::prepare`]: the console and backend logs, and `vm/` for the sockets.
     pub run_dir: PathBuf,
     pub vmm_credentials: Option<VmmCredentials>,
+    /// The job's network ([`crate::network`]).
+    pub network: NetworkPolicy,
 }
 
 /// The job's file systems beyond the guest's initramfs.
@@ -122,6 +126,8 @@ pub enum LaunchError {
     },
     #[error("can't make the VMM process: {0}")]
     VmmProcess(#[from] ForkError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 impl From<backend::BackendError> for LaunchError {
@@ -150,6 +156,9 @@ pub struct JobOutcome {
     /// What went wrong writing the job's output files (a full quota, `h_fsize`), for the
     /// trace; the job itself saw its later writes fail.
     pub output_failures: Vec<String>,
+    /// passt ended before the job did (killed, or failed): the job ran on without a network.
+    /// For the trace; not the job's result.
+    pub network_lost: Option<String>,
 }
 
 impl JobOutcome {
@@ -171,6 +180,8 @@ pub struct RunningJob {
     backend: String,
     /// The job's hold on its OS image (`image rm` refuses it), released once the VM is gone.
     _image_in_use: Option<ImageInUse>,
+    /// The job's passt, stopped (if it has not ended with the VM) once the VMM process is gone.
+    _passt: Option<PasstProcess>,
 }
 
 impl RunningJob {
@@ -190,8 +201,19 @@ impl RunningJob {
 
     /// Waits for the job to end and its VMM process to be gone. A VMM process that died
     /// without reporting (killed by its owner, a seccomp kill, a crash) is the job's error.
-    pub fn wait(self) -> Result<JobOutcome, JobError> {
-        self.process.wait()
+    pub fn wait(mut self) -> Result<JobOutcome, JobError> {
+        let mut result = self.process.wait();
+        let lost = self
+            ._passt
+            .as_mut()
+            .and_then(PasstProcess::ended_abnormally);
+        if let Some(lost) = &lost {
+            tracing::warn!("{lost}");
+        }
+        if let Ok(outcome) = &mut result {
+            outcome.network_lost = lost;
+        }
+        result
     }
 }
 
@@ -419,10 +441,23 @@ pub fn launch_in(
     let listener = run_dir.bind_listener(&format!("{VSOCK_UDS}_{AGENT_VSOCK_PORT}"))?;
     listener.set_nonblocking(true)?;
     run_dir.give_vm_dir()?;
+    let has_network = matches!(spec.network, NetworkPolicy::Passt(_));
     let log_names: Vec<&str> = std::iter::once(CONSOLE_LOG)
         .chain(selection.backend.log_files().iter().copied())
+        .chain(has_network.then_some(PASST_LOG))
         .collect();
     let logs = VmLogs::create(run_dir.path(), &log_names, run_dir.vm_user())?;
+    // passt is started here, by root with the job user's credentials: the VMM process's
+    // seccomp filter refuses the namespace calls of passt's own sandbox.
+    let passt_log = logs
+        .shared(PASST_LOG)
+        .and_then(|f| f.try_clone().ok())
+        .map(|f| (f, run_dir.path().join(PASST_LOG)));
+    let JobNetwork {
+        guest: guest_network,
+        vm: vm_network,
+        passt,
+    } = JobNetwork::start(&spec.network, spec.vmm_credentials.as_ref(), passt_log)?;
     let kvm_device = if selection.backend.opens_kvm() {
         Some(backend::open_kvm_device()?)
     } else {
@@ -449,6 +484,7 @@ pub fn launch_in(
         credentials: spec.vmm_credentials.clone(),
         root_disk: attached.root_disk,
         shares: attached.shares,
+        network: vm_network,
     };
     let mut fs_frame = attached.frame;
     // The agent mounts the shares with the file system the chosen backend serves them by.
@@ -461,6 +497,7 @@ pub fn launch_in(
         vm_spec,
         listener,
         filesystems: fs_frame,
+        network: guest_network,
         spawn: spec.spawn,
         io,
         timings,
@@ -489,6 +526,7 @@ pub fn launch_in(
         process,
         backend: backend_in_words,
         _image_in_use: image_in_use,
+        _passt: passt,
     })
 }
 
@@ -499,6 +537,7 @@ struct VmmJob {
     vm_spec: VmSpec,
     listener: UnixListener,
     filesystems: Option<Filesystems>,
+    network: GuestNetwork,
     spawn: Spawn,
     io: JobIo,
     timings: Timings,
@@ -512,6 +551,7 @@ impl VmmJob {
             vm_spec,
             listener,
             filesystems,
+            network,
             spawn,
             io,
             mut timings,
@@ -548,7 +588,13 @@ impl VmmJob {
         let result = run_session(
             vm,
             listener,
-            (filesystems, spawn),
+            (
+                GuestSetup {
+                    filesystems,
+                    network: Some(network),
+                },
+                spawn,
+            ),
             io,
             link,
             timings,
@@ -664,7 +710,7 @@ fn accept_agent(
 fn run_session(
     mut vm: Box<dyn RunningVm>,
     listener: UnixListener,
-    (filesystems, spawn): (Option<Filesystems>, Spawn),
+    (setup, spawn): (GuestSetup, Spawn),
     io: JobIo,
     link: AgentLink,
     mut timings: Timings,
@@ -678,7 +724,7 @@ fn run_session(
     let result = accepted.and_then(|stream| {
         let mut job_started = SystemTime::now();
         let exit: Result<AgentExit, JobError> =
-            converse(stream, filesystems, spawn, io, &link, &mut timings, || {
+            converse(stream, setup, spawn, io, &link, &mut timings, || {
                 job_started = SystemTime::now();
                 on_started();
             });
@@ -720,6 +766,7 @@ fn run_session(
         job_ended,
         timings,
         output_failures: exit.output_failures,
+        network_lost: None,
     })
 }
 
@@ -842,6 +889,8 @@ mod tests {
             },
             run_dir: run_dir.path().to_path_buf(),
             vmm_credentials: Some(creds),
+            // With passt: its log is one more file root creates in the run directory.
+            network: crate::network::NetworkSetting::default().resolve().unwrap(),
         };
         let io = JobIo {
             stdin: StdinSource::Null,
@@ -909,6 +958,7 @@ mod tests {
             spawn: Spawn::default(),
             run_dir: run_dir.path().to_path_buf(),
             vmm_credentials: None,
+            network: NetworkPolicy::None,
         };
         let io = JobIo {
             stdin: StdinSource::Null,

@@ -19,6 +19,7 @@ pub mod host_memory;
 pub mod image;
 mod job_control;
 pub mod launch;
+pub mod network;
 mod output_writer;
 pub mod path_trust;
 pub mod run_dir;

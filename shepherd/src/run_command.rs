@@ -16,6 +16,8 @@ use shepherd::launch::{
     launch_in, BackendChoice, ImageChoice, JobError, JobFilesystems, JobIo, LaunchSpec,
     StdinSource, VmmCredentials,
 };
+use shepherd::network::policy::{NetworkMode, NetworkTable};
+use shepherd::network::NetworkSetting;
 use shepherd::settings::{DEFAULT_MEMORY_RESERVE_MIB, DEFAULT_VMM_OVERHEAD_MIB};
 use shepherd::shared_dirs::SharedDir;
 
@@ -69,6 +71,24 @@ pub struct RunArgs {
     /// caller who is not root, as the caller.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+    /// The job's network: `host-user` (the caller's, or --user's, outbound access through
+    /// passt, as a host process has) or `none` (no network device).
+    #[arg(long, default_value = "host-user", value_parser = ["host-user", "none"])]
+    pub network: String,
+    /// Let the job reach only this destination (repeatable): `ADDRESS[/PREFIX]:PORTS` or
+    /// `HOST:PORTS`, ports `N`, `N-M` or `*`, optionally `/tcp` or `/udp`. Every other
+    /// connection is refused.
+    #[arg(long = "allow", value_name = "HOST:PORTS")]
+    pub allow: Vec<String>,
+    /// With --allow: no name resolution either (DNS can carry data out).
+    #[arg(long)]
+    pub no_dns: bool,
+    /// Forward this TCP port of the host to the same port in the guest (repeatable).
+    #[arg(long = "inbound-tcp", value_name = "PORT")]
+    pub inbound_tcp: Vec<u16>,
+    /// Forward this UDP port of the host to the same port in the guest (repeatable).
+    #[arg(long = "inbound-udp", value_name = "PORT")]
+    pub inbound_udp: Vec<u16>,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
@@ -94,8 +114,29 @@ fn job_user(name: &str) -> anyhow::Result<nix::unistd::User> {
     }
 }
 
+/// The network setting the options describe.
+fn network_setting(args: &RunArgs) -> anyhow::Result<NetworkSetting> {
+    let extras = !args.allow.is_empty()
+        || args.no_dns
+        || !args.inbound_tcp.is_empty()
+        || !args.inbound_udp.is_empty();
+    if args.network == "none" {
+        if extras {
+            anyhow::bail!("--network none takes no --allow, --no-dns or --inbound-* options");
+        }
+        return Ok(NetworkSetting::Mode(NetworkMode::None));
+    }
+    Ok(NetworkSetting::Table(NetworkTable {
+        allow: (!args.allow.is_empty()).then(|| args.allow.clone()),
+        dns: Some(!args.no_dns),
+        inbound_tcp: args.inbound_tcp.clone(),
+        inbound_udp: args.inbound_udp.clone(),
+    }))
+}
+
 /// Runs the command; returns the exit code for the process.
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let network = network_setting(&args)?.resolve()?;
     let image = guest_image::locate(
         args.kernel.as_deref(),
         args.initrd.as_deref(),
@@ -235,6 +276,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             spawn,
             run_dir: run_dir.path().to_path_buf(),
             vmm_credentials,
+            network,
         },
         &filesystems,
         io,

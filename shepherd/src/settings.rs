@@ -26,9 +26,13 @@
 //! job_images = ["bullseye"] # images a job may ask for with -v SGE_VM_IMAGE=NAME ("*": any)
 //! delegate = "stock"        # interactive, qrsh -inherit and checkpointing jobs: "stock" runs
 //!                           # them with the stock shepherd on the host, "never" refuses them
+//! network = "host-user"     # host-user | none | { allow = ["HOST:PORTS", ...], dns = true,
+//!                           # inbound_tcp = [...], inbound_udp = [...] } (see network::policy)
 //! [queues."gpu.q"]
 //! memory_mib = 4096
 //! kernel = "/srv/images/gpu/vmlinux"
+//! [queues."outsiders.q"]
+//! network = { allow = ["license.example.org:27000-27009"] }
 //! ```
 
 use std::collections::BTreeMap;
@@ -39,6 +43,7 @@ use crate::backend::BackendChoice;
 use crate::guest_image;
 use crate::guest_ram::RamPolicy;
 use crate::image;
+use crate::network::NetworkSetting;
 use crate::sge::delegation::DelegationPolicy;
 use crate::sge::shortage_streak::{ShortagePolicy, DEFAULT_LIMIT, DEFAULT_WINDOW};
 
@@ -81,6 +86,7 @@ pub struct VmOverrides {
     pub image: Option<String>,
     pub job_images: Option<Vec<String>>,
     pub delegate: Option<DelegationPolicy>,
+    pub network: Option<NetworkSetting>,
 }
 
 /// The whole file.
@@ -102,6 +108,7 @@ pub struct Settings {
     pub image: Option<String>,
     pub job_images: Option<Vec<String>>,
     pub delegate: Option<DelegationPolicy>,
+    pub network: Option<NetworkSetting>,
     pub image_store: Option<PathBuf>,
     pub vmm_overhead_mib: Option<u32>,
     pub stock_shepherd: Option<PathBuf>,
@@ -136,6 +143,8 @@ pub struct VmSettings {
     pub job_images: Vec<String>,
     /// What happens to tasks that are not virtualized.
     pub delegate: DelegationPolicy,
+    /// The job's network (see [`crate::network::policy`]).
+    pub network: NetworkSetting,
     pub image_store: PathBuf,
     /// How many shortages in a row the queue may have (host-wide setting).
     pub shortage: ShortagePolicy,
@@ -212,6 +221,7 @@ impl Settings {
                 .or_else(|| d.job_images.clone())
                 .unwrap_or_default(),
             delegate: q.delegate.or(d.delegate).unwrap_or_default(),
+            network: q.network.or_else(|| d.network.clone()).unwrap_or_default(),
             image_store: image::store_dir(self.image_store.as_deref()),
             shortage: ShortagePolicy {
                 limit: self.shortage_limit.unwrap_or(DEFAULT_LIMIT),

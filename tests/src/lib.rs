@@ -103,3 +103,30 @@ pub fn parent_pid(pid: u32) -> Option<u32> {
         .parse()
         .ok()
 }
+
+/// The tests that run once per backend: `backend_suites!((qemu, "qemu"), (embedded,
+/// "embedded"); [test_a, test_b])` makes `qemu::test_a`, `embedded::test_a`, ..., each calling
+/// `test_a(backend)` where [`backend_runnable`] says the backend can run here.
+#[macro_export]
+macro_rules! backend_suites {
+    ($(($module:ident, $backend:literal)),*; $tests:tt) => {
+        $($crate::backend_suite!($module, $backend, $tests);)*
+    };
+}
+
+/// One module of [`backend_suites!`].
+#[macro_export]
+macro_rules! backend_suite {
+    ($module:ident, $backend:literal, [$($test:ident),* $(,)?]) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    if $crate::backend_runnable($backend, stringify!($test)) {
+                        super::$test($backend);
+                    }
+                }
+            )*
+        }
+    };
+}

@@ -186,23 +186,7 @@ fn store_with_image(name: &str, image_file: &Path) -> tempfile::TempDir {
     store
 }
 
-/// The tests that run for each backend: `qemu::<test>` and `embedded::<test>`.
-macro_rules! backend_suite {
-    ($module:ident, $backend:literal, [$($test:ident),* $(,)?]) => {
-        mod $module {
-            $(
-                #[test]
-                fn $test() {
-                    if integration_tests::backend_runnable($backend, stringify!($test)) {
-                        super::$test($backend);
-                    }
-                }
-            )*
-        }
-    };
-}
-
-backend_suite!(
+integration_tests::backend_suite!(
     qemu,
     "qemu",
     [
@@ -210,7 +194,7 @@ backend_suite!(
         a_job_reads_and_writes_its_cwd_on_the_host_as_the_job_user
     ]
 );
-backend_suite!(
+integration_tests::backend_suite!(
     embedded,
     "embedded",
     [

@@ -537,28 +537,7 @@ fn a_binary_calling_the_legacy_vsyscall_page_runs(backend: &str) {
     );
 }
 
-macro_rules! backend_suite {
-    ($module:ident, $backend:literal, [$($test:ident),* $(,)?]) => {
-        mod $module {
-            $(
-                #[test]
-                fn $test() {
-                    if integration_tests::backend_runnable($backend, stringify!($test)) {
-                        super::$test($backend);
-                    }
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! backend_suites {
-    ($(($module:ident, $backend:literal)),*; $tests:tt) => {
-        $(backend_suite!($module, $backend, $tests);)*
-    };
-}
-
-backend_suites!(
+integration_tests::backend_suites!(
     (qemu, "qemu"),
     (embedded, "embedded");
     [

@@ -513,6 +513,24 @@ impl Cell {
     }
 
     /// Host processes that carry the job's additional group id (the VMM and its helpers).
+    /// Waits up to 10 s until no process carries the job's `gid` and `pid` (the shepherd, or
+    /// another process of the job's that need not carry it) is gone.
+    fn wait_nothing_left(&self, gid: u32, pid: u32) {
+        let start = Instant::now();
+        loop {
+            let left = self.processes_with_group(gid);
+            let alive = Path::new(&format!("/proc/{pid}")).exists();
+            if left.is_empty() && !alive {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "left over: {left:?}, pid {pid} alive: {alive}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn processes_with_group(&self, gid: u32) -> Vec<u32> {
         let mut pids = Vec::new();
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -698,20 +716,120 @@ fn qdel_kills_the_job_and_its_vm() {
         assert!(field(&rec[0], "failed").starts_with("100"), "{rec:?}");
         assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
         // nothing of the job is left on the host
-        let start = Instant::now();
-        loop {
-            let left = c.processes_with_group(gid);
-            let shepherd_alive = Path::new(&format!("/proc/{shepherd}")).exists();
-            if left.is_empty() && !shepherd_alive {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "left over: {left:?}, shepherd alive: {shepherd_alive}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        c.wait_nothing_left(gid, shepherd);
         assert_exit_status_written(c, job);
+    });
+}
+
+/// Issue 13: a job streaming to a server on the host's loopback through its passt, deleted in
+/// the middle of the transfer: the job ends as a qdel'ed job does, its passt (which carries the
+/// job's add_grp_id, so Grid Engine's kill reaches it too) is gone with it, nothing is left,
+/// and the server sees the connection end.
+#[test]
+fn qdel_during_a_network_transfer_ends_the_job_and_its_passt() {
+    with_cell(
+        "qdel_during_a_network_transfer_ends_the_job_and_its_passt",
+        |c| {
+            use std::io::Read;
+            let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+            {
+                let received = received.clone();
+                std::thread::spawn(move || {
+                    let (mut conn, _) = listener.accept().unwrap();
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                received.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    let _ = ended_tx.send(());
+                });
+            }
+            let dir = c.work_dir("network_qdel");
+            c.script(
+                &dir,
+                "stream.sh",
+                &format!(
+                    "#!/bin/sh\nset -- $(ip route show default)\necho started via $3\n\
+                 cat /dev/zero | nc $3 {port}\necho nc ended $?\n"
+                ),
+            );
+            let job = c.qsub(&dir, &["-o", "out.txt", "stream.sh"]);
+            c.wait_running(job, JOB_WAIT);
+            c.wait_for_text(&dir.join("out.txt"), "started", JOB_WAIT);
+            let start = Instant::now();
+            while received.load(std::sync::atomic::Ordering::SeqCst) < 1 << 20 {
+                assert!(
+                    start.elapsed() < JOB_WAIT,
+                    "the job's transfer did not get going: {} bytes",
+                    received.load(std::sync::atomic::Ordering::SeqCst)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let gid = c.add_grp_id(job);
+            let group = c.processes_with_group(gid);
+            let passt: Vec<u32> = group
+                .iter()
+                .copied()
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|comm| comm.starts_with("passt"))
+                })
+                .collect();
+            assert_eq!(
+                passt.len(),
+                1,
+                "one passt with the job's add_grp_id: {group:?}"
+            );
+            let uid = proc_status(passt[0], "Uid:");
+            let job_uid = nix::unistd::User::from_name(JOB_USER)
+                .unwrap()
+                .unwrap()
+                .uid
+                .to_string();
+            assert!(uid.iter().all(|u| *u == job_uid), "passt's uids {uid:?}");
+            c.qdel(job);
+            let rec = c.wait_accounting(job, 1, Duration::from_secs(60));
+            assert!(field(&rec[0], "failed").starts_with("100"), "{rec:?}");
+            assert_eq!(number(&rec[0], "exit_status"), 137.0, "{rec:?}");
+            c.wait_nothing_left(gid, passt[0]);
+            ended_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the server's connection did not end with the job");
+            assert_exit_status_written(c, job);
+        },
+    );
+}
+
+/// Issue 13: a job that asks for no network (`-v SGE_VM_NETWORK=none`) gets no eth0, while its
+/// queue's jobs have one; its host name is still the execution host's.
+#[test]
+fn a_job_may_ask_for_no_network() {
+    with_cell("a_job_may_ask_for_no_network", |c| {
+        let dir = c.work_dir("network_none");
+        c.script(
+            &dir,
+            "nets.sh",
+            "#!/bin/sh\nls /sys/class/net | tr '\\n' ' '\nhostname\n",
+        );
+        let with = c.qsub(&dir, &["-o", "with.txt", "nets.sh"]);
+        let without = c.qsub(
+            &dir,
+            &["-o", "without.txt", "-v", "SGE_VM_NETWORK=none", "nets.sh"],
+        );
+        c.wait_accounting(with, 1, JOB_WAIT);
+        c.wait_accounting(without, 1, JOB_WAIT);
+        let host = nix::sys::utsname::uname().unwrap();
+        let host = host.nodename().to_string_lossy().into_owned();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        assert_eq!(read("with.txt"), format!("eth0 lo {host}\n"));
+        assert_eq!(read("without.txt"), format!("lo {host}\n"));
     });
 }
 

@@ -6,7 +6,9 @@
 //! ([`VmConfig::shares`], [`fuse`]), and a virtio-balloon device with free page reporting that
 //! gives the memory the guest frees back to the host ([`VmConfig::balloon`]), and a virtio-net
 //! device whose frames go to and from `passt` over a stream socket the caller hands in
-//! ([`VmConfig::net`], [`virtio::net`]). It knows nothing about Grid Engine.
+//! ([`VmConfig::net`], [`virtio::net`]), optionally behind an allow-list of destinations
+//! ([`EgressPolicy`], enforced by [`virtio::net::filtering_relay`]). It knows nothing about
+//! Grid Engine.
 //!
 //! # Using it
 //!
@@ -101,4 +103,5 @@ pub use lifecycle::{ExitReason, Timestamps};
 pub use probe::{kvm_can_run_linux, Probe};
 pub use resources::MemoryUsage;
 pub use vcpu::VCPU_KICK_SIGNAL_OFFSET;
+pub use virtio::net::egress_filter::{AllowRule, EgressPolicy};
 pub use vm::{Vm, VmError};

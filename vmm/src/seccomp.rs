@@ -165,6 +165,23 @@ pub fn vmm_thread_filter(file_server: bool) -> Result<BpfProgram, SeccompError> 
     compile(rules)
 }
 
+/// The allow-list of the allow-list filter's relay thread
+/// ([`crate::virtio::net::filtering_relay`]): what the relay itself calls, and what every
+/// thread needs to start, allocate and exit. No socket creation, no file system, no ioctl.
+pub fn net_relay_filter() -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
+        .iter()
+        .copied()
+        .chain(
+            crate::virtio::net::filtering_relay::RELAY_SYSCALLS
+                .iter()
+                .copied(),
+        )
+        .map(|s| (s, vec![]))
+        .collect();
+    compile(rules)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ pub mod agent_frames;
 pub mod block_request;
 pub mod devices;
 pub mod fuse_request;
+pub mod net_frames;
 pub mod scratch;
 pub mod virtqueue_chains;
 pub mod vsock_packets;
@@ -23,7 +24,7 @@ pub struct Target {
 }
 
 /// Every target.
-pub const TARGETS: [Target; 5] = [
+pub const TARGETS: [Target; 6] = [
     Target {
         name: "virtqueue_chains",
         run: virtqueue_chains::run,
@@ -48,6 +49,11 @@ pub const TARGETS: [Target; 5] = [
         name: "agent_frames",
         run: agent_frames::run,
         seeds: agent_frames::seeds,
+    },
+    Target {
+        name: "net_frames",
+        run: net_frames::run,
+        seeds: net_frames::seeds,
     },
 ];
 

@@ -250,7 +250,9 @@ pub fn start(spawn: &Spawn) -> Result<JobProcess, SpawnError> {
                 format!("cannot switch to uid {} gid {}", spawn.uid, spawn.gid)
             }
             SpawnStage::Limits => "cannot apply limits".to_string(),
-            SpawnStage::Other | SpawnStage::Filesystems => "cannot set up the job".to_string(),
+            SpawnStage::Other | SpawnStage::Filesystems | SpawnStage::Network => {
+                "cannot set up the job".to_string()
+            }
         };
         return Err(SpawnError::new(stage, errno, &what));
     }

@@ -13,6 +13,7 @@ mod event;
 mod guest_memory;
 mod host_reader;
 mod job_process;
+pub mod network;
 mod output_pump;
 pub mod pid1;
 mod reaper;
@@ -152,6 +153,21 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
                 message: e.to_string(),
             };
             return report_spawn_failure(&writer, &conn, &mut reader, &failed);
+        }
+        first = next_frame()?;
+    }
+    // The name and network, in the job's root (after Filesystems) and before the job. An agent
+    // that is not PID 1 runs on a host whose name and network already are the job's.
+    if let Some(Frame::Network(net)) = &first {
+        if config.pid1 {
+            if let Err(e) = network::configure(net) {
+                let failed = Frame::SpawnFailed {
+                    stage: SpawnStage::Network,
+                    errno: e.errno(),
+                    message: e.to_string(),
+                };
+                return report_spawn_failure(&writer, &conn, &mut reader, &failed);
+            }
         }
         first = next_frame()?;
     }

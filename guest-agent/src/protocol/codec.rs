@@ -1,8 +1,8 @@
 //! Encoding frames to bytes and decoding them back, with every length checked.
 
 use super::frame::{
-    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, Rlimit, RootImage, Rusage,
-    ShareTransport, SharedMount, Spawn, SpawnStage, StdinMode, Stream,
+    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, GuestNetwork, Ipv4Interface, Rlimit,
+    RootImage, Rusage, ShareTransport, SharedMount, Spawn, SpawnStage, StdinMode, Stream,
 };
 use super::MAX_FRAME_LEN;
 
@@ -40,6 +40,7 @@ const KIND_EXIT: u8 = 10;
 const KIND_ACK: u8 = 11;
 const KIND_ERROR: u8 = 12;
 const KIND_FILESYSTEMS: u8 = 13;
+const KIND_NETWORK: u8 = 14;
 
 /// Encodes `frame` with its length prefix, ready to write.
 ///
@@ -103,6 +104,22 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
                     w.list(&account.groups, |w, g| w.bytes(g));
                 }
             }
+        }
+        Frame::Network(net) => {
+            w.u8(KIND_NETWORK);
+            w.bytes(&net.hostname);
+            match &net.ipv4 {
+                None => w.u8(0),
+                Some(v4) => {
+                    w.u8(1);
+                    w.raw(&v4.address);
+                    w.u8(v4.prefix_len);
+                    w.raw(&v4.gateway);
+                    w.u32(v4.mtu);
+                }
+            }
+            w.list(&net.nameservers, |w, a| w.raw(a));
+            w.list(&net.search, |w, d| w.bytes(d));
         }
         Frame::Started { pid } => {
             w.u8(KIND_STARTED);
@@ -287,6 +304,42 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
                 account,
             })
         }
+        KIND_NETWORK => {
+            let hostname = r.bytes("hostname")?;
+            let ipv4 = match r.u8("ipv4")? {
+                0 => None,
+                1 => {
+                    let address = r.array("ipv4 address")?;
+                    let prefix_len = r.u8("ipv4 prefix")?;
+                    if !(1..=32).contains(&prefix_len) {
+                        return Err(ProtocolError::InvalidValue {
+                            field: "ipv4 prefix",
+                            value: prefix_len.into(),
+                        });
+                    }
+                    Some(Ipv4Interface {
+                        address,
+                        prefix_len,
+                        gateway: r.array("ipv4 gateway")?,
+                        mtu: r.u32("mtu")?,
+                    })
+                }
+                v => {
+                    return Err(ProtocolError::InvalidValue {
+                        field: "ipv4",
+                        value: v.into(),
+                    })
+                }
+            };
+            let nameservers = r.list("nameservers", 4, |r| r.array("nameserver"))?;
+            let search = r.list("search domains", 4, |r| r.bytes("search domain"))?;
+            Frame::Network(GuestNetwork {
+                hostname,
+                ipv4,
+                nameservers,
+                search,
+            })
+        }
         KIND_STARTED => Frame::Started { pid: r.i32("pid")? },
         KIND_SPAWN_FAILED => Frame::SpawnFailed {
             stage: stage_from_code(r.u8("stage")?)?,
@@ -352,6 +405,7 @@ fn stage_code(stage: SpawnStage) -> u8 {
         SpawnStage::Exec => 3,
         SpawnStage::Other => 4,
         SpawnStage::Filesystems => 5,
+        SpawnStage::Network => 6,
     }
 }
 
@@ -363,6 +417,7 @@ fn stage_from_code(code: u8) -> Result<SpawnStage, ProtocolError> {
         3 => SpawnStage::Exec,
         4 => SpawnStage::Other,
         5 => SpawnStage::Filesystems,
+        6 => SpawnStage::Network,
         v => {
             return Err(ProtocolError::InvalidValue {
                 field: "spawn stage",
@@ -406,6 +461,10 @@ impl Writer<'_> {
     }
     fn i64(&mut self, v: i64) {
         self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// Fixed-size bytes, no length.
+    fn raw(&mut self, v: &[u8]) {
+        self.0.extend_from_slice(v);
     }
     fn bytes(&mut self, v: &[u8]) {
         // Lengths beyond u32 cannot occur: the whole frame is checked against MAX_FRAME_LEN.

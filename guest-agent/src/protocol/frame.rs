@@ -11,6 +11,10 @@ pub enum Frame {
     /// directories. A failure to set them up is answered with [`Frame::SpawnFailed`]
     /// ([`SpawnStage::Filesystems`]).
     Filesystems(Filesystems),
+    /// host → agent, right before [`Frame::Spawn`] (after [`Frame::Filesystems`], so the
+    /// name files go into the job's root): the guest's host name and network. A failure to set
+    /// them up is answered with [`Frame::SpawnFailed`] ([`SpawnStage::Network`]).
+    Network(GuestNetwork),
     /// agent → host: the job runs as this guest pid (it leads its own session and process group).
     Started { pid: i32 },
     /// agent → host: the job could not be started; no Exit follows.
@@ -164,6 +168,32 @@ pub struct SharedMount {
     pub read_only: bool,
 }
 
+/// The guest's identity on the network: the execution host's names, and eth0 where the job
+/// has a network.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GuestNetwork {
+    /// The execution host's node name (`uname -n`), which the guest takes as its own: `hostname`
+    /// and `$HOSTNAME` read as they do under the stock shepherd.
+    pub hostname: Vec<u8>,
+    /// eth0's IPv4 set-up; `None`: the job has no network device, only `lo`.
+    pub ipv4: Option<Ipv4Interface>,
+    /// Resolvers for `/etc/resolv.conf`, in order.
+    pub nameservers: Vec<[u8; 4]>,
+    /// Search domains for `/etc/resolv.conf`.
+    pub search: Vec<Vec<u8>>,
+}
+
+/// A static IPv4 set-up of eth0 (passt's addressing, decided by the host; no DHCP round trip).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ipv4Interface {
+    pub address: [u8; 4],
+    /// Prefix length, 1..=32.
+    pub prefix_len: u8,
+    /// The default route's gateway (passt answers for it; connections to it reach the host).
+    pub gateway: [u8; 4],
+    pub mtu: u32,
+}
+
 /// Where starting the job failed, so the host can map it to the right failure state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpawnStage {
@@ -179,17 +209,20 @@ pub enum SpawnStage {
     Other,
     /// Mounting the OS image or the shared directories, or switching root into the image.
     Filesystems,
+    /// Setting the host name, bringing up lo or eth0, or writing the name files.
+    Network,
 }
 
 impl SpawnStage {
     /// Every stage (for exhaustive and property tests on both sides of the protocol).
-    pub const ALL: [SpawnStage; 6] = [
+    pub const ALL: [SpawnStage; 7] = [
         SpawnStage::Credentials,
         SpawnStage::Limits,
         SpawnStage::Cwd,
         SpawnStage::Exec,
         SpawnStage::Other,
         SpawnStage::Filesystems,
+        SpawnStage::Network,
     ];
 }
 

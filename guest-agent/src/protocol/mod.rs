@@ -13,7 +13,7 @@
 //!
 //! The conversation: the agent connects and sends [`Frame::Hello`]; the host answers with
 //! [`Frame::Spawn`] (preceded by [`Frame::Filesystems`] when the job has an OS image or shared
-//! directories); the agent replies [`Frame::Started`] or [`Frame::SpawnFailed`]; then data,
+//! directories, then by [`Frame::Network`], the guest's host name and network); the agent replies [`Frame::Started`] or [`Frame::SpawnFailed`]; then data,
 //! [`Frame::Signal`] and [`Frame::Eof`] frames flow until the agent sends [`Frame::Exit`] (after
 //! both output streams reached [`Frame::Eof`]) and the host confirms with [`Frame::Ack`]. Nothing is
 //! left to socket half-close or to bytes surviving VM exit.
@@ -24,8 +24,9 @@ mod stream;
 
 pub use codec::{decode_body, encode, ProtocolError};
 pub use frame::{
-    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, Rlimit, RootImage, Rusage,
-    ShareTransport, SharedMount, Spawn, SpawnStage, StdinMode, Stream, RLIM_INFINITY,
+    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, GuestNetwork, Ipv4Interface, Rlimit,
+    RootImage, Rusage, ShareTransport, SharedMount, Spawn, SpawnStage, StdinMode, Stream,
+    RLIM_INFINITY,
 };
 pub use stream::{FrameReader, FrameWriter};
 
@@ -35,7 +36,8 @@ pub use stream::{FrameReader, FrameWriter};
 /// 4: the host may send [`Frame::Eof`] for stdout or stderr: it can no longer write that
 ///    stream's destination, and the agent closes the job's pipe.
 /// 5: [`Frame::Exit`] carries the guest's memory size and OOM kills.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: the host sends [`Frame::Network`] (host name, eth0, resolvers) before Spawn.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest frame body accepted (kind byte plus payload).
 pub const MAX_FRAME_LEN: usize = 1 << 20;

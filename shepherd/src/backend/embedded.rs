@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use guest_agent::protocol::ShareTransport;
 
+use crate::network::link::DeviceLink;
+
 use super::{BackendError, EndedBy, RunningVm, VmBackend, VmExit, VmKiller, VmSpec};
 
 /// The guest's vsock context id.
@@ -63,6 +65,19 @@ impl VmBackend for EmbeddedBackend {
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
         let mut config = vm_config(spec);
+        let net_link = spec
+            .network
+            .as_ref()
+            .map(DeviceLink::attach)
+            .transpose()
+            .map_err(|e| BackendError::Start(e.to_string()))?;
+        if let (Some(net), Some(link)) = (&spec.network, &net_link) {
+            config.net = Some(vmm::NetConfig {
+                stream: link.stream.clone(),
+                mac: net.mac,
+                mtu: net.mtu,
+            });
+        }
         config.run_as = thread_identity(spec, nix::unistd::geteuid().as_raw())?;
         let handle = vmm::Vm::start(config).map_err(|e| match e {
             vmm::VmError::Boot(_) => BackendError::Guest(e.to_string()),
@@ -71,12 +86,15 @@ impl VmBackend for EmbeddedBackend {
         })?;
         Ok(Box::new(EmbeddedVm {
             handle: Arc::new(handle),
+            _net_link: net_link,
         }))
     }
 }
 
 struct EmbeddedVm {
     handle: Arc<vmm::VmHandle>,
+    /// The network device's stream and its filter's relay (the VMM holds its own reference).
+    _net_link: Option<DeviceLink>,
 }
 
 impl RunningVm for EmbeddedVm {

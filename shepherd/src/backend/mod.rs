@@ -4,6 +4,7 @@
 //! listener `<vsock_uds>_P`).
 
 pub mod embedded;
+pub mod helper_process;
 mod probe_cache;
 pub mod qemu;
 
@@ -141,6 +142,8 @@ pub struct VmSpec {
     pub root_disk: Option<PathBuf>,
     /// Host directories served to the guest, each under its tag.
     pub shares: Vec<VmShare>,
+    /// A virtio-net device backed by the job's passt ([`crate::network`]).
+    pub network: Option<crate::network::VmNetwork>,
 }
 
 /// The guest device of [`VmSpec::root_disk`].
@@ -175,6 +178,7 @@ impl VmSpec {
             credentials: None,
             root_disk: None,
             shares: Vec::new(),
+            network: None,
         }
     }
 }

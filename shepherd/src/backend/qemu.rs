@@ -9,16 +9,15 @@
 //! controls.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{
-    BackendError, EndedBy, RunningVm, VmBackend, VmExit, VmKiller, VmSpec, VmmCredentials,
-};
+use super::helper_process::prepare_helper;
+use super::{BackendError, EndedBy, RunningVm, VmBackend, VmExit, VmKiller, VmSpec};
+use crate::network::link::DeviceLink;
 use crate::run_dir;
 
 /// The guest's vsock context id (any value ≥ 3; each VM has its own daemon).
@@ -94,49 +93,6 @@ impl QemuBackend {
     }
 }
 
-/// Prepares a helper process (QEMU, the vsock daemon): the job's credentials if given (and not
-/// already this process's: the VMM process runs as the job user), and
-/// death with the shepherd. A shepherd that is killed outright (SIGKILL: no destructor runs)
-/// must not leave its VM or daemon behind. The parent-death signal is tied to the thread that
-/// spawns the child, which is the thread that runs the job to its end. `keep_fd`: a descriptor
-/// of the shepherd's that the child keeps, under the same number, across exec (every other one
-/// the shepherd opened is close-on-exec). Keeping the number, rather than moving it to a fixed
-/// one, cannot clobber a descriptor of the child's (such as std's exec-error pipe).
-fn prepare_helper(cmd: &mut Command, creds: Option<&VmmCredentials>, keep_fd: Option<RawFd>) {
-    let creds = creds.cloned();
-    // SAFETY: getpid has no preconditions.
-    let shepherd = unsafe { libc::getpid() };
-    // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
-    // on data captured by value.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(fd) = keep_fd {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // In the VMM process, which already is the job user, there is nothing to switch.
-            if let Some(c) = creds.as_ref().filter(|c| libc::geteuid() != c.uid) {
-                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
-                    || libc::setgid(c.gid) < 0
-                    || libc::setuid(c.uid) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // After the credential change, which clears the parent-death signal.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != shepherd {
-                // The shepherd died before the signal was armed.
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-}
-
 fn wait_for_path(path: &Path, child: &mut Child, patience: Duration) -> Result<(), BackendError> {
     let start = Instant::now();
     while !path.exists() {
@@ -171,6 +127,24 @@ fn option_path(path: &Path) -> String {
 /// punches it out of the memfd), and the guest may deflate under memory pressure. Never inflated
 /// by the host: the guest keeps all the RAM it was given.
 const BALLOON_DEVICE: &str = "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on";
+
+/// QEMU's virtio-net device on the stream `fd` (`-netdev socket` speaks passt's framing).
+fn network_args(net: Option<&crate::network::VmNetwork>, fd: Option<RawFd>) -> Vec<String> {
+    let (Some(net), Some(fd)) = (net, fd) else {
+        return Vec::new();
+    };
+    let mac: Vec<String> = net.mac.iter().map(|b| format!("{b:02x}")).collect();
+    vec![
+        "-netdev".into(),
+        format!("socket,id=net0,fd={fd}"),
+        "-device".into(),
+        format!(
+            "virtio-net-device,netdev=net0,mac={},host_mtu={}",
+            mac.join(":"),
+            net.mtu
+        ),
+    ]
+}
 
 fn disk_and_share_args(spec: &VmSpec) -> Vec<String> {
     let mut args = Vec::new();
@@ -253,7 +227,7 @@ impl VmBackend for QemuBackend {
             .stdin(Stdio::null())
             .stdout(daemon_log.try_clone()?)
             .stderr(daemon_log);
-        prepare_helper(&mut daemon_cmd, spec.credentials.as_ref(), None);
+        prepare_helper(&mut daemon_cmd, spec.credentials.as_ref(), &[]);
         let mut daemon = daemon_cmd
             .spawn()
             .map_err(|e| BackendError::Start(format!("{}: {e}", self.vhost_vsock.display())))?;
@@ -263,6 +237,20 @@ impl VmBackend for QemuBackend {
             return Err(e);
         }
 
+        let net_link = spec
+            .network
+            .as_ref()
+            .map(DeviceLink::attach)
+            .transpose()
+            .map_err(|e| BackendError::Start(e.to_string()));
+        let net_link = match net_link {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+                return Err(e);
+            }
+        };
         let mem = format!("{}M", spec.mem_mib);
         let qemu_log = spec.logs.open(QEMU_LOG)?;
         let console = spec.logs.open(super::CONSOLE_LOG)?;
@@ -299,6 +287,10 @@ impl VmBackend for QemuBackend {
             // Pages the guest frees go back to the host (its RAM is backed as it is touched).
             .args(["-device", BALLOON_DEVICE])
             .args(disk_and_share_args(spec))
+            .args(network_args(
+                spec.network.as_ref(),
+                net_link.as_ref().map(|l| l.stream.as_raw_fd()),
+            ))
             .arg("-kernel")
             .arg(&spec.kernel)
             .arg("-initrd")
@@ -307,11 +299,10 @@ impl VmBackend for QemuBackend {
             .stdin(Stdio::null())
             .stdout(qemu_log.try_clone()?)
             .stderr(qemu_log);
-        prepare_helper(
-            &mut qemu_cmd,
-            spec.credentials.as_ref(),
-            Some(console.as_raw_fd()),
-        );
+        let keep_fds: Vec<RawFd> = std::iter::once(console.as_raw_fd())
+            .chain(net_link.as_ref().map(|l| l.stream.as_raw_fd()))
+            .collect();
+        prepare_helper(&mut qemu_cmd, spec.credentials.as_ref(), &keep_fds);
         let spawned = qemu_cmd.spawn();
         // QEMU has its own copy now (or none: it did not start).
         drop(console);
@@ -328,6 +319,7 @@ impl VmBackend for QemuBackend {
             daemon,
             log: spec.run_dir.join(QEMU_LOG),
             reaped: Arc::new(AtomicBool::new(false)),
+            _net_link: net_link,
         }))
     }
 }
@@ -339,6 +331,8 @@ struct QemuVm {
     log: PathBuf,
     /// Set before the children are reaped, so a late kill never hits a recycled pid.
     reaped: Arc<AtomicBool>,
+    /// The network device's stream (QEMU has its own copy) and its filter's relay.
+    _net_link: Option<DeviceLink>,
 }
 
 fn kill_pid(pid: u32) {

@@ -620,6 +620,13 @@ impl JobRun {
             stdout: FileSizeLimited::wrap(stdout, output_limit),
             stderr: FileSizeLimited::wrap(stderr, output_limit),
         };
+        let requested = p.env.get(crate::network::policy::JOB_NETWORK_VAR);
+        let network = crate::network::policy::for_job(&vm.network, requested).map_err(|e| {
+            let (fault, message) =
+                start_failure::launch_failure(&launch::LaunchError::Network(e), image_owner);
+            Failure::of(fault, message)
+        })?;
+        self.dir.trace(&format!("network: {network:?}"));
         self.dir.trace(&format!(
             "starting VM: kernel {} initramfs {} {} MiB {} vCPUs backend {:?}; image {:?}; \
              shares {:?}; argv {:?}",
@@ -651,6 +658,7 @@ impl JobRun {
                 gid: p.user.gid,
                 groups: p.user.groups.clone(),
             }),
+            network,
         };
         let running = launch::launch_in(spec, &filesystems, io).map_err(|e| {
             match start_failure::launch_failure(&e, image_owner) {
@@ -860,7 +868,7 @@ impl JobRun {
                     .job_ended
                     .duration_since(o.job_started)
                     .unwrap_or_default();
-                for failure in &o.output_failures {
+                for failure in o.output_failures.iter().chain(&o.network_lost) {
                     self.dir.trace(failure);
                 }
                 if let Some(note) = guest_ram::out_of_memory_note(&o.memory) {
@@ -1067,6 +1075,7 @@ mod tests {
             job_ended: started + Duration::from_secs(3),
             timings: Default::default(),
             output_failures: Vec::new(),
+            network_lost: None,
         };
         let record = run
             .outcome(Ok(outcome), false, started, &facts(2, BootOwner::Queue))

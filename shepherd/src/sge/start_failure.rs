@@ -11,6 +11,7 @@
 
 use super::fault::{Fault, JobCause};
 use crate::launch::LaunchError;
+use crate::network::NetworkError;
 
 /// Who shaped what the VM boots before its agent connects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,10 @@ pub enum BootOwner {
 /// chose the OS image (the job, or the queue when the job chose none or the queue's own).
 pub fn launch_failure(e: &LaunchError, image_owner: BootOwner) -> (Fault, String) {
     match e {
+        LaunchError::Network(NetworkError::JobRequest(_)) => (
+            Fault::Job(JobCause::Request),
+            format!("sge_virtualizer: the job's network request: {e}"),
+        ),
         LaunchError::SharedDir(_) | LaunchError::ShareIdentity { .. } => (
             Fault::Job(JobCause::Cwd),
             format!("sge_virtualizer: can't give the job its directories: {e}"),
@@ -35,6 +40,7 @@ pub fn launch_failure(e: &LaunchError, image_owner: BootOwner) -> (Fault, String
             format!("sge_virtualizer: the job's OS image is unusable: {e}"),
         ),
         LaunchError::Image(_)
+        | LaunchError::Network(NetworkError::AllowEntry { .. } | NetworkError::PasstMissing)
         | LaunchError::UntrustedImage { .. }
         | LaunchError::KernelMissing(_)
         | LaunchError::InitrdMissing(_)
@@ -45,6 +51,7 @@ pub fn launch_failure(e: &LaunchError, image_owner: BootOwner) -> (Fault, String
             format!("sge_virtualizer: this queue's VMs cannot start on this host: {e}"),
         ),
         LaunchError::VmStart(_)
+        | LaunchError::Network(_)
         | LaunchError::Io(_)
         | LaunchError::RunDir(_)
         | LaunchError::VmmProcess(_) => (
@@ -71,12 +78,25 @@ mod tests {
     use std::path::PathBuf;
 
     #[test]
+    fn a_job_asking_for_more_network_than_its_queue_gives_is_the_jobs_error() {
+        let e = LaunchError::Network(NetworkError::JobRequest("SGE_VM_NETWORK=\"all\"".into()));
+        for owner in [BootOwner::Queue, BootOwner::Job] {
+            assert_eq!(launch_failure(&e, owner).0, Fault::Job(JobCause::Request));
+        }
+    }
+
+    #[test]
     fn the_administrators_guest_is_the_queues_and_passing_shortages_are_shortages() {
         let queue = [
             LaunchError::KernelMissing(PathBuf::from("/k")),
             LaunchError::InitrdMissing(PathBuf::from("/i")),
             LaunchError::BackendUnavailable("no KVM, no QEMU".into()),
             LaunchError::GuestUnbootable("not a kernel".into()),
+            LaunchError::Network(NetworkError::PasstMissing),
+            LaunchError::Network(NetworkError::AllowEntry {
+                entry: "lic.invalid:27000".into(),
+                reason: "does not resolve".into(),
+            }),
         ];
         for e in &queue {
             for owner in [BootOwner::Queue, BootOwner::Job] {
@@ -88,6 +108,7 @@ mod tests {
         let shortage = [
             LaunchError::VmStart("cannot allocate guest memory".into()),
             LaunchError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)),
+            LaunchError::Network(NetworkError::PasstStart("fork: EAGAIN".into())),
         ];
         for e in &shortage {
             assert_eq!(

@@ -253,6 +253,7 @@ impl VmmProcess {
                     job_ended,
                     timings,
                     output_failures,
+                    network_lost: None,
                 }));
                 self.begin_reaping(false);
                 None

@@ -12,6 +12,13 @@
 //! * [`device`] owns the device: queues, features, configuration space (MAC, link status, MTU),
 //!   the order of the work, backpressure in both directions, the link going down when passt's
 //!   end goes away, and the device's plain state ([`NetState`]).
+//! * [`egress_filter`] owns the allow-list policy of outsiders' jobs: its rules, and the verdict
+//!   on each frame the guest sends (pass, drop, or refuse with a TCP RST or an ICMP port
+//!   unreachable for the guest).
+//! * [`filtering_relay`] owns the loop that enforces it between the device's stream and
+//!   passt's, on a thread of its own under the caller's seccomp filter
+//!   ([`filtering_relay::RELAY_SYSCALLS`]): two streams in passt's framing, each direction
+//!   with backpressure and bounded memory.
 //!
 //! # Features
 //!
@@ -32,6 +39,8 @@
 //! leaves no socket file behind.
 
 pub mod device;
+pub mod egress_filter;
+pub mod filtering_relay;
 pub mod passt_stream;
 pub mod rx;
 pub mod tx;
