@@ -313,6 +313,48 @@ fn an_allow_list_reaches_its_port_and_is_refused_on_another(backend: &str) {
     );
 }
 
+/// `--inbound-tcp PORT`: a connection to the host's PORT reaches a server the job runs on the
+/// same port in the guest (passt binds it on the host as the job user).
+fn an_inbound_port_reaches_a_server_in_the_job(backend: &str) {
+    let port = {
+        let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let (user_args, _) = job_user();
+    let mut args: Vec<String> = user_args;
+    args.extend(["--inbound-tcp".into(), port.to_string()]);
+    args.extend(["--".into(), "sh".into(), "-c".into()]);
+    args.push(format!(
+        "echo served-from-the-guest | nc -l -p {port}; echo server-done"
+    ));
+    let child = std::thread::spawn({
+        let backend = backend.to_string();
+        move || {
+            run_output(
+                &backend,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        }
+    });
+    // Until the job listens, passt takes the connection and closes it: try again.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let got = loop {
+        let mut text = String::new();
+        if let Ok(mut conn) = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = conn.read_to_string(&mut text);
+        }
+        if !text.is_empty() || Instant::now() > deadline || child.is_finished() {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(got, "served-from-the-guest\n");
+    let out = child.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout_of(&out), "server-done\n");
+}
+
 /// The `passt` children of process `pid`.
 fn passt_children(pid: u32) -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -368,5 +410,6 @@ integration_tests::backend_suites!(
         network_none_leaves_only_loopback,
         an_allow_list_reaches_its_port_and_is_refused_on_another,
         passt_dying_ends_the_network_not_the_job,
+        an_inbound_port_reaches_a_server_in_the_job,
     ]
 );

@@ -260,6 +260,13 @@ fn configure_ipv4(sock: &OwnedFd, v4: &Ipv4Interface) -> Result<(), NetworkError
         req.ifr_ifru.ifru_mtu = i32::try_from(v4.mtu).unwrap_or(i32::MAX);
         interface_ioctl(sock, eth, "set MTU", libc::SIOCSIFMTU, &mut req)?;
     }
+    // A gratuitous ARP when eth0 comes up: passt learns the guest's MAC from the guest's first
+    // frame, and until then cannot deliver an inbound connection to a job that only listens.
+    let arp_notify = format!("/proc/sys/net/ipv4/conf/{eth}/arp_notify");
+    std::fs::write(&arp_notify, b"1").map_err(|source| NetworkError::File {
+        path: arp_notify,
+        source,
+    })?;
     bring_up(sock, eth)?;
     let gateway = Ipv4Addr::from(v4.gateway);
     // A gateway outside the prefix (passt copies a host's /32 as it is) needs its own route.
