@@ -21,6 +21,7 @@ mod machine;
 mod memory_overhead;
 mod memory_return;
 mod nested_kvm;
+mod network;
 mod optimisation;
 mod proc_memory;
 mod qemu_microvm;
@@ -80,6 +81,9 @@ enum Cmd {
     MemoryReturn,
     /// 10: OS image formats: import time, size and job start (ext4, EROFS, EROFS lz4hc).
     Images,
+    /// 11: job network: guest → host-loopback TCP throughput and connect latency (passt in
+    /// `run`, QEMU's slirp and passt in a bare QEMU) vs the same client on the host.
+    Network,
     /// 4a: output relay throughput guest → host file.
     Relay,
     /// 4b: signal round trip shepherd → job handler → output back.
@@ -101,7 +105,7 @@ enum Cmd {
         #[arg(long)]
         json: PathBuf,
     },
-    /// Every benchmark (1-8), then the report. A benchmark that cannot run here is reported
+    /// Every benchmark (1-8, 10, 11), then the report. A benchmark that cannot run here is reported
     /// with the reason.
     All,
     /// Before/after of an optimisation: `run -- /bin/true` with two builds, interleaved.
@@ -213,6 +217,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Memory => Some(memory_overhead::run(&ctx)?),
         Cmd::MemoryReturn => Some(memory_return::run(&ctx)?),
         Cmd::Images => Some(image_formats::run(&ctx)?),
+        Cmd::Network => Some(network::run(&ctx)?),
         Cmd::Nested => Some(nested_kvm::run(&ctx)?),
         Cmd::NestedInside { json } => {
             nested_kvm::inside(&ctx, json)?;
@@ -292,7 +297,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     type Bench = fn(&BenchContext) -> anyhow::Result<BenchResult>;
-    let all: [(&str, &str, Bench); 11] = [
+    let all: [(&str, &str, Bench); 12] = [
         (
             "boot",
             "VMM start to first guest instruction",
@@ -312,6 +317,11 @@ fn main() -> anyhow::Result<()> {
         ("kvm", "Host KVM primitives", kvm_primitives::run),
         ("fs", "virtio-fs file server", file_server::run),
         ("images", "OS image formats", image_formats::run),
+        (
+            "network",
+            "Job network: TCP to the host's loopback",
+            network::run,
+        ),
     ];
     for (id, title, bench) in all {
         let before = results::load_average();

@@ -13,7 +13,7 @@ use crate::results::{utc_now, BenchResult};
 use crate::stats::Summary;
 
 /// The benchmarks in report order.
-pub const IDS: [&str; 12] = [
+pub const IDS: [&str; 13] = [
     "boot",
     "job",
     "memory",
@@ -26,6 +26,7 @@ pub const IDS: [&str; 12] = [
     "kvm",
     "fs",
     "images",
+    "network",
 ];
 const CHART_FILE: &str = "phases.png";
 
@@ -471,6 +472,43 @@ fn ratio_table(out: &mut String, r: &BenchResult) {
     out.push('\n');
 }
 
+/// The network benchmark's medians against the same client run directly on the host.
+fn network_ratio_table(out: &mut String, r: &BenchResult) {
+    use crate::network::{HOST, RATIO_METRICS};
+    let mut rows = Vec::new();
+    for v in r.variants().into_iter().filter(|v| *v != HOST) {
+        for (metric, what, higher_is_better) in RATIO_METRICS {
+            let (Some(x), Some(h)) = (median(r, v, metric), median(r, HOST, metric)) else {
+                continue;
+            };
+            let unit = r.series(v, metric).map(|s| s.unit.as_str()).unwrap_or("");
+            // "slower" reads the same way for rates and for times.
+            let slower = if higher_is_better { h / x } else { x / h };
+            rows.push(format!(
+                "| {} | {what} | {metric} ({unit}) | {} | {} | {} | {slower:.1}× |",
+                cell(v),
+                fmt(x),
+                fmt(h),
+                fmt(x / h)
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str(
+        "Against the same client on the host (medians of the table above; ratio = variant / \
+         host, slower = how many times the host's time, or the host's rate over the \
+         variant's):\n\n\
+         | variant | what | metric (unit) | variant | host | ratio | slower |\n\
+         |---|---|---|--:|--:|--:|--:|\n",
+    );
+    for row in rows {
+        let _ = writeln!(out, "{row}");
+    }
+    out.push('\n');
+}
+
 /// Writes REPORT.md (and the chart) into `out_dir`; returns the report's path.
 pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let results_dir = out_dir.join("results");
@@ -529,7 +567,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     out.push_str("```\n\nWithout `--under-test` the workspace's own `target/release/sge_virtualizer` and \
                   `build/guest/` are measured. Single benchmarks: `boot`, `job`, `memory`, `relay`, \
                   `signal`, `gridengine`, `profile`, `kvm`, `fs` (the virtio-fs file server; its /dev/fuse part \
-                  needs root); `compare --name N --title T DIR DIR…` \
+                  needs root), `images`, `network`; `compare --name N --title T DIR DIR…` \
                   measures an optimisation across builds of benches/build-under-test.sh, \
                   `compare-vmm … DIR DIR…` one of the vmm crate across builds of \
                   benches/build-bench-vm.sh [PATCH]; `tiny-guest FILE` writes the test guest. The \
@@ -568,6 +606,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         ("fs", "8. "),
         ("nested", "9. "),
         ("images", "10. "),
+        ("network", "11. "),
     ];
     for r in &results {
         let number = numbering
@@ -587,6 +626,9 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         }
         if r.id == "fs" {
             ratio_table(&mut out, r);
+        }
+        if r.id == "network" {
+            network_ratio_table(&mut out, r);
         }
     }
     let missing: Vec<&str> = IDS

@@ -268,13 +268,16 @@ fn an_allow_list_reaches_its_port_and_is_refused_on_another(backend: &str) {
          echo hello | nc $gw {allowed}; echo allowed-rc=$?
          start=$(date +%s)
          nc $gw {refused} < /dev/null; echo refused-rc=$? after=$(( $(date +%s) - start ))
-         ./udp_echo $gw {udp_port} x"
+         ./udp_echo $gw {udp_port} x
+         ./udp_echo $gw 53 dns"
     );
     let out = run_output(
         backend,
         &[
             "--allow",
             &format!("{gw}:{allowed}/tcp"),
+            // No DNS either: passt must still start (and the resolver is refused like the rest).
+            "--no-dns",
             "--cwd",
             programs.path().to_str().unwrap(),
             "--",
@@ -288,6 +291,7 @@ fn an_allow_list_reaches_its_port_and_is_refused_on_another(backend: &str) {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(stdout.contains("hello\nallowed-rc=0"), "{stdout} {stderr}");
     assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(!stderr.contains("network ended"), "{stderr}");
     let after: u64 = stdout
         .split("after=")
         .nth(1)
@@ -299,7 +303,11 @@ fn an_allow_list_reaches_its_port_and_is_refused_on_another(backend: &str) {
         after <= 5,
         "the refusal took {after} s: a drop, not a reset"
     );
-    assert!(stdout.contains("recv: Connection refused"), "{stdout}");
+    assert_eq!(
+        stdout.matches("recv: Connection refused").count(),
+        2,
+        "the refused UDP port and the resolver: {stdout}"
+    );
     assert_eq!(
         allowed_seen
             .recv_timeout(Duration::from_secs(5))

@@ -64,8 +64,8 @@ pub fn passt_args(addressing: &HostAddressing, policy: &PasstPolicy, fd: RawFd) 
     args.extend(["--mtu".into(), GUEST_MTU.to_string()]);
     match dns_address(addressing, policy) {
         Some(dns) => args.extend(["--dns-forward".into(), dns.to_string()]),
-        // No resolver in DHCP answers either.
-        None => args.extend(["--dns".into(), String::new()]),
+        // No resolver in DHCP answers either. (Not `--dns ""`: passt 2025-05-03 exits on it.)
+        None => args.extend(["--no-dhcp-dns".into(), "--no-dhcp-search".into()]),
     }
     for (flag, ports) in [
         ("--tcp-ports", &policy.inbound_tcp),
@@ -289,7 +289,8 @@ mod tests {
             dns: false,
             ..PasstPolicy::default()
         };
-        assert!(passt_args(&a, &policy, 3).ends_with(&["--dns".into(), String::new()]));
+        assert!(passt_args(&a, &policy, 3)
+            .ends_with(&["--no-dhcp-dns".into(), "--no-dhcp-search".into()]));
         assert!(guest_network("n", Some((&a, &policy)))
             .nameservers
             .is_empty());
