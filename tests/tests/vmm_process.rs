@@ -106,6 +106,20 @@ fn job_user_tasks(root: u32) -> Vec<(u32, u32)> {
     tasks
 }
 
+/// The VMM process among the job user's `tasks`: the root process's child that is not the
+/// job's passt (also the root's child and the job user's, started for the job's network).
+fn vmm_process(root: u32, tasks: &[(u32, u32)]) -> Option<u32> {
+    tasks
+        .iter()
+        .map(|(pid, _)| *pid)
+        .find(|pid| parent_pid(*pid) == Some(root) && !is_passt(*pid))
+}
+
+/// Whether process `pid` is a passt.
+fn is_passt(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("passt"))
+}
+
 /// Runs `program args` as the job user; whether it succeeded.
 fn as_job_user(program: &str, args: &[String]) -> bool {
     Command::new(program)
@@ -134,8 +148,10 @@ fn wait_for_job_user_tasks(child: &mut Child) -> Vec<(u32, u32)> {
     let start = Instant::now();
     loop {
         let tasks = job_user_tasks(child.id());
-        // The VMM process, and (embedded) its vCPU thread or (QEMU) its helpers.
-        if tasks.len() >= 2 {
+        // The VMM process, and (embedded) its vCPU thread or (QEMU) its helpers; the job's
+        // passt, also the job user's, comes before them and does not count.
+        let vm_tasks = tasks.iter().filter(|(pid, _)| !is_passt(*pid)).count();
+        if vm_tasks >= 2 && vmm_process(child.id(), &tasks).is_some() {
             return tasks;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -216,19 +232,7 @@ fn stop_relimit_and_kill(backend: &str) {
     );
 
     // The VMM process itself: the job user through and through.
-    let vmm: Vec<u32> = tasks
-        .iter()
-        .map(|(pid, _)| *pid)
-        .filter(|pid| parent_pid(*pid) == Some(root))
-        .collect();
-    assert_eq!(
-        vmm.len(),
-        tasks
-            .iter()
-            .filter(|(p, _)| parent_pid(*p) == Some(root))
-            .count()
-    );
-    let vmm = *vmm.first().expect("a VMM process of the job user");
+    let vmm = vmm_process(root, &tasks).expect("a VMM process of the job user");
     let p = vmm.to_string();
     let uid = JOB_UID.to_string();
     assert_eq!(status_field(&p, "Uid"), vec![uid.clone(); 4]);
@@ -288,11 +292,7 @@ fn vmm_killed_by(signal: i32, moment: &str) {
         assert_eq!(line, "up\n", "the job did not start");
     }
     let tasks = wait_for_job_user_tasks(&mut child);
-    let vmm = tasks
-        .iter()
-        .map(|(pid, _)| *pid)
-        .find(|pid| parent_pid(*pid) == Some(root))
-        .expect("the VMM process");
+    let vmm = vmm_process(root, &tasks).expect("the VMM process");
     // The job user sends it (SIGSYS and SIGSEGV stand for a seccomp kill and a crash).
     assert!(as_job_user(
         "kill",
@@ -376,11 +376,7 @@ fn the_output_is_written_under_the_job_users_limits() {
         assert!(child.try_wait().unwrap().is_none(), "run ended early");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let vmm = job_user_tasks(root)
-        .iter()
-        .map(|(pid, _)| *pid)
-        .find(|pid| parent_pid(*pid) == Some(root))
-        .expect("the VMM process");
+    let vmm = vmm_process(root, &job_user_tasks(root)).expect("the VMM process");
     assert!(as_job_user(
         "prlimit",
         &[
