@@ -130,3 +130,16 @@ macro_rules! backend_suite {
         }
     };
 }
+
+/// `sge_virtualizer run --backend BACKEND` booting the project's guest image (the kernel and
+/// initramfs in [`guest_image_dir`]); the caller adds its options and the command.
+pub fn guest_run(backend: &str) -> std::process::Command {
+    let dir = guest_image_dir();
+    let mut cmd = std::process::Command::new(sge_virtualizer_bin());
+    cmd.args(["run", "--backend", backend])
+        .arg("--kernel")
+        .arg(dir.join("vmlinux"))
+        .arg("--initrd")
+        .arg(dir.join("initramfs.cpio"));
+    cmd
+}

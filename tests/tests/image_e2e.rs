@@ -15,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use integration_tests::{guest_image_dir, report_skip, sge_virtualizer_bin};
+use integration_tests::{guest_image_dir, guest_run, report_skip, sge_virtualizer_bin};
 
 /// Where a job user's VM helpers can be executed from (not root's ~/.cargo/bin).
 const SHARED_VHOST_VSOCK: &str = "/usr/local/bin/vhost-device-vsock";
@@ -97,13 +97,8 @@ fn run_cmd(store: &Path, args: &[&str]) -> Command {
 }
 
 fn run_cmd_on(backend: &str, store: &Path, args: &[&str]) -> Command {
-    let guest = guest_image_dir();
-    let mut cmd = Command::new(sge_virtualizer_bin());
-    cmd.args(["run", "--backend", backend, "-n"])
-        .arg("--kernel")
-        .arg(guest.join("vmlinux"))
-        .arg("--initrd")
-        .arg(guest.join("initramfs.cpio"))
+    let mut cmd = guest_run(backend);
+    cmd.arg("-n")
         .arg("--images")
         .arg(store)
         .args(args)

@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use integration_tests::{guest_image_dir, parent_pid, sge_virtualizer_bin};
+use integration_tests::{guest_run, parent_pid};
 use sha2::{Digest, Sha256};
 
 /// 16 MiB each way.
@@ -19,17 +19,8 @@ const VOLUME: usize = 16 << 20;
 
 /// `sge_virtualizer run` of the project's guest on `backend`, stdin closed.
 fn run_command(backend: &str, args: &[&str]) -> Command {
-    let dir = guest_image_dir();
-    let mut cmd = Command::new(sge_virtualizer_bin());
-    cmd.arg("run")
-        .args(["--backend", backend])
-        .arg("--kernel")
-        .arg(dir.join("vmlinux"))
-        .arg("--initrd")
-        .arg(dir.join("initramfs.cpio"))
-        .arg("-n")
-        .args(args)
-        .stdin(Stdio::null());
+    let mut cmd = guest_run(backend);
+    cmd.arg("-n").args(args).stdin(Stdio::null());
     cmd
 }
 

@@ -8,19 +8,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{guest_image_dir, guest_kernel_release, sge_virtualizer_bin};
+use integration_tests::{guest_kernel_release, guest_run, sge_virtualizer_bin};
 
 fn run_cmd(backend: &str, args: &[&str]) -> Command {
-    let dir = guest_image_dir();
-    let mut cmd = Command::new(sge_virtualizer_bin());
-    cmd.arg("run")
-        .arg("--backend")
-        .arg(backend)
-        .arg("--kernel")
-        .arg(dir.join("vmlinux"))
-        .arg("--initrd")
-        .arg(dir.join("initramfs.cpio"))
-        .args(args);
+    let mut cmd = guest_run(backend);
+    cmd.args(args);
     cmd
 }
 

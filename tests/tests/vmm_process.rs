@@ -18,7 +18,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{guest_image_dir, parent_pid, report_skip, sge_virtualizer_bin};
+use integration_tests::{guest_run, parent_pid, report_skip};
 
 /// The job user: an account with no other processes of its own in the tests' way.
 const JOB_USER: &str = "nobody";
@@ -31,14 +31,8 @@ fn is_root() -> bool {
 
 /// `sge_virtualizer run --user nobody` with `script` as the job; stdout piped.
 fn start_run(backend: &str, script: &str) -> Child {
-    let dir = guest_image_dir();
-    Command::new(sge_virtualizer_bin())
-        .arg("run")
-        .args(["--backend", backend, "--user", JOB_USER, "-n"])
-        .arg("--kernel")
-        .arg(dir.join("vmlinux"))
-        .arg("--initrd")
-        .arg(dir.join("initramfs.cpio"))
+    guest_run(backend)
+        .args(["--user", JOB_USER, "-n"])
         .args(["--", "/bin/sh", "-c", script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -344,14 +338,8 @@ fn the_output_is_written_under_the_job_users_limits() {
     let out_dir = tempfile::tempdir().unwrap();
     let out_path = out_dir.path().join("out");
     let out = std::fs::File::create(&out_path).unwrap();
-    let dir = guest_image_dir();
-    let mut child = Command::new(sge_virtualizer_bin())
-        .arg("run")
-        .args(["--backend", "qemu", "--user", JOB_USER, "-n"])
-        .arg("--kernel")
-        .arg(dir.join("vmlinux"))
-        .arg("--initrd")
-        .arg(dir.join("initramfs.cpio"))
+    let mut child = guest_run("qemu")
+        .args(["--user", JOB_USER, "-n"])
         .args([
             "--",
             "/bin/sh",

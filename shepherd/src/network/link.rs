@@ -24,17 +24,10 @@ pub struct VmNetwork {
 
 /// The device's end of the link, and the relay thread behind it (joined when dropped: it ends
 /// once either end closes).
+#[derive(Debug)]
 pub struct DeviceLink {
     pub stream: Arc<OwnedFd>,
     relay: Option<JoinHandle<Option<RelayReport>>>,
-}
-
-impl std::fmt::Debug for DeviceLink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceLink")
-            .field("relay", &self.relay.is_some())
-            .finish()
-    }
 }
 
 impl DeviceLink {
