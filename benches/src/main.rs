@@ -5,6 +5,7 @@
 //! and the phase chart from those files. `all` runs everything, then `report`.
 
 mod boot_latency;
+mod boot_phases;
 mod chart;
 mod clock;
 mod context;
@@ -102,6 +103,20 @@ enum Cmd {
     /// The inside of `nested` (run by it in the nested host): writes the result to `--json`.
     #[command(hide = true)]
     NestedInside {
+        #[arg(long)]
+        json: PathBuf,
+    },
+    /// 12: the guest kernel's boot on real KVM in the nested host: the same kernel, initramfs and
+    /// command line under the embedded VMM, QEMU microvm -accel kvm and (given) Firecracker.
+    NestedBoot {
+        #[command(flatten)]
+        opts: boot_phases::Options,
+    },
+    /// The inside of `nested-boot` (run by it in the nested host): writes the result to `--json`.
+    #[command(hide = true)]
+    NestedBootInside {
+        #[command(flatten)]
+        opts: boot_phases::Options,
         #[arg(long)]
         json: PathBuf,
     },
@@ -221,6 +236,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Nested => Some(nested_kvm::run(&ctx)?),
         Cmd::NestedInside { json } => {
             nested_kvm::inside(&ctx, json)?;
+            return Ok(());
+        }
+        Cmd::NestedBoot { opts } => Some(boot_phases::run(&ctx, opts, cli.under_test.as_deref())?),
+        Cmd::NestedBootInside { opts, json } => {
+            boot_phases::inside(&ctx, opts, json)?;
             return Ok(());
         }
         Cmd::Relay => Some(relay::run(&ctx)?),

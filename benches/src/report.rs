@@ -13,7 +13,7 @@ use crate::results::{utc_now, BenchResult};
 use crate::stats::Summary;
 
 /// The benchmarks in report order.
-pub const IDS: [&str; 13] = [
+pub const IDS: [&str; 14] = [
     "boot",
     "job",
     "memory",
@@ -27,6 +27,7 @@ pub const IDS: [&str; 13] = [
     "fs",
     "images",
     "network",
+    "nested-boot",
 ];
 const CHART_FILE: &str = "phases.png";
 
@@ -93,7 +94,7 @@ const SUGGESTIONS: &str = "\
   old value afterwards, and says in section 5 when it could not measure.
 ";
 
-fn fmt(v: f64) -> String {
+pub(crate) fn fmt(v: f64) -> String {
     let a = v.abs();
     if a >= 100.0 {
         format!("{v:.0}")
@@ -106,7 +107,7 @@ fn fmt(v: f64) -> String {
     }
 }
 
-fn median(r: &BenchResult, variant: &str, metric: &str) -> Option<f64> {
+pub(crate) fn median(r: &BenchResult, variant: &str, metric: &str) -> Option<f64> {
     r.series(variant, metric)?.summary().map(|s| s.median)
 }
 
@@ -607,6 +608,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         ("nested", "9. "),
         ("images", "10. "),
         ("network", "11. "),
+        ("nested-boot", "12. "),
     ];
     for r in &results {
         let number = numbering
@@ -629,6 +631,9 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         }
         if r.id == "network" {
             network_ratio_table(&mut out, r);
+        }
+        if r.id == crate::boot_phases::ID {
+            crate::boot_phases::report(&mut out, out_dir, r)?;
         }
     }
     let missing: Vec<&str> = IDS

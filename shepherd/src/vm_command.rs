@@ -39,6 +39,10 @@ pub struct VmArgs {
     /// Do not install the seccomp filters (debugging only).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Leave out the virtio-balloon device that jobs' VMs get: a VM with only the serial port
+    /// and the i8042 controller, to compare the guest's boot with VMMs that add no device.
+    #[arg(long)]
+    pub no_balloon: bool,
 }
 
 /// Boots the VM and waits for it; returns the process exit code (0 for a guest reset).
@@ -51,6 +55,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<i32> {
     config.mem_mib = args.mem;
     config.vcpus = args.vcpus;
     config.seccomp = !args.no_seccomp;
+    config.balloon = !args.no_balloon;
     config.vsock = args.vsock_uds.map(|uds_path| vmm::VsockConfig {
         guest_cid: 3,
         uds_path,
