@@ -3,7 +3,7 @@
 //! whose KVM cannot emulate them; see [`CpuFeature`]).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 use super::CpuError;
 
@@ -51,6 +51,12 @@ const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 const ECX_FMA: u32 = 1 << 12;
 const ECX_CX16: u32 = 1 << 13;
 const ECX_POPCNT: u32 = 1 << 23;
+/// TSC-deadline mode of the local APIC timer. KVM emulates it in the in-kernel LAPIC whenever
+/// `KVM_CAP_TSC_DEADLINE_TIMER` is reported, but leaves it out of `KVM_GET_SUPPORTED_CPUID`
+/// (it is not a host CPU feature): without it Linux calibrates the LAPIC timer against the PIT
+/// (`calibrate_APIC_clock`, at least 100 ms of polling, 250-480 ms in the nested tier) before it
+/// can start the first CPU. Firecracker and QEMU both set it.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_XSAVE: u32 = 1 << 26;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_AVX: u32 = 1 << 28;
@@ -175,12 +181,23 @@ pub fn filter_entry(entry: &mut kvm_cpuid_entry2, topo: Topology, hidden: &[CpuF
     }
 }
 
+/// Adds the features KVM emulates but does not list in its supported CPUID (see
+/// [`ECX_TSC_DEADLINE`]): `tsc_deadline_timer` is whether KVM reports
+/// `KVM_CAP_TSC_DEADLINE_TIMER`.
+pub fn add_emulated_features(entry: &mut kvm_cpuid_entry2, tsc_deadline_timer: bool) {
+    if entry.function == LEAF_FEATURES && tsc_deadline_timer {
+        entry.ecx |= ECX_TSC_DEADLINE;
+    }
+}
+
 /// Builds the CPUID for one vCPU from KVM's supported set.
 pub fn vcpu_cpuid(kvm: &Kvm, topo: Topology, hidden: &[CpuFeature]) -> Result<CpuId, CpuError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuError::GetSupportedCpuid)?;
+    let tsc_deadline_timer = kvm.check_extension(Cap::TscDeadlineTimer);
     for entry in cpuid.as_mut_slice() {
+        add_emulated_features(entry, tsc_deadline_timer);
         filter_entry(entry, topo, hidden);
     }
     Ok(cpuid)
@@ -278,6 +295,22 @@ mod tests {
     }
 
     #[test]
+    fn tsc_deadline_timer_is_added_to_leaf1_only_when_kvm_emulates_it() {
+        let mut with = entry(1, 0);
+        with.ecx = 0;
+        add_emulated_features(&mut with, true);
+        assert_eq!(with.ecx, ECX_TSC_DEADLINE);
+        let mut without = entry(1, 0);
+        without.ecx = 0;
+        add_emulated_features(&mut without, false);
+        assert_eq!(without.ecx, 0);
+        let mut other = entry(7, 0);
+        other.ecx = 0;
+        add_emulated_features(&mut other, true);
+        assert_eq!(other.ecx, 0, "only leaf 1 carries the bit");
+    }
+
+    #[test]
     fn linux_names_parse() {
         assert_eq!(
             CpuFeature::from_linux_name("cx16"),
@@ -305,5 +338,9 @@ mod tests {
         assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
         assert_eq!(leaf1.ecx & ECX_XSAVE, 0);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 2);
+        assert_eq!(
+            leaf1.ecx & ECX_TSC_DEADLINE != 0,
+            kvm.check_extension(Cap::TscDeadlineTimer)
+        );
     }
 }
