@@ -18,7 +18,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
-ALL_TARGETS=(virtqueue_chains vsock_packets fuse_request block_request agent_frames net_frames)
+ALL_TARGETS=(virtqueue_chains vsock_packets fuse_request block_request agent_frames net_frames snapshot_file)
 SECONDS_PER_TARGET=60
 EXECS=""
 OUT="$REPO/target/fuzz-runs"

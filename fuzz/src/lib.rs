@@ -1,11 +1,12 @@
 //! Coverage-guided fuzz targets for every parser a guest can reach (issue 12, "beyond the
 //! list"). Each target is a plain function from bytes to one case run against the real code —
 //! the virtio-mmio transport, the devices' queue handling, the vsock muxer, the FUSE server, the
-//! agent protocol codec, the virtio-net frame path and its egress filter — with nothing of the
-//! code under test replaced. A case that breaks a property panics; AFL++ reports the panic (an
+//! agent protocol codec, the virtio-net frame path and its egress filter, and the VM snapshot
+//! file parser (a file, not the guest, feeds that one) — with nothing of the code under test
+//! replaced. A case that breaks a property panics; AFL++ reports the panic (an
 //! abort) as a crash.
 //!
-//! * [`targets`]: the six targets and their seed inputs ([`Target`], [`TARGETS`]).
+//! * [`targets`]: the seven targets and their seed inputs ([`Target`], [`TARGETS`]).
 //! * [`guest_driver`]: a synthetic virtio driver (guest RAM in vm-memory, the MMIO set-up
 //!   sequence, descriptor tables and rings) that the queue-level targets share.
 //! * [`input`]: reading a case's structure from its bytes.

@@ -5,7 +5,8 @@
 
 use fuzz::driver::random_cases;
 use fuzz::targets::{
-    block_request, by_name, fuse_request, net_frames, virtqueue_chains, vsock_packets, TARGETS,
+    block_request, by_name, fuse_request, net_frames, snapshot_file, virtqueue_chains,
+    vsock_packets, TARGETS,
 };
 
 /// Random cases per target (the queue-level targets make a guest RAM and a scratch directory
@@ -50,6 +51,20 @@ fn agent_frames_seeds_and_random_inputs() {
 #[test]
 fn net_frames_seeds_and_random_inputs() {
     seeds_then_random("net_frames");
+}
+
+#[test]
+fn snapshot_file_seeds_and_random_inputs() {
+    seeds_then_random("snapshot_file");
+}
+
+/// The snapshot seeds, in each mode, get past the checksums, the decoders and the memory
+/// checks.
+#[test]
+fn snapshot_file_seeds_parse_and_load() {
+    for (i, seed) in snapshot_file::seeds().iter().enumerate() {
+        assert!(snapshot_file::parses(seed), "seed {i}");
+    }
 }
 
 #[test]

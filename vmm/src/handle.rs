@@ -1,24 +1,47 @@
 //! [`VmHandle`]: what the caller holds while a VM runs — wait for its end, stop, pause and
-//! resume it, read its timestamps, console and memory footprint. Dropping the handle stops the VM
-//! and joins its threads (within a deadline: see [`crate::thread_exit`]).
+//! resume it, snapshot it, read its timestamps, console and memory footprint. Dropping the
+//! handle stops the VM and joins its threads (within a deadline: see [`crate::thread_exit`]).
 
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::devices::console::ConsoleRing;
+use crate::devices::serial::SerialDevice;
 use crate::event_loop::EventLoop;
 use crate::lifecycle::{ExitReason, Lifecycle, Timestamps};
 use crate::memory::{self, GuestMemory};
 use crate::resources::MemoryUsage;
+use crate::snapshot::format::{build_id, Header};
+use crate::snapshot::vcpu_state::VcpuStateCaps;
+use crate::snapshot::vm_state::{self, DeviceState};
+use crate::snapshot::{self, SnapshotError, SnapshotInfo};
 use crate::thread_exit::{join_by, THREAD_EXIT_PATIENCE};
 use crate::virtio::{DeviceInfo, NetDeviceInfo, ShareDeviceInfo, VsockDeviceInfo};
 use crate::vm::VmError;
 
 /// How long [`VmHandle::pause`] waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`VmHandle::snapshot`] waits for the parked vCPUs to report their state.
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a snapshot needs beyond the VM itself.
+pub(crate) struct SnapshotSupport {
+    /// A configured device whose state cannot be captured yet.
+    pub(crate) unsupported_device: Option<&'static str>,
+    /// The serial port, for its registers.
+    pub(crate) serial: Arc<SerialDevice>,
+    /// vCPUs in the VM.
+    pub(crate) vcpus: u8,
+    /// What KVM offers for capturing vCPU state, shared with the vCPU threads: probed by the
+    /// first snapshot, on its caller's thread (see `vm::launch`).
+    pub(crate) state_caps: Arc<OnceLock<VcpuStateCaps>>,
+    /// Held while a snapshot is taken: one at a time.
+    pub(crate) in_progress: Mutex<()>,
+}
 
 struct Threads {
     vcpus: Vec<JoinHandle<()>>,
@@ -34,13 +57,15 @@ pub struct VmHandle {
     shares: Vec<ShareDeviceInfo>,
     net: Option<NetDeviceInfo>,
     memory: Arc<GuestMemory>,
+    snapshot: SnapshotSupport,
     // Declared last: the VM and KVM fds are closed only after the threads using them are joined
     // (in Drop) and the fields above are dropped.
-    _vm: VmFd,
-    _kvm: Kvm,
+    vm: VmFd,
+    kvm: Kvm,
 }
 
 impl VmHandle {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         kvm: Kvm,
         vm: VmFd,
@@ -49,6 +74,7 @@ impl VmHandle {
         console: Option<ConsoleRing>,
         devices: DeviceInfo,
         event_loop: Option<EventLoop>,
+        snapshot: SnapshotSupport,
     ) -> Self {
         Self {
             lifecycle,
@@ -61,8 +87,9 @@ impl VmHandle {
             shares: devices.shares,
             net: devices.net,
             memory,
-            _vm: vm,
-            _kvm: kvm,
+            snapshot,
+            vm,
+            kvm,
         }
     }
 
@@ -122,6 +149,51 @@ impl VmHandle {
         } else {
             Err(VmError::NotRunning)
         }
+    }
+
+    /// Pauses the VM and writes a snapshot of it to `path`, a new file (created with `O_EXCL`
+    /// and `O_NOFOLLOW`, mode 0600: an existing file or symlink is refused). Each vCPU thread
+    /// captures its own state once parked; then the interrupt controllers, PIT, clock, serial
+    /// port and boot timer, and the guest RAM's non-zero pages are written. Leaves the VM paused,
+    /// whether the snapshot succeeded or not: the caller resumes it ([`resume`](Self::resume))
+    /// or stops it. [`crate::Vm::restore`] starts a new VM from the file.
+    ///
+    /// A VM with virtio devices is refused ([`SnapshotError::UnsupportedDevice`]) before it is
+    /// paused: their state cannot be captured yet.
+    pub fn snapshot(&self, path: impl AsRef<Path>) -> Result<SnapshotInfo, SnapshotError> {
+        if let Some(device) = self.snapshot.unsupported_device {
+            return Err(SnapshotError::UnsupportedDevice(device.into()));
+        }
+        let _one_at_a_time = self
+            .snapshot
+            .in_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.snapshot
+            .state_caps
+            .get_or_init(|| VcpuStateCaps::probe(&self.kvm, &self.vm));
+        match self.pause() {
+            Ok(()) => {}
+            Err(VmError::NotRunning) => return Err(SnapshotError::NotRunning),
+            Err(_) => return Err(SnapshotError::Timeout("pause")), // VmError::PauseTimeout
+        }
+        let vcpus = self.lifecycle.capture_vcpus(CAPTURE_TIMEOUT)?;
+        let devices = DeviceState {
+            serial: (&self.snapshot.serial.state()).into(),
+            boot_timer_written: self.lifecycle.timestamps.boot_timer().is_some(),
+        };
+        let vm = vm_state::capture(&self.vm, devices)?;
+        let cpuid = vcpus
+            .first()
+            .map(|v| v.cpuid.clone())
+            .ok_or_else(|| SnapshotError::InvalidState("a VM without vCPUs".into()))?;
+        let header = Header {
+            build_id: build_id(),
+            vcpus: self.snapshot.vcpus,
+            guest_ram_bytes: memory::ram_size(&self.memory),
+            cpuid,
+        };
+        snapshot::write_snapshot_file(path.as_ref(), &header, &vm, &vcpus, &self.memory)
     }
 
     /// Host timestamps: created, first vCPU run, boot-timer write, exit.

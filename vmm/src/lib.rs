@@ -31,8 +31,10 @@
 //! * [`Vm::start`] builds and starts a VM from a [`VmConfig`]; the [`VmHandle`] it returns
 //!   waits ([`VmHandle::wait`], [`VmHandle::wait_timeout`]), stops
 //!   ([`VmHandle::request_stop`]), pauses and resumes ([`VmHandle::pause`],
-//!   [`VmHandle::resume`]), and reports [`Timestamps`], console output and
-//!   [`MemoryUsage`]. Dropping it stops the VM.
+//!   [`VmHandle::resume`]), snapshots ([`VmHandle::snapshot`]), and reports [`Timestamps`],
+//!   console output and [`MemoryUsage`]. Dropping it stops the VM.
+//! * [`Vm::restore`] builds a VM from a [`VmConfig`] and a snapshot file and runs it from where
+//!   the snapshot was taken ([`snapshot`]; VMs without virtio devices for now).
 //! * [`ExitReason`] says why a VM ended: guest reset (i8042, `reboot=k`), triple fault, system
 //!   event, KVM internal error, failed entry, host request, or a VMM thread failure.
 //! * [`kvm_can_run_linux`] tells whether this host's KVM can run a Linux guest at useful speed
@@ -70,7 +72,8 @@
 //! state, exit reasons, timestamps), [`devices`] (serial, i8042, boot timer, console),
 //! [`virtio`] (MMIO transport, queues, vsock, block, fs, balloon, net), [`fuse`] (the FUSE passthrough server
 //! behind virtio-fs), [`credentials`] (per-thread identity), `event_loop` (the VMM thread),
-//! [`seccomp`], [`probe`], [`resources`].
+//! [`seccomp`], [`probe`], [`resources`], [`snapshot`] (snapshot file format, vCPU/VM/memory
+//! state capture and restore).
 
 pub mod boot;
 pub mod config;
@@ -86,6 +89,7 @@ pub mod memory;
 pub mod probe;
 pub mod resources;
 pub mod seccomp;
+pub mod snapshot;
 mod thread_exit;
 mod vcpu;
 pub mod virtio;
@@ -102,6 +106,7 @@ pub use handle::VmHandle;
 pub use lifecycle::{ExitReason, Timestamps};
 pub use probe::{kvm_can_run_linux, Probe};
 pub use resources::MemoryUsage;
+pub use snapshot::{SnapshotError, SnapshotInfo};
 pub use vcpu::VCPU_KICK_SIGNAL_OFFSET;
 pub use virtio::net::egress_filter::{AllowRule, EgressPolicy};
 pub use vm::{Vm, VmError};

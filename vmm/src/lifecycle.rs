@@ -1,9 +1,14 @@
 //! The run state every thread of a VM shares: running, paused or stopping, the first reason the
 //! VM stopped, the boot timestamps, and the kick that pulls vCPUs out of `KVM_RUN` so they see a
-//! change. vCPU threads park here while paused; the handle waits here for the end.
+//! change. vCPU threads park here while paused; the handle waits here for the end. A snapshot
+//! asks the parked vCPU threads, through here, to capture their own state
+//! ([`Lifecycle::capture_vcpus`]): KVM wants a vCPU's ioctls from the thread that runs it.
 
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+
+use crate::snapshot::vcpu_state::VcpuState;
+use crate::snapshot::SnapshotError;
 
 /// Why a VM stopped. The first reason wins; later ones are ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +139,12 @@ struct State {
     parked: usize,
     /// vCPU threads still running their loop.
     live: usize,
+    /// vCPUs the VM has.
+    vcpus: usize,
+    /// Bumped by each capture request; a parked vCPU serves each generation once.
+    capture_generation: u64,
+    /// The current request's results, one slot per vCPU.
+    captures: Vec<Option<Result<VcpuState, SnapshotError>>>,
 }
 
 /// Shared run state of one VM.
@@ -152,6 +163,9 @@ impl Lifecycle {
                 exit: None,
                 parked: 0,
                 live: vcpus,
+                vcpus,
+                capture_generation: 0,
+                captures: Vec::new(),
             }),
             changed: Condvar::new(),
             kicker: crate::vcpu::Kicker::new(vcpus),
@@ -192,16 +206,70 @@ impl Lifecycle {
         self.lock().exit.clone()
     }
 
-    /// Called by a vCPU thread that saw [`RunState::Paused`]: parks until resumed or stopped.
-    pub(crate) fn park_while_paused(&self) {
+    /// Called by vCPU thread `index` that saw [`RunState::Paused`]: parks until resumed or
+    /// stopped. While parked it answers capture requests ([`Self::capture_vcpus`]) by calling
+    /// `capture` on this thread, without the lock held.
+    pub(crate) fn park_while_paused(
+        &self,
+        index: usize,
+        capture: &mut dyn FnMut() -> Result<VcpuState, SnapshotError>,
+    ) {
         let mut s = self.lock();
         s.parked += 1;
         self.changed.notify_all();
+        let mut served = s.capture_generation;
         while s.run == RunState::Paused {
+            if s.capture_generation != served {
+                served = s.capture_generation;
+                drop(s);
+                let result = capture();
+                s = self.lock();
+                if s.capture_generation == served {
+                    if let Some(slot) = s.captures.get_mut(index) {
+                        *slot = Some(result);
+                    }
+                    self.changed.notify_all();
+                }
+                continue;
+            }
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         s.parked -= 1;
         self.changed.notify_all();
+    }
+
+    /// Asks every parked vCPU thread to capture its state and waits (up to `timeout`) for all
+    /// of them. The VM must be paused with every vCPU parked.
+    pub(crate) fn capture_vcpus(&self, timeout: Duration) -> Result<Vec<VcpuState>, SnapshotError> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        if s.run != RunState::Paused || s.live != s.vcpus {
+            return Err(SnapshotError::NotRunning);
+        }
+        if s.parked < s.live {
+            return Err(SnapshotError::Timeout("pause"));
+        }
+        s.capture_generation += 1;
+        s.captures = (0..s.vcpus).map(|_| None).collect();
+        self.changed.notify_all();
+        while s.captures.iter().any(Option::is_none) {
+            if s.run != RunState::Paused {
+                return Err(SnapshotError::NotRunning);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(SnapshotError::Timeout("report their state"));
+            }
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        std::mem::take(&mut s.captures)
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Called by a vCPU thread when its loop ends.
@@ -303,7 +371,7 @@ mod tests {
         let l2 = l.clone();
         let t = std::thread::spawn(move || loop {
             match l2.run_state() {
-                RunState::Paused => l2.park_while_paused(),
+                RunState::Paused => l2.park_while_paused(0, &mut || Err(SnapshotError::NotRunning)),
                 RunState::Stopping => break,
                 RunState::Running => std::thread::sleep(Duration::from_millis(1)),
             }
@@ -317,6 +385,55 @@ mod tests {
             !l.pause(Duration::from_millis(10)),
             "cannot pause a stopping VM"
         );
+    }
+
+    #[test]
+    fn capture_asks_every_parked_vcpu_once_per_request_on_its_own_thread() {
+        let l = Arc::new(Lifecycle::new(2));
+        let threads: Vec<_> = (0..2usize)
+            .map(|index| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    let mut served = 0u32;
+                    loop {
+                        match l.run_state() {
+                            RunState::Paused => l.park_while_paused(index, &mut || {
+                                served += 1;
+                                Err(SnapshotError::InvalidState(format!(
+                                    "vCPU {index} request {served}"
+                                )))
+                            }),
+                            RunState::Stopping => break served,
+                            RunState::Running => std::thread::sleep(Duration::from_millis(1)),
+                        }
+                    }
+                })
+            })
+            .collect();
+        assert!(
+            matches!(
+                l.capture_vcpus(Duration::from_secs(5)),
+                Err(SnapshotError::NotRunning)
+            ),
+            "only a paused VM is captured"
+        );
+        assert!(l.pause(Duration::from_secs(5)));
+        for request in 1..=2 {
+            match l.capture_vcpus(Duration::from_secs(5)) {
+                Err(SnapshotError::InvalidState(m)) => {
+                    assert_eq!(m, format!("vCPU 0 request {request}"))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        l.request_exit(ExitReason::HostRequest);
+        assert!(matches!(
+            l.capture_vcpus(Duration::from_secs(5)),
+            Err(SnapshotError::NotRunning)
+        ));
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 2, "one capture per request and vCPU");
+        }
     }
 
     #[test]

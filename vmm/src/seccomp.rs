@@ -2,8 +2,10 @@
 //!
 //! * vCPU threads: `KVM_RUN` and what device emulation on a vCPU thread needs (eventfd writes,
 //!   console file writes, locks, memory allocation, kicking other vCPUs, closing host streams
-//!   on a virtio device reset, thread exit). Device activation and queue processing never run
-//!   there: the transport hands them to the VMM thread through the queue eventfds.
+//!   on a virtio device reset, thread exit), and the read-only `KVM_GET_*` vCPU ioctls with
+//!   which a parked vCPU captures its own state for a snapshot (`snapshot_ioctls`). Device
+//!   activation and queue processing never run there: the transport hands them to the VMM
+//!   thread through the queue eventfds.
 //! * the VMM thread (the event loop of the virtio devices): epoll, Unix-socket I/O for the vsock
 //!   muxer (`socket` limited to `AF_UNIX`) and for virtio-net's stream to passt (`sendto`,
 //!   `recvfrom`), positioned file I/O and `fdatasync` for the
@@ -26,6 +28,50 @@ use seccompiler::{
 const KVM_RUN: u64 = 0xae80;
 /// `FIONBIO` ioctl request number (std's `set_nonblocking`).
 const FIONBIO: u64 = 0x5421;
+
+/// The vCPU ioctls a parked vCPU thread makes to capture its state for a snapshot
+/// ([`crate::snapshot::vcpu_state::capture`]): only `KVM_GET_*` reads of its own vCPU, never a
+/// `SET`, a VM-level or a `/dev/kvm` ioctl (those run on the thread that builds or snapshots
+/// the VM). Numbers as in `<linux/kvm.h>`.
+mod snapshot_ioctls {
+    use kvm_bindings::{
+        kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs,
+        kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+
+    const KVMIO: u32 = 0xae;
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+
+    /// All of them.
+    pub(super) fn all() -> [u64; 12] {
+        [
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_FPU(),
+            KVM_GET_LAPIC(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_TSC_KHZ(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_GET_XSAVE2(),
+        ]
+        .map(u64::from)
+    }
+}
 
 /// Errors while building a filter.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +186,13 @@ fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, Seccomp
 /// The allow-list of a vCPU thread.
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|s| (*s, vec![])).collect();
-    rules.insert(libc::SYS_ioctl, vec![eq(1, KVM_RUN)?]);
+    // KVM_RUN, and the reads with which a parked vCPU captures its state for a snapshot (it
+    // also completes pending I/O with a KVM_RUN before them).
+    let mut ioctls = vec![eq(1, KVM_RUN)?];
+    for request in snapshot_ioctls::all() {
+        ioctls.push(eq(1, request)?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctls);
     // A driver's device reset (a register write, handled on the vCPU thread) drops the vsock
     // connections, taking their host streams out of the muxer's epoll set, and makes
     // virtio-net stop (or change) watching its stream to passt.
@@ -185,6 +237,26 @@ pub fn net_relay_filter() -> Result<BpfProgram, SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_ioctl_numbers_are_the_kernels() {
+        // From <linux/kvm.h> on x86_64.
+        let known = [
+            0x8090_ae81u64, // KVM_GET_REGS
+            0x8138_ae83,    // KVM_GET_SREGS
+            0xc008_ae88,    // KVM_GET_MSRS
+            0x81a0_ae8c,    // KVM_GET_FPU
+            0x8400_ae8e,    // KVM_GET_LAPIC
+            0x8004_ae98,    // KVM_GET_MP_STATE
+            0x8040_ae9f,    // KVM_GET_VCPU_EVENTS
+            0x8080_aea1,    // KVM_GET_DEBUGREGS
+            0xaea3,         // KVM_GET_TSC_KHZ
+            0x9000_aea4,    // KVM_GET_XSAVE
+            0x8188_aea6,    // KVM_GET_XCRS
+            0x9000_aecf,    // KVM_GET_XSAVE2
+        ];
+        assert_eq!(snapshot_ioctls::all(), known);
+    }
 
     #[test]
     fn filters_compile() {

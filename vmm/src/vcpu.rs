@@ -5,9 +5,15 @@
 //! A vCPU blocked in `KVM_RUN` (halted, or an AP waiting for its start-up IPI) is pulled out by
 //! [`Kicker`]: a real-time signal whose handler sets `kvm_run.immediate_exit`, so a kick that
 //! lands just before `KVM_RUN` is not lost either.
+//!
+//! A parked vCPU thread also captures its own state for a snapshot when asked
+//! ([`crate::lifecycle::Lifecycle::capture_vcpus`]): first it completes any port or MMIO access
+//! still pending inside KVM (a `KVM_RUN` with `immediate_exit` set finishes the instruction
+//! without entering the guest), so the registers it reads are those after the instruction, and a
+//! restored guest neither repeats nor loses an I/O access.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -16,6 +22,12 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 
 use crate::credentials::ThreadCredentials;
 use crate::lifecycle::{ExitReason, Lifecycle, RunState};
+use crate::snapshot::vcpu_state::{self, CpuidEntry, VcpuState, VcpuStateCaps};
+use crate::snapshot::SnapshotError;
+
+/// Most `KVM_RUN`s with `immediate_exit` a snapshot spends completing a vCPU's pending I/O (a
+/// string instruction exits once per page or so).
+const MAX_IO_COMPLETION_RUNS: usize = 1 << 16;
 
 /// Offset from `SIGRTMIN` of the signal used to kick vCPU threads. The VMM installs a handler
 /// for it; the embedding program must leave it alone.
@@ -99,6 +111,11 @@ pub(crate) struct Vcpu {
     pub(crate) seccomp: Option<seccompiler::BpfProgram>,
     /// Identity the thread takes before the first `KVM_RUN`.
     pub(crate) run_as: Option<ThreadCredentials>,
+    /// What KVM offers for capturing this vCPU's state (probed by the snapshot's caller
+    /// before it asks for a capture, or when the VM was restored).
+    pub(crate) state_caps: Arc<OnceLock<VcpuStateCaps>>,
+    /// The CPUID the VMM gave this vCPU, recorded in its snapshots.
+    pub(crate) cpuid: Vec<CpuidEntry>,
 }
 
 impl Vcpu {
@@ -152,7 +169,17 @@ impl Vcpu {
             match self.lifecycle.run_state() {
                 RunState::Stopping => return,
                 RunState::Paused => {
-                    self.lifecycle.park_while_paused();
+                    let (fd, io, caps, cpuid, index) = (
+                        &mut self.fd,
+                        &self.io,
+                        &self.state_caps,
+                        &self.cpuid,
+                        self.index,
+                    );
+                    self.lifecycle
+                        .park_while_paused(usize::from(index), &mut || {
+                            capture_state(fd, io, caps, cpuid, index)
+                        });
                     continue;
                 }
                 RunState::Running => {}
@@ -181,42 +208,7 @@ impl Vcpu {
     fn run_once(&mut self) -> Step {
         let index = self.index;
         match self.fd.run() {
-            Ok(exit) => match exit {
-                VcpuExit::IoIn(port, data) => {
-                    if self.io.pio_read(PioAddress(port), data).is_err() {
-                        data.fill(0xff);
-                    }
-                    Step::Continue
-                }
-                VcpuExit::IoOut(port, data) => {
-                    let _ = self.io.pio_write(PioAddress(port), data);
-                    Step::Continue
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    if self.io.mmio_read(MmioAddress(addr), data).is_err() {
-                        data.fill(0xff);
-                    }
-                    Step::Continue
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    let _ = self.io.mmio_write(MmioAddress(addr), data);
-                    Step::Continue
-                }
-                // With the in-kernel irqchip these do not reach user space; without work to do
-                // the loop simply re-enters the guest.
-                VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Step::Continue,
-                VcpuExit::Shutdown => Step::Exit(ExitReason::GuestShutdown),
-                VcpuExit::SystemEvent(kind, _) => Step::Exit(ExitReason::SystemEvent { kind }),
-                VcpuExit::InternalError => Step::InternalError,
-                VcpuExit::FailEntry(reason, _) => Step::Exit(ExitReason::FailEntry {
-                    vcpu: index,
-                    reason,
-                }),
-                other => Step::Exit(ExitReason::VcpuError {
-                    vcpu: index,
-                    message: format!("unhandled vCPU exit {other:?}"),
-                }),
-            },
+            Ok(exit) => handle_exit(index, exit, &self.io),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick: clear it and look at the run state again.
                 self.fd.set_kvm_immediate_exit(0);
@@ -228,6 +220,92 @@ impl Vcpu {
             }),
         }
     }
+}
+
+/// Dispatches one exit of `KVM_RUN` to the device buses.
+fn handle_exit(index: u8, exit: VcpuExit<'_>, io: &IoManager) -> Step {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if io.pio_read(PioAddress(port), data).is_err() {
+                data.fill(0xff);
+            }
+            Step::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            let _ = io.pio_write(PioAddress(port), data);
+            Step::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if io.mmio_read(MmioAddress(addr), data).is_err() {
+                data.fill(0xff);
+            }
+            Step::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            let _ = io.mmio_write(MmioAddress(addr), data);
+            Step::Continue
+        }
+        // With the in-kernel irqchip these do not reach user space; without work to do
+        // the loop simply re-enters the guest.
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Step::Continue,
+        VcpuExit::Shutdown => Step::Exit(ExitReason::GuestShutdown),
+        VcpuExit::SystemEvent(kind, _) => Step::Exit(ExitReason::SystemEvent { kind }),
+        VcpuExit::InternalError => Step::InternalError,
+        VcpuExit::FailEntry(reason, _) => Step::Exit(ExitReason::FailEntry {
+            vcpu: index,
+            reason,
+        }),
+        other => Step::Exit(ExitReason::VcpuError {
+            vcpu: index,
+            message: format!("unhandled vCPU exit {other:?}"),
+        }),
+    }
+}
+
+/// Captures this (parked) vCPU's state on its own thread: completes the I/O access KVM may
+/// still hold from the last exit (`KVM_RUN` with `immediate_exit` returns `EINTR` once it has,
+/// without entering the guest), then reads the state.
+fn capture_state(
+    fd: &mut VcpuFd,
+    io: &IoManager,
+    caps: &OnceLock<VcpuStateCaps>,
+    cpuid: &[CpuidEntry],
+    index: u8,
+) -> Result<VcpuState, SnapshotError> {
+    let caps = caps.get().ok_or_else(|| {
+        SnapshotError::InvalidState("vCPU state capabilities were not probed".into())
+    })?;
+    let mut runs = 0;
+    loop {
+        fd.set_kvm_immediate_exit(1);
+        let step = match fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+            Err(e) => {
+                fd.set_kvm_immediate_exit(0);
+                return Err(SnapshotError::Kvm {
+                    what: format!("vCPU {index}: KVM_RUN completing pending I/O"),
+                    source: e,
+                });
+            }
+            // A string instruction's next piece of I/O: serve it and go on completing.
+            Ok(exit) => handle_exit(index, exit, io),
+        };
+        if !matches!(step, Step::Continue) {
+            fd.set_kvm_immediate_exit(0);
+            return Err(SnapshotError::InvalidState(format!(
+                "vCPU {index} stopped while completing its pending I/O"
+            )));
+        }
+        runs += 1;
+        if runs >= MAX_IO_COMPLETION_RUNS {
+            fd.set_kvm_immediate_exit(0);
+            return Err(SnapshotError::InvalidState(format!(
+                "vCPU {index} kept exiting while completing its pending I/O"
+            )));
+        }
+    }
+    fd.set_kvm_immediate_exit(0);
+    vcpu_state::capture(fd, index, caps, cpuid)
 }
 
 /// vCPU threads may be spawned from a thread that blocks real-time signals; the kick must get

@@ -1,8 +1,9 @@
 //! Building and starting a VM: KVM VM with in-kernel irqchip and PIT, guest RAM, the device
-//! buses, the boot image, the vCPUs, and the threads that run them.
+//! buses, the boot image (or, for [`Vm::restore`], a snapshot's memory and state), the vCPUs,
+//! and the threads that run them.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -19,13 +20,15 @@ use crate::devices::i8042::I8042;
 use crate::devices::irq_trigger::IrqTrigger;
 use crate::devices::serial::SerialDevice;
 use crate::event_loop::{EventLoop, Subscriber};
-use crate::handle::VmHandle;
+use crate::handle::{SnapshotSupport, VmHandle};
 use crate::layout;
 use crate::lifecycle::Lifecycle;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::seccomp::{self, SeccompError};
+use crate::snapshot::vcpu_state::{self, CpuidEntry, VcpuStateCaps};
+use crate::snapshot::{self, vm_state, SnapshotError};
 use crate::vcpu::{self, Vcpu};
-use crate::virtio::VirtioError;
+use crate::virtio::{DeviceInfo, VirtioError};
 
 /// Errors while building or starting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,9 @@ pub enum VmError {
     /// The VM is not running (already stopping or stopped).
     #[error("the VM is not running")]
     NotRunning,
+    /// A snapshot could not be read or restored.
+    #[error("restore failed: {0}")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// What the boot vCPU starts: a kernel file, or code given in memory (the calibration probe).
@@ -92,6 +98,21 @@ impl Vm {
     pub fn start(config: VmConfig) -> Result<VmHandle, VmError> {
         let image = KernelImage::File(config.kernel.clone());
         start_vm(&config, image)
+    }
+
+    /// Builds a fresh VM from `config` and the snapshot at `snapshot` (written by
+    /// [`VmHandle::snapshot`]) and runs it from where the snapshot was taken. Instead of loading
+    /// a kernel, it loads the snapshot's guest RAM and the state of its vCPUs, interrupt
+    /// controllers, PIT, clock and legacy devices.
+    ///
+    /// `config` must describe the same machine: the same `mem_mib` and `vcpus`, and no virtio
+    /// devices (none can be restored yet). Its kernel, initrd, command line and hidden CPU
+    /// features are not used (the guest keeps the CPUID it had); its console, identity,
+    /// seccomp, `/dev/kvm` and huge-page settings apply to the new VM. The snapshot is refused
+    /// before anything runs if its file is damaged, from another VMM build, or needs CPU
+    /// features this host's KVM lacks.
+    pub fn restore(config: VmConfig, snapshot: impl AsRef<Path>) -> Result<VmHandle, VmError> {
+        restore_vm(&config, snapshot.as_ref())
     }
 }
 
@@ -165,24 +186,34 @@ fn pio_range(base: u16, len: u16) -> Result<PioRange, VmError> {
         .map_err(|e| VmError::Device(format!("port range {base:#x}: {e:?}")))
 }
 
-/// The legacy devices on the port bus. Returns the console ring for a memory sink.
+/// The legacy devices on the port bus, the serial port from `serial_state` where one is given
+/// (a restore). Returns the console ring for a memory sink, and the serial port.
 fn add_legacy_devices(
     config: &VmConfig,
     vm: &VmFd,
     io: &mut IoManager,
     lifecycle: &Arc<Lifecycle>,
-) -> Result<Option<crate::devices::console::ConsoleRing>, VmError> {
+    serial_state: Option<&vm_state::SerialState>,
+) -> Result<
+    (
+        Option<crate::devices::console::ConsoleRing>,
+        Arc<SerialDevice>,
+    ),
+    VmError,
+> {
     let (log, ring) = ConsoleLog::open(&config.serial)
         .map_err(|e| VmError::Device(format!("cannot open the serial console sink: {e}")))?;
     let irq = IrqTrigger::new().map_err(|e| VmError::Device(format!("serial irq eventfd: {e}")))?;
     vm.register_irqfd(irq.eventfd(), layout::SERIAL_GSI)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     let bus_err = |e| VmError::Device(format!("port bus: {e:?}"));
-    io.register_pio(
-        pio_range(layout::SERIAL_PORT_BASE, 8)?,
-        Arc::new(SerialDevice::new(irq, log)),
-    )
-    .map_err(bus_err)?;
+    let serial = Arc::new(match serial_state {
+        None => SerialDevice::new(irq, log),
+        Some(state) => SerialDevice::from_state(&state.into(), irq, log)
+            .map_err(|e| SnapshotError::InvalidState(format!("the serial port's state: {e:?}")))?,
+    });
+    io.register_pio(pio_range(layout::SERIAL_PORT_BASE, 8)?, serial.clone())
+        .map_err(bus_err)?;
     io.register_pio(
         pio_range(layout::I8042_PORT_BASE, 5)?,
         Arc::new(I8042::new(lifecycle.clone())),
@@ -193,7 +224,7 @@ fn add_legacy_devices(
         Arc::new(BootTimer::new(lifecycle.clone())),
     )
     .map_err(bus_err)?;
-    Ok(ring)
+    Ok((ring, serial))
 }
 
 /// Loads the kernel/initrd and writes the command line, zero page, MP table and boot tables.
@@ -217,14 +248,15 @@ fn load_boot_image(
     Ok(kernel)
 }
 
-/// Creates vCPU `index` and programs its power-on state.
+/// Creates vCPU `index` and programs its power-on state. Returns it with the CPUID it was
+/// given (for snapshots).
 fn create_vcpu(
     kvm: &Kvm,
     vm: &VmFd,
     config: &VmConfig,
     index: u8,
     entry: vm_memory::GuestAddress,
-) -> Result<VcpuFd, VmError> {
+) -> Result<(VcpuFd, Vec<CpuidEntry>), VmError> {
     let fd = vm
         .create_vcpu(u64::from(index))
         .map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -233,16 +265,37 @@ fn create_vcpu(
         cpu_index: index,
         vcpus: config.vcpus,
     };
-    cpu::cpuid::setup_cpuid(kvm, &fd, topo, &config.hidden_cpu_features).map_err(cpu_err)?;
+    // What the vCPU is given is recorded for its snapshots (see
+    // `snapshot::vcpu_state::capture` on why KVM_GET_CPUID2 is not asked).
+    let given = cpu::cpuid::setup_cpuid(kvm, &fd, topo, &config.hidden_cpu_features)
+        .map_err(cpu_err)?
+        .as_slice()
+        .iter()
+        .map(CpuidEntry::from)
+        .collect();
     cpu::msrs::setup_msrs(&fd).map_err(cpu_err)?;
     cpu::long_mode::setup_sregs(&fd).map_err(cpu_err)?;
     cpu::long_mode::setup_regs(&fd, entry).map_err(cpu_err)?;
     cpu::fpu::setup_fpu(&fd).map_err(cpu_err)?;
     cpu::lapic::setup_lapic(&fd).map_err(cpu_err)?;
-    Ok(fd)
+    Ok((fd, given))
 }
 
-pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle, VmError> {
+/// What every VM is built on: KVM, the VM with its RAM, irqchip and PIT, and the legacy devices.
+struct Base {
+    kvm: Kvm,
+    vm: VmFd,
+    mem: Arc<GuestMemory>,
+    lifecycle: Arc<Lifecycle>,
+    io: IoManager,
+    console: Option<crate::devices::console::ConsoleRing>,
+    serial: Arc<SerialDevice>,
+}
+
+fn build_base(
+    config: &VmConfig,
+    serial_state: Option<&vm_state::SerialState>,
+) -> Result<Base, VmError> {
     validate(config)?;
     vcpu::install_kick_handler().map_err(|e| {
         VmError::Device(format!("cannot install the vCPU kick signal handler: {e}"))
@@ -262,22 +315,109 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
     add_irqchip_and_pit(&vm)?;
 
     let mut io = IoManager::new();
-    let console = add_legacy_devices(config, &vm, &mut io, &lifecycle)?;
+    let (console, serial) = add_legacy_devices(config, &vm, &mut io, &lifecycle, serial_state)?;
+    Ok(Base {
+        kvm,
+        vm,
+        mem,
+        lifecycle,
+        io,
+        console,
+        serial,
+    })
+}
+
+pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle, VmError> {
+    let mut base = build_base(config, None)?;
 
     let mut cmdline =
         Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
-    let virtio = crate::virtio::attach_devices(config, &vm, &mut io, &mem, &mut cmdline)?;
+    let virtio =
+        crate::virtio::attach_devices(config, &base.vm, &mut base.io, &base.mem, &mut cmdline)?;
     let cmdline = cmdline
         .as_cstring()
         .map_err(BootError::Cmdline)?
         .into_string()
         .map_err(|_| VmError::InvalidConfig("command line is not UTF-8".into()))?;
 
-    let kernel = load_boot_image(config, image, &mem, &cmdline)?;
+    let kernel = load_boot_image(config, image, &base.mem, &cmdline)?;
     let vcpu_fds = (0..config.vcpus)
-        .map(|i| create_vcpu(&kvm, &vm, config, i, kernel.entry))
+        .map(|i| create_vcpu(&base.kvm, &base.vm, config, i, kernel.entry))
         .collect::<Result<Vec<_>, _>>()?;
+    // Probed on the first snapshot (most VMs never take one), by the thread that takes it.
+    let state_caps = Arc::new(OnceLock::new());
+    launch(
+        config,
+        base,
+        vcpu_fds,
+        virtio.subscribers,
+        virtio.info,
+        state_caps,
+    )
+}
 
+/// Builds a VM from `config` and the snapshot at `path`, and starts it (see [`Vm::restore`]).
+fn restore_vm(config: &VmConfig, path: &Path) -> Result<VmHandle, VmError> {
+    if let Some(device) = snapshot::unsupported_device(config) {
+        return Err(SnapshotError::UnsupportedDevice(device.into()).into());
+    }
+    let (mut file, parsed) = snapshot::read_snapshot_file(path)?;
+    let config_ram = config.mem_mib.saturating_mul(1 << 20);
+    if parsed.header.vcpus != config.vcpus || parsed.header.guest_ram_bytes != config_ram {
+        return Err(SnapshotError::ConfigMismatch(format!(
+            "the snapshot has {} vCPUs and {} bytes of RAM, the configuration {} vCPUs and {} bytes",
+            parsed.header.vcpus, parsed.header.guest_ram_bytes, config.vcpus, config_ram
+        ))
+        .into());
+    }
+
+    let base = build_base(config, Some(&parsed.vm.devices.serial))?;
+    // The restoring KVM (through the configured descriptor) must offer every CPU feature the
+    // guest saw, before any of the guest's state reaches it.
+    let supported = snapshot::cpu_compat::supported_cpuid(&base.kvm)?;
+    snapshot::cpu_compat::check(&parsed.header.cpuid, &supported)?;
+    for v in &parsed.vcpus {
+        snapshot::cpu_compat::check(&v.cpuid, &supported)?;
+    }
+
+    snapshot::load_memory(&mut file, &parsed, &base.mem)?;
+    vm_state::restore(&base.vm, &parsed.vm)?;
+    if parsed.vm.devices.boot_timer_written {
+        base.lifecycle.timestamps.mark_boot_timer();
+    }
+    let caps = VcpuStateCaps::probe(&base.kvm, &base.vm);
+    let mut vcpu_fds = Vec::with_capacity(parsed.vcpus.len());
+    for (index, state) in (0u8..).zip(&parsed.vcpus) {
+        let fd = base
+            .vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu_state::restore(&fd, index, state, &caps)?;
+        vcpu_fds.push((fd, state.cpuid.clone()));
+    }
+    let state_caps = Arc::new(OnceLock::from(caps));
+    launch(
+        config,
+        base,
+        vcpu_fds,
+        Vec::new(),
+        DeviceInfo::default(),
+        state_caps,
+    )
+}
+
+/// Starts the VMM thread (where there are virtio devices) and the vCPU threads. `state_caps`
+/// is what KVM offers for capturing vCPU state, shared by the handle (which probes it, on the
+/// thread that takes the first snapshot, where it is still empty) and the vCPU threads (whose
+/// seccomp filter allows no `/dev/kvm` or VM ioctls).
+fn launch(
+    config: &VmConfig,
+    base: Base,
+    vcpu_fds: Vec<(VcpuFd, Vec<CpuidEntry>)>,
+    subscribers: Vec<Subscriber>,
+    devices: DeviceInfo,
+    state_caps: Arc<OnceLock<VcpuStateCaps>>,
+) -> Result<VmHandle, VmError> {
     let (vcpu_filter, vmm_filter) = if config.seccomp {
         (
             Some(seccomp::vcpu_filter()?),
@@ -287,7 +427,7 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
         (None, None)
     };
 
-    let subscribers: Vec<Subscriber> = virtio.subscribers;
+    let lifecycle = base.lifecycle;
     let event_loop = if subscribers.is_empty() {
         None
     } else {
@@ -302,17 +442,25 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
         )
     };
 
-    let io = Arc::new(io);
+    let io = Arc::new(base.io);
+    let support = SnapshotSupport {
+        unsupported_device: snapshot::unsupported_device(config),
+        serial: base.serial,
+        vcpus: config.vcpus,
+        state_caps: state_caps.clone(),
+        in_progress: Mutex::new(()),
+    };
     let mut handle = VmHandle::new(
-        kvm,
-        vm,
-        mem,
+        base.kvm,
+        base.vm,
+        base.mem,
         lifecycle.clone(),
-        console,
-        virtio.info,
+        base.console,
+        devices,
         event_loop,
+        support,
     );
-    for (index, fd) in vcpu_fds.into_iter().enumerate() {
+    for (index, (fd, cpuid)) in vcpu_fds.into_iter().enumerate() {
         let v = Vcpu {
             index: index as u8,
             fd,
@@ -320,6 +468,8 @@ pub(crate) fn start_vm(config: &VmConfig, image: KernelImage) -> Result<VmHandle
             lifecycle: lifecycle.clone(),
             seccomp: vcpu_filter.clone(),
             run_as: config.run_as.clone(),
+            state_caps: state_caps.clone(),
+            cpuid,
         };
         let t = std::thread::Builder::new()
             .name(format!("vcpu{index}"))

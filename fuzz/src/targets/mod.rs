@@ -9,6 +9,7 @@ pub mod devices;
 pub mod fuse_request;
 pub mod net_frames;
 pub mod scratch;
+pub mod snapshot_file;
 pub mod virtqueue_chains;
 pub mod vsock_packets;
 
@@ -24,7 +25,7 @@ pub struct Target {
 }
 
 /// Every target.
-pub const TARGETS: [Target; 6] = [
+pub const TARGETS: [Target; 7] = [
     Target {
         name: "virtqueue_chains",
         run: virtqueue_chains::run,
@@ -54,6 +55,11 @@ pub const TARGETS: [Target; 6] = [
         name: "net_frames",
         run: net_frames::run,
         seeds: net_frames::seeds,
+    },
+    Target {
+        name: "snapshot_file",
+        run: snapshot_file::run,
+        seeds: snapshot_file::seeds,
     },
 ];
 

@@ -203,15 +203,16 @@ pub fn vcpu_cpuid(kvm: &Kvm, topo: Topology, hidden: &[CpuFeature]) -> Result<Cp
     Ok(cpuid)
 }
 
-/// Programs the vCPU's CPUID.
+/// Programs the vCPU's CPUID; returns what it set (snapshots record it).
 pub fn setup_cpuid(
     kvm: &Kvm,
     vcpu: &VcpuFd,
     topo: Topology,
     hidden: &[CpuFeature],
-) -> Result<(), CpuError> {
+) -> Result<CpuId, CpuError> {
     let cpuid = vcpu_cpuid(kvm, topo, hidden)?;
-    vcpu.set_cpuid2(&cpuid).map_err(CpuError::SetCpuid)
+    vcpu.set_cpuid2(&cpuid).map_err(CpuError::SetCpuid)?;
+    Ok(cpuid)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use super::console::ConsoleLog;
@@ -23,6 +23,23 @@ impl SerialDevice {
         Self {
             uart: Mutex::new(Serial::new(irq, log)),
         }
+    }
+
+    /// A UART with the registers of `state` (a restored snapshot); raises the interrupt the
+    /// state has pending. Fails when the state's receive FIFO is over-full.
+    pub fn from_state(
+        state: &SerialState,
+        irq: IrqTrigger,
+        log: ConsoleLog,
+    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
+        Ok(Self {
+            uart: Mutex::new(Serial::from_state(state, irq, NoEvents, log)?),
+        })
+    }
+
+    /// The UART's registers, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        lock_device(&self.uart).state()
     }
 }
 
