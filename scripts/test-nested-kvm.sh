@@ -7,6 +7,8 @@
 #   image_e2e    embedded::*   (OS image on virtio-blk, the cwd shared over virtio-fs)
 #   network_e2e  embedded::*   (eth0 through virtio-net and passt to the outer host's loopback)
 #   vmm real_kernel            (the real guest kernel in the VMM: vsock, virtio-fs and ext4 roots)
+#   vmm snapshot_guests        (snapshot and restore of counting tiny guests on real KVM: the port
+#                               access KVM holds at the exit completed, every MSR set back)
 #   timings                    (an embedded job-path smoke: `run --timings -- true`, three times)
 #   sge                        (a Grid Engine cell in the nested host whose jobs run in embedded
 #                               VMs: scripts/nested-sge-checks.sh)
@@ -23,7 +25,7 @@
 #
 # Usage: scripts/test-nested-kvm.sh [--timeout S]     (after scripts/setup.sh)
 # Environment: NESTED_KVM_TIER_FILTER (default: all the groups above; a space-separated subset
-#              of run_e2e image_e2e network_e2e real_kernel timings sge), NESTED_KVM_TEST_THREADS (default 1),
+#              of run_e2e image_e2e network_e2e real_kernel snapshot_guests timings sge), NESTED_KVM_TEST_THREADS (default 1),
 #              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 480; sge:
 #              NESTED_KVM_SGE_TIMEOUT, default 900; one outer boot: --timeout, default 1800;
 #              all tries: NESTED_KVM_BUDGET, default 2700; a full tier takes 15-20 min on 2
@@ -154,7 +156,7 @@ while [ $# -gt 0 ]; do
         *) die "unknown argument $1" ;;
     esac
 done
-groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e network_e2e real_kernel timings sge}
+groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e network_e2e real_kernel snapshot_guests timings sge}
 
 # The test executable cargo builds for `--test NAME` of package PKG.
 test_executable() {
@@ -174,7 +176,7 @@ pairs=()
 for g in $groups; do
     case $g in
         run_e2e|image_e2e|network_e2e) exe=$(test_executable integration-tests "$g") ;;
-        real_kernel) exe=$(test_executable vmm real_kernel) ;;
+        real_kernel|snapshot_guests) exe=$(test_executable vmm "$g") ;;
         timings) exe=$SGE_VIRTUALIZER_BIN ;;
         sge)
             # The cell's files as the host's packages made them (installed if need be); the
@@ -185,7 +187,7 @@ for g in $groups; do
             cp -a /var/lib/gridengine "$REPO/target/nested-kvm-sge/gridengine"
             exe=$REPO/scripts/nested-sge-checks.sh
             ;;
-        *) die "unknown group $g (run_e2e image_e2e network_e2e real_kernel timings sge)" ;;
+        *) die "unknown group $g (run_e2e image_e2e network_e2e real_kernel snapshot_guests timings sge)" ;;
     esac
     [ -n "$exe" ] && [ -x "$exe" ] || die "cannot build the $g test executable"
     pairs+=("$g" "$exe")
