@@ -21,11 +21,13 @@
 # at different tests each time, more often under memory-heavy inner guests. nested-kvm-host.sh
 # stops such a host once its kernel has reported the stall twice, and this script boots another
 # for the groups that have not passed yet (below); the serial logs, at loglevel 5, carry the
-# stacks.
+# stacks. On 2026-12-07 3 of 4 outer boots of one CI run stalled, all in snapshot_guests (RCU
+# stall, timers stopped; the 4th passed it), and 2 of 5 boots of a benchmark without it: the
+# snapshot tests run last, so that a stall in them costs no other group a rerun.
 #
 # Usage: scripts/test-nested-kvm.sh [--timeout S]     (after scripts/setup.sh)
 # Environment: NESTED_KVM_TIER_FILTER (default: all the groups above; a space-separated subset
-#              of run_e2e image_e2e network_e2e real_kernel snapshot_guests timings sge), NESTED_KVM_TEST_THREADS (default 1),
+#              of run_e2e image_e2e network_e2e real_kernel timings sge snapshot_guests), NESTED_KVM_TEST_THREADS (default 1),
 #              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 480; sge:
 #              NESTED_KVM_SGE_TIMEOUT, default 900; one outer boot: --timeout, default 1800;
 #              all tries: NESTED_KVM_BUDGET, default 2700; a full tier takes 15-20 min on 2
@@ -156,7 +158,7 @@ while [ $# -gt 0 ]; do
         *) die "unknown argument $1" ;;
     esac
 done
-groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e network_e2e real_kernel snapshot_guests timings sge}
+groups=${NESTED_KVM_TIER_FILTER:-run_e2e image_e2e network_e2e real_kernel timings sge snapshot_guests}
 
 # The test executable cargo builds for `--test NAME` of package PKG.
 test_executable() {
