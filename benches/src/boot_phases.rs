@@ -727,7 +727,7 @@ pub fn report(out: &mut String, out_dir: &Path, r: &BenchResult) -> anyhow::Resu
         let _ = writeln!(
             rows,
             "| {} | {} | {} | {} | {} | {} |",
-            v.replace('|', "\\|"),
+            crate::report::cell(v),
             opt(wall),
             opt(init),
             opt(init_to_reset),
@@ -801,7 +801,7 @@ pub fn report(out: &mut String, out_dir: &Path, r: &BenchResult) -> anyhow::Resu
                 let _ = writeln!(
                     out,
                     "| {} | {metric} | {} | {} | {:.2} |",
-                    v.replace('|', "\\|"),
+                    crate::report::cell(v),
                     fmt(x),
                     fmt(f),
                     x / f
@@ -835,7 +835,7 @@ fn optimisation_log(out: &mut String, r: &BenchResult) {
                 let _ = writeln!(
                     rows,
                     "| {} | {metric} | {} | {} | {} ({:+.0} %) |",
-                    label.replace('|', "\\|"),
+                    crate::report::cell(label),
                     fmt(b),
                     fmt(a),
                     fmt(a - b),

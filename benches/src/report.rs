@@ -118,7 +118,7 @@ pub(crate) fn median(r: &BenchResult, variant: &str, metric: &str) -> Option<f64
 }
 
 /// Text for a table cell: a `|` in it (a shell pipe in a variant's name) would end the cell.
-fn cell(text: &str) -> String {
+pub(crate) fn cell(text: &str) -> String {
     text.replace('|', "\\|")
 }
 

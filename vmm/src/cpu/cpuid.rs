@@ -190,14 +190,22 @@ pub fn add_emulated_features(entry: &mut kvm_cpuid_entry2, tsc_deadline_timer: b
     }
 }
 
-/// Builds the CPUID for one vCPU from KVM's supported set.
-pub fn vcpu_cpuid(kvm: &Kvm, topo: Topology, hidden: &[CpuFeature]) -> Result<CpuId, CpuError> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuError::GetSupportedCpuid)?;
+/// Everything `kvm` can give a guest: `KVM_GET_SUPPORTED_CPUID` plus what it emulates without
+/// listing it there ([`add_emulated_features`]). The base of every vCPU's CPUID, and what a
+/// snapshot's guest CPUID is checked against on restore.
+pub fn kvm_guest_cpuid(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     let tsc_deadline_timer = kvm.check_extension(Cap::TscDeadlineTimer);
     for entry in cpuid.as_mut_slice() {
         add_emulated_features(entry, tsc_deadline_timer);
+    }
+    Ok(cpuid)
+}
+
+/// Builds the CPUID for one vCPU from what KVM can give a guest ([`kvm_guest_cpuid`]).
+pub fn vcpu_cpuid(kvm: &Kvm, topo: Topology, hidden: &[CpuFeature]) -> Result<CpuId, CpuError> {
+    let mut cpuid = kvm_guest_cpuid(kvm).map_err(CpuError::GetSupportedCpuid)?;
+    for entry in cpuid.as_mut_slice() {
         filter_entry(entry, topo, hidden);
     }
     Ok(cpuid)

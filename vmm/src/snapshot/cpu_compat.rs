@@ -158,21 +158,14 @@ pub fn missing_features(guest: &[CpuidEntry], host: &[CpuidEntry]) -> Vec<Missin
         .collect()
 }
 
-/// The CPUID `kvm` supports (`KVM_GET_SUPPORTED_CPUID`, plus the features KVM emulates but does
-/// not list there, which the VMM gives its guests: [`crate::cpu::cpuid::add_emulated_features`]):
-/// what [`check`] compares a snapshot against on restore.
+/// The CPUID `kvm` can give a guest ([`crate::cpu::cpuid::kvm_guest_cpuid`]): what [`check`]
+/// compares a snapshot against on restore.
 pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<Vec<CpuidEntry>, SnapshotError> {
-    let tsc_deadline_timer = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
-    Ok(kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+    Ok(crate::cpu::cpuid::kvm_guest_cpuid(kvm)
         .map_err(SnapshotError::kvm("KVM_GET_SUPPORTED_CPUID"))?
         .as_slice()
         .iter()
-        .map(|entry| {
-            let mut entry = *entry;
-            crate::cpu::cpuid::add_emulated_features(&mut entry, tsc_deadline_timer);
-            CpuidEntry::from(&entry)
-        })
+        .map(CpuidEntry::from)
         .collect())
 }
 

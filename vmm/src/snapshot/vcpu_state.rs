@@ -20,9 +20,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use super::SnapshotError;
+pub use crate::cpu::msrs::MSR_IA32_TSC;
 
-/// `IA32_TSC`.
-pub const MSR_IA32_TSC: u32 = 0x10;
 /// `IA32_TSC_DEADLINE`.
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// MSRs restored after all others, in this order.
