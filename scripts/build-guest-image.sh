@@ -187,6 +187,17 @@ install_if_changed() {
     cp "$src" "$dst.tmp.$$"
     mv "$dst.tmp.$$" "$dst"
 }
+# The zeros between .text and the 2 MiB-aligned .rodata are loaded by the VMM at every boot and
+# then poisoned and freed by the kernel (see kernel.config): say how many there are.
+text_rodata_gap() {
+    local text rodata
+    text=$(readelf -SW "$1" | sed -n 's/.*\] \.text  *PROGBITS  *\([0-9a-f]*\) [0-9a-f]* \([0-9a-f]*\) .*/\1 \2/p')
+    rodata=$(readelf -SW "$1" | sed -n 's/.*\] \.rodata  *PROGBITS  *\([0-9a-f]*\) .*/\1/p')
+    [[ -n $text && -n $rodata ]] || { echo "unknown"; return; }
+    set -- $text
+    echo "$(( (0x$rodata - 0x$1 - 0x$2) / 1024 )) KiB"
+}
+say "vmlinux: $(text_rodata_gap "$KDIR/vmlinux") of zeros between .text and .rodata"
 if install_if_changed "$KDIR/vmlinux" "$OUT/vmlinux"; then
     say "wrote $OUT/vmlinux"
 else
@@ -217,7 +228,9 @@ else
         RUST_TARGET=x86_64-unknown-linux-gnu
         say "building the guest agent (static, target dir $REPO/target/guest)"
         # --target keeps RUSTFLAGS off build scripts and proc macros, which cannot be static.
-        if ! (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release \
+        # strip=symbols: the symbol table is 14 % of the binary and only serves debuggers;
+        # every byte of /init is loaded by the VMM, unpacked and freed by the guest at each boot.
+        if ! (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" cargo build --release \
                 -p guest-agent --bin sge-vm-agent --target "$RUST_TARGET" \
                 --target-dir "$REPO/target/guest"); then
             die "building the guest agent failed (to test the image without it: --init /bin/busybox)"

@@ -85,8 +85,11 @@ pub struct Options {
     /// /usr and /etc.
     #[arg(long)]
     pub firecracker: Option<PathBuf>,
-    /// An older `sge_virtualizer` binary, measured as the extra variant "embedded VMM, baseline
-    /// LABEL" in the same interleaved run. Must lie inside this repository.
+    /// A baseline measured as the extra variant "embedded VMM, baseline LABEL" in the same
+    /// interleaved run: an older `sge_virtualizer` binary (booting the guest under test), or a
+    /// directory made by `benches/build-under-test.sh` (its `sge_virtualizer` booting its own
+    /// `guest/vmlinux` and `guest/initramfs.cpio`, so that a guest kernel or initramfs change is
+    /// measured too). Must lie inside this repository.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
     /// The baseline's label in the report (default: its path in the repository).
@@ -106,6 +109,44 @@ impl Options {
                 .to_string(),
         };
         Some(format!("{EMBEDDED}, baseline {label}"))
+    }
+}
+
+/// What `--baseline` names: the VMM to run and the guest it boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Baseline {
+    shepherd: PathBuf,
+    /// `None`: the guest under test.
+    guest: Option<Guest>,
+}
+
+impl Baseline {
+    /// `path` as a binary, or as a `build-under-test.sh` directory.
+    fn resolve(path: &Path) -> Baseline {
+        if path.is_dir() {
+            Baseline {
+                shepherd: path.join("sge_virtualizer"),
+                guest: Some(Guest {
+                    kernel: path.join("guest/vmlinux"),
+                    initrd: path.join("guest/initramfs.cpio"),
+                }),
+            }
+        } else {
+            Baseline {
+                shepherd: path.to_path_buf(),
+                guest: None,
+            }
+        }
+    }
+
+    /// Every file it uses.
+    fn files(&self) -> Vec<(&Path, &'static str)> {
+        let mut files = vec![(self.shepherd.as_path(), "--baseline's sge_virtualizer")];
+        if let Some(g) = &self.guest {
+            files.push((g.kernel.as_path(), "--baseline's guest/vmlinux"));
+            files.push((g.initrd.as_path(), "--baseline's guest/initramfs.cpio"));
+        }
+        files
     }
 }
 
@@ -243,8 +284,8 @@ fn wait_with_deadline(
     Ok(None)
 }
 
-/// The guest every VMM boots.
-#[derive(Clone)]
+/// The guest a VMM boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Guest {
     kernel: PathBuf,
     initrd: PathBuf,
@@ -437,24 +478,30 @@ pub fn inside(ctx: &BenchContext, opts: &Options, out: &Path) -> anyhow::Result<
         .firecracker
         .as_ref()
         .map(|fc| (fc.clone(), firecracker_version(fc, scratch)));
-    let mut plan: Vec<(String, Vmm)> = vec![
+    let mut plan: Vec<(String, Vmm, Guest)> = vec![
         (
             EMBEDDED.to_string(),
             Vmm::Embedded(ctx.under_test.shepherd.clone()),
+            guest.clone(),
         ),
-        (QEMU.to_string(), Vmm::Qemu),
+        (QEMU.to_string(), Vmm::Qemu, guest.clone()),
     ];
     if let Some(fc) = &opts.firecracker {
-        plan.push((FIRECRACKER.to_string(), Vmm::Firecracker(fc.clone())));
+        plan.push((
+            FIRECRACKER.to_string(),
+            Vmm::Firecracker(fc.clone()),
+            guest.clone(),
+        ));
     }
-    if let (Some(path), Some(name)) = (&opts.baseline, opts.baseline_variant(&root)) {
-        plan.push((name, Vmm::Embedded(path.clone())));
+    let baseline = opts.baseline.as_deref().map(Baseline::resolve);
+    if let (Some(b), Some(name)) = (&baseline, opts.baseline_variant(&root)) {
+        let g = b.guest.clone().unwrap_or_else(|| guest.clone());
+        plan.push((name, Vmm::Embedded(b.shepherd.clone()), g));
     }
     let mut variants: Vec<Variant<'_>> = plan
         .iter()
-        .map(|(name, vmm)| {
-            let guest = guest.clone();
-            Variant::new(name.clone(), "ms", move || boot_once(vmm, &guest, scratch))
+        .map(|(name, vmm, guest)| {
+            Variant::new(name.clone(), "ms", move || boot_once(vmm, guest, scratch))
         })
         .collect();
     eprintln!(
@@ -505,11 +552,20 @@ pub fn inside(ctx: &BenchContext, opts: &Options, out: &Path) -> anyhow::Result<
                  repository)."
             .to_string(),
     });
-    if let (Some(path), Some(name)) = (&opts.baseline, opts.baseline_variant(&root)) {
-        notes.push(format!(
-            "\"{name}\": {}, run exactly like the embedded VMM.",
-            path.display()
-        ));
+    if let (Some(b), Some(name)) = (&baseline, opts.baseline_variant(&root)) {
+        notes.push(match &b.guest {
+            None => format!(
+                "\"{name}\": {}, run exactly like the embedded VMM (same guest).",
+                b.shepherd.display()
+            ),
+            Some(g) => format!(
+                "\"{name}\": {} booting its own guest ({} + {}), run exactly like the \
+                 embedded VMM.",
+                b.shepherd.display(),
+                g.kernel.display(),
+                g.initrd.display()
+            ),
+        });
     }
     let result = BenchResult::measured(ctx, ID, TITLE, series, outcomes, notes);
     let text = serde_json::to_string(&result)?;
@@ -549,6 +605,24 @@ fn shell_words(words: &[String]) -> String {
         .join(" ")
 }
 
+/// `--baseline` made canonical, with every file it names checked to lie in the repository.
+fn shared_baseline(root: &Path, path: &Path) -> anyhow::Result<PathBuf> {
+    let canonical = std::fs::canonicalize(path)
+        .with_context(|| format!("--baseline {}: not found", path.display()))?;
+    if canonical.is_dir() && !is_inside(root, &canonical) {
+        bail!(
+            "--baseline {} is outside the repository {}: the nested host shares only the \
+             repository, /usr and /etc",
+            canonical.display(),
+            root.display()
+        );
+    }
+    for (file, what) in Baseline::resolve(&canonical).files() {
+        shared_file(root, file, what)?;
+    }
+    Ok(canonical)
+}
+
 /// Outside: boots the nested host (2 vCPUs), runs [`inside`] there, and returns its result.
 /// `under_test_dir` is the `--under-test` directory, if one was given.
 pub fn run(
@@ -576,7 +650,7 @@ pub fn run(
         baseline: opts
             .baseline
             .as_deref()
-            .map(|p| shared_file(&shared, p, "--baseline"))
+            .map(|p| shared_baseline(&shared, p))
             .transpose()?,
         baseline_label: opts.baseline_label.clone(),
     };
@@ -635,10 +709,20 @@ pub fn run(
             .status()
             .with_context(|| format!("running {}", script.display()))?;
         // 125: the outer host failed to boot or stalled (nested-kvm-host.sh).
-        if status.code() == Some(125) && lost_boots < MAX_LOST_BOOTS {
+        if status.code() == Some(125) {
             lost_boots += 1;
-            eprintln!("{ID}: the nested host failed or stalled; its {runs} rounds run again");
-            continue;
+            if lost_boots <= MAX_LOST_BOOTS {
+                eprintln!("{ID}: the nested host failed or stalled; its {runs} rounds run again");
+                continue;
+            }
+            if merged.is_some() {
+                // Keep what earlier boots measured rather than lose it all; the notes say so.
+                eprintln!(
+                    "{ID}: the nested host stalled {lost_boots} times; keeping the {done} \
+                     rounds measured so far"
+                );
+                break;
+            }
         }
         if !status.success() {
             bail!("{} failed: {status}", script.display());
@@ -655,6 +739,13 @@ pub fn run(
     }
     let inner = merged.ok_or_else(|| anyhow!("no runs were asked for (--runs 0)"))?;
     let mut notes = inner.notes;
+    if done < ctx.runs {
+        notes.push(format!(
+            "Only {done} of the {} rounds asked for: the nested host stalled or failed {} \
+             times, more than the {MAX_LOST_BOOTS} reruns allowed.",
+            ctx.runs, lost_boots
+        ));
+    }
     notes.push(format!(
         "The nested host ran with 2 vCPUs (scripts/nested-kvm-host.sh run --cpus 2) on this \
          machine; the runs were spread over {} boots of it, at most {ROUNDS_PER_BOOT} rounds \
@@ -663,6 +754,7 @@ pub fn run(
         boots, ctx.warmup
     ));
     let mut result = BenchResult::measured(ctx, ID, TITLE, inner.series, inner.outcomes, notes);
+    result.runs = done;
     let extra = option_args(opts);
     if !extra.is_empty() {
         result.command = format!("{} {}", result.command, shell_words(&extra));
@@ -674,7 +766,7 @@ pub fn run(
 /// Rounds (one boot of every variant) per boot of the nested host.
 const ROUNDS_PER_BOOT: usize = 8;
 /// Boots of the nested host that may stall or fail before the benchmark gives up.
-const MAX_LOST_BOOTS: usize = 3;
+const MAX_LOST_BOOTS: usize = 6;
 
 /// Two results of the inside, one after the other: the samples of each series appended, the
 /// outcomes added up (notes and machine are the first's: every boot runs the same way).
@@ -866,6 +958,37 @@ mod tests {
         [    0.000000] Command line: console=ttyS0 reboot=k rdinit=/bin/busybox -- sh -c \"mount -t proc p /proc; mount -t devtmpfs d /dev; dmesg | grep -m1 'R[u]n /' | sed 's/^/<2>init: /' > /dev/kmsg; reboot -f\"\r\n\
         [    0.950000] init: [    0.912345] Run /bin/busybox as init process\r\n\
         [    0.987654] reboot: Restarting system\r\n";
+
+    #[test]
+    fn boot_phases_baseline_is_a_binary_or_a_build_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("sge_virtualizer");
+        std::fs::write(&binary, b"").unwrap();
+        assert_eq!(
+            Baseline::resolve(&binary),
+            Baseline {
+                shepherd: binary.clone(),
+                guest: None
+            }
+        );
+        let built = Baseline::resolve(dir.path());
+        assert_eq!(built.shepherd, binary);
+        assert_eq!(
+            built.guest,
+            Some(Guest {
+                kernel: dir.path().join("guest/vmlinux"),
+                initrd: dir.path().join("guest/initramfs.cpio"),
+            })
+        );
+        assert_eq!(built.files().len(), 3);
+        // A directory outside the repository is refused before anything boots.
+        let root = std::fs::canonicalize(workspace_root()).unwrap();
+        let err = shared_baseline(&root, dir.path()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("outside the repository"),
+            "{err:#}"
+        );
+    }
 
     #[test]
     fn boot_phases_parse_printk_lines() {

@@ -65,14 +65,23 @@ const SUGGESTIONS: &str = "\
   boot; with the PIT as clock event device it skips that. Keep it TCG-only (hardware KVM with \
   the TSC-deadline timer skips the calibration anyway, and a per-CPU timer is better there).
 * **Guest kernel boot in general** (section 2: guest_kernel_boot; section 12 on real KVM). \
-  With the TSC-deadline CPUID bit (section 12's optimisation log) the embedded VMM presents \
-  what Firecracker presents: the same kernel log line for line, the same VM exits by reason and \
-  count (kvm_exit, kvm_pio and kvm_msr hist triggers in the nested host: 8,154 and 8,450 exits \
-  from VMM start to the guest's reset in one pair of runs, the same reasons, ports and MSRs). What is left is the kernel's own work, alike under every VMM: early memory set-up, \
-  unpacking the 3.6 MB initramfs (about 80-130 ms of guest clock in the nested host), freeing \
-  init memory (about 65 ms). A smaller initramfs (the agent and a trimmed busybox) and a guest \
-  kernel configuration without what a microVM never has would shorten both; measure them with \
-  `nested-boot --baseline`.
+  With the TSC-deadline CPUID bit (760cdbb; guest_init 1353 → 763 ms in efd8293's run of \
+  section 12) the embedded VMM presents what Firecracker presents: the same kernel log line for \
+  line, the same VM exits by reason and count (kvm_exit, kvm_pio and kvm_msr hist triggers in \
+  the nested host: 8,154 and 8,450 exits from VMM start to the guest's reset in one pair of \
+  runs, the same reasons, ports and MSRs). The guest image was then trimmed (section 12's \
+  baseline is the image before): no ORC unwinder (1.5 MB of tables the VMM loaded; building \
+  their lookup table took about 10 ms of guest clock in the nested host), no 4 MiB of padding \
+  around the entry text (patch 0002; poisoning and freeing half of it took about 28 ms), no \
+  SLUB debugging, the agent without symbols (initramfs 3.7 → 3.5 MB). The VMM loads 5.6 MB \
+  instead of 11.6 (VM created → first vCPU run −45 %, wall −6 %) and the guest has 6 MB more \
+  RAM (115,704 K of 128 MiB available instead of 109,332 K). The guest clock did not fall: it \
+  rose by about 9 % in two runs, because pages the VMM no longer writes are now first touched \
+  by the guest, and in the nested host a first touch (a nested page fault served by emulated \
+  KVM) is what most of the guest's boot costs: zeroing struct pages (2 MiB for 128 MiB), the \
+  2 MiB first per-CPU chunk (memblock zeroes it; `percpu_alloc=page` would avoid that at a TLB \
+  cost on every per-CPU access, not taken), unpacking and freeing the initramfs. Going below \
+  means touching less memory at boot, or backing guest RAM so that a first touch is cheap.
 * **virtio-fs data path** (section 8: READ and WRITE through the device against pread and \
   pwrite of the same bytes). A READ zero-fills the server's reply buffer, preads into it and the \
   device then copies the reply into the guest's buffers; a WRITE is first gathered from guest \
