@@ -237,7 +237,7 @@ while :; do
         if grep -qx "=== group passed: ${remaining[i]}" "$out"; then
             passed_groups+=("${remaining[i]}")
             # Its count, from its result line (the sge group counts checks, timings none).
-            line=$(grep -E "^=== ${remaining[i]}: exit 0, [0-9]+ (checks )?passed" "$out" | tail -n 1)
+            line=$(grep -E "^=== ${remaining[i]}: exit 0, [0-9]+ (checks )?passed" "$out" | tail -n 1 || true)
             n=$(echo "$line" | sed -n 's/^=== [^:]*: exit 0, \([0-9]*\) .*/\1/p')
             k=$(echo "$line" | sed -n 's/.* \([0-9]*\) SKIPPED lines.*/\1/p')
             tier_ran=$((tier_ran + ${n:-0} - ${k:-0}))
