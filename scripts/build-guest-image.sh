@@ -190,9 +190,10 @@ install_if_changed() {
 # The zeros between .text and the 2 MiB-aligned .rodata are loaded by the VMM at every boot and
 # then poisoned and freed by the kernel (see kernel.config): say how many there are.
 text_rodata_gap() {
-    local text rodata
-    text=$(readelf -SW "$1" | sed -n 's/.*\] \.text  *PROGBITS  *\([0-9a-f]*\) [0-9a-f]* \([0-9a-f]*\) .*/\1 \2/p')
-    rodata=$(readelf -SW "$1" | sed -n 's/.*\] \.rodata  *PROGBITS  *\([0-9a-f]*\) .*/\1/p')
+    local sections text rodata
+    sections=$(readelf -SW "$1")
+    text=$(sed -n 's/.*\] \.text  *PROGBITS  *\([0-9a-f]*\) [0-9a-f]* \([0-9a-f]*\) .*/\1 \2/p' <<<"$sections")
+    rodata=$(sed -n 's/.*\] \.rodata  *PROGBITS  *\([0-9a-f]*\) .*/\1/p' <<<"$sections")
     [[ -n $text && -n $rodata ]] || { echo "unknown"; return; }
     set -- $text
     echo "$(( (0x$rodata - 0x$1 - 0x$2) / 1024 )) KiB"
