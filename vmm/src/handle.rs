@@ -20,7 +20,11 @@ use crate::snapshot::vcpu_state::VcpuStateCaps;
 use crate::snapshot::vm_state::{self, DeviceState};
 use crate::snapshot::{self, SnapshotError, SnapshotInfo};
 use crate::thread_exit::{join_by, THREAD_EXIT_PATIENCE};
-use crate::virtio::{DeviceInfo, NetDeviceInfo, ShareDeviceInfo, VsockDeviceInfo};
+use crate::virtio::mmio::TransportStateError;
+use crate::virtio::{
+    BalloonDeviceInfo, DeviceInfo, NetDeviceInfo, ShareDeviceInfo, VirtioTransports,
+    VsockDeviceInfo,
+};
 use crate::vm::VmError;
 
 /// How long [`VmHandle::pause`] waits for every vCPU to park.
@@ -32,6 +36,8 @@ const CAPTURE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct SnapshotSupport {
     /// A configured device whose state cannot be captured yet.
     pub(crate) unsupported_device: Option<&'static str>,
+    /// The virtio devices' transports, whose state is captured.
+    pub(crate) virtio: VirtioTransports,
     /// The serial port, for its registers.
     pub(crate) serial: Arc<SerialDevice>,
     /// vCPUs in the VM.
@@ -56,6 +62,7 @@ pub struct VmHandle {
     vsock: Option<VsockDeviceInfo>,
     shares: Vec<ShareDeviceInfo>,
     net: Option<NetDeviceInfo>,
+    balloon: Option<BalloonDeviceInfo>,
     memory: Arc<GuestMemory>,
     snapshot: SnapshotSupport,
     // Declared last: the VM and KVM fds are closed only after the threads using them are joined
@@ -86,6 +93,7 @@ impl VmHandle {
             vsock: devices.vsock,
             shares: devices.shares,
             net: devices.net,
+            balloon: devices.balloon,
             memory,
             snapshot,
             vm,
@@ -158,8 +166,10 @@ impl VmHandle {
     /// whether the snapshot succeeded or not: the caller resumes it ([`resume`](Self::resume))
     /// or stops it. [`crate::Vm::restore`] starts a new VM from the file.
     ///
-    /// A VM with virtio devices is refused ([`SnapshotError::UnsupportedDevice`]) before it is
-    /// paused: their state cannot be captured yet.
+    /// The virtio devices' transports are locked from before their state is captured until the
+    /// file is written, so the VMM thread neither moves a queue nor writes guest RAM in between.
+    /// A VM with a virtio device whose state cannot be captured yet (any but the balloon) is
+    /// refused ([`SnapshotError::UnsupportedDevice`]) before it is paused.
     pub fn snapshot(&self, path: impl AsRef<Path>) -> Result<SnapshotInfo, SnapshotError> {
         if let Some(device) = self.snapshot.unsupported_device {
             return Err(SnapshotError::UnsupportedDevice(device.into()));
@@ -178,9 +188,21 @@ impl VmHandle {
             Err(_) => return Err(SnapshotError::Timeout("pause")), // VmError::PauseTimeout
         }
         let vcpus = self.lifecycle.capture_vcpus(CAPTURE_TIMEOUT)?;
+        let transports = self.snapshot.virtio.lock_all();
+        let virtio = transports
+            .iter()
+            .map(|t| t.save_state())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| match e {
+                TransportStateError::Unsupported(t) => {
+                    SnapshotError::UnsupportedDevice(format!("virtio (type {t})"))
+                }
+                other => SnapshotError::InvalidState(other.to_string()),
+            })?;
         let devices = DeviceState {
             serial: (&self.snapshot.serial.state()).into(),
             boot_timer_written: self.lifecycle.timestamps.boot_timer().is_some(),
+            virtio,
         };
         let vm = vm_state::capture(&self.vm, devices)?;
         let cpuid = vcpus
@@ -193,7 +215,10 @@ impl VmHandle {
             guest_ram_bytes: memory::ram_size(&self.memory),
             cpuid,
         };
-        snapshot::write_snapshot_file(path.as_ref(), &header, &vm, &vcpus, &self.memory)
+        let written =
+            snapshot::write_snapshot_file(path.as_ref(), &header, &vm, &vcpus, &self.memory);
+        drop(transports);
+        written
     }
 
     /// Host timestamps: created, first vCPU run, boot-timer write, exit.
@@ -220,6 +245,11 @@ impl VmHandle {
     /// The virtio-net device's state (link, counters), if the VM has one.
     pub fn net(&self) -> Option<&NetDeviceInfo> {
         self.net.as_ref()
+    }
+
+    /// The virtio-balloon device's state, if the VM has one.
+    pub fn balloon(&self) -> Option<&BalloonDeviceInfo> {
+        self.balloon.as_ref()
     }
 
     /// The process's resident memory and how much of it is guest RAM.

@@ -371,7 +371,7 @@ fn restore_vm(config: &VmConfig, path: &Path) -> Result<VmHandle, VmError> {
         .into());
     }
 
-    let base = build_base(config, Some(&parsed.vm.devices.serial))?;
+    let mut base = build_base(config, Some(&parsed.vm.devices.serial))?;
     // The restoring KVM (through the configured descriptor) must offer every CPU feature the
     // guest saw, before any of the guest's state reaches it.
     let supported = snapshot::cpu_compat::supported_cpuid(&base.kvm)?;
@@ -380,8 +380,21 @@ fn restore_vm(config: &VmConfig, path: &Path) -> Result<VmHandle, VmError> {
         snapshot::cpu_compat::check(&v.cpuid, &supported)?;
     }
 
+    // The devices the configuration asks for, in the same slots as when the snapshot was taken
+    // (the command line they add is the one the guest booted with, so it is not used again).
+    let mut unused_cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    let virtio = crate::virtio::attach_devices(
+        config,
+        &base.vm,
+        &mut base.io,
+        &base.mem,
+        &mut unused_cmdline,
+    )?;
+
     snapshot::load_memory(&mut file, &parsed, &base.mem)?;
     vm_state::restore(&base.vm, &parsed.vm)?;
+    // After guest RAM is loaded: a running device's queues must lie in it.
+    virtio.info.transports.restore(&parsed.vm.devices.virtio)?;
     if parsed.vm.devices.boot_timer_written {
         base.lifecycle.timestamps.mark_boot_timer();
     }
@@ -400,8 +413,8 @@ fn restore_vm(config: &VmConfig, path: &Path) -> Result<VmHandle, VmError> {
         config,
         base,
         vcpu_fds,
-        Vec::new(),
-        DeviceInfo::default(),
+        virtio.subscribers,
+        virtio.info,
         state_caps,
     )
 }
@@ -443,8 +456,10 @@ fn launch(
     };
 
     let io = Arc::new(base.io);
+    let mut devices = devices;
     let support = SnapshotSupport {
         unsupported_device: snapshot::unsupported_device(config),
+        virtio: std::mem::take(&mut devices.transports),
         serial: base.serial,
         vcpus: config.vcpus,
         state_caps: state_caps.clone(),

@@ -19,14 +19,12 @@
 //! The kernel is `$SGE_VM_KERNEL` or `<workspace>/build/guest/vmlinux` (built by
 //! `scripts/build-guest-image.sh`); without one the test prints SKIPPED and passes.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Says that the test did not run and why, straight to stderr, past the harness's capture.
-fn skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
-}
+use common::{run_child_test, skipped};
 
 use vmm::{
     CpuFeature, DiskConfig, SerialSink, ShareConfig, Vm, VmConfig, VsockConfig, DEFAULT_CMDLINE,
@@ -271,4 +269,196 @@ fn slow_real_kernel_smoke_mounts_an_ext4_root_from_virtio_blk_and_executes_init_
     const EXECUTED: &str = "/sbin/init exists but couldn't execute it (error -8)";
     assert!(text.contains(MOUNTED), "no '{MOUNTED}'; console:\n{text}");
     assert!(text.contains(EXECUTED), "no '{EXECUTED}'; console:\n{text}");
+}
+
+/// Environment of the child process that restores the real-kernel snapshot (see
+/// `real_kernel_restore_child`).
+const CHILD_SNAPSHOT: &str = "VMM_REAL_KERNEL_SNAPSHOT";
+const CHILD_KERNEL: &str = "VMM_REAL_KERNEL_KERNEL";
+const CHILD_OUTPUT: &str = "VMM_REAL_KERNEL_OUTPUT";
+/// Ticks the restored guest must print, and how long it may take.
+const TICKS_AFTER_RESTORE: usize = 10;
+const RESTORED_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A real Linux guest whose init (busybox sh) prints "tick N" every 100 ms and makes and frees
+/// a few MiB each time, with the virtio-balloon and free page reporting, and a virtio-vsock
+/// device (host sockets at `uds`) that nothing in the guest uses but its driver; 128 MiB,
+/// 1 vCPU, the product's command line (no emulator workarounds: this test needs a KVM that
+/// runs Linux).
+fn ticking_guest_config(kernel: &std::path::Path, uds: &std::path::Path) -> VmConfig {
+    let mut config = VmConfig::new(kernel);
+    config.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: uds.to_path_buf(),
+    });
+    config.initrd = Some(kernel.with_file_name("initramfs.cpio"));
+    config.mem_mib = 128;
+    config.serial = SerialSink::Memory { capacity: 1 << 20 };
+    assert!(config.balloon);
+    config.cmdline = format!(
+        "{DEFAULT_CMDLINE} quiet rdinit=/bin/busybox -- sh -c \
+         \"n=0; while :; do n=$((n+1)); echo tick $n; seq 1 300000 >/tmp/f; rm /tmp/f; \
+         usleep 100000; done\""
+    );
+    config
+}
+
+/// The numbers of the complete "tick N" lines of `text`, in order (other console lines, such
+/// as kernel messages, are left out).
+fn ticks(text: &str) -> Vec<u64> {
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    lines.pop();
+    lines
+        .iter()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("tick "))
+        .map(|n| {
+            n.parse()
+                .unwrap_or_else(|_| panic!("bad tick {n:?} in {text:?}"))
+        })
+        .collect()
+}
+
+/// Polls `done` every 100 ms until `deadline`; panics with the console if the VM stops.
+fn wait_for(vm: &vmm::VmHandle, deadline: Instant, what: &str, done: impl Fn(&str) -> bool) {
+    loop {
+        let text = String::from_utf8_lossy(&vm.console_output().unwrap_or_default()).into_owned();
+        if done(&text) {
+            return;
+        }
+        if let Some(reason) = vm.exit_reason() {
+            panic!("guest stopped ({reason}) before {what}; console:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in time; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The child process's part of `real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process`
+/// (which runs it with `--ignored`): restores the snapshot, waits for more ticks and for the
+/// balloon to report free memory again, and writes the console and the balloon's counters.
+#[test]
+#[ignore = "the child process of real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process"]
+fn real_kernel_restore_child() {
+    let (Some(snap), Some(kernel), Some(out)) = (
+        std::env::var_os(CHILD_SNAPSHOT),
+        std::env::var_os(CHILD_KERNEL),
+        std::env::var_os(CHILD_OUTPUT),
+    ) else {
+        panic!("run by real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process only");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let restored_at = Instant::now();
+    let config = ticking_guest_config(std::path::Path::new(&kernel), &dir.path().join("v.sock"));
+    let vm = Vm::restore(config, &snap).unwrap();
+    let balloon = vm.balloon().expect("a balloon").clone();
+    let at_restore = balloon.state();
+    let deadline = restored_at + RESTORED_TIMEOUT;
+    wait_for(&vm, deadline, "ticks after the restore", |c| {
+        ticks(c).len() >= TICKS_AFTER_RESTORE
+    });
+    assert!(balloon.driver_ok(), "{balloon:?}");
+    // Linux's vsock driver took the transport reset and goes on with the device.
+    let vsock = vm.vsock().expect("vsock");
+    assert!(vsock.driver_ok() && !vsock.needs_reset(), "{vsock:?}");
+    // The guest goes on reporting what it frees (each tick frees a few MiB of page cache).
+    while balloon.state().reported_pages <= at_restore.reported_pages {
+        assert!(
+            Instant::now() < deadline,
+            "no free page report after the restore: {balloon:?}"
+        );
+        assert!(vm.exit_reason().is_none(), "guest stopped: {balloon:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = balloon.state();
+    vm.request_stop();
+    assert_eq!(vm.wait(), vmm::ExitReason::HostRequest);
+    let console = String::from_utf8_lossy(&vm.console_output().unwrap_or_default()).into_owned();
+    std::fs::write(
+        out,
+        format!(
+            "{} {} {}\n{console}",
+            at_restore.reported_pages,
+            after.reported_pages,
+            restored_at.elapsed().as_millis()
+        ),
+    )
+    .unwrap();
+}
+
+/// Issue 14: a real Linux guest (the project's kernel, busybox as init) with the virtio-balloon
+/// and free page reporting running, and a vsock driver, is snapshotted and restored in a new
+/// process: its output goes on from the next tick (no gap, no repeat), the balloon's driver goes
+/// on reporting free memory through the restored queues, and the vsock driver takes the
+/// transport reset and keeps its device running. Needs a KVM that runs a Linux user space (the
+/// nested real-KVM tier runs it).
+#[test]
+fn real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process() {
+    let Some(kernel) = kernel_and_kvm() else {
+        return;
+    };
+    let probe = vmm::probe::kvm_can_run_linux();
+    if !probe.usable {
+        skipped(&format!(
+            "real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process: {} (scripts/test.sh \
+             runs it on real KVM in a nested host: scripts/test-nested-kvm.sh)",
+            probe.reason
+        ));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::start(ticking_guest_config(&kernel, &dir.path().join("v.sock"))).unwrap();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    wait_for(&vm, deadline, "three ticks", |c| ticks(c).len() >= 3);
+    let balloon = vm.balloon().expect("a balloon").clone();
+    while balloon.state().reported_pages == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no free page report: {balloon:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let snap = dir.path().join("linux.snap");
+    let started = Instant::now();
+    let info = vm.snapshot(&snap).unwrap();
+    let took = started.elapsed();
+    let before = String::from_utf8_lossy(&vm.console_output().unwrap_or_default()).into_owned();
+    let at_snapshot = balloon.state();
+    vm.request_stop();
+    assert_eq!(vm.wait(), vmm::ExitReason::HostRequest);
+    eprintln!(
+        "real-kernel snapshot: {} bytes ({} of {} RAM bytes in {} runs) in {took:?}; balloon {at_snapshot:?}",
+        info.file_bytes, info.memory_bytes_stored, info.guest_ram_bytes, info.memory_ranges
+    );
+
+    let out = dir.path().join("restored");
+    run_child_test(
+        "real_kernel_restore_child",
+        &[
+            (CHILD_SNAPSHOT, snap.as_os_str()),
+            (CHILD_KERNEL, kernel.as_os_str()),
+            (CHILD_OUTPUT, out.as_os_str()),
+        ],
+    );
+    let written = std::fs::read_to_string(&out).unwrap();
+    let (counters, after) = written.split_once('\n').unwrap();
+    eprintln!("real-kernel restore: reported pages at restore, at the end, ms: {counters}");
+    let at_restore: u64 = counters.split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(
+        at_restore, at_snapshot.reported_pages,
+        "the balloon's counters come back with it"
+    );
+    let joined = format!("{before}{after}");
+    let all = ticks(&joined);
+    let expected: Vec<u64> = (1..=all.len() as u64).collect();
+    assert_eq!(
+        all, expected,
+        "before the snapshot:\n{before}\nafter the restore:\n{after}"
+    );
+    assert!(
+        all.len() >= ticks(&before).len() + TICKS_AFTER_RESTORE,
+        "{after}"
+    );
 }

@@ -4,10 +4,13 @@
 //! the harness frames with correct lengths and CRCs (with this build's header, or a fuzzed one),
 //! so the decoders and the memory-run checks behind the checksums are reached too. Properties:
 //! no panic, no allocation beyond the format's bounds, every file that parses re-encodes to one
-//! that parses to the same state, and memory runs land only inside a 2 MiB guest RAM.
+//! that parses to the same state, memory runs land only inside a 2 MiB guest RAM, and each
+//! virtio device state in a file that parses goes into a fresh balloon transport over that RAM
+//! ([`vmm::virtio::mmio::MmioTransport::restore_state`]) or is refused, without a panic.
 
 use vmm::snapshot::format::{self, Header};
 use vmm::snapshot::vcpu_state::{CpuidEntry, FloatingPoint, VcpuState};
+use vmm::snapshot::virtio_state::{DeviceSnapshot, QueueSnapshot, TransportSnapshot};
 use vmm::snapshot::vm_state::VmState;
 
 use crate::input::ByteCursor;
@@ -45,6 +48,36 @@ fn play(file: &[u8]) {
     if let Ok(stats) = vmm::snapshot::memory::load(&mut &memory[..], parsed.memory.len, &mem) {
         assert!(stats.bytes_stored <= RAM_MIB << 20);
     }
+    let mem = std::sync::Arc::new(mem);
+    for saved in &parsed.vm.devices.virtio {
+        restore_into_balloon(saved, &mem);
+    }
+}
+
+/// Restores `saved` into a fresh balloon transport; where it is taken, saving again gives it
+/// back (the transport keeps what it restored, nothing else). Returns whether it was taken.
+fn restore_into_balloon(
+    saved: &TransportSnapshot,
+    mem: &std::sync::Arc<vmm::memory::GuestMemory>,
+) -> bool {
+    use vmm::devices::irq_trigger::IrqTrigger;
+    use vmm::virtio::interrupt::InterruptLine;
+    use vmm::virtio::mmio::MmioTransport;
+    let interrupt = InterruptLine::new(IrqTrigger::new().expect("an eventfd"));
+    let mut transport = MmioTransport::new(
+        Box::new(vmm::virtio::balloon::BalloonDevice::new()),
+        mem.clone(),
+        std::sync::Arc::new(interrupt),
+    )
+    .expect("a balloon transport");
+    let taken = transport.restore_state(saved).is_ok();
+    if taken {
+        let again = transport.save_state().expect("a balloon saves its state");
+        assert_eq!(again.status, saved.status);
+        assert_eq!(again.queues, saved.queues);
+        assert_eq!(again.device, saved.device);
+    }
+    taken
 }
 
 /// The snapshot file a case stands for: the mode byte, then a file or the section payloads.
@@ -81,7 +114,38 @@ fn vm_state() -> VmState {
         ioapic: vec![0; 512],
         pit: Default::default(),
         clock: Default::default(),
-        devices: Default::default(),
+        devices: vmm::snapshot::vm_state::DeviceState {
+            virtio: vec![balloon_state()],
+            ..Default::default()
+        },
+    }
+}
+
+/// A running balloon with inflate and deflate queues in the 2 MiB of guest RAM.
+fn balloon_state() -> TransportSnapshot {
+    let queue = |base: u64, ready: bool| QueueSnapshot {
+        max_size: 256,
+        next_avail: 3,
+        next_used: 3,
+        event_idx_enabled: false,
+        size: if ready { 16 } else { 256 },
+        ready,
+        desc_table: if ready { base } else { 0 },
+        avail_ring: if ready { base + 0x1000 } else { 0 },
+        used_ring: if ready { base + 0x2000 } else { 0 },
+    };
+    TransportSnapshot {
+        device_type: 5,
+        status: 15,
+        queue_select: 1,
+        device_features_select: 1,
+        driver_features_select: 1,
+        driver_features: 1 << 32,
+        config_generation: 0,
+        interrupt_status: 1,
+        running: true,
+        queues: vec![queue(0x10000, true), queue(0x14000, true), queue(0, false)],
+        device: DeviceSnapshot::Balloon(Default::default()),
     }
 }
 
@@ -147,13 +211,18 @@ pub fn seeds() -> Vec<Vec<u8>> {
     vec![whole, payloads(1, None), payloads(2, Some(&header(1)))]
 }
 
-/// Whether a case's file parses and its memory section loads (for the tests: the harness is
-/// not stuck at the checksums).
+/// Whether a case's file parses, its memory section loads and its virtio device states restore
+/// (for the tests: the harness is not stuck at the checksums).
 pub fn parses(data: &[u8]) -> bool {
     let file = file_of(data);
     format::parse_bytes(&file).is_ok_and(|p| {
         let memory = &file[p.memory.offset as usize..];
         let mem = vmm::memory::create_guest_memory(RAM_MIB).expect("guest RAM");
         vmm::snapshot::memory::load(&mut &memory[..], p.memory.len, &mem).is_ok()
+            && p.vm
+                .devices
+                .virtio
+                .iter()
+                .all(|saved| restore_into_balloon(saved, &std::sync::Arc::new(mem.clone())))
     })
 }

@@ -4,7 +4,8 @@
 //! prelude   magic "SGEVMSNP" (8) | format version u32 | reserved u32 (0)
 //! section   kind u32 | crc32 u32 | len u64 | len bytes         (four of them, in this order)
 //!   1 header       postcard(Header): build id, vCPU count, guest RAM size, CPUID the vCPUs saw
-//!   2 vm state     postcard(VmState): PIC master/slave, IOAPIC, PIT, KVM clock, serial, boot timer
+//!   2 vm state     postcard(VmState): PIC master/slave, IOAPIC, PIT, KVM clock, serial, boot timer,
+//!                  virtio devices (transport, queues, device state)
 //!   3 vcpu states  postcard(Vec<VcpuState>), one per vCPU in index order
 //!   4 memory       guest RAM, sparse (see [`super::memory`]); streamed, not postcard
 //! end of file right after the memory section
@@ -49,7 +50,7 @@ pub(crate) const STREAM_CHUNK: usize = 1 << 20;
 pub enum SectionKind {
     /// Build id, vCPU count, RAM size, CPUID.
     Header = 1,
-    /// Interrupt controllers, PIT, clock, legacy devices.
+    /// Interrupt controllers, PIT, clock, legacy and virtio devices.
     VmState = 2,
     /// Every vCPU's state.
     VcpuStates = 3,
@@ -125,6 +126,9 @@ const STATE_SOURCE_HASH: u64 = {
     h = fnv1a(h, include_bytes!("vcpu_state.rs"));
     h = fnv1a(h, include_bytes!("vm_state.rs"));
     h = fnv1a(h, include_bytes!("memory.rs"));
+    h = fnv1a(h, include_bytes!("virtio_state.rs"));
+    h = fnv1a(h, include_bytes!("../virtio/balloon/state.rs"));
+    h = fnv1a(h, include_bytes!("../virtio/vsock/state.rs"));
     h
 };
 

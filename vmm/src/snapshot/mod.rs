@@ -1,8 +1,10 @@
 //! Snapshots of a running VM: everything needed to resume it in a fresh VMM process on a
 //! compatible host — guest RAM, every vCPU's architectural state, the in-kernel interrupt
 //! controllers, PIT and KVM clock, and the state of the legacy devices — in one versioned,
-//! checksummed file. The first step of checkpoint/restore; virtio device state is not captured
-//! yet, so a VM with virtio devices is refused ([`SnapshotError::UnsupportedDevice`]).
+//! checksummed file. The first steps of checkpoint/restore: of the virtio devices, the balloon's
+//! and the vsock device's state are captured so far (with their transports'; vsock connections
+//! end with a transport reset, see [`crate::virtio::vsock::state`]); a VM with any other virtio
+//! device is refused ([`SnapshotError::UnsupportedDevice`]).
 //!
 //! Use [`crate::VmHandle::snapshot`] (pauses the VM, writes the file, leaves the VM paused) and
 //! [`crate::Vm::restore`] (builds a fresh VM from a [`crate::VmConfig`] and the file, then runs it).
@@ -16,8 +18,10 @@
 //!   KVM supports every one the snapshot's guest saw.
 //! * [`vcpu_state`]: one vCPU's state as plain serde types, captured from a `VcpuFd` on its own
 //!   thread and restored into a fresh one, in KVM's required order.
-//! * [`vm_state`]: the VM-wide state: PIC master/slave and IOAPIC, PIT, KVM clock, and the serial
-//!   port and boot timer.
+//! * [`vm_state`]: the VM-wide state: PIC master/slave and IOAPIC, PIT, KVM clock, the serial
+//!   port and boot timer, and the virtio devices.
+//! * [`virtio_state`]: each virtio device's transport (registers, queues, interrupt status) and
+//!   its own state, as plain serde types.
 //! * [`memory`]: guest RAM written sparsely (runs of non-zero pages) and read back through
 //!   vm-memory into fresh guest RAM, bounded by the configured size.
 //! * `file` (private): creating the snapshot file safely (new, `O_EXCL`, `O_NOFOLLOW`, 0600) and
@@ -59,6 +63,7 @@ pub mod memory;
 #[cfg(test)]
 mod tests;
 pub mod vcpu_state;
+pub mod virtio_state;
 pub mod vm_state;
 
 use std::path::PathBuf;
@@ -67,17 +72,14 @@ pub use cpu_compat::MissingCpuFeature;
 pub(crate) use file::{load_memory, read_snapshot_file, write_snapshot_file};
 pub use format::{build_id, SectionKind, FORMAT_VERSION, MAGIC};
 
-/// The first virtio device `config` asks for, by name: snapshots cannot capture their state
-/// yet, so such a VM is refused ([`SnapshotError::UnsupportedDevice`]).
+/// The first virtio device `config` asks for whose state snapshots cannot capture yet, by name:
+/// such a VM is refused ([`SnapshotError::UnsupportedDevice`]). (The balloon's and vsock's are
+/// captured.)
 pub(crate) fn unsupported_device(config: &crate::VmConfig) -> Option<&'static str> {
-    if config.vsock.is_some() {
-        Some("virtio-vsock")
-    } else if !config.disks.is_empty() {
+    if !config.disks.is_empty() {
         Some("virtio-blk")
     } else if !config.shares.is_empty() {
         Some("virtio-fs")
-    } else if config.balloon {
-        Some("virtio-balloon")
     } else if config.net.is_some() {
         Some("virtio-net")
     } else {

@@ -1,7 +1,7 @@
 //! The VM-wide state: the in-kernel interrupt controllers (PIC master and slave, IOAPIC), the
 //! in-kernel PIT, the KVM clock, and the legacy devices' state (the serial port's registers and
-//! whether the boot timer was written). The i8042 holds no state (vm-superio's device only
-//! forwards the reset command).
+//! whether the boot timer was written), and the virtio devices' ([`super::virtio_state`]). The
+//! i8042 holds no state (vm-superio's device only forwards the reset command).
 //!
 //! The KVM clock is handled as Firecracker does: `KVM_CLOCK_TSC_STABLE` is a flag KVM reports
 //! but `KVM_SET_CLOCK` does not accept, so it is dropped on capture; on restore the flags are 0,
@@ -15,6 +15,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
+use super::virtio_state::TransportSnapshot;
 use super::SnapshotError;
 
 /// Bytes of a `kvm_irqchip`'s state union.
@@ -117,7 +118,7 @@ super::mirror_struct!(
     ]
 );
 
-/// The legacy devices' state.
+/// The devices' state.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DeviceState {
     /// COM1.
@@ -125,6 +126,8 @@ pub struct DeviceState {
     /// Whether the guest wrote the boot timer (reads then return the magic value). The host
     /// timestamp itself does not carry over: a restored VM records its restore time.
     pub boot_timer_written: bool,
+    /// The virtio devices, in virtio-mmio slot order.
+    pub virtio: Vec<TransportSnapshot>,
 }
 
 /// The whole VM-wide state.

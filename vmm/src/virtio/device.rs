@@ -1,15 +1,17 @@
 //! What a virtio device implements to sit behind the MMIO transport: identity, features,
 //! configuration space, activation with the driver's queues, queue notifications, and reset;
 //! and the pieces every device's queue handling shares (config-space reads, answering each
-//! available chain).
+//! available chain). Devices that snapshots support also give their own state as a plain
+//! value and the state of the queues they run with, and take that state back.
 
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 
 use super::interrupt::InterruptLine;
 use crate::memory::GuestMemory;
+use crate::snapshot::virtio_state::DeviceSnapshot;
 
 /// A fault that leaves the device unusable until the driver resets it (the transport then sets
 /// DEVICE_NEEDS_RESET). Faults come from the guest breaking the virtqueue protocol.
@@ -58,6 +60,25 @@ pub trait VirtioDevice: Send {
     }
     /// Device reset: drops the queues and all device state tied to the driver.
     fn reset(&mut self);
+    /// For a snapshot (the VM paused, the transport locked): the device's own state, or `None`
+    /// for a device whose state snapshots cannot capture.
+    fn save_state(&self) -> Option<DeviceSnapshot> {
+        None
+    }
+    /// For a snapshot of a running device: the queues it runs with, in transport order, with
+    /// `None` for a queue it left unused. Empty while it is not active.
+    fn running_queues(&self) -> Vec<Option<QueueState>> {
+        Vec::new()
+    }
+    /// On restore, before activation: takes back what [`Self::save_state`] gave. Refuses
+    /// another device's state.
+    fn restore_state(&mut self, state: &DeviceSnapshot) -> Result<(), String> {
+        Err(format!(
+            "virtio device {} cannot restore a snapshot's state ({:?})",
+            self.device_type(),
+            state.device_type()
+        ))
+    }
 }
 
 /// Copies `config[offset..]` into `data`, as a device's [`VirtioDevice::read_config`] does:

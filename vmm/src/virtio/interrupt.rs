@@ -41,6 +41,12 @@ impl InterruptLine {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets InterruptStatus as a snapshot saved it, without raising the line: whether the
+    /// guest still has the interrupt to take is the restored interrupt controllers' state.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// Clears every bit (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);

@@ -9,6 +9,11 @@
 //! queues as a pending activation and kicks the queue eventfds; the device's own (VMM) thread
 //! then activates the device and serves whatever the driver posted before DRIVER_OK
 //! ([`MmioTransport::finish_activation`]).
+//!
+//! For snapshots the transport saves its registers, queues and interrupt status with the
+//! device's own state ([`MmioTransport::save_state`]), and a freshly attached transport takes
+//! them back ([`MmioTransport::restore_state`]); a device that was running is activated again
+//! the same deferred way, on the VMM thread, which then serves every queue once.
 
 use std::sync::Arc;
 
@@ -24,6 +29,23 @@ use vm_device::MutDeviceMmio;
 use super::device::{DeviceFault, VirtioDevice};
 use super::interrupt::InterruptLine;
 use crate::memory::GuestMemory;
+use crate::snapshot::virtio_state::{QueueSnapshot, TransportSnapshot};
+
+/// Why a transport's saved state cannot be captured or restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportStateError {
+    /// The device's state cannot be captured (the device type is named).
+    #[error("virtio device {0} does not support snapshots")]
+    Unsupported(u32),
+    /// The saved state does not fit this transport or is invalid.
+    #[error("virtio device {device_type}: {message}")]
+    Invalid {
+        /// The attached device's type.
+        device_type: u32,
+        /// What is wrong.
+        message: String,
+    },
+}
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -143,6 +165,108 @@ impl MmioTransport {
     /// The device behind the transport, mutably.
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
+    }
+
+    /// For a snapshot, with the VM paused (the caller holds the transport's lock until the
+    /// snapshot is written, so the VMM thread does not touch the queues meanwhile): the
+    /// registers, the queues and the device's own state.
+    pub fn save_state(&self) -> Result<TransportSnapshot, TransportStateError> {
+        let device_type = self.device.device_type();
+        let device = self
+            .device
+            .save_state()
+            .ok_or(TransportStateError::Unsupported(device_type))?;
+        let running = self.activated || self.pending_activation.is_some();
+        let queues: Vec<QueueSnapshot> = if let Some(pending) = &self.pending_activation {
+            pending.iter().map(|q| (&q.state()).into()).collect()
+        } else if self.activated {
+            let running = self.device.running_queues();
+            self.queues
+                .iter()
+                .enumerate()
+                .map(|(i, placeholder)| {
+                    let q = running.get(i).copied().flatten();
+                    (&q.unwrap_or_else(|| placeholder.state())).into()
+                })
+                .collect()
+        } else {
+            self.queues.iter().map(|q| (&q.state()).into()).collect()
+        };
+        Ok(TransportSnapshot {
+            device_type,
+            status: self.status,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            running,
+            queues,
+            device,
+        })
+    }
+
+    /// On restore, into a freshly attached transport before the VM runs: takes back what
+    /// [`Self::save_state`] gave. A device that was running gets its queues as a pending
+    /// activation and every queue is kicked, so the VMM thread activates it and serves what the
+    /// driver posted (including notifications the snapshot caught in flight). Refuses, leaving
+    /// the transport as it was, state of another device type, another queue count, a queue
+    /// virtio-queue rejects, or a ready queue outside guest RAM.
+    pub fn restore_state(&mut self, saved: &TransportSnapshot) -> Result<(), TransportStateError> {
+        let device_type = self.device.device_type();
+        let invalid = |message: String| TransportStateError::Invalid {
+            device_type,
+            message,
+        };
+        if saved.device_type != device_type || saved.device.device_type() != device_type {
+            return Err(invalid(format!(
+                "the snapshot has a device of type {} here",
+                saved.device_type
+            )));
+        }
+        let max_sizes = self.device.queue_max_sizes();
+        if saved.queues.len() != max_sizes.len() {
+            return Err(invalid(format!(
+                "the snapshot has {} queues, the device {}",
+                saved.queues.len(),
+                max_sizes.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(saved.queues.len());
+        for (i, (q, max)) in saved.queues.iter().zip(max_sizes).enumerate() {
+            if q.max_size != *max {
+                return Err(invalid(format!(
+                    "queue {i}: maximum size {} in the snapshot, {max} offered",
+                    q.max_size
+                )));
+            }
+            let queue = Queue::try_from(virtio_queue::QueueState::from(q))
+                .map_err(|e| invalid(format!("queue {i}: {e}")))?;
+            if saved.running && queue.ready() && !queue.is_valid(self.mem.as_ref()) {
+                return Err(invalid(format!("queue {i} lies outside guest RAM")));
+            }
+            queues.push(queue);
+        }
+        self.device.restore_state(&saved.device).map_err(invalid)?;
+        self.status = saved.status;
+        self.queue_select = saved.queue_select;
+        self.device_features_select = saved.device_features_select;
+        self.driver_features_select = saved.driver_features_select;
+        self.driver_features = saved.driver_features;
+        self.config_generation = saved.config_generation;
+        self.interrupt.restore_status(saved.interrupt_status);
+        self.activated = false;
+        if saved.running {
+            self.pending_activation = Some(queues);
+            for i in 0..self.queues.len() {
+                self.kick_queue(i);
+            }
+        } else {
+            self.pending_activation = None;
+            self.queues = queues;
+        }
+        Ok(())
     }
 
     /// Puts the device in DEVICE_NEEDS_RESET after a fault and tells the driver.
@@ -648,6 +772,281 @@ mod tests {
             t.notify_queue(2);
             assert_eq!(rd(&mut t, REG_STATUS), 15, "reporting {reporting}");
         }
+    }
+
+    /// A balloon transport through DRIVER_OK with inflate and deflate queues at 0x10000 and
+    /// 0x14000 (16 entries), `actual` written, activated on "the VMM thread".
+    fn running_balloon(mem: &Arc<GuestMemory>) -> (MmioTransport, Arc<InterruptLine>) {
+        use crate::virtio::balloon::BalloonDevice;
+        let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        let mut t = MmioTransport::new(
+            Box::new(BalloonDevice::new()),
+            mem.clone(),
+            interrupt.clone(),
+        )
+        .unwrap();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x10000, 16);
+        setup_queue(&mut t, 1, 0x14000, 16);
+        wr(&mut t, REG_STATUS, 15);
+        t.finish_activation();
+        assert!(t.is_activated());
+        wr(&mut t, REG_CONFIG + 4, 77);
+        (t, interrupt)
+    }
+
+    /// Posts one deflate chain (one readable 4-byte page-frame buffer) as available entry
+    /// `n` of the deflate queue at 0x14000.
+    fn post_deflate_chain(mem: &GuestMemory, n: u16) {
+        use vm_memory::{Bytes, GuestAddress};
+        let desc = 0x14000 + u64::from(n % 16) * 16;
+        mem.write_obj(0x30000u64 + u64::from(n) * 4, GuestAddress(desc))
+            .unwrap();
+        mem.write_obj(4u32, GuestAddress(desc + 8)).unwrap();
+        mem.write_obj(0u16, GuestAddress(desc + 12)).unwrap();
+        mem.write_obj(n % 16, GuestAddress(0x15000 + 4 + u64::from(n % 16) * 2))
+            .unwrap();
+        mem.write_obj(n + 1, GuestAddress(0x15000 + 2)).unwrap();
+    }
+
+    /// The used ring's index of the deflate queue.
+    fn deflate_used_idx(mem: &GuestMemory) -> u16 {
+        use vm_memory::{Bytes, GuestAddress};
+        mem.read_obj(GuestAddress(0x16000 + 2)).unwrap()
+    }
+
+    /// Issue 14: a running balloon's transport saved (through postcard, as in the file) and
+    /// restored into a fresh transport over the same guest RAM carries on where it was: same
+    /// registers and configuration, the device activated again only on the VMM thread after a
+    /// kick of every queue, and the next chain answered in the next used-ring entry.
+    #[test]
+    fn a_running_device_is_saved_and_restored_where_it_was() {
+        let mem = Arc::new(create_guest_memory(2).unwrap());
+        let (mut t, interrupt) = running_balloon(&mem);
+        post_deflate_chain(&mem, 0);
+        t.notify_queue(1);
+        assert_eq!(deflate_used_idx(&mem), 1);
+        let saved = t.save_state().unwrap();
+        assert!(saved.running);
+        assert_eq!(saved.queues[1].next_avail, 1);
+        assert_eq!(saved.queues[1].next_used, 1);
+        assert_eq!(saved.interrupt_status, interrupt.status());
+        let bytes = postcard::to_stdvec(&saved).unwrap();
+        let saved: TransportSnapshot = postcard::from_bytes(&bytes).unwrap();
+
+        let fresh_interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        let mut r = MmioTransport::new(
+            Box::new(crate::virtio::balloon::BalloonDevice::new()),
+            mem.clone(),
+            fresh_interrupt.clone(),
+        )
+        .unwrap();
+        let kicks: Vec<_> = (0..3)
+            .map(|_| vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        r.set_queue_kicks(kicks.iter().map(|k| k.try_clone().unwrap()).collect());
+        r.restore_state(&saved).unwrap();
+        assert_eq!(rd(&mut r, REG_STATUS), 15);
+        assert_eq!(rd(&mut r, REG_CONFIG + 4), 77, "actual");
+        assert_eq!(rd(&mut r, REG_INTERRUPT_STATUS), saved.interrupt_status);
+        assert!(!r.is_activated(), "activation is the VMM thread's");
+        for k in &kicks {
+            assert_eq!(k.read().unwrap(), 1, "every queue is kicked");
+        }
+        assert_eq!(
+            r.save_state().unwrap(),
+            saved,
+            "saving again gives the same state"
+        );
+
+        post_deflate_chain(&mem, 1);
+        r.notify_queue(1);
+        assert!(r.is_activated());
+        assert_eq!(
+            deflate_used_idx(&mem),
+            2,
+            "the next used entry, not the first"
+        );
+        let after = r.save_state().unwrap();
+        assert_eq!(after.queues[1].next_avail, 2);
+        assert_eq!(
+            after.queues[0], saved.queues[0],
+            "the inflate queue as it was"
+        );
+    }
+
+    /// A device the driver is still setting up is restored with its queue registers, not
+    /// activated.
+    #[test]
+    fn a_device_in_set_up_is_restored_with_its_registers() {
+        let mut f = transport_balloon();
+        negotiate(&mut f, 1);
+        setup_queue(&mut f, 1, 0x14000, 16);
+        wr(&mut f, REG_QUEUE_SEL, 1);
+        let saved = f.save_state().unwrap();
+        assert!(!saved.running);
+        let mut r = transport_balloon();
+        r.restore_state(&saved).unwrap();
+        assert_eq!(rd(&mut r, REG_STATUS), 11);
+        assert_eq!(rd(&mut r, REG_QUEUE_READY), 1, "queue 1 selected and ready");
+        assert!(!r.is_activated());
+        assert_eq!(r.save_state().unwrap(), saved);
+    }
+
+    fn transport_balloon() -> MmioTransport {
+        let mem = Arc::new(create_guest_memory(2).unwrap());
+        let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        MmioTransport::new(
+            Box::new(crate::virtio::balloon::BalloonDevice::new()),
+            mem,
+            interrupt,
+        )
+        .unwrap()
+    }
+
+    /// Saved state that does not fit (another device type, another queue count, a queue
+    /// virtio-queue rejects, a running queue outside guest RAM) is refused and changes nothing.
+    #[test]
+    fn restore_refuses_state_that_does_not_fit() {
+        let mem = Arc::new(create_guest_memory(2).unwrap());
+        let (t, _) = running_balloon(&mem);
+        let good = t.save_state().unwrap();
+        let mut bad = Vec::new();
+        let mut s = good.clone();
+        s.device_type = 19;
+        bad.push(("device type", s));
+        let mut s = good.clone();
+        s.queues.pop();
+        bad.push(("queue count", s));
+        let mut s = good.clone();
+        s.queues[0].size = 3;
+        bad.push(("queue size", s));
+        let mut s = good.clone();
+        s.queues[0].max_size = 1024;
+        bad.push(("maximum size", s));
+        let mut s = good.clone();
+        s.queues[1].used_ring = 0x40_0000;
+        bad.push(("outside RAM", s));
+        for (what, s) in bad {
+            let mut r = transport_balloon();
+            let err = r.restore_state(&s).unwrap_err();
+            assert!(
+                matches!(err, TransportStateError::Invalid { device_type: 5, .. }),
+                "{what}: {err}"
+            );
+            assert_eq!(rd(&mut r, REG_STATUS), 0, "{what}: nothing restored");
+        }
+    }
+
+    /// Devices whose state snapshots cannot capture say so.
+    #[test]
+    fn a_device_without_snapshot_support_is_named() {
+        let device = ThreadRecorder {
+            calls: Default::default(),
+        };
+        let mem = Arc::new(create_guest_memory(2).unwrap());
+        let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        let t = MmioTransport::new(Box::new(device), mem, interrupt).unwrap();
+        assert_eq!(t.save_state(), Err(TransportStateError::Unsupported(2)));
+    }
+
+    /// Makes one 4-byte device-writable buffer available on the vsock event queue at 0x18000
+    /// (descriptor `n % 16`, avail index `n + 1`).
+    fn post_event_buffer(mem: &GuestMemory, n: u16) {
+        use vm_memory::{Bytes, GuestAddress};
+        let slot = u64::from(n % 16);
+        let desc = 0x18000 + slot * 16;
+        mem.write_obj(0x40000u64 + slot * 8, GuestAddress(desc))
+            .unwrap();
+        mem.write_obj(4u32, GuestAddress(desc + 8)).unwrap();
+        mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // VIRTQ_DESC_F_WRITE
+        mem.write_obj(n % 16, GuestAddress(0x19000 + 4 + slot * 2))
+            .unwrap();
+        mem.write_obj(n + 1, GuestAddress(0x19000 + 2)).unwrap();
+    }
+
+    /// The used entries of the vsock event queue at 0x18000: its used index, and the first
+    /// entry's length and the `id` in the first buffer.
+    fn event_queue_used(mem: &GuestMemory) -> (u16, u32, u32) {
+        use vm_memory::{Bytes, GuestAddress};
+        (
+            mem.read_obj(GuestAddress(0x1a000 + 2)).unwrap(),
+            mem.read_obj(GuestAddress(0x1a000 + 4 + 4)).unwrap(),
+            mem.read_obj(GuestAddress(0x40000)).unwrap(),
+        )
+    }
+
+    /// A vsock transport through DRIVER_OK with its three queues at 0x10000, 0x14000 and
+    /// 0x18000, activated.
+    fn running_vsock(mem: &Arc<GuestMemory>, dir: &std::path::Path) -> MmioTransport {
+        let device = VsockDevice::new(42, Muxer::new(42, &dir.join("v.sock")).unwrap());
+        let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        let mut t = MmioTransport::new(Box::new(device), mem.clone(), interrupt).unwrap();
+        negotiate(&mut t, 1);
+        for q in 0..3 {
+            setup_queue(&mut t, q, 0x10000 + q * 0x4000, 16);
+        }
+        wr(&mut t, REG_STATUS, 15);
+        t.finish_activation();
+        assert!(t.is_activated());
+        t
+    }
+
+    /// Issue 14: a restored vsock device tells the guest that its connections are gone
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, once) in the buffer the driver left on the event
+    /// queue; a running device never sends it.
+    #[test]
+    fn a_restored_vsock_device_sends_one_transport_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(create_guest_memory(2).unwrap());
+        let mut t = running_vsock(&mem, dir.path());
+        post_event_buffer(&mem, 0);
+        t.notify_queue(2);
+        assert_eq!(event_queue_used(&mem).0, 0, "no event while running");
+        let saved = t.save_state().unwrap();
+        assert_eq!(saved.device_type, 19);
+        drop(t);
+
+        let other = tempfile::tempdir().unwrap();
+        let device = VsockDevice::new(42, Muxer::new(42, &other.path().join("v.sock")).unwrap());
+        let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+        let mut r = MmioTransport::new(Box::new(device), mem.clone(), interrupt.clone()).unwrap();
+        r.restore_state(&saved).unwrap();
+        r.finish_activation();
+        assert_eq!(event_queue_used(&mem), (1, 4, 0), "TRANSPORT_RESET, id 0");
+        assert_ne!(interrupt.status() & 1, 0, "the driver is interrupted");
+        post_event_buffer(&mem, 1);
+        r.notify_queue(2);
+        assert_eq!(event_queue_used(&mem).0, 1, "sent once");
+    }
+
+    /// Without an event buffer the reset waits for one, and a snapshot taken meanwhile keeps
+    /// it pending.
+    #[test]
+    fn a_transport_reset_waits_for_an_event_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(create_guest_memory(2).unwrap());
+        let saved = running_vsock(&mem, dir.path()).save_state().unwrap();
+        let restore = |saved: &TransportSnapshot, name: &str| {
+            let device = VsockDevice::new(42, Muxer::new(42, &dir.path().join(name)).unwrap());
+            let interrupt = Arc::new(InterruptLine::new(IrqTrigger::new().unwrap()));
+            let mut r = MmioTransport::new(Box::new(device), mem.clone(), interrupt).unwrap();
+            r.restore_state(saved).unwrap();
+            r.finish_activation();
+            r
+        };
+        let r = restore(&saved, "a.sock");
+        assert_eq!(event_queue_used(&mem).0, 0);
+        let again = r.save_state().unwrap();
+        assert!(matches!(
+            &again.device,
+            crate::snapshot::virtio_state::DeviceSnapshot::Vsock(v) if v.transport_reset_pending
+        ));
+        drop(r);
+        let mut r = restore(&again, "b.sock");
+        post_event_buffer(&mem, 0);
+        r.notify_queue(2);
+        assert_eq!(event_queue_used(&mem), (1, 4, 0));
     }
 
     #[test]

@@ -266,12 +266,87 @@ impl NetDeviceInfo {
     }
 }
 
+/// The virtio-balloon device as the VM handle sees it.
+#[derive(Clone)]
+pub struct BalloonDeviceInfo {
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl std::fmt::Debug for BalloonDeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalloonDeviceInfo")
+            .field("driver_ok", &self.driver_ok())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl BalloonDeviceInfo {
+    /// Whether the guest driver brought the device to DRIVER_OK and it is running.
+    pub fn driver_ok(&self) -> bool {
+        let t = lock(&self.transport);
+        t.status() & VIRTIO_CONFIG_S_DRIVER_OK != 0 && t.is_activated()
+    }
+
+    /// The device's state: `actual`, the acked features, and the memory given back so far.
+    pub fn state(&self) -> balloon::BalloonState {
+        match lock(&self.transport).device().save_state() {
+            Some(crate::snapshot::virtio_state::DeviceSnapshot::Balloon(s)) => s,
+            // Not a balloon's transport: cannot happen (built as one in `attach_devices`).
+            _ => balloon::BalloonState::default(),
+        }
+    }
+}
+
 /// What the VM handle keeps of the attached devices.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct DeviceInfo {
     pub(crate) vsock: Option<VsockDeviceInfo>,
     pub(crate) shares: Vec<ShareDeviceInfo>,
     pub(crate) net: Option<NetDeviceInfo>,
+    pub(crate) balloon: Option<BalloonDeviceInfo>,
+    /// Every device's transport, in virtio-mmio slot order (for snapshots).
+    pub(crate) transports: VirtioTransports,
+}
+
+/// Every virtio device's transport of a VM, in virtio-mmio slot order: what snapshots save and
+/// restore.
+#[derive(Default)]
+pub(crate) struct VirtioTransports(Vec<Arc<Mutex<MmioTransport>>>);
+
+impl VirtioTransports {
+    fn push(&mut self, t: Arc<Mutex<MmioTransport>>) {
+        self.0.push(t);
+    }
+
+    /// Locks every transport, in slot order (the only order anything takes more than one in),
+    /// so that no device touches guest RAM or its queues while a snapshot is taken.
+    pub(crate) fn lock_all(&self) -> Vec<MutexGuard<'_, MmioTransport>> {
+        self.0.iter().map(|t| lock(t)).collect()
+    }
+
+    /// On restore, before the VM runs: gives each transport its saved state, in slot order.
+    /// Another number of devices than the snapshot's is a configuration mismatch; state a
+    /// transport refuses is invalid.
+    pub(crate) fn restore(
+        &self,
+        saved: &[crate::snapshot::virtio_state::TransportSnapshot],
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        use crate::snapshot::SnapshotError;
+        if saved.len() != self.0.len() {
+            return Err(SnapshotError::ConfigMismatch(format!(
+                "the snapshot has {} virtio devices, the configuration {}",
+                saved.len(),
+                self.0.len()
+            )));
+        }
+        for (slot, (t, state)) in self.0.iter().zip(saved).enumerate() {
+            lock(t)
+                .restore_state(state)
+                .map_err(|e| SnapshotError::InvalidState(format!("virtio slot {slot}: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Devices attached to a VM.
@@ -315,6 +390,7 @@ pub(crate) fn attach_devices(
         let device = VsockDevice::new(vc.guest_cid, Muxer::new(vc.guest_cid, &vc.uds_path)?);
         let stats = device.stats();
         let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.info.transports.push(wired.transport.clone());
         attached.info.vsock = Some(VsockDeviceInfo {
             transport: wired.transport.clone(),
             stats,
@@ -330,6 +406,7 @@ pub(crate) fn attach_devices(
             format!("vmm-disk{n}"),
         );
         let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.info.transports.push(wired.transport.clone());
         attached.subscribers.push(wired.events);
         index += 1;
     }
@@ -344,6 +421,7 @@ pub(crate) fn attach_devices(
         })?;
         let stats = device.stats();
         let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.info.transports.push(wired.transport.clone());
         attached.info.shares.push(ShareDeviceInfo {
             transport: wired.transport.clone(),
             stats,
@@ -355,6 +433,10 @@ pub(crate) fn attach_devices(
     if config.balloon {
         let device = balloon::BalloonDevice::new();
         let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.info.transports.push(wired.transport.clone());
+        attached.info.balloon = Some(BalloonDeviceInfo {
+            transport: wired.transport.clone(),
+        });
         attached.subscribers.push(wired.events);
         index += 1;
     }
@@ -362,6 +444,7 @@ pub(crate) fn attach_devices(
         let device = net::NetDevice::new(nc)?;
         let state = device.shared_state();
         let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
+        attached.info.transports.push(wired.transport.clone());
         attached.info.net = Some(NetDeviceInfo {
             transport: wired.transport.clone(),
             state,

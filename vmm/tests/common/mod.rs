@@ -1,5 +1,7 @@
 //! Helpers shared by the KVM integration tests: assembling the tiny test guests in
-//! `tests/guests/` with the system C compiler, and deciding whether KVM is usable here.
+//! `tests/guests/` with the system C compiler, deciding whether KVM is usable here, and running
+//! one of a test binary's ignored tests in a child process (to restore a snapshot in a fresh
+//! process).
 
 #![allow(dead_code)]
 
@@ -63,4 +65,22 @@ pub fn tiny_config(guest: &Path) -> vmm::VmConfig {
 pub fn skipped(why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
+}
+
+/// Runs the ignored test `name` of the current test binary alone in a child process, with
+/// `envs` added to its environment, and asserts that it passed: how a test restores a snapshot
+/// in a process of its own.
+pub fn run_child_test(name: &str, envs: &[(&str, &std::ffi::OsStr)]) {
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(envs.iter().copied())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the child test {name} failed: {status}");
 }

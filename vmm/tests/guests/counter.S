@@ -10,7 +10,11 @@
    interrupts stay disabled in the CPU) and, after every byte it writes, reads the interrupt
    identification register, which must say "transmitter empty" (0xc2): that read clears the
    condition (a second read gives 0xc1), so a restore that repeats the IN, or that loses the
-   UART's IER or IIR, prints "IIR MISMATCH\n" and resets. */
+   UART's IER or IIR, prints "IIR MISMATCH\n" and resets.
+
+   With COUNTER_HOOKS defined, the including guest's GAS macros run too: `counter_setup` once
+   at the start, and `counter_step` after each increment, before the number is printed (with
+   r12 the new number; it may clobber rax, rcx, rdx, rsi and rdi, and jump to `mismatch`). */
 #ifndef DELAY
 #define DELAY 20000
 #endif
@@ -27,6 +31,9 @@ _start:
         mov     al, 0x02
         out     dx, al
 #endif
+#ifdef COUNTER_HOOKS
+        counter_setup
+#endif
         xor     r12, r12
         mov     qword ptr [rip + count], 0
         mov     r8, 10
@@ -35,6 +42,9 @@ next:
         jne     mismatch
         inc     r12
         mov     qword ptr [rip + count], r12
+#ifdef COUNTER_HOOKS
+        counter_step
+#endif
         PRINT_R12
         mov     al, '\n'
         out     dx, al

@@ -20,11 +20,13 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 
 use super::discard::{discard_range, host_page_size};
 use super::ranges::{inflated_ranges, reported_ranges, ChainRanges, BALLOON_PAGE_SIZE};
+use super::state::BalloonState;
 use crate::memory::GuestMemory;
+use crate::snapshot::virtio_state::DeviceSnapshot;
 use crate::virtio::device::{read_config_bytes, DeviceFault, VirtioDevice};
 use crate::virtio::interrupt::InterruptLine;
 
@@ -50,30 +52,6 @@ const CONFIG_NUM_PAGES: usize = 0;
 const CONFIG_ACTUAL: usize = 4;
 /// Size of the configuration space (`num_pages`, `actual`).
 const CONFIG_SIZE: usize = 8;
-
-/// What the device holds: what the driver told it and what it gave back to the host. A plain
-/// value to copy out, and later to save and restore with a snapshot (the `vmm` crate does not
-/// depend on serde; the fields are plain integers for when it does).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BalloonState {
-    /// `actual`: the balloon's size in 4 KiB pages, as the driver last wrote it. Reset with
-    /// the device.
-    pub actual: u32,
-    /// Features the driver acked at the last activation (0 while not active).
-    pub acked_features: u64,
-    /// 4 KiB pages dropped from the host because the guest reported them free.
-    pub reported_pages: u64,
-    /// 4 KiB pages dropped from the host because the guest put them in the balloon.
-    pub inflated_pages: u64,
-    /// Ranges (a reported buffer, or a run of inflated frames) of which nothing was dropped:
-    /// outside guest RAM, in the MMIO gap, shorter than a page, or empty.
-    pub ignored_ranges: u64,
-    /// Descriptors not looked at: the wrong direction, an unreadable frame-number buffer, or
-    /// past a chain's bound.
-    pub skipped_descriptors: u64,
-    /// Ranges the host refused to drop (`madvise` failed).
-    pub discard_failures: u64,
-}
 
 struct Active {
     mem: Arc<GuestMemory>,
@@ -281,6 +259,35 @@ impl VirtioDevice for BalloonDevice {
         self.active = None;
         self.state.actual = 0;
         self.state.acked_features = 0;
+    }
+
+    fn save_state(&self) -> Option<DeviceSnapshot> {
+        Some(DeviceSnapshot::Balloon(self.state.clone()))
+    }
+
+    fn running_queues(&self) -> Vec<Option<QueueState>> {
+        match &self.active {
+            None => Vec::new(),
+            Some(a) => vec![
+                Some(a.inflate.state()),
+                Some(a.deflate.state()),
+                a.reporting.as_ref().map(Queue::state),
+            ],
+        }
+    }
+
+    /// Takes `actual` and the counters back; the acked features come again with activation.
+    fn restore_state(&mut self, state: &DeviceSnapshot) -> Result<(), String> {
+        match state {
+            DeviceSnapshot::Balloon(state) => {
+                self.state = state.clone();
+                Ok(())
+            }
+            other => Err(format!(
+                "a virtio-balloon device cannot take the state of device type {}",
+                other.device_type()
+            )),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The virtio-balloon device (id 5) with free page reporting: how guest RAM the guest no longer
 //! uses goes back to the host. It owns the device itself ([`device`]: queues, features,
-//! configuration space, [`BalloonState`]), reading which guest-physical ranges a chain gives up
+//! configuration space), its state as a plain value ([`state`]: [`BalloonState`]), reading which guest-physical ranges a chain gives up
 //! ([`ranges`]: reported free ranges, inflated page frame numbers), and dropping the host memory
 //! behind such a range ([`discard`]: `madvise(MADV_DONTNEED)` on whole pages inside guest RAM).
 //!
@@ -10,5 +10,7 @@
 pub mod device;
 pub mod discard;
 pub mod ranges;
+pub mod state;
 
-pub use device::{BalloonDevice, BalloonState};
+pub use device::BalloonDevice;
+pub use state::BalloonState;

@@ -3,6 +3,10 @@
 //! validated ([`crate::virtio::chain`]) before the virtio-vsock crate parses it; a bad chain is
 //! returned to the guest unused (length 0) and counted, a broken queue puts the device in
 //! DEVICE_NEEDS_RESET.
+//!
+//! The event queue carries one event: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, sent once after a
+//! restore from a snapshot (see [`super::state`]), in the first buffer the driver makes
+//! available there.
 
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,12 +14,14 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 
 use super::muxer::Muxer;
 use super::packet::{PacketHeader, MAX_PKT_DATA};
+use super::state::VsockState;
 use crate::memory::GuestMemory;
+use crate::snapshot::virtio_state::DeviceSnapshot;
 use crate::virtio::chain::{validate_chain, ChainError};
 use crate::virtio::device::{read_config_bytes, DeviceFault, VirtioDevice};
 use crate::virtio::interrupt::InterruptLine;
@@ -29,6 +35,10 @@ pub const EVENT_QUEUE: usize = 2;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// `virtio_vsock_event.id` of a transport reset.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Bytes of a `virtio_vsock_event` (its `id`, little endian).
+const EVENT_LEN: usize = 4;
 
 /// Why a packet's chain was refused.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +78,8 @@ pub struct VsockDevice {
     active: Option<Active>,
     stats: Arc<VsockStats>,
     scratch: Vec<u8>,
+    /// The guest must be told that every connection is gone (after a restore).
+    transport_reset_pending: bool,
 }
 
 /// Validates and parses a TX chain into a header and a copy of its data.
@@ -117,7 +129,57 @@ impl VsockDevice {
             active: None,
             stats: Arc::new(VsockStats::default()),
             scratch: vec![0; MAX_PKT_DATA as usize],
+            transport_reset_pending: false,
         }
+    }
+
+    /// Tells the driver of a pending transport reset, in the first buffer available on the
+    /// event queue; without one it stays pending until the driver adds one. A chain without
+    /// room for the event is used with length 0 and counted as malformed.
+    fn process_events(&mut self) -> Result<(), DeviceFault> {
+        if !self.transport_reset_pending {
+            return Ok(());
+        }
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let mem = active.mem.clone();
+        let queue = &mut active.queues[EVENT_QUEUE];
+        if !queue.ready() {
+            return Ok(());
+        }
+        while let Some(chain) = queue.iter(mem.as_ref())?.next() {
+            let head = chain.head_index();
+            let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+            let written = validate_chain(chain, mem.as_ref())
+                .map_err(|e| e.to_string())
+                .and_then(|v| {
+                    if v.writable_len() < EVENT_LEN {
+                        Err("no room for an event".to_string())
+                    } else {
+                        v.scatter_writable(mem.as_ref(), &event)
+                            .map_err(|e| e.to_string())
+                    }
+                });
+            let used_len = match written {
+                Ok(n) => n,
+                Err(e) => {
+                    self.stats.malformed_chains.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("vsock: dropping event chain {head}: {e}");
+                    0
+                }
+            };
+            queue.add_used(mem.as_ref(), head, used_len)?;
+            if queue.needs_notification(mem.as_ref())? {
+                active.interrupt.signal_used_queue();
+            }
+            if used_len != 0 {
+                self.transport_reset_pending = false;
+                tracing::debug!("vsock: told the guest of the transport reset");
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The device's counters.
@@ -275,6 +337,7 @@ impl VirtioDevice for VsockDevice {
                 self.process_tx()?;
                 self.process_rx()
             }
+            EVENT_QUEUE => self.process_events(),
             _ => Ok(()),
         }
     }
@@ -291,5 +354,36 @@ impl VirtioDevice for VsockDevice {
     fn reset(&mut self) {
         self.active = None;
         self.muxer.reset();
+        // A reset driver has no connections left to be told about.
+        self.transport_reset_pending = false;
+    }
+
+    fn save_state(&self) -> Option<DeviceSnapshot> {
+        Some(DeviceSnapshot::Vsock(VsockState {
+            guest_cid: self.guest_cid,
+            transport_reset_pending: self.transport_reset_pending,
+        }))
+    }
+
+    fn running_queues(&self) -> Vec<Option<QueueState>> {
+        match &self.active {
+            None => Vec::new(),
+            Some(a) => a.queues.iter().map(|q| Some(q.state())).collect(),
+        }
+    }
+
+    /// The connections of the snapshot's VMM are gone: the guest is told so once the device
+    /// runs again. The CID stays the configured one (the driver reads it on the reset).
+    fn restore_state(&mut self, state: &DeviceSnapshot) -> Result<(), String> {
+        match state {
+            DeviceSnapshot::Vsock(_) => {
+                self.transport_reset_pending = true;
+                Ok(())
+            }
+            other => Err(format!(
+                "a virtio-vsock device cannot take the state of device type {}",
+                other.device_type()
+            )),
+        }
     }
 }
