@@ -129,6 +129,7 @@ const STATE_SOURCE_HASH: u64 = {
     h = fnv1a(h, include_bytes!("virtio_state.rs"));
     h = fnv1a(h, include_bytes!("../virtio/balloon/state.rs"));
     h = fnv1a(h, include_bytes!("../virtio/vsock/state.rs"));
+    h = fnv1a(h, include_bytes!("../virtio/block/state.rs"));
     h
 };
 

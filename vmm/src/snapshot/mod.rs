@@ -1,10 +1,11 @@
 //! Snapshots of a running VM: everything needed to resume it in a fresh VMM process on a
 //! compatible host — guest RAM, every vCPU's architectural state, the in-kernel interrupt
 //! controllers, PIT and KVM clock, and the state of the legacy devices — in one versioned,
-//! checksummed file. The first steps of checkpoint/restore: of the virtio devices, the balloon's
-//! and the vsock device's state are captured so far (with their transports'; vsock connections
-//! end with a transport reset, see [`crate::virtio::vsock::state`]); a VM with any other virtio
-//! device is refused ([`SnapshotError::UnsupportedDevice`]).
+//! checksummed file. The first steps of checkpoint/restore: of the virtio devices, the balloon,
+//! the vsock device and read-only disks are captured so far (with their transports; vsock
+//! connections end with a transport reset, see [`crate::virtio::vsock::state`]); a VM with a
+//! writable disk, a shared directory or a network device is refused
+//! ([`SnapshotError::UnsupportedDevice`]).
 //!
 //! Use [`crate::VmHandle::snapshot`] (pauses the VM, writes the file, leaves the VM paused) and
 //! [`crate::Vm::restore`] (builds a fresh VM from a [`crate::VmConfig`] and the file, then runs it).
@@ -73,11 +74,11 @@ pub(crate) use file::{load_memory, read_snapshot_file, write_snapshot_file};
 pub use format::{build_id, SectionKind, FORMAT_VERSION, MAGIC};
 
 /// The first virtio device `config` asks for whose state snapshots cannot capture yet, by name:
-/// such a VM is refused ([`SnapshotError::UnsupportedDevice`]). (The balloon's and vsock's are
-/// captured.)
+/// such a VM is refused ([`SnapshotError::UnsupportedDevice`]). (The balloon's, vsock's and
+/// read-only disks' are captured.)
 pub(crate) fn unsupported_device(config: &crate::VmConfig) -> Option<&'static str> {
-    if !config.disks.is_empty() {
-        Some("virtio-blk")
+    if config.disks.iter().any(|d| !d.read_only) {
+        Some("writable virtio-blk")
     } else if !config.shares.is_empty() {
         Some("virtio-fs")
     } else if config.net.is_some() {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
 use crate::virtio::balloon::BalloonState;
+use crate::virtio::block::BlockState;
 use crate::virtio::vsock::VsockState;
 
 /// One virtqueue: virtio-queue's [`QueueState`], field for field.
@@ -59,6 +60,8 @@ pub enum DeviceSnapshot {
     Balloon(BalloonState),
     /// virtio-vsock.
     Vsock(VsockState),
+    /// virtio-blk (read-only disks).
+    Block(BlockState),
 }
 
 /// One virtio-mmio device: its transport registers, queues and interrupt status, and the
@@ -98,6 +101,7 @@ impl DeviceSnapshot {
         match self {
             Self::Balloon(_) => virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON,
             Self::Vsock(_) => virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK,
+            Self::Block(_) => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
         }
     }
 }

@@ -14,12 +14,14 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes};
 
 use super::disk::{Disk, SECTOR_SIZE};
 use super::request::{parse_request, BadRequest, MalformedRequest, Request, RequestKind};
+use super::state::BlockState;
 use crate::memory::GuestMemory;
+use crate::snapshot::virtio_state::DeviceSnapshot;
 use crate::virtio::chain::{validate_chain, MAX_CHAIN_DESCRIPTORS};
 use crate::virtio::device::{read_config_bytes, serve_available_chains, DeviceFault, VirtioDevice};
 use crate::virtio::interrupt::InterruptLine;
@@ -267,6 +269,42 @@ impl VirtioDevice for BlockDevice {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    /// Read-only disks only (see [`super::state`]).
+    fn save_state(&self) -> Option<DeviceSnapshot> {
+        self.disk.read_only().then(|| {
+            DeviceSnapshot::Block(BlockState {
+                sectors: self.disk.sectors(),
+            })
+        })
+    }
+
+    fn running_queues(&self) -> Vec<Option<QueueState>> {
+        match &self.active {
+            None => Vec::new(),
+            Some(a) => vec![Some(a.queue.state())],
+        }
+    }
+
+    /// The disk given now must be the one the driver knows: read-only, of the same capacity.
+    fn restore_state(&mut self, state: &DeviceSnapshot) -> Result<(), String> {
+        match state {
+            DeviceSnapshot::Block(saved) if !self.disk.read_only() => Err(format!(
+                "the snapshot's disk ({} sectors) was read-only, this one is writable",
+                saved.sectors
+            )),
+            DeviceSnapshot::Block(saved) if saved.sectors != self.disk.sectors() => Err(format!(
+                "the snapshot's disk has {} sectors, this one {}",
+                saved.sectors,
+                self.disk.sectors()
+            )),
+            DeviceSnapshot::Block(_) => Ok(()),
+            other => Err(format!(
+                "a virtio-blk device cannot take the state of device type {}",
+                other.device_type()
+            )),
+        }
     }
 }
 
