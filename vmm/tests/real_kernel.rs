@@ -276,17 +276,31 @@ fn slow_real_kernel_smoke_mounts_an_ext4_root_from_virtio_blk_and_executes_init_
 const CHILD_SNAPSHOT: &str = "VMM_REAL_KERNEL_SNAPSHOT";
 const CHILD_KERNEL: &str = "VMM_REAL_KERNEL_KERNEL";
 const CHILD_OUTPUT: &str = "VMM_REAL_KERNEL_OUTPUT";
+const CHILD_SHARE: &str = "VMM_REAL_KERNEL_SHARE";
 /// Ticks the restored guest must print, and how long it may take.
 const TICKS_AFTER_RESTORE: usize = 10;
 const RESTORED_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A real Linux guest whose init (busybox sh) prints "tick N" every 100 ms and makes and frees
-/// a few MiB each time, with the virtio-balloon and free page reporting, and a virtio-vsock
-/// device (host sockets at `uds`) that nothing in the guest uses but its driver; 128 MiB,
-/// 1 vCPU, the product's command line (no emulator workarounds: this test needs a KVM that
-/// runs Linux).
-fn ticking_guest_config(kernel: &std::path::Path, uds: &std::path::Path) -> VmConfig {
+/// Tag of the ticking guest's share.
+const TICK_SHARE: &str = "ticks";
+
+/// A real Linux guest whose init (busybox sh) mounts the host directory `share` (virtio-fs),
+/// opens `ticks` there for appending once, and then every 100 ms prints "tick N" on the
+/// console, appends "N" through that open file, and makes and frees a few MiB; with the
+/// virtio-balloon and free page reporting, and a virtio-vsock device (host sockets at `uds`)
+/// that nothing in the guest uses but its driver. 128 MiB, 1 vCPU, the product's command line
+/// (no emulator workarounds: this test needs a KVM that runs Linux).
+fn ticking_guest_config(
+    kernel: &std::path::Path,
+    uds: &std::path::Path,
+    share: &std::path::Path,
+) -> VmConfig {
     let mut config = VmConfig::new(kernel);
+    config.shares = vec![ShareConfig {
+        tag: TICK_SHARE.into(),
+        path: share.to_path_buf(),
+        read_only: false,
+    }];
     config.vsock = Some(VsockConfig {
         guest_cid: 3,
         uds_path: uds.to_path_buf(),
@@ -297,7 +311,8 @@ fn ticking_guest_config(kernel: &std::path::Path, uds: &std::path::Path) -> VmCo
     assert!(config.balloon);
     config.cmdline = format!(
         "{DEFAULT_CMDLINE} quiet rdinit=/bin/busybox -- sh -c \
-         \"n=0; while :; do n=$((n+1)); echo tick $n; seq 1 300000 >/tmp/f; rm /tmp/f; \
+         \"mount -t virtiofs {TICK_SHARE} /mnt; exec 3>>/mnt/ticks; n=0; while :; do \
+         n=$((n+1)); echo tick $n; echo $n >&3; seq 1 300000 >/tmp/f; rm /tmp/f; \
          usleep 100000; done\""
     );
     config
@@ -336,22 +351,27 @@ fn wait_for(vm: &vmm::VmHandle, deadline: Instant, what: &str, done: impl Fn(&st
     }
 }
 
-/// The child process's part of `real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process`
+/// The child process's part of `real_kernel_snapshot_resumes_in_a_new_process_with_its_devices`
 /// (which runs it with `--ignored`): restores the snapshot, waits for more ticks and for the
 /// balloon to report free memory again, and writes the console and the balloon's counters.
 #[test]
-#[ignore = "the child process of real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process"]
+#[ignore = "the child process of real_kernel_snapshot_resumes_in_a_new_process_with_its_devices"]
 fn real_kernel_restore_child() {
-    let (Some(snap), Some(kernel), Some(out)) = (
+    let (Some(snap), Some(kernel), Some(out), Some(share)) = (
         std::env::var_os(CHILD_SNAPSHOT),
         std::env::var_os(CHILD_KERNEL),
         std::env::var_os(CHILD_OUTPUT),
+        std::env::var_os(CHILD_SHARE),
     ) else {
-        panic!("run by real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process only");
+        panic!("run by real_kernel_snapshot_resumes_in_a_new_process_with_its_devices only");
     };
     let dir = tempfile::tempdir().unwrap();
     let restored_at = Instant::now();
-    let config = ticking_guest_config(std::path::Path::new(&kernel), &dir.path().join("v.sock"));
+    let config = ticking_guest_config(
+        std::path::Path::new(&kernel),
+        &dir.path().join("v.sock"),
+        std::path::Path::new(&share),
+    );
     let vm = Vm::restore(config, &snap).unwrap();
     let balloon = vm.balloon().expect("a balloon").clone();
     let at_restore = balloon.state();
@@ -389,27 +409,35 @@ fn real_kernel_restore_child() {
 }
 
 /// Issue 14: a real Linux guest (the project's kernel, busybox as init) with the virtio-balloon
-/// and free page reporting running, and a vsock driver, is snapshotted and restored in a new
-/// process: its output goes on from the next tick (no gap, no repeat), the balloon's driver goes
-/// on reporting free memory through the restored queues, and the vsock driver takes the
-/// transport reset and keeps its device running. Needs a KVM that runs a Linux user space (the
+/// and free page reporting running, a vsock driver, and a share on which it keeps a file open
+/// for appending, is snapshotted and restored in a new process: its console output and the
+/// share's file go on from the next tick (no gap, no repeat; the file through the handle opened
+/// before the snapshot), the balloon's driver goes on reporting free memory through the
+/// restored queues, and the vsock driver takes the transport reset and keeps its device
+/// running. Needs a KVM that runs a Linux user space (the
 /// nested real-KVM tier runs it).
 #[test]
-fn real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process() {
+fn real_kernel_snapshot_resumes_in_a_new_process_with_its_devices() {
     let Some(kernel) = kernel_and_kvm() else {
         return;
     };
     let probe = vmm::probe::kvm_can_run_linux();
     if !probe.usable {
         skipped(&format!(
-            "real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process: {} (scripts/test.sh \
+            "real_kernel_snapshot_resumes_in_a_new_process_with_its_devices: {} (scripts/test.sh \
              runs it on real KVM in a nested host: scripts/test-nested-kvm.sh)",
             probe.reason
         ));
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::start(ticking_guest_config(&kernel, &dir.path().join("v.sock"))).unwrap();
+    let share = tempfile::tempdir().unwrap();
+    let vm = Vm::start(ticking_guest_config(
+        &kernel,
+        &dir.path().join("v.sock"),
+        share.path(),
+    ))
+    .unwrap();
     let deadline = Instant::now() + BOOT_TIMEOUT;
     wait_for(&vm, deadline, "three ticks", |c| ticks(c).len() >= 3);
     let balloon = vm.balloon().expect("a balloon").clone();
@@ -440,6 +468,7 @@ fn real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process() {
             (CHILD_SNAPSHOT, snap.as_os_str()),
             (CHILD_KERNEL, kernel.as_os_str()),
             (CHILD_OUTPUT, out.as_os_str()),
+            (CHILD_SHARE, share.path().as_os_str()),
         ],
     );
     let written = std::fs::read_to_string(&out).unwrap();
@@ -460,5 +489,17 @@ fn real_kernel_snapshot_with_the_balloon_resumes_in_a_new_process() {
     assert!(
         all.len() >= ticks(&before).len() + TICKS_AFTER_RESTORE,
         "{after}"
+    );
+    // The file the guest kept open on its share went on too: every number once, in order,
+    // up to the last tick printed (or the one before, if the VM stopped in between).
+    let file = std::fs::read_to_string(share.path().join("ticks")).unwrap();
+    let numbers: Vec<u64> = file.lines().map(|l| l.parse().unwrap()).collect();
+    let expected: Vec<u64> = (1..=numbers.len() as u64).collect();
+    assert_eq!(numbers, expected, "the share's file: {file:?}");
+    let last = *all.last().unwrap();
+    assert!(
+        numbers.len() as u64 + 1 >= last,
+        "the file has {} numbers, the console {last}",
+        numbers.len()
     );
 }

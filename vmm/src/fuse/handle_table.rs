@@ -1,6 +1,9 @@
 //! Open files and directories of the guest: FUSE file handles (`fh`) mapped to host descriptors
 //! opened by OPEN, OPENDIR and CREATE and closed by RELEASE and RELEASEDIR. Bounded, so a guest
 //! cannot exhaust the host's descriptors by opening without releasing.
+//!
+//! After a restore from a snapshot, a handle whose file could not be opened again is kept as
+//! *vanished*: every use of it is EIO until the guest releases it.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -13,7 +16,7 @@ use super::descriptor_budget::{Charge, DescriptorBudget};
 pub const MAX_HANDLES: usize = 65536;
 
 /// What a handle refers to; a file handle used as a directory's (or back) is EBADF.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HandleKind {
     File,
     Directory,
@@ -32,6 +35,8 @@ pub struct Handle {
 #[derive(Debug)]
 pub struct HandleTable {
     handles: HashMap<u64, Handle>,
+    /// Handles of a restored session whose files are gone.
+    vanished: HashMap<u64, HandleKind>,
     next_fh: u64,
     limit: usize,
     budget: DescriptorBudget,
@@ -42,6 +47,7 @@ impl HandleTable {
     pub fn new(budget: DescriptorBudget) -> Self {
         Self {
             handles: HashMap::new(),
+            vanished: HashMap::new(),
             next_fh: 1,
             limit: MAX_HANDLES,
             budget,
@@ -67,9 +73,16 @@ impl HandleTable {
         if self.handles.len() >= self.limit {
             return Err(Errno::ENFILE);
         }
-        let charge = self.budget.charge()?;
         let fh = self.next_fh;
-        self.next_fh = self.next_fh.checked_add(1).ok_or(Errno::ENFILE)?;
+        let next = self.next_fh.checked_add(1).ok_or(Errno::ENFILE)?;
+        self.put(fh, fd, kind)?;
+        self.next_fh = next;
+        Ok(fh)
+    }
+
+    /// Charges the budget for `fd` and keeps it as handle `fh`.
+    fn put(&mut self, fh: u64, fd: OwnedFd, kind: HandleKind) -> Result<(), Errno> {
+        let charge = self.budget.charge()?;
         self.handles.insert(
             fh,
             Handle {
@@ -78,13 +91,14 @@ impl HandleTable {
                 _charge: charge,
             },
         );
-        Ok(fh)
+        Ok(())
     }
 
     /// The descriptor of handle `fh`, which must be of `kind`.
     pub fn get(&self, fh: u64, kind: HandleKind) -> Result<&OwnedFd, Errno> {
         match self.handles.get(&fh) {
             Some(handle) if handle.kind == kind => Ok(&handle.fd),
+            None if self.vanished.get(&fh) == Some(&kind) => Err(Errno::EIO),
             _ => Err(Errno::EBADF),
         }
     }
@@ -96,6 +110,10 @@ impl HandleTable {
 
     /// Closes handle `fh` of `kind`.
     pub fn remove(&mut self, fh: u64, kind: HandleKind) -> Result<(), Errno> {
+        if self.vanished.get(&fh) == Some(&kind) {
+            self.vanished.remove(&fh);
+            return Ok(());
+        }
         self.fd(fh, kind)?;
         self.handles.remove(&fh);
         Ok(())
@@ -104,6 +122,54 @@ impl HandleTable {
     /// Closes every handle (DESTROY).
     pub fn clear(&mut self) {
         self.handles.clear();
+        self.vanished.clear();
+    }
+
+    /// Every open handle with its number (for a snapshot).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &Handle)> {
+        self.handles.iter().map(|(&fh, h)| (fh, h))
+    }
+
+    /// The vanished handles (for a snapshot).
+    pub fn vanished(&self) -> impl Iterator<Item = (u64, HandleKind)> + '_ {
+        self.vanished.iter().map(|(&fh, &kind)| (fh, kind))
+    }
+
+    /// The number the next handle gets.
+    pub fn next_fh(&self) -> u64 {
+        self.next_fh
+    }
+
+    /// Restore: handle `fh` (not yet open) is `fd`.
+    pub fn restore(&mut self, fh: u64, fd: OwnedFd, kind: HandleKind) -> Result<(), Errno> {
+        self.check_restorable(fh)?;
+        self.put(fh, fd, kind)?;
+        self.next_fh = self.next_fh.max(fh.saturating_add(1));
+        Ok(())
+    }
+
+    /// Restore: handle `fh` refers to a file that is gone.
+    pub fn restore_vanished(&mut self, fh: u64, kind: HandleKind) -> Result<(), Errno> {
+        self.check_restorable(fh)?;
+        self.vanished.insert(fh, kind);
+        self.next_fh = self.next_fh.max(fh.saturating_add(1));
+        Ok(())
+    }
+
+    /// Restore: new handles start at `next_fh` (never below one already given).
+    pub fn restore_next_fh(&mut self, next_fh: u64) {
+        self.next_fh = self.next_fh.max(next_fh);
+    }
+
+    fn check_restorable(&self, fh: u64) -> Result<(), Errno> {
+        if fh == 0
+            || self.handles.contains_key(&fh)
+            || self.vanished.contains_key(&fh)
+            || self.handles.len() + self.vanished.len() >= self.limit
+        {
+            return Err(Errno::EINVAL);
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {

@@ -3,6 +3,9 @@
 //! reached (hard links, repeated lookups). Holding the descriptor pins the inode, so its number
 //! cannot be reused for another file while the guest still refers to it. Node id 1 is the share's
 //! root and is never forgotten.
+//!
+//! After a restore from a snapshot, a node id whose file could not be found again by its path is
+//! kept as *vanished*: the guest still holds it, and every use of it is EIO until it forgets it.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -50,6 +53,8 @@ impl Inode {
 pub struct InodeTable {
     by_id: HashMap<u64, Inode>,
     by_key: HashMap<(u64, u64), u64>,
+    /// Node ids of a restored session whose files are gone, with the kernel's lookup counts.
+    vanished: HashMap<u64, u64>,
     next_id: u64,
     limit: usize,
     budget: DescriptorBudget,
@@ -62,6 +67,7 @@ impl InodeTable {
         let mut table = Self {
             by_id: HashMap::new(),
             by_key: HashMap::new(),
+            vanished: HashMap::new(),
             next_id: ROOT_ID + 1,
             limit: MAX_INODES,
             budget,
@@ -88,8 +94,14 @@ impl InodeTable {
 
     pub fn get(&self, nodeid: u64) -> Result<&Inode, Errno> {
         // EBADF rather than ENOENT: an unknown node id is a protocol error of the peer, not a
-        // missing file.
-        self.by_id.get(&nodeid).ok_or(Errno::EBADF)
+        // missing file. A vanished one is an I/O error of a file the guest had.
+        self.by_id.get(&nodeid).ok_or_else(|| {
+            if self.vanished.contains_key(&nodeid) {
+                Errno::EIO
+            } else {
+                Errno::EBADF
+            }
+        })
     }
 
     /// Records one more lookup of the host inode `key` (file type `file_type`) whose descriptor
@@ -137,6 +149,13 @@ impl InodeTable {
         if nodeid == ROOT_ID {
             return;
         }
+        if let Some(lookups) = self.vanished.get_mut(&nodeid) {
+            *lookups = lookups.saturating_sub(nlookup);
+            if *lookups == 0 {
+                self.vanished.remove(&nodeid);
+            }
+            return;
+        }
         let Some(inode) = self.by_id.get_mut(&nodeid) else {
             return;
         };
@@ -150,6 +169,7 @@ impl InodeTable {
 
     /// Forgets every inode but the root (DESTROY: the guest's mount is gone).
     pub fn forget_all(&mut self) {
+        self.vanished.clear();
         self.by_id.retain(|&id, _| id == ROOT_ID);
         let root_key = self.by_id.get(&ROOT_ID).map(|inode| inode.key);
         self.by_key.retain(|key, _| Some(*key) == root_key);
@@ -158,6 +178,77 @@ impl InodeTable {
     /// How many inodes are held, the root included.
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    /// Every held inode but the root, with its node id and lookup count (for a snapshot).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &Inode, u64)> {
+        self.by_id
+            .iter()
+            .filter(|(&id, _)| id != ROOT_ID)
+            .map(|(&id, inode)| (id, inode, inode.lookups))
+    }
+
+    /// The vanished node ids and their lookup counts (for a snapshot).
+    pub fn vanished(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.vanished.iter().map(|(&id, &lookups)| (id, lookups))
+    }
+
+    /// The node id the next new inode gets.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Restore: node id `nodeid` (not the root, not yet held) is the inode of `fd`, looked up
+    /// `lookups` times. A host inode already held under another node id (two names of one
+    /// file) keeps its first node id for new lookups.
+    pub fn restore(
+        &mut self,
+        nodeid: u64,
+        fd: OwnedFd,
+        key: (u64, u64),
+        file_type: u32,
+        lookups: u64,
+    ) -> Result<(), Errno> {
+        self.check_restorable(nodeid)?;
+        let charge = self.budget.charge()?;
+        self.by_key.entry(key).or_insert(nodeid);
+        self.by_id.insert(
+            nodeid,
+            Inode {
+                fd,
+                file_type,
+                key,
+                lookups,
+                _charge: Some(charge),
+            },
+        );
+        self.next_id = self.next_id.max(nodeid.saturating_add(1));
+        Ok(())
+    }
+
+    /// Restore: node id `nodeid`, looked up `lookups` times, names a file that is gone.
+    pub fn restore_vanished(&mut self, nodeid: u64, lookups: u64) -> Result<(), Errno> {
+        self.check_restorable(nodeid)?;
+        self.vanished.insert(nodeid, lookups);
+        self.next_id = self.next_id.max(nodeid.saturating_add(1));
+        Ok(())
+    }
+
+    /// Restore: new node ids start at `next_id` (never below one already given).
+    pub fn restore_next_id(&mut self, next_id: u64) {
+        self.next_id = self.next_id.max(next_id);
+    }
+
+    /// A restored node id must be new, not the root, and within the table's bound.
+    fn check_restorable(&self, nodeid: u64) -> Result<(), Errno> {
+        if nodeid <= ROOT_ID
+            || self.by_id.contains_key(&nodeid)
+            || self.vanished.contains_key(&nodeid)
+            || self.by_id.len() + self.vanished.len() >= self.limit
+        {
+            return Err(Errno::EINVAL);
+        }
+        Ok(())
     }
 }
 

@@ -4,8 +4,9 @@
 //!
 //! This module owns the protocol state (whether INIT happened and at which protocol version),
 //! the dispatch of each request to its host operation, and the read-only policy. The wire format
-//! is in `abi`, request parsing in `request`, reply building in `reply`, and the host side in
-//! `passthrough` with its `inode_table` and `handle_table`.
+//! is in `abi`, request parsing in `request`, reply building in `reply`, the host side in
+//! `passthrough` with its `inode_table` and `handle_table`, and what a snapshot keeps of a
+//! session in [`session_state`].
 //!
 //! The server acts with the credentials of the thread that calls [`FuseServer::handle`] (the
 //! VMM switches that thread to the job user): the uid, gid and pid in each request header are
@@ -19,18 +20,20 @@ mod kernel_fs;
 mod passthrough;
 mod reply;
 mod request;
+pub mod session_state;
 
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
 use abi::{init_flags, InitOut, OpenOut, IN_HEADER_SIZE};
-use handle_table::HandleKind;
 use passthrough::Passthrough;
 use request::{InHeader, Operation};
 
 pub use descriptor_budget::DescriptorBudget;
+pub use handle_table::HandleKind;
 pub use kernel_fs::{kernel_file_system_at, kernel_file_system_of};
+pub use session_state::{RestoreReport, SessionState};
 
 /// Largest WRITE payload the server accepts (and offers in INIT): 32 pages, the kernel's
 /// default `max_pages`, so a request fits in a descriptor chain of the virtio-fs queue.
@@ -122,6 +125,31 @@ impl FuseServer {
         self.fs.inodes.forget_all();
         self.fs.handles.clear();
         self.minor = None;
+    }
+
+    /// For a snapshot: the protocol version and every node id and handle the guest holds, by
+    /// path (see [`session_state`]).
+    pub fn save_session(&self) -> SessionState {
+        let (inodes, handles) = self.fs.save_session();
+        SessionState {
+            minor: self.minor,
+            next_nodeid: self.fs.inodes.next_id(),
+            next_fh: self.fs.handles.next_fh(),
+            inodes,
+            handles,
+        }
+    }
+
+    /// After a restore, on the thread that serves the guest (its identity opens the files):
+    /// takes a session [`Self::save_session`] gave, replacing whatever this server held, and
+    /// opens its files again by path; those that cannot be become vanished (EIO to the guest).
+    pub fn restore_session(&mut self, state: &SessionState) -> RestoreReport {
+        self.reset();
+        self.minor = state.minor;
+        let report = self.fs.restore_session(&state.inodes, &state.handles);
+        self.fs.inodes.restore_next_id(state.next_nodeid);
+        self.fs.handles.restore_next_fh(state.next_fh);
+        report
     }
 
     /// How many inodes the guest holds (the root included); each holds a host descriptor.

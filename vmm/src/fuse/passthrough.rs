@@ -26,6 +26,7 @@ use super::handle_table::{HandleKind, HandleTable};
 use super::inode_table::InodeTable;
 use super::kernel_fs::kernel_file_system_of;
 use super::request::SetattrIn;
+use super::session_state::{RestoreReport, SavedHandle, SavedInode};
 use super::{FuseError, MAX_WRITE};
 
 /// Open flags the guest may pass through to the host on OPEN and CREATE. Anything else
@@ -196,6 +197,193 @@ impl Passthrough {
             flags,
             Mode::empty(),
         )
+    }
+
+    /// The path of the inode behind `fd` inside the share, '/'-separated, empty for the root
+    /// (`root` is the root's host path), as `/proc/self/fd` names it now; `None` when it has no
+    /// name left (deleted) or no longer lies inside the share.
+    fn path_in_share(&self, fd: RawFd, root: &[u8]) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStringExt;
+        if stat_fd(fd).ok()?.st_nlink == 0 {
+            return None;
+        }
+        let path = fcntl::readlinkat(Some(self.proc_self_fd.as_raw_fd()), proc_name(fd).as_str())
+            .ok()?
+            .into_vec();
+        if path == root {
+            return Some(Vec::new());
+        }
+        let below = if root == b"/" {
+            path.strip_prefix(b"/")?
+        } else {
+            path.strip_prefix(root)?.strip_prefix(b"/")?
+        };
+        Some(below.to_vec())
+    }
+
+    /// For a snapshot: every inode the guest holds (but the root) and every open handle, with
+    /// the path of its file inside the share.
+    pub fn save_session(&self) -> (Vec<SavedInode>, Vec<SavedHandle>) {
+        use std::os::unix::ffi::OsStringExt;
+        let root = self
+            .inodes
+            .get(ROOT_ID)
+            .ok()
+            .and_then(|r| {
+                fcntl::readlinkat(
+                    Some(self.proc_self_fd.as_raw_fd()),
+                    proc_name(r.raw_fd()).as_str(),
+                )
+                .ok()
+            })
+            .map(OsStringExt::into_vec)
+            .unwrap_or_default();
+        let mut inodes: Vec<SavedInode> = self
+            .inodes
+            .entries()
+            .map(|(nodeid, inode, lookups)| SavedInode {
+                nodeid,
+                lookups,
+                file_type: inode.file_type,
+                path: self.path_in_share(inode.raw_fd(), &root),
+            })
+            .collect();
+        inodes.extend(self.inodes.vanished().map(|(nodeid, lookups)| SavedInode {
+            nodeid,
+            lookups,
+            file_type: 0,
+            path: None,
+        }));
+        inodes.sort_by_key(|i| i.nodeid);
+        let mut handles: Vec<SavedHandle> = self
+            .handles
+            .entries()
+            .map(|(fh, handle)| SavedHandle {
+                fh,
+                kind: handle.kind,
+                flags: fcntl::fcntl(handle.fd.as_raw_fd(), fcntl::F_GETFL).unwrap_or(0),
+                path: self.path_in_share(handle.fd.as_raw_fd(), &root),
+            })
+            .collect();
+        handles.extend(self.handles.vanished().map(|(fh, kind)| SavedHandle {
+            fh,
+            kind,
+            flags: 0,
+            path: None,
+        }));
+        handles.sort_by_key(|h| h.fh);
+        (inodes, handles)
+    }
+
+    /// Opens `path` (inside the share, as [`Self::save_session`] recorded it) as an `O_PATH`
+    /// descriptor: one component at a time from the root with `O_NOFOLLOW`, as lookups resolve
+    /// names, so it neither follows a symlink nor leaves the share, and a kernel file system
+    /// mounted below the share is refused as in a lookup.
+    fn open_share_path(&self, path: &[u8]) -> Result<OwnedFd, Errno> {
+        let root = self.inodes.get(ROOT_ID)?;
+        let mut current = open_at(
+            self.proc_self_fd.as_raw_fd(),
+            proc_name(root.raw_fd()).as_str(),
+            OFlag::O_PATH,
+            Mode::empty(),
+        )?;
+        if path.is_empty() {
+            return Ok(current);
+        }
+        for name in path.split(|b| *b == b'/') {
+            if name.is_empty() || name == b"." || name == b".." {
+                return Err(Errno::EINVAL);
+            }
+            let name = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
+            let parent_dev = stat_fd(current.as_raw_fd())?.st_dev;
+            let next = open_at(
+                current.as_raw_fd(),
+                name.as_c_str(),
+                OFlag::O_PATH | OFlag::O_NOFOLLOW,
+                Mode::empty(),
+            )?;
+            if stat_fd(next.as_raw_fd())?.st_dev != parent_dev
+                && kernel_file_system_of(&next)?.is_some()
+            {
+                return Err(Errno::EACCES);
+            }
+            current = next;
+        }
+        Ok(current)
+    }
+
+    /// After a restore: opens every inode and handle of `inodes` and `handles` again by its
+    /// path, with this thread's identity. One that cannot be opened (or whose file type
+    /// changed) becomes vanished; one the tables refuse (a node id or handle given twice, or
+    /// beyond the tables' bounds: a crafted snapshot) is left out.
+    pub fn restore_session(
+        &mut self,
+        inodes: &[SavedInode],
+        handles: &[SavedHandle],
+    ) -> RestoreReport {
+        let mut report = RestoreReport::default();
+        for saved in inodes {
+            let found = saved.path.as_deref().and_then(|path| {
+                let fd = self.open_share_path(path).ok()?;
+                let st = stat_fd(fd.as_raw_fd()).ok()?;
+                (st.st_mode & libc::S_IFMT == saved.file_type).then_some((fd, st))
+            });
+            let restored = match found {
+                Some((fd, st)) => self
+                    .inodes
+                    .restore(
+                        saved.nodeid,
+                        fd,
+                        inode_key(&st),
+                        saved.file_type,
+                        saved.lookups,
+                    )
+                    .map(|()| report.inodes += 1),
+                None => self
+                    .inodes
+                    .restore_vanished(saved.nodeid, saved.lookups)
+                    .map(|()| report.vanished_inodes += 1),
+            };
+            if let Err(e) = restored {
+                tracing::warn!(nodeid = saved.nodeid, %e, "FUSE restore: node id left out");
+            }
+        }
+        for saved in handles {
+            let opened = saved.path.as_deref().and_then(|path| {
+                let fd = self.open_share_path(path).ok()?;
+                let name = proc_name(fd.as_raw_fd());
+                match saved.kind {
+                    HandleKind::Directory => open_at(
+                        self.proc_self_fd.as_raw_fd(),
+                        name.as_str(),
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                        Mode::empty(),
+                    )
+                    .ok(),
+                    HandleKind::File => open_regular_at(
+                        self.proc_self_fd.as_raw_fd(),
+                        name.as_str(),
+                        OFlag::from_bits_truncate(saved.flags & PASSED_OPEN_FLAGS & !libc::O_TRUNC),
+                        Mode::empty(),
+                    )
+                    .ok(),
+                }
+            });
+            let restored = match opened {
+                Some(fd) => self
+                    .handles
+                    .restore(saved.fh, fd, saved.kind)
+                    .map(|()| report.handles += 1),
+                None => self
+                    .handles
+                    .restore_vanished(saved.fh, saved.kind)
+                    .map(|()| report.vanished_handles += 1),
+            };
+            if let Err(e) = restored {
+                tracing::warn!(fh = saved.fh, %e, "FUSE restore: handle left out");
+            }
+        }
+        report
     }
 
     /// Looks `name` up in directory `parent`; on success the kernel holds one more lookup of the

@@ -130,6 +130,8 @@ const STATE_SOURCE_HASH: u64 = {
     h = fnv1a(h, include_bytes!("../virtio/balloon/state.rs"));
     h = fnv1a(h, include_bytes!("../virtio/vsock/state.rs"));
     h = fnv1a(h, include_bytes!("../virtio/block/state.rs"));
+    h = fnv1a(h, include_bytes!("../virtio/fs/state.rs"));
+    h = fnv1a(h, include_bytes!("../fuse/session_state.rs"));
     h
 };
 

@@ -2,9 +2,10 @@
 //! compatible host — guest RAM, every vCPU's architectural state, the in-kernel interrupt
 //! controllers, PIT and KVM clock, and the state of the legacy devices — in one versioned,
 //! checksummed file. The first steps of checkpoint/restore: of the virtio devices, the balloon,
-//! the vsock device and read-only disks are captured so far (with their transports; vsock
-//! connections end with a transport reset, see [`crate::virtio::vsock::state`]); a VM with a
-//! writable disk, a shared directory or a network device is refused
+//! the vsock device, read-only disks and shared directories are captured (with their
+//! transports; vsock connections end with a transport reset, see
+//! [`crate::virtio::vsock::state`]; a share's open files are opened again by path, see
+//! [`crate::fuse::session_state`]); a VM with a writable disk or a network device is refused
 //! ([`SnapshotError::UnsupportedDevice`]).
 //!
 //! Use [`crate::VmHandle::snapshot`] (pauses the VM, writes the file, leaves the VM paused) and
@@ -74,13 +75,11 @@ pub(crate) use file::{load_memory, read_snapshot_file, write_snapshot_file};
 pub use format::{build_id, SectionKind, FORMAT_VERSION, MAGIC};
 
 /// The first virtio device `config` asks for whose state snapshots cannot capture yet, by name:
-/// such a VM is refused ([`SnapshotError::UnsupportedDevice`]). (The balloon's, vsock's and
-/// read-only disks' are captured.)
+/// such a VM is refused ([`SnapshotError::UnsupportedDevice`]). (The balloon's, vsock's,
+/// read-only disks' and shares' are captured.)
 pub(crate) fn unsupported_device(config: &crate::VmConfig) -> Option<&'static str> {
     if config.disks.iter().any(|d| !d.read_only) {
         Some("writable virtio-blk")
-    } else if !config.shares.is_empty() {
-        Some("virtio-fs")
     } else if config.net.is_some() {
         Some("virtio-net")
     } else {

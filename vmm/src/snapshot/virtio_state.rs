@@ -12,6 +12,7 @@ use virtio_queue::QueueState;
 
 use crate::virtio::balloon::BalloonState;
 use crate::virtio::block::BlockState;
+use crate::virtio::fs::FsState;
 use crate::virtio::vsock::VsockState;
 
 /// One virtqueue: virtio-queue's [`QueueState`], field for field.
@@ -62,6 +63,8 @@ pub enum DeviceSnapshot {
     Vsock(VsockState),
     /// virtio-blk (read-only disks).
     Block(BlockState),
+    /// virtio-fs.
+    Fs(FsState),
 }
 
 /// One virtio-mmio device: its transport registers, queues and interrupt status, and the
@@ -102,6 +105,7 @@ impl DeviceSnapshot {
             Self::Balloon(_) => virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON,
             Self::Vsock(_) => virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK,
             Self::Block(_) => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+            Self::Fs(_) => virtio_bindings::virtio_ids::VIRTIO_ID_FS,
         }
     }
 }

@@ -81,6 +81,12 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// The state of every queue of a device that runs with all of them, for
+/// [`VirtioDevice::running_queues`].
+pub fn all_queue_states(queues: &[Queue]) -> Vec<Option<QueueState>> {
+    queues.iter().map(|q| Some(q.state())).collect()
+}
+
 /// Copies `config[offset..]` into `data`, as a device's [`VirtioDevice::read_config`] does:
 /// bytes past the end of the configuration space (or an offset beyond it) read as 0.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

@@ -14,12 +14,16 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 
-use crate::fuse::{error_reply, FuseServer, Handled, MAX_REQUEST};
+use super::state::FsState;
+use crate::fuse::{error_reply, FuseServer, Handled, SessionState, MAX_REQUEST};
 use crate::memory::GuestMemory;
+use crate::snapshot::virtio_state::DeviceSnapshot;
 use crate::virtio::chain::{validate_chain, ValidChain};
-use crate::virtio::device::{read_config_bytes, serve_available_chains, DeviceFault, VirtioDevice};
+use crate::virtio::device::{
+    all_queue_states, read_config_bytes, serve_available_chains, DeviceFault, VirtioDevice,
+};
 use crate::virtio::interrupt::InterruptLine;
 
 /// Size of each queue.
@@ -50,7 +54,11 @@ struct Active {
 /// The virtio-fs device.
 pub struct FsDevice {
     config: [u8; TAG_MAX_LEN + 4],
+    tag: String,
     server: FuseServer,
+    /// A restored snapshot's FUSE session, taken up at activation: on the VMM thread, whose
+    /// identity (the job user's) opens its files again.
+    restored_session: Option<SessionState>,
     active: Option<Active>,
     stats: Arc<FsStats>,
     request: Vec<u8>,
@@ -76,7 +84,9 @@ impl FsDevice {
         config[TAG_MAX_LEN..].copy_from_slice(&1u32.to_le_bytes());
         Ok(Self {
             config,
+            tag: tag.to_string(),
             server,
+            restored_session: None,
             active: None,
             stats: Arc::new(FsStats::default()),
             request: Vec::new(),
@@ -180,6 +190,14 @@ impl VirtioDevice for FsDevice {
                 "the high-priority and the request queue must be set up".into(),
             ));
         }
+        if let Some(session) = self.restored_session.take() {
+            let report = self.server.restore_session(&session);
+            tracing::info!(
+                tag = %self.tag,
+                ?report,
+                "virtio-fs: the snapshot's open files were opened again by path"
+            );
+        }
         self.active = Some(Active {
             mem,
             queues,
@@ -195,7 +213,40 @@ impl VirtioDevice for FsDevice {
     fn reset(&mut self) {
         // A driver that comes back sends INIT again and looks its files up anew.
         self.active = None;
+        self.restored_session = None;
         self.server.reset();
+    }
+
+    fn save_state(&self) -> Option<DeviceSnapshot> {
+        Some(DeviceSnapshot::Fs(FsState {
+            tag: self.tag.clone(),
+            session: self.server.save_session(),
+        }))
+    }
+
+    fn running_queues(&self) -> Vec<Option<QueueState>> {
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, |a| all_queue_states(&a.queues))
+    }
+
+    /// The share in this slot must have the snapshot's tag; its session is taken up when the
+    /// device is activated again (on the VMM thread).
+    fn restore_state(&mut self, state: &DeviceSnapshot) -> Result<(), String> {
+        match state {
+            DeviceSnapshot::Fs(saved) if saved.tag != self.tag => Err(format!(
+                "the snapshot's share has tag {:?}, this one {:?}",
+                saved.tag, self.tag
+            )),
+            DeviceSnapshot::Fs(saved) => {
+                self.restored_session = Some(saved.session.clone());
+                Ok(())
+            }
+            other => Err(format!(
+                "a virtio-fs device cannot take the state of device type {}",
+                other.device_type()
+            )),
+        }
     }
 }
 

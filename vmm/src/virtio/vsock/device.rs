@@ -23,7 +23,7 @@ use super::state::VsockState;
 use crate::memory::GuestMemory;
 use crate::snapshot::virtio_state::DeviceSnapshot;
 use crate::virtio::chain::{validate_chain, ChainError};
-use crate::virtio::device::{read_config_bytes, DeviceFault, VirtioDevice};
+use crate::virtio::device::{all_queue_states, read_config_bytes, DeviceFault, VirtioDevice};
 use crate::virtio::interrupt::InterruptLine;
 
 /// RX queue index.
@@ -366,10 +366,9 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn running_queues(&self) -> Vec<Option<QueueState>> {
-        match &self.active {
-            None => Vec::new(),
-            Some(a) => a.queues.iter().map(|q| Some(q.state())).collect(),
-        }
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, |a| all_queue_states(&a.queues))
     }
 
     /// The connections of the snapshot's VMM are gone: the guest is told so once the device
