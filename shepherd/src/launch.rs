@@ -7,7 +7,7 @@
 //! use; they differ only in where stdio goes and where signals come from.
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use guest_agent::protocol::{
@@ -464,11 +464,12 @@ pub fn launch_in(
         None
     };
 
-    let cmdline = if spec.extra_cmdline.is_empty() {
-        DEFAULT_CMDLINE.to_string()
-    } else {
-        format!("{DEFAULT_CMDLINE} {}", spec.extra_cmdline)
-    };
+    // The host's settings before the extra words, which may override them.
+    let cmdline = std::iter::once(DEFAULT_CMDLINE.to_string())
+        .chain(crate::guest_sysctl::host_sysctl_words(Path::new("/")))
+        .chain((!spec.extra_cmdline.is_empty()).then(|| spec.extra_cmdline.clone()))
+        .collect::<Vec<_>>()
+        .join(" ");
     let vm_spec = VmSpec {
         kernel: spec.kernel.clone(),
         initrd: spec.initrd.clone(),

@@ -3,6 +3,7 @@
 //! * [`launch`]: run one job in a fresh microVM (the entry point for `run` and for the shepherd).
 //! * `backend`: the VM backends (QEMU now; the embedded VMM slots in beside it).
 //! * [`guest_image`]: where the guest kernel and initramfs are.
+//! * [`guest_sysctl`]: kernel settings the guest takes from its host (`kernel.pid_max`).
 //! * [`host_check`]: what jobs on this host need, checked ahead of any job.
 //! * [`image`]: OS images jobs run in (store, verification, building with debootstrap).
 //! * [`shared_dirs`]: host directories shared into the job's VM.
@@ -14,6 +15,7 @@ mod agent_session;
 pub mod backend;
 pub mod guest_image;
 pub mod guest_ram;
+pub mod guest_sysctl;
 pub mod host_check;
 pub mod host_memory;
 pub mod image;

@@ -84,6 +84,21 @@ fn four_vcpus_are_online_in_the_guest(backend: &str) {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "4\n", "{out:?}");
 }
 
+/// A job sees the host's `kernel.pid_max` (passed on the guest's command line), and the guest
+/// kernel takes the largest a 64-bit host has (2^22, Debian 12's systemd default): a kernel
+/// built with tinyconfig's BASE_SMALL caps it at 32768.
+fn a_job_sees_the_hosts_pid_max(backend: &str) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap();
+    let cat = ["--", "cat", "/proc/sys/kernel/pid_max"];
+    let out = run_output(backend, &[&["-n"][..], &cat].concat(), b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), host, "{out:?}");
+    let large = ["-n", "--cmdline", "sysctl.kernel.pid_max=4194304"];
+    let out = run_output(backend, &[&large[..], &cat].concat(), b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "4194304\n", "{out:?}");
+}
+
 fn runs_on_the_guest_kernel(backend: &str) {
     check_guest_kernel(backend);
 }
@@ -537,6 +552,7 @@ integration_tests::backend_suites!(
         echo_hi,
         killed_by_signal_exits_128_plus_n,
         four_vcpus_are_online_in_the_guest,
+        a_job_sees_the_hosts_pid_max,
         runs_on_the_guest_kernel,
         stdin_is_relayed,
         timings_line_has_every_phase,
