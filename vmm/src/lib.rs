@@ -34,7 +34,7 @@
 //!   [`VmHandle::resume`]), snapshots ([`VmHandle::snapshot`]), and reports [`Timestamps`],
 //!   console output and [`MemoryUsage`]. Dropping it stops the VM.
 //! * [`Vm::restore`] builds a VM from a [`VmConfig`] and a snapshot file and runs it from where
-//!   the snapshot was taken ([`snapshot`]; VMs without virtio devices for now).
+//!   the snapshot was taken ([`snapshot`]; every device but writable disks and virtio-net).
 //! * [`ExitReason`] says why a VM ended: guest reset (i8042, `reboot=k`), triple fault, system
 //!   event, KVM internal error, failed entry, host request, or a VMM thread failure.
 //! * [`kvm_can_run_linux`] tells whether this host's KVM can run a Linux guest at useful speed
@@ -72,7 +72,7 @@
 //! state, exit reasons, timestamps), [`devices`] (serial, i8042, boot timer, console),
 //! [`virtio`] (MMIO transport, queues, vsock, block, fs, balloon, net), [`fuse`] (the FUSE passthrough server
 //! behind virtio-fs), [`credentials`] (per-thread identity), `event_loop` (the VMM thread),
-//! [`seccomp`], [`probe`], [`resources`], [`snapshot`] (snapshot file format, vCPU/VM/memory
+//! [`seccomp`], [`probe`], [`resources`], [`snapshot`] (snapshot file format, vCPU/VM/device/memory
 //! state capture and restore).
 
 pub mod boot;
