@@ -38,14 +38,7 @@ impl UnderTest {
 
     /// The workspace's own build: `target/release/sge_virtualizer` and `build/guest/`.
     pub fn working_tree(root: &Path) -> UnderTest {
-        let describe = Command::new("git")
-            .args(["-C"])
-            .arg(root)
-            .args(["describe", "--always", "--dirty"])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
+        let describe = describe_tree(root);
         UnderTest {
             shepherd: root.join("target/release/sge_virtualizer"),
             kernel: root.join("build/guest/vmlinux"),
@@ -107,16 +100,35 @@ impl BenchContext {
     }
 }
 
-/// `git describe --always --dirty` of the workspace (at run time).
+/// What `git describe --always --dirty` says of the workspace (at run time).
 pub fn workspace_describe() -> String {
-    Command::new("git")
-        .arg("-C")
-        .arg(workspace_root())
-        .args(["describe", "--always", "--dirty"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    describe_tree(&workspace_root())
+}
+
+/// `git describe --always` of the repository at `root`, with `-dirty` when tracked files
+/// changed: what `git describe --always --dirty` says, without writing the index (which
+/// `--dirty` refreshes and rewrites). This may run inside the nested host, on the repository
+/// shared read-write over 9p, and a stalled host killed while git rewrote the index once left
+/// `.git/index` empty; `git status` under `GIT_OPTIONAL_LOCKS=0` only reads it.
+fn describe_tree(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .env("GIT_OPTIONAL_LOCKS", "0")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(describe) = git(&["describe", "--always"]) else {
+        return String::new();
+    };
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if !changes.is_empty() => format!("{describe}-dirty"),
+        _ => describe,
+    }
 }
 
 /// The workspace root: the parent of this package's directory.
