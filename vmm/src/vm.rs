@@ -428,7 +428,7 @@ fn launch(
     base: Base,
     vcpu_fds: Vec<(VcpuFd, Vec<CpuidEntry>)>,
     subscribers: Vec<Subscriber>,
-    devices: DeviceInfo,
+    mut devices: DeviceInfo,
     state_caps: Arc<OnceLock<VcpuStateCaps>>,
 ) -> Result<VmHandle, VmError> {
     let (vcpu_filter, vmm_filter) = if config.seccomp {
@@ -456,7 +456,6 @@ fn launch(
     };
 
     let io = Arc::new(base.io);
-    let mut devices = devices;
     let support = SnapshotSupport {
         unsupported_device: snapshot::unsupported_device(config),
         virtio: std::mem::take(&mut devices.transports),

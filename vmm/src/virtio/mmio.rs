@@ -177,21 +177,18 @@ impl MmioTransport {
             .save_state()
             .ok_or(TransportStateError::Unsupported(device_type))?;
         let running = self.activated || self.pending_activation.is_some();
-        let queues: Vec<QueueSnapshot> = if let Some(pending) = &self.pending_activation {
-            pending.iter().map(|q| (&q.state()).into()).collect()
-        } else if self.activated {
-            let running = self.device.running_queues();
-            self.queues
-                .iter()
-                .enumerate()
-                .map(|(i, placeholder)| {
-                    let q = running.get(i).copied().flatten();
-                    (&q.unwrap_or_else(|| placeholder.state())).into()
-                })
-                .collect()
-        } else {
-            self.queues.iter().map(|q| (&q.state()).into()).collect()
-        };
+        // The queues a pending activation will hand over, or the registers' (placeholders
+        // while the device runs); an active device's own queues take their place.
+        let registered = self.pending_activation.as_ref().unwrap_or(&self.queues);
+        let active = self.device.running_queues();
+        let queues: Vec<QueueSnapshot> = registered
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let state = active.get(i).copied().flatten();
+                (&state.unwrap_or_else(|| q.state())).into()
+            })
+            .collect();
         Ok(TransportSnapshot {
             device_type,
             status: self.status,

@@ -315,10 +315,6 @@ pub(crate) struct DeviceInfo {
 pub(crate) struct VirtioTransports(Vec<Arc<Mutex<MmioTransport>>>);
 
 impl VirtioTransports {
-    fn push(&mut self, t: Arc<Mutex<MmioTransport>>) {
-        self.0.push(t);
-    }
-
     /// Locks every transport, in slot order (the only order anything takes more than one in),
     /// so that no device touches guest RAM or its queues while a snapshot is taken.
     pub(crate) fn lock_all(&self) -> Vec<MutexGuard<'_, MmioTransport>> {
@@ -355,6 +351,26 @@ pub(crate) struct AttachedDevices {
     pub(crate) info: DeviceInfo,
 }
 
+impl AttachedDevices {
+    /// Wires `device` into the next virtio-mmio slot ([`wire_device`]) and keeps its
+    /// event-loop subscriber and its transport (for snapshots).
+    fn add(
+        &mut self,
+        device: Box<dyn device::VirtioDevice>,
+        vm: &VmFd,
+        io: &mut IoManager,
+        mem: &Arc<GuestMemory>,
+        cmdline: &mut Cmdline,
+    ) -> Result<Wired, VirtioError> {
+        // At most MAX_DEVICES (checked before any is added), so the slot fits.
+        let index = self.info.transports.0.len() as u32;
+        let (wired, events) = wire_device(device, index, vm, io, mem, cmdline)?;
+        self.info.transports.0.push(wired.transport.clone());
+        self.subscribers.push(events);
+        Ok(wired)
+    }
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VirtioError {
     move |source| VirtioError::Kvm { what, source }
 }
@@ -385,30 +401,23 @@ pub(crate) fn attach_devices(
         subscribers: Vec::new(),
         info: DeviceInfo::default(),
     };
-    let mut index = 0;
     if let Some(vc) = &config.vsock {
         let device = VsockDevice::new(vc.guest_cid, Muxer::new(vc.guest_cid, &vc.uds_path)?);
         let stats = device.stats();
-        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
-        attached.info.transports.push(wired.transport.clone());
+        let wired = attached.add(Box::new(device), vm, io, mem, cmdline)?;
         attached.info.vsock = Some(VsockDeviceInfo {
-            transport: wired.transport.clone(),
+            transport: wired.transport,
             stats,
             mmio_base: wired.base,
             gsi: wired.gsi,
         });
-        attached.subscribers.push(wired.events);
-        index += 1;
     }
     for (n, disk) in config.disks.iter().enumerate() {
         let device = block::BlockDevice::new(
             block::Disk::open(&disk.path, disk.read_only)?,
             format!("vmm-disk{n}"),
         );
-        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
-        attached.info.transports.push(wired.transport.clone());
-        attached.subscribers.push(wired.events);
-        index += 1;
+        attached.add(Box::new(device), vm, io, mem, cmdline)?;
     }
     // One descriptor budget for all the VM's shares, sized once before any is open (and not at
     // all for a VM without shares).
@@ -420,38 +429,30 @@ pub(crate) fn attach_devices(
             message: e.to_string(),
         })?;
         let stats = device.stats();
-        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
-        attached.info.transports.push(wired.transport.clone());
+        let wired = attached.add(Box::new(device), vm, io, mem, cmdline)?;
         attached.info.shares.push(ShareDeviceInfo {
-            transport: wired.transport.clone(),
+            transport: wired.transport,
             stats,
             tag: share.tag.clone(),
         });
-        attached.subscribers.push(wired.events);
-        index += 1;
     }
     if config.balloon {
         let device = balloon::BalloonDevice::new();
-        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
-        attached.info.transports.push(wired.transport.clone());
+        let wired = attached.add(Box::new(device), vm, io, mem, cmdline)?;
         attached.info.balloon = Some(BalloonDeviceInfo {
-            transport: wired.transport.clone(),
+            transport: wired.transport,
         });
-        attached.subscribers.push(wired.events);
-        index += 1;
     }
     if let Some(nc) = &config.net {
         let device = net::NetDevice::new(nc)?;
         let state = device.shared_state();
-        let wired = wire_device(Box::new(device), index, vm, io, mem, cmdline)?;
-        attached.info.transports.push(wired.transport.clone());
+        let wired = attached.add(Box::new(device), vm, io, mem, cmdline)?;
         attached.info.net = Some(NetDeviceInfo {
-            transport: wired.transport.clone(),
+            transport: wired.transport,
             state,
             mmio_base: wired.base,
             gsi: wired.gsi,
         });
-        attached.subscribers.push(wired.events);
     }
     Ok(attached)
 }
@@ -483,13 +484,13 @@ fn open_share(
 /// A device wired into the VM.
 struct Wired {
     transport: Arc<Mutex<MmioTransport>>,
-    events: Subscriber,
     base: u64,
     gsi: u32,
 }
 
 /// Puts `device` in virtio-mmio slot `index`: its irqfd, one ioeventfd per queue, the MMIO
-/// window, the `virtio_mmio.device=` command line entry, and its event-loop subscriber.
+/// window, the `virtio_mmio.device=` command line entry; returns it with its event-loop
+/// subscriber.
 fn wire_device(
     device: Box<dyn device::VirtioDevice>,
     index: u32,
@@ -497,7 +498,7 @@ fn wire_device(
     io: &mut IoManager,
     mem: &Arc<GuestMemory>,
     cmdline: &mut Cmdline,
-) -> Result<Wired, VirtioError> {
+) -> Result<(Wired, Subscriber), VirtioError> {
     let base = layout::virtio_mmio_addr(index);
     let gsi = layout::VIRTIO_FIRST_GSI + index;
     let backend_fd = device.backend_fd();
@@ -541,10 +542,12 @@ fn wire_device(
         queue_evts,
         backend_fd,
     });
-    Ok(Wired {
-        transport,
+    Ok((
+        Wired {
+            transport,
+            base,
+            gsi,
+        },
         events,
-        base,
-        gsi,
-    })
+    ))
 }
