@@ -168,8 +168,8 @@ impl VmHandle {
     ///
     /// The virtio devices' transports are locked from before their state is captured until the
     /// file is written, so the VMM thread neither moves a queue nor writes guest RAM in between.
-    /// A VM with a virtio device whose state cannot be captured yet (any but the balloon) is
-    /// refused ([`SnapshotError::UnsupportedDevice`]) before it is paused.
+    /// A VM with a virtio device whose state cannot be captured yet (a writable disk, a network
+    /// device) is refused ([`SnapshotError::UnsupportedDevice`]) before it is paused.
     pub fn snapshot(&self, path: impl AsRef<Path>) -> Result<SnapshotInfo, SnapshotError> {
         if let Some(device) = self.snapshot.unsupported_device {
             return Err(SnapshotError::UnsupportedDevice(device.into()));
@@ -272,6 +272,9 @@ impl VmHandle {
         if let Some(mut el) = t.event_loop.take() {
             el.stop_by(deadline);
         }
+        // The handle keeps the devices (for snapshots): let go of what they hold on the host,
+        // so whoever reads a vsock connection sees it close once the VM has stopped.
+        self.snapshot.virtio.release_devices();
     }
 }
 

@@ -105,10 +105,11 @@ impl Vm {
     /// a kernel, it loads the snapshot's guest RAM and the state of its vCPUs, interrupt
     /// controllers, PIT, clock and legacy devices.
     ///
-    /// `config` must describe the same machine: the same `mem_mib` and `vcpus`, and no virtio
-    /// devices (none can be restored yet). Its kernel, initrd, command line and hidden CPU
-    /// features are not used (the guest keeps the CPUID it had); its console, identity,
-    /// seccomp, `/dev/kvm` and huge-page settings apply to the new VM. The snapshot is refused
+    /// `config` must describe the same machine: the same `mem_mib` and `vcpus`, and the same
+    /// virtio devices in the same order (disks of the same size, shares under the same tags),
+    /// none of them a writable disk or a network device. Its kernel, initrd, command line and
+    /// hidden CPU features are not used (the guest keeps the CPUID it had); its console,
+    /// identity, seccomp, `/dev/kvm` and huge-page settings apply to the new VM. The snapshot is refused
     /// before anything runs if its file is damaged, from another VMM build, or needs CPU
     /// features this host's KVM lacks.
     pub fn restore(config: VmConfig, snapshot: impl AsRef<Path>) -> Result<VmHandle, VmError> {

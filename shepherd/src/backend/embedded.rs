@@ -7,6 +7,7 @@
 //! [`VmSpec::credentials`] names another user (tests, tools), the VMM's threads take it per
 //! thread.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,21 @@ impl VmBackend for EmbeddedBackend {
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError> {
+        self.run(spec, None)
+    }
+
+    fn restore(&self, spec: &VmSpec, snapshot: &Path) -> Result<Box<dyn RunningVm>, BackendError> {
+        self.run(spec, Some(snapshot))
+    }
+}
+
+impl EmbeddedBackend {
+    /// Boots `spec`, or restores it from `snapshot`.
+    fn run(
+        &self,
+        spec: &VmSpec,
+        snapshot: Option<&Path>,
+    ) -> Result<Box<dyn RunningVm>, BackendError> {
         let mut config = vm_config(spec);
         let net_link = spec
             .network
@@ -79,7 +95,11 @@ impl VmBackend for EmbeddedBackend {
             });
         }
         config.run_as = thread_identity(spec, nix::unistd::geteuid().as_raw())?;
-        let handle = vmm::Vm::start(config).map_err(|e| match e {
+        let started = match snapshot {
+            None => vmm::Vm::start(config),
+            Some(path) => vmm::Vm::restore(config, path),
+        };
+        let handle = started.map_err(|e| match e {
             vmm::VmError::Boot(_) => BackendError::Guest(e.to_string()),
             vmm::VmError::KvmUnavailable(_) => BackendError::Unavailable(e.to_string()),
             _ => BackendError::Start(e.to_string()),
@@ -88,6 +108,29 @@ impl VmBackend for EmbeddedBackend {
             handle: Arc::new(handle),
             _net_link: net_link,
         }))
+    }
+}
+
+/// Snapshots through the VM's handle.
+struct EmbeddedCheckpoint(Arc<vmm::VmHandle>);
+
+impl super::VmCheckpoint for EmbeddedCheckpoint {
+    fn snapshot(&self, path: &Path) -> Result<super::VmSnapshotInfo, BackendError> {
+        let info = self
+            .0
+            .snapshot(path)
+            .map_err(|e| BackendError::Start(e.to_string()))?;
+        Ok(super::VmSnapshotInfo {
+            file_bytes: info.file_bytes,
+            memory_bytes_stored: info.memory_bytes_stored,
+            build_id: info.build_id,
+        })
+    }
+
+    fn resume(&self) -> Result<(), BackendError> {
+        self.0
+            .resume()
+            .map_err(|e| BackendError::Start(e.to_string()))
     }
 }
 
@@ -118,7 +161,23 @@ impl RunningVm for EmbeddedVm {
 
     fn killer(&self) -> VmKiller {
         let handle = self.handle.clone();
-        Arc::new(move || handle.request_stop())
+        Arc::new(move || {
+            handle.request_stop();
+            // The device thread, and with it the vsock connection the agent session reads,
+            // ends only once the VM's threads are joined: join them now (within the VMM's own
+            // deadline), off the caller's thread, so the session sees the connection close
+            // instead of waiting on a VM that is gone.
+            let handle = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("vm-stopper".into())
+                .spawn(move || {
+                    handle.wait();
+                });
+        })
+    }
+
+    fn checkpoint(&self) -> Option<Arc<dyn super::VmCheckpoint>> {
+        Some(Arc::new(EmbeddedCheckpoint(self.handle.clone())))
     }
 }
 

@@ -321,6 +321,21 @@ impl VirtioTransports {
         self.0.iter().map(|t| lock(t)).collect()
     }
 
+    /// Once the VM has stopped and its device thread is gone: resets every device, which ends
+    /// what it holds on the host (vsock's host connections, whose owners then read their end;
+    /// a share's open files). A transport still locked (by a device thread that never ended,
+    /// stuck in a file system) is left alone.
+    pub(crate) fn release_devices(&self) {
+        for t in &self.0 {
+            let mut transport = match t.try_lock() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+            };
+            transport.device_mut().reset();
+        }
+    }
+
     /// On restore, before the VM runs: gives each transport its saved state, in slot order.
     /// Another number of devices than the snapshot's is a configuration mismatch; state a
     /// transport refuses is invalid.
