@@ -28,6 +28,8 @@
 # Usage: scripts/test-nested-kvm.sh [--timeout S]     (after scripts/setup.sh)
 # Environment: NESTED_KVM_TIER_FILTER (default: all the groups above; a space-separated subset
 #              of run_e2e image_e2e network_e2e real_kernel timings sge snapshot_guests), NESTED_KVM_TEST_THREADS (default 1),
+#              NESTED_KVM_TEST_FILTER (run_e2e, image_e2e, network_e2e: only the embedded
+#              tests whose names start with it),
 #              NESTED_KVM_GROUP_TIMEOUT (seconds per group, default 480; sge:
 #              NESTED_KVM_SGE_TIMEOUT, default 900; one outer boot: --timeout, default 1800;
 #              all tries: NESTED_KVM_BUDGET, default 2700; a full tier takes 15-20 min on 2
@@ -104,7 +106,9 @@ if [ "${1:-}" = --inside ]; then
             continue
         fi
         filter=()
-        case $name in run_e2e|image_e2e|network_e2e) filter=(embedded::) ;; esac
+        case $name in
+            run_e2e|image_e2e|network_e2e) filter=("embedded::${NESTED_KVM_TEST_FILTER:-}") ;;
+        esac
         echo "=== $name: $bin ${filter[*]} (real KVM: $(grep -c -w svm /proc/cpuinfo) vCPUs with svm)"
         start=$(date +%s)
         set +e
@@ -228,6 +232,7 @@ while :; do
     "$REPO/scripts/nested-kvm-host.sh" run --cpus 4 --timeout "$try_timeout" "${shares[@]}" \
         --env NESTED_KVM_TEST_THREADS --env NESTED_KVM_GROUP_TIMEOUT --env NESTED_KVM_SGE_TIMEOUT \
         --env NESTED_SGE_QUOTA --env NESTED_SGE_ONLY --env NESTED_KVM_MEMORY \
+        --env NESTED_KVM_TEST_FILTER \
         -- "$REPO/scripts/test-nested-kvm.sh" --inside "${remaining[@]}" | tee "$out"
     rc=${PIPESTATUS[0]}
     set -e

@@ -11,6 +11,8 @@ struct Session {
     agent: Child,
     reader: FrameReader<UnixStream>,
     writer: FrameWriter<UnixStream>,
+    /// Still listening: an agent that loses its connection connects again here.
+    listener: UnixListener,
     _dir: TempDir,
 }
 
@@ -65,6 +67,7 @@ fn start(argv: &[&str], stdin: StdinMode) -> Session {
         agent,
         reader,
         writer,
+        listener,
         _dir: TempDir(dir),
     }
 }
@@ -85,6 +88,14 @@ struct Collected {
     spawn_failed: Option<(SpawnStage, i32, String)>,
 }
 
+fn ack(writer: &mut FrameWriter<UnixStream>, stream: Stream, offset: usize) {
+    // The agent may be gone already (a test of its end); the test's own checks say so.
+    let _ = writer.write_frame(&Frame::OutputAck {
+        stream,
+        offset: offset as u64,
+    });
+}
+
 /// Reads frames until Exit (then acks) or SpawnFailed.
 fn collect(s: &mut Session, mut on_started: impl FnMut(&mut FrameWriter<UnixStream>)) -> Collected {
     let mut c = Collected::default();
@@ -95,8 +106,15 @@ fn collect(s: &mut Session, mut on_started: impl FnMut(&mut FrameWriter<UnixStre
                 c.started = true;
                 on_started(&mut s.writer);
             }
-            Some(Frame::Stdout(d)) => c.stdout.extend_from_slice(&d),
-            Some(Frame::Stderr(d)) => c.stderr.extend_from_slice(&d),
+            // Acknowledged as the shepherd does once written, so the agent forgets it.
+            Some(Frame::Stdout(d)) => {
+                c.stdout.extend_from_slice(&d);
+                ack(&mut s.writer, Stream::Stdout, c.stdout.len());
+            }
+            Some(Frame::Stderr(d)) => {
+                c.stderr.extend_from_slice(&d);
+                ack(&mut s.writer, Stream::Stderr, c.stderr.len());
+            }
             Some(Frame::Eof(_)) => c.eofs += 1,
             Some(Frame::Exit {
                 wait_status,
@@ -258,6 +276,119 @@ fn spawn_failures_name_the_step() {
     assert!(message.contains("/nonexistent/program"), "{message}");
 }
 
+/// Breaks the session's connection (as a restored VM's vsock reset does) and takes the
+/// agent's new one.
+fn break_and_accept_again(s: &mut Session) {
+    s.writer
+        .get_ref()
+        .shutdown(std::net::Shutdown::Both)
+        .unwrap();
+    let (stream, _) = s.listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    s.reader = FrameReader::new(stream.try_clone().unwrap());
+    s.writer = FrameWriter::new(stream);
+}
+
+/// The lines `1\n` to `{n}\n`, as `seq` prints them.
+fn counter(n: usize) -> Vec<u8> {
+    (1..=n)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect()
+}
+
+/// Protocol 7 (issue 14): a connection lost while the job runs (as a restored VM's vsock
+/// reset does) is replaced: the agent connects again, the host resumes at the bytes it has,
+/// and the stream continues with no gap and no duplicate; the job's exit status comes through.
+/// Here the host has written (and acknowledged) part of what it received and lost the rest.
+#[test]
+fn a_lost_connection_resumes_at_the_hosts_offset() {
+    let script = "i=1; while [ $i -le 400 ]; do echo $i; i=$((i+1)); sleep 0.002; done; \
+                  echo done >&2; exit 7";
+    let mut s = start(&["/bin/sh", "-c", script], StdinMode::Null);
+    let mut out = Vec::new();
+    while out.len() < 200 {
+        match s.reader.read_frame().unwrap() {
+            Some(Frame::Started { .. }) => {}
+            Some(Frame::Stdout(d)) => {
+                out.extend_from_slice(&d);
+                if out.len() < 100 {
+                    ack(&mut s.writer, Stream::Stdout, out.len());
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Acknowledged: at most what was written while under 100 bytes. Kept: more than that.
+    let written = out.len() - 30;
+    out.truncate(written);
+    break_and_accept_again(&mut s);
+    match s.reader.read_frame().unwrap() {
+        Some(Frame::Reconnect(point)) => {
+            assert_eq!(point.version, PROTOCOL_VERSION);
+            assert!(point.stdout_sent >= 200, "{point:?}");
+            assert!(!point.stdin_ended, "stdin is /dev/null, never the host's");
+        }
+        other => panic!("expected Reconnect, got {other:?}"),
+    }
+    s.writer
+        .write_frame(&Frame::Resume {
+            stdout: written as u64,
+            stderr: 0,
+        })
+        .unwrap();
+    let mut c = collect(&mut s, |_| {});
+    out.append(&mut c.stdout);
+    assert_eq!(out, counter(400), "no gap, no duplicate");
+    assert_eq!(c.stderr, b"done\n");
+    assert_eq!(libc::WEXITSTATUS(c.exit.unwrap().0), 7);
+}
+
+/// A host that resumes at an offset the agent no longer has (it acknowledged more) cannot get
+/// the stream back whole: the agent says so and ends the job rather than leave a gap.
+#[test]
+fn a_resume_before_the_acknowledged_offset_is_refused() {
+    let mut s = start(
+        &["/bin/sh", "-c", "echo $$; exec sleep 600"],
+        StdinMode::Null,
+    );
+    let mut pid = None;
+    let mut got = 0;
+    while pid.is_none() {
+        if let Some(Frame::Stdout(d)) = s.reader.read_frame().unwrap() {
+            got += d.len();
+            pid = String::from_utf8_lossy(&d).trim().parse::<i32>().ok();
+        }
+    }
+    ack(&mut s.writer, Stream::Stdout, got);
+    std::thread::sleep(Duration::from_millis(100));
+    break_and_accept_again(&mut s);
+    assert!(matches!(
+        s.reader.read_frame(),
+        Ok(Some(Frame::Reconnect(_)))
+    ));
+    s.writer
+        .write_frame(&Frame::Resume {
+            stdout: 0,
+            stderr: 0,
+        })
+        .unwrap();
+    match s.reader.read_frame() {
+        Ok(Some(Frame::Error { message })) => {
+            assert!(message.contains("cannot serve"), "{message}")
+        }
+        other => panic!("expected Error, got {other:?}"),
+    }
+    assert!(!s.agent.wait().unwrap().success());
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: kill with signal 0 only checks for existence.
+        unsafe { libc::kill(pid.unwrap(), 0) == -1 }
+    });
+    assert!(gone, "job process {} still exists", pid.unwrap());
+}
+
 #[test]
 fn host_vanishing_kills_the_job() {
     let mut s = start(&["/bin/sh", "-c", "echo $$; sleep 600"], StdinMode::Null);
@@ -267,6 +398,8 @@ fn host_vanishing_kills_the_job() {
             pid = String::from_utf8_lossy(&d).trim().parse::<i32>().ok();
         }
     }
+    // The host ends the session: its listener goes too, so the agent cannot connect again.
+    drop(s.listener);
     drop(s.writer);
     drop(s.reader);
     let status = s.agent.wait().unwrap();

@@ -147,7 +147,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         bytes(300).prop_map(Frame::Stdin),
         bytes(300).prop_map(Frame::Stdout),
         bytes(300).prop_map(Frame::Stderr),
-        stream.prop_map(Frame::Eof),
+        stream.clone().prop_map(Frame::Eof),
         any::<i32>().prop_map(|signo| Frame::Signal { signo }),
         (any::<i32>(), rusage(), any::<u64>(), any::<u64>()).prop_map(
             |(wait_status, rusage, total_kib, oom_kills)| Frame::Exit {
@@ -161,6 +161,25 @@ fn frame() -> impl Strategy<Value = Frame> {
         ),
         Just(Frame::Ack),
         ".{0,40}".prop_map(|message| Frame::Error { message }),
+        (stream.clone(), any::<u64>())
+            .prop_map(|(stream, offset)| Frame::OutputAck { stream, offset }),
+        (
+            any::<u16>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(|(version, out, err, stdin, ended)| Frame::Reconnect(
+                ReconnectPoint {
+                    version,
+                    stdout_sent: out,
+                    stderr_sent: err,
+                    stdin_received: stdin,
+                    stdin_ended: ended,
+                }
+            )),
+        (any::<u64>(), any::<u64>()).prop_map(|(stdout, stderr)| Frame::Resume { stdout, stderr }),
     ]
 }
 

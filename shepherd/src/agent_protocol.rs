@@ -5,16 +5,19 @@
 //!
 //! ```text
 //! AwaitingHello --Hello--> Spawning --Started--> Running --Exit--> Exited
-//!                              |                    |
-//!                              +--SpawnFailed,      +--Error--> Failed
-//!                                 Error--> Failed
+//!                              |                    |  ^
+//!                              +--SpawnFailed,      |  +--Reconnect-- AwaitingReconnect
+//!                                 Error--> Failed   +--Error--> Failed
 //! ```
+//! A session resumed after a restore from a snapshot starts in `AwaitingReconnect`: the job
+//! already runs, and the agent's first frame on its new connection must be `Reconnect`.
 //! After `Started` only output, the end of stdout/stderr (once each), `Exit` or `Error` are
 //! accepted; a `SpawnFailed` then is a violation. The states are plain data (no handles), so a
 //! session's position can be recorded with a VM snapshot.
 
 use guest_agent::protocol::{
-    BootTimes, Frame, GuestMemoryReport, Rusage, SpawnStage, Stream, PROTOCOL_VERSION,
+    BootTimes, Frame, GuestMemoryReport, ReconnectPoint, Rusage, SpawnStage, Stream,
+    PROTOCOL_VERSION,
 };
 
 /// Where an agent session stands.
@@ -22,6 +25,9 @@ use guest_agent::protocol::{
 pub enum SessionState {
     /// Connected; the agent's first frame must be `Hello` with our protocol version.
     AwaitingHello,
+    /// Connected to the agent of a restored VM, whose job already runs: its first frame must
+    /// be `Reconnect` with our protocol version.
+    AwaitingReconnect,
     /// `Hello` received (and `Spawn` sent): `Started`, `SpawnFailed` or `Error` may come.
     Spawning,
     /// The job runs: output, the end of stdout and of stderr, `Exit`, or `Error`.
@@ -41,7 +47,10 @@ pub enum SessionState {
 impl SessionState {
     /// Whether the job was started in the guest (the agent said `Started`).
     pub fn job_started(self) -> bool {
-        matches!(self, SessionState::Running { .. } | SessionState::Exited)
+        matches!(
+            self,
+            SessionState::AwaitingReconnect | SessionState::Running { .. } | SessionState::Exited
+        )
     }
 
     /// Whether the session is over.
@@ -52,6 +61,7 @@ impl SessionState {
     fn describe(self) -> &'static str {
         match self {
             SessionState::AwaitingHello => "before Hello",
+            SessionState::AwaitingReconnect => "before Reconnect",
             SessionState::Spawning => "while the job was being started",
             SessionState::Running { .. } => "while the job ran",
             SessionState::Exited => "after the job's exit",
@@ -67,6 +77,8 @@ pub enum AgentEvent {
     Hello(BootTimes),
     /// The job runs as this guest pid.
     Started { pid: i32 },
+    /// The agent of a restored VM took the session up again, from this point.
+    Reconnected(ReconnectPoint),
     /// The guest could not start the job; the session is over.
     SpawnRefused {
         stage: SpawnStage,
@@ -116,6 +128,9 @@ fn kind(frame: &Frame) -> &'static str {
         Frame::Exit { .. } => "Exit",
         Frame::Ack => "Ack",
         Frame::Error { .. } => "Error",
+        Frame::OutputAck { .. } => "OutputAck",
+        Frame::Reconnect(_) => "Reconnect",
+        Frame::Resume { .. } => "Resume",
     }
 }
 
@@ -139,6 +154,22 @@ impl SessionState {
                     )));
                 }
                 (SessionState::Spawning, AgentEvent::Hello(boot))
+            }
+            (SessionState::AwaitingReconnect, Frame::Reconnect(point)) => {
+                if point.version != PROTOCOL_VERSION {
+                    return Err(refuse(format!(
+                        "Reconnect for protocol version {} (this shepherd speaks \
+                         {PROTOCOL_VERSION})",
+                        point.version
+                    )));
+                }
+                (
+                    SessionState::Running {
+                        stdout_open: true,
+                        stderr_open: true,
+                    },
+                    AgentEvent::Reconnected(point),
+                )
             }
             (SessionState::Spawning, Frame::Started { pid }) if pid > 0 => (
                 SessionState::Running {
@@ -354,6 +385,47 @@ mod tests {
         }
     }
 
+    /// Issue 14: a restored VM's agent takes the session up with Reconnect, and only with it;
+    /// then the job's frames flow as before. Reconnect is refused anywhere else.
+    #[test]
+    fn a_restored_session_starts_with_reconnect_only() {
+        let reconnect = Frame::Reconnect(ReconnectPoint {
+            version: PROTOCOL_VERSION,
+            stdout_sent: 10,
+            ..ReconnectPoint::default()
+        });
+        let mut state = SessionState::AwaitingReconnect;
+        assert!(matches!(
+            state.accept(reconnect.clone()),
+            Ok(AgentEvent::Reconnected(p)) if p.stdout_sent == 10
+        ));
+        assert!(state.job_started());
+        for frame in [
+            Frame::Stdout(b"x".to_vec()),
+            Frame::Eof(Stream::Stdout),
+            exit(),
+        ] {
+            assert!(state.accept(frame).is_ok());
+        }
+        assert_eq!(state, SessionState::Exited);
+
+        for frames in [
+            vec![hello()],
+            vec![Frame::Stdout(vec![1])],
+            vec![Frame::Reconnect(ReconnectPoint {
+                version: PROTOCOL_VERSION - 1,
+                ..ReconnectPoint::default()
+            })],
+        ] {
+            let mut state = SessionState::AwaitingReconnect;
+            let results: Vec<_> = frames.into_iter().map(|f| state.accept(f)).collect();
+            assert!(results.last().unwrap().is_err(), "{results:?}");
+        }
+        let (state, results) = run(vec![hello(), Frame::Started { pid: 3 }, reconnect]);
+        assert!(results[2].is_err(), "Reconnect on a live session");
+        assert_eq!(state, SessionState::Failed);
+    }
+
     #[test]
     fn violation_messages_carry_no_guest_text() {
         let mut state = SessionState::Running {
@@ -413,6 +485,17 @@ mod tests {
             Just(Frame::Error {
                 message: "e".into()
             }),
+            (any_stream(), any::<u64>())
+                .prop_map(|(stream, offset)| Frame::OutputAck { stream, offset }),
+            (PROTOCOL_VERSION - 1..=PROTOCOL_VERSION + 1, any::<u64>()).prop_map(
+                |(version, sent)| Frame::Reconnect(ReconnectPoint {
+                    version,
+                    stdout_sent: sent,
+                    ..ReconnectPoint::default()
+                })
+            ),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(stdout, stderr)| Frame::Resume { stdout, stderr }),
         ]
     }
 

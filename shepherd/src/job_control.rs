@@ -9,6 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use guest_agent::protocol::{Frame, FrameWriter, ProtocolError};
 
+use crate::checkpoint::taker::AfterCheckpoint;
 #[cfg(test)]
 use crate::vmm_process::message::{Channel, ToVmm};
 use crate::vmm_process::VmmControl;
@@ -121,6 +122,14 @@ impl JobController {
     /// that does not stop it in time is killed.
     pub fn kill_vm(&self) {
         self.vmm.stop_vm();
+    }
+
+    /// Takes a checkpoint of a job launched with a checkpoint directory
+    /// ([`crate::launch::CheckpointPlan`]); with [`AfterCheckpoint::StayPaused`] its VM is
+    /// stopped after it and the job ends as [`crate::launch::JobError::Migrated`]. Returns at
+    /// once; a failure is logged and the job runs on.
+    pub fn checkpoint(&self, then: AfterCheckpoint) {
+        self.vmm.checkpoint(then);
     }
 
     /// A controller whose requests arrive, as [`ToVmm`] messages, on the returned channel end.

@@ -15,13 +15,17 @@ use guest_agent::protocol::{
     SharedMount, Spawn, AGENT_VSOCK_PORT,
 };
 
-use crate::agent_session::{converse, AgentExit, GuestSetup};
+use std::sync::{Arc, Mutex};
+
+use crate::agent_session::{converse, AgentExit, GuestSetup, SessionStart};
 pub use crate::agent_session::{JobError, JobIo, StdinSource};
 use crate::backend::{
     self, BackendError, EndedBy, RunningVm, VmBackend, VmLogs, VmShare, VmSpec, CONSOLE_LOG,
     ROOT_DISK_GUEST_DEVICE,
 };
 pub use crate::backend::{BackendChoice, VmmCredentials};
+use crate::checkpoint::taker::AfterCheckpoint;
+use crate::checkpoint::{self, CheckpointDir, Checkpointer};
 use crate::guest_image::{self, UntrustedGuestImage};
 use crate::image::store::ImageInUse;
 use crate::image::{ImageError, ImageStore};
@@ -31,6 +35,7 @@ use crate::network::passt::PasstProcess;
 use crate::network::{JobNetwork, NetworkError, NetworkPolicy, PASST_LOG};
 use crate::path_trust;
 use crate::run_dir::{self, RunDir, RunDirError};
+use crate::session_progress::SessionProgress;
 use crate::shared_dirs::{self, SharedDir, SharedDirError};
 use crate::timings::{now_ms, since_start, Timings};
 use crate::vmm_process::message::{Channel, FromVmm, Received, StartFailure, ToVmm};
@@ -70,6 +75,21 @@ pub struct LaunchSpec {
     pub vmm_credentials: Option<VmmCredentials>,
     /// The job's network ([`crate::network`]).
     pub network: NetworkPolicy,
+    /// Checkpoints of the job, or its restore from one.
+    pub checkpoint: Option<CheckpointPlan>,
+}
+
+/// Checkpoints of a job ([`crate::checkpoint`]): taken on request
+/// ([`JobController::checkpoint`]) into `dir`, or, with `restore`, the job started from the
+/// latest one there instead of being booted. The job's VM must be the embedded VMM's, with no
+/// network device (whose state snapshots cannot capture yet); a restore needs the same VM
+/// (memory, vCPUs, devices) and the job's output files as the checkpoint left them, or longer.
+#[derive(Debug, Clone)]
+pub struct CheckpointPlan {
+    /// The checkpoint directory; the VMM process (the job user) creates and writes it.
+    pub dir: PathBuf,
+    /// Start from the latest checkpoint in `dir` instead of booting.
+    pub restore: bool,
 }
 
 /// The job's file systems beyond the guest's initramfs.
@@ -423,6 +443,22 @@ pub fn launch_in(
             selection.backend.name()
         )));
     }
+    if spec.checkpoint.is_some() {
+        if selection.backend.name() != "embedded" {
+            return Err(LaunchError::BackendUnavailable(format!(
+                "checkpoints need the embedded VMM, not the {} backend ({})",
+                selection.backend.name(),
+                selection.reason
+            )));
+        }
+        if matches!(spec.network, NetworkPolicy::Passt(_)) {
+            return Err(LaunchError::BackendUnavailable(
+                "checkpoints need a job without a network device (snapshots cannot capture \
+                 virtio-net yet)"
+                    .into(),
+            ));
+        }
+    }
     let backend_in_words = format!("{} ({})", selection.backend.name(), selection.reason);
     let timings = Timings {
         backend: selection.backend.name().to_string(),
@@ -502,6 +538,7 @@ pub fn launch_in(
         spawn: spec.spawn,
         io,
         timings,
+        checkpoint: spec.checkpoint,
     };
     // From here on the job is the VMM process's: this process keeps none of its descriptors
     // (the listener, the output files), which go with `job` into the child.
@@ -542,9 +579,67 @@ struct VmmJob {
     spawn: Spawn,
     io: JobIo,
     timings: Timings,
+    checkpoint: Option<CheckpointPlan>,
+}
+
+/// How the VMM process's VM came to be, and how its session starts.
+struct StartedVm {
+    vm: Box<dyn RunningVm>,
+    start: SessionStart,
+    /// The checkpoint directory, when the job has one.
+    store: Option<CheckpointDir>,
 }
 
 impl VmmJob {
+    /// Boots the VM, or restores it from the latest checkpoint (cutting the job's output back
+    /// to it first).
+    fn start_vm(
+        backend: &dyn VmBackend,
+        vm_spec: &VmSpec,
+        plan: Option<&CheckpointPlan>,
+        io: &JobIo,
+        fresh: SessionStart,
+    ) -> Result<StartedVm, StartFailure> {
+        let failure = |e: BackendError| match e {
+            BackendError::Unavailable(m) => StartFailure::Unavailable(m),
+            BackendError::Guest(m) => StartFailure::Guest(m),
+            other => StartFailure::Start(other.to_string()),
+        };
+        let store = plan
+            .map(|p| CheckpointDir::open(&p.dir))
+            .transpose()
+            .map_err(|e| StartFailure::Start(e.to_string()))?;
+        let restore = match (plan, &store) {
+            (Some(p), Some(store)) if p.restore => Some(store),
+            _ => None,
+        };
+        let Some(store) = restore else {
+            let vm = backend.start(vm_spec).map_err(failure)?;
+            return Ok(StartedVm {
+                vm,
+                start: fresh,
+                store,
+            });
+        };
+        let (record, snapshot) = store
+            .load_latest()
+            .map_err(|e| StartFailure::Start(e.to_string()))?;
+        if (record.mem_mib, record.vcpus) != (vm_spec.mem_mib, vm_spec.vcpus) {
+            return Err(StartFailure::Start(format!(
+                "checkpoint {} is of a VM with {} MiB and {} vCPUs, not {} MiB and {}",
+                record.generation, record.mem_mib, record.vcpus, vm_spec.mem_mib, vm_spec.vcpus
+            )));
+        }
+        let at = checkpoint::taker::rewind_outputs(&record, io)
+            .map_err(|e| StartFailure::Start(e.to_string()))?;
+        let vm = backend.restore(vm_spec, &snapshot).map_err(failure)?;
+        Ok(StartedVm {
+            vm,
+            start: SessionStart::Resume(at),
+            store: Some(store.clone()),
+        })
+    }
+
     /// The VMM process's life, in the child (already the job user).
     fn run(self, channel: &Channel) {
         let VmmJob {
@@ -556,19 +651,23 @@ impl VmmJob {
             spawn,
             io,
             mut timings,
+            checkpoint: plan,
         } = self;
-        let vm = match backend.start(&vm_spec) {
-            Ok(vm) => vm,
-            Err(e) => {
-                let failure = match e {
-                    BackendError::Unavailable(m) => StartFailure::Unavailable(m),
-                    BackendError::Guest(m) => StartFailure::Guest(m),
-                    other => StartFailure::Start(other.to_string()),
-                };
-                let _ = channel.send(&FromVmm::StartFailed(failure));
-                return;
-            }
+        let fresh = SessionStart::Fresh {
+            setup: GuestSetup {
+                filesystems,
+                network: Some(network),
+            },
+            spawn,
         };
+        let StartedVm { vm, start, store } =
+            match Self::start_vm(backend.as_ref(), &vm_spec, plan.as_ref(), &io, fresh) {
+                Ok(started) => started,
+                Err(failure) => {
+                    let _ = channel.send(&FromVmm::StartFailed(failure));
+                    return;
+                }
+            };
         timings.vm_created_ms = now_ms();
         let started = FromVmm::VmStarted {
             vm_created_ms: timings.vm_created_ms,
@@ -580,30 +679,61 @@ impl VmmJob {
             return;
         }
         let link = AgentLink::default();
+        let progress = SessionProgress::default();
+        let checkpointer = match (store, vm.checkpoint()) {
+            (Some(store), Some(vm_checkpoint)) => Some(Arc::new(Checkpointer::new(
+                vm_checkpoint,
+                progress.clone(),
+                store,
+                vm_spec.mem_mib,
+                vm_spec.vcpus,
+            ))),
+            _ => None,
+        };
+        let migrated = Arc::new(Mutex::new(None));
         if let Ok(requests) = channel.try_clone() {
-            let (link, killer) = (link.clone(), vm.killer());
+            let requests = Requests {
+                channel: requests,
+                link: link.clone(),
+                stop_vm: vm.killer(),
+                checkpointer: checkpointer.clone(),
+                migrated: migrated.clone(),
+            };
             let _ = std::thread::Builder::new()
                 .name("vmm-requests".into())
-                .spawn(move || serve_requests(&requests, &link, &killer));
+                .spawn(move || requests.serve());
         }
         let result = run_session(
             vm,
             listener,
-            (
-                GuestSetup {
-                    filesystems,
-                    network: Some(network),
-                },
-                spawn,
-            ),
+            start,
             io,
-            link,
+            (link, &progress),
             timings,
             vm_spec.console_log.clone(),
             || {
                 let _ = channel.send(&FromVmm::JobStarted);
             },
         );
+        let migrated = migrated.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let result = match (result, migrated) {
+            // The session ended because the VM was stopped after its checkpoint.
+            (Err(_), Some(generation)) => Err(JobError::Migrated {
+                dir: checkpointer
+                    .as_ref()
+                    .map(|c| c.dir().path().display().to_string())
+                    .unwrap_or_default(),
+                generation,
+            }),
+            (Ok(outcome), _) => {
+                // The job ended on its own: its checkpoints are of no more use.
+                if let Some(c) = &checkpointer {
+                    c.dir().clean();
+                }
+                Ok(outcome)
+            }
+            (result, _) => result,
+        };
         let report = match result {
             Ok(o) => FromVmm::Exited {
                 wait_status: o.wait_status,
@@ -625,24 +755,53 @@ impl VmmJob {
     }
 }
 
-/// The shepherd's requests, in the VMM process: signals for the job, and stopping the VM
-/// (also when the shepherd goes away).
-fn serve_requests(channel: &Channel, link: &AgentLink, stop_vm: &backend::VmKiller) {
-    loop {
-        match channel.receive::<ToVmm>(None) {
-            Ok(Received::Message(ToVmm::Signal(signo))) => link.signal(signo),
-            Ok(Received::Message(ToVmm::StopVm)) => {
-                // Output the job's destinations have not taken yet is dropped, not waited for.
-                link.output_abandoned()
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-                stop_vm();
-            }
-            Ok(Received::Nothing) => {}
-            Ok(Received::Closed) | Err(_) => {
-                stop_vm();
-                return;
+/// The shepherd's requests, in the VMM process.
+struct Requests {
+    channel: Channel,
+    link: AgentLink,
+    stop_vm: backend::VmKiller,
+    checkpointer: Option<Arc<Checkpointer>>,
+    /// The checkpoint after which the VM was stopped.
+    migrated: Arc<Mutex<Option<u64>>>,
+}
+
+impl Requests {
+    /// Serves signals for the job, checkpoints, and stopping the VM (also when the shepherd
+    /// goes away).
+    fn serve(self) {
+        loop {
+            match self.channel.receive::<ToVmm>(None) {
+                Ok(Received::Message(ToVmm::Signal(signo))) => self.link.signal(signo),
+                Ok(Received::Message(ToVmm::StopVm)) => self.stop(),
+                Ok(Received::Message(ToVmm::Checkpoint(then))) => self.checkpoint(then),
+                Ok(Received::Nothing) => {}
+                Ok(Received::Closed) | Err(_) => {
+                    (self.stop_vm)();
+                    return;
+                }
             }
         }
+    }
+
+    fn stop(&self) {
+        // Output the job's destinations have not taken yet is dropped, not waited for.
+        self.link
+            .output_abandoned()
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        (self.stop_vm)();
+    }
+
+    fn checkpoint(&self, then: AfterCheckpoint) {
+        let result = match &self.checkpointer {
+            Some(c) => c.take(then).map_err(|e| e.to_string()),
+            None => Err("the job has no checkpoint directory".to_string()),
+        };
+        if let (Ok(report), AfterCheckpoint::StayPaused) = (&result, then) {
+            *self.migrated.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.generation);
+            self.stop();
+        }
+        let result = result.map_err(crate::vmm_process::message::bounded_text);
+        let _ = self.channel.send(&FromVmm::Checkpointed(result));
     }
 }
 
@@ -711,9 +870,9 @@ fn accept_agent(
 fn run_session(
     mut vm: Box<dyn RunningVm>,
     listener: UnixListener,
-    (setup, spawn): (GuestSetup, Spawn),
+    start: SessionStart,
     io: JobIo,
-    link: AgentLink,
+    (link, progress): (AgentLink, &SessionProgress),
     mut timings: Timings,
     console_log: PathBuf,
     on_started: impl FnOnce(),
@@ -725,7 +884,7 @@ fn run_session(
     let result = accepted.and_then(|stream| {
         let mut job_started = SystemTime::now();
         let exit: Result<AgentExit, JobError> =
-            converse(stream, setup, spawn, io, &link, &mut timings, || {
+            converse(stream, start, io, &link, progress, &mut timings, || {
                 job_started = SystemTime::now();
                 on_started();
             });
@@ -892,12 +1051,13 @@ mod tests {
             vmm_credentials: Some(creds),
             // With passt: its log is one more file root creates in the run directory.
             network: crate::network::NetworkSetting::default().resolve().unwrap(),
+            checkpoint: None,
         };
-        let io = JobIo {
-            stdin: StdinSource::Null,
-            stdout: Box::new(std::io::sink()),
-            stderr: Box::new(std::io::sink()),
-        };
+        let io = JobIo::streams(
+            StdinSource::Null,
+            Box::new(std::io::sink()),
+            Box::new(std::io::sink()),
+        );
         // Give the job user time to act while the VM is set up and (for QEMU) fails to boot.
         let launched = launch(spec, io);
         std::thread::sleep(Duration::from_millis(300));
@@ -960,12 +1120,13 @@ mod tests {
             run_dir: run_dir.path().to_path_buf(),
             vmm_credentials: None,
             network: NetworkPolicy::None,
+            checkpoint: None,
         };
-        let io = JobIo {
-            stdin: StdinSource::Null,
-            stdout: Box::new(std::io::sink()),
-            stderr: Box::new(std::io::sink()),
-        };
+        let io = JobIo::streams(
+            StdinSource::Null,
+            Box::new(std::io::sink()),
+            Box::new(std::io::sink()),
+        );
         let err = launch(spec, io)
             .err()
             .expect("booted a kernel others can replace");

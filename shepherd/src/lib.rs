@@ -13,6 +13,7 @@
 mod agent_protocol;
 mod agent_session;
 pub mod backend;
+pub mod checkpoint;
 pub mod guest_image;
 pub mod guest_ram;
 pub mod guest_sysctl;
@@ -25,6 +26,7 @@ pub mod network;
 mod output_writer;
 pub mod path_trust;
 pub mod run_dir;
+pub mod session_progress;
 pub mod settings;
 pub mod sge;
 pub mod shared_dirs;

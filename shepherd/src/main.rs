@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a command in a fresh microVM.
-    Run(run_command::RunArgs),
+    Run(Box<run_command::RunArgs>),
     /// Build, list, verify and remove the OS images jobs run in.
     Image(image_command::ImageArgs),
     /// Boot a VM directly in the embedded VMM (debugging, benchmarks).
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run_command::run(args),
+        Command::Run(args) => run_command::run(*args),
         Command::Image(args) => image_command::run(args),
         Command::Vm(args) => vm_command::run(args),
         Command::Check(args) => check_command::run(args),

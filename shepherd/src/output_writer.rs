@@ -4,10 +4,15 @@
 //! ever: once the job's VM is being stopped, the session stops waiting for the writer, drops
 //! what is left and goes on to report the job's end. Nothing joins the writer thread; a write
 //! that never returns ends with the process.
+//!
+//! The writer counts the stream's bytes written (from the offset the session started at, which
+//! a restored session takes from its checkpoint) and reports each new count, which the session
+//! acknowledges to the agent. A checkpoint holds the writer between writes to read the count
+//! and the destination's length together ([`OutputWriter::hold`]).
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,7 +37,14 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     changed: Condvar,
+    /// The stream's offset after the last byte written.
+    written: AtomicU64,
+    /// Held by the writer thread across each write and its count.
+    io: Mutex<()>,
 }
+
+/// Told each new count of bytes written (the stream's offset after them).
+pub(crate) type OnWritten = Box<dyn Fn(u64) + Send>;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -49,14 +61,29 @@ pub(crate) struct OutputWriter {
 
 impl OutputWriter {
     /// Starts the writer thread for `out`.
+    #[cfg(test)]
     pub(crate) fn start(
+        name: &str,
+        out: Box<dyn Write + Send>,
+        abandoned: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
+        Self::start_at(name, out, abandoned, 0, Box::new(|_| {}))
+    }
+
+    /// Starts the writer thread for `out`, whose stream is at `offset` already; `on_written`
+    /// hears each new offset once its bytes are written.
+    pub(crate) fn start_at(
         name: &str,
         mut out: Box<dyn Write + Send>,
         abandoned: Arc<AtomicBool>,
+        offset: u64,
+        on_written: OnWritten,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
+            written: AtomicU64::new(offset),
+            io: Mutex::new(()),
         });
         let theirs = shared.clone();
         std::thread::Builder::new()
@@ -75,7 +102,21 @@ impl OutputWriter {
                         q = theirs.changed.wait(q).unwrap_or_else(|p| p.into_inner());
                     }
                 };
+                let io = theirs.io.lock().unwrap_or_else(|p| p.into_inner());
                 let result = out.write_all(&chunk).and_then(|()| out.flush());
+                let written = match result {
+                    Ok(()) => {
+                        theirs
+                            .written
+                            .fetch_add(chunk.len() as u64, Ordering::SeqCst)
+                            + chunk.len() as u64
+                    }
+                    Err(_) => theirs.written.load(Ordering::SeqCst),
+                };
+                drop(io);
+                if result.is_ok() {
+                    on_written(written);
+                }
                 let mut q = theirs.lock();
                 q.bytes -= chunk.len();
                 if let Err(e) = result {
@@ -132,6 +173,29 @@ impl OutputWriter {
             .failure
             .take()
             .map(std::io::Error::from_raw_os_error)
+    }
+
+    /// The stream's offset after the last byte written.
+    pub(crate) fn written(&self) -> u64 {
+        self.shared.written.load(Ordering::SeqCst)
+    }
+
+    /// Keeps the writer between two writes while the guard lives: [`Self::written`] and the
+    /// destination's length then agree. `None` when a write does not end within `patience`
+    /// (a stalled destination).
+    pub(crate) fn hold(&self, patience: Duration) -> Option<MutexGuard<'_, ()>> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match self.shared.io.try_lock() {
+                Ok(guard) => return Some(guard),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Waits until everything queued is written (or the output is dropped).

@@ -8,13 +8,14 @@ use guest_agent::protocol::{Spawn, SpawnStage};
 use signal_hook::consts::signal::{SIGCONT, SIGHUP, SIGINT, SIGTERM, SIGTSTP, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
+use shepherd::checkpoint::taker::{regular_file, AfterCheckpoint};
 use shepherd::guest_image;
 use shepherd::guest_ram::{self, GuestRam, JobMemoryRequest, RamPolicy};
 use shepherd::host_memory;
 use shepherd::image::store_dir;
 use shepherd::launch::{
-    launch_in, BackendChoice, ImageChoice, JobError, JobFilesystems, JobIo, LaunchSpec,
-    StdinSource, VmmCredentials,
+    launch_in, BackendChoice, CheckpointPlan, ImageChoice, JobError, JobFilesystems, JobIo,
+    LaunchSpec, StdinSource, VmmCredentials,
 };
 use shepherd::network::policy::{NetworkMode, NetworkTable};
 use shepherd::network::NetworkSetting;
@@ -89,10 +90,28 @@ pub struct RunArgs {
     /// Forward this UDP port of the host to the same port in the guest (repeatable).
     #[arg(long = "inbound-udp", value_name = "PORT")]
     pub inbound_udp: Vec<u16>,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, required = true)]
+    /// Keep checkpoints of the job in this directory (created, mode 0700). SIGUSR2 to `run`
+    /// then checkpoints the job and stops its VM (exit status 99) instead of being forwarded;
+    /// `--restore` goes on from there. Needs the embedded VMM and `--network none`.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// With --checkpoint-dir: also checkpoint every SECS seconds while the job runs on.
+    #[arg(long, value_name = "SECS", requires = "checkpoint_dir")]
+    pub checkpoint_interval: Option<u64>,
+    /// Go on from the latest checkpoint in --checkpoint-dir instead of starting the command:
+    /// give the same VM options (--mem, --vcpus, --share, --cwd, --image) as the checkpointed
+    /// run. stdout and stderr files are cut back to where the checkpoint left them, so append
+    /// to them (>>).
+    #[arg(long, requires = "checkpoint_dir")]
+    pub restore: bool,
+    /// The command and its arguments (none with --restore: the job runs already).
+    #[arg(trailing_var_arg = true, required_unless_present = "restore")]
     pub command: Vec<String>,
 }
+
+/// `run`'s exit status when the job was checkpointed and its VM stopped (as a Grid Engine job
+/// asks to be re-queued).
+pub const CHECKPOINTED_EXIT: i32 = 99;
 
 /// The account `--user` names (a name or a numeric uid).
 fn job_user(name: &str) -> anyhow::Result<nix::unistd::User> {
@@ -243,6 +262,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         },
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
+        stdout_file: regular_file(&std::io::stdout()),
+        stderr_file: regular_file(&std::io::stderr()),
     };
     let mem_mib = match args.mem {
         Some(mib) => mib,
@@ -277,24 +298,39 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             run_dir: run_dir.path().to_path_buf(),
             vmm_credentials,
             network,
+            checkpoint: args.checkpoint_dir.as_ref().map(|dir| CheckpointPlan {
+                dir: dir.clone(),
+                restore: args.restore,
+            }),
         },
         &filesystems,
         io,
     )?;
     let controller = job.controller();
     let handle = signals.handle();
-    let forwarder = std::thread::spawn(move || {
-        for signo in signals.forever() {
-            // The job leads an orphaned process group in the guest, for which the kernel
-            // discards SIGTSTP; a terminal stop therefore stops the job with SIGSTOP.
-            let relayed = if signo == SIGTSTP {
-                libc::SIGSTOP
-            } else {
-                signo
-            };
-            controller.signal(relayed);
-        }
-    });
+    let migrates = args.checkpoint_dir.is_some();
+    let forwarder = {
+        let controller = controller.clone();
+        std::thread::spawn(move || {
+            for signo in signals.forever() {
+                // The job leads an orphaned process group in the guest, for which the kernel
+                // discards SIGTSTP; a terminal stop therefore stops the job with SIGSTOP.
+                match signo {
+                    SIGUSR2 if migrates => controller.checkpoint(AfterCheckpoint::StayPaused),
+                    SIGTSTP => controller.signal(libc::SIGSTOP),
+                    _ => controller.signal(signo),
+                }
+            }
+        })
+    };
+    if let Some(secs) = args.checkpoint_interval.filter(|s| *s > 0) {
+        let controller = controller.clone();
+        // Ends with the process (a request to a VMM process that is gone is dropped).
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+            controller.checkpoint(AfterCheckpoint::Resume);
+        });
+    }
     let result = job.wait();
     handle.close();
     let _ = forwarder.join();
@@ -314,6 +350,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                 std::io::Error::from_raw_os_error(errno)
             );
             return Ok(command_not_run_exit_code(errno));
+        }
+        Err(JobError::Migrated { dir, generation }) => {
+            eprintln!(
+                "sge_virtualizer: the job was checkpointed (checkpoint {generation} in {dir}) and \
+                 its VM stopped; go on with: run --checkpoint-dir {dir} --restore and the same VM \
+                 options"
+            );
+            return Ok(CHECKPOINTED_EXIT);
         }
         other => other?,
     };

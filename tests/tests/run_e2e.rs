@@ -544,6 +544,161 @@ fn a_binary_calling_the_legacy_vsyscall_page_runs(backend: &str) {
     );
 }
 
+/// A child's stderr, collected as it comes.
+#[derive(Clone, Default)]
+struct Collected(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Collected {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn collect_stderr(child: &mut Child) -> Collected {
+    let collected = Collected::default();
+    let mut pipe = child.stderr.take().unwrap();
+    let sink = collected.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.0.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    collected
+}
+
+/// The child's exit within `patience`; otherwise it is killed and the test fails with its
+/// stderr so far.
+fn wait_within(
+    child: &mut Child,
+    patience: Duration,
+    stderr: &Collected,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            // Let the reader take the last bytes.
+            std::thread::sleep(Duration::from_millis(100));
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("no exit within {patience:?}; stderr: {}", stderr.text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 14: a job that prints a counter every 100 ms and appends it to a file on its share is
+/// checkpointed (SIGUSR2 to `run`: snapshot, then the VM stops; exit 99) and goes on in a new
+/// `run --restore` process: stdout and the file continue with no gap and no duplicate, and the
+/// exit status is the job's own. Only the embedded VMM takes snapshots: QEMU refuses clearly.
+fn a_checkpointed_job_goes_on_in_a_new_process(backend: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let out_path = dir.path().join("out.txt");
+    let vm = [
+        "-n",
+        "--network",
+        "none",
+        "--mem",
+        "256",
+        "--cwd",
+        share.to_str().unwrap(),
+        "--checkpoint-dir",
+        ckpt.to_str().unwrap(),
+    ];
+    let append = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out_path)
+            .unwrap()
+    };
+    let job = "i=1; while [ $i -le 60 ]; do echo $i; echo $i >> counter.txt; i=$((i+1)); \
+               sleep 0.1; done; exit 3";
+    let mut args = vm.to_vec();
+    args.extend(["--", "/bin/sh", "-c", job]);
+    let mut first = run_cmd(backend, &args)
+        .env("SGE_VIRTUALIZER_LOG", "info")
+        .stdout(append())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sge_virtualizer");
+    let first_err = collect_stderr(&mut first);
+    if backend == "qemu" {
+        let status = wait_within(&mut first, Duration::from_secs(60), &first_err);
+        let err = first_err.text();
+        assert_eq!(status.code(), Some(125), "{err}");
+        assert!(err.contains("checkpoints need the embedded VMM"), "{err}");
+        return;
+    }
+    // Checkpointed once the job has run a while.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while std::fs::read_to_string(&out_path)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 10
+    {
+        if Instant::now() > deadline {
+            let _ = first.kill();
+            panic!("the job did not get going: {}", first_err.text());
+        }
+        if let Ok(Some(status)) = first.try_wait() {
+            panic!(
+                "run ended before the checkpoint: {status}: {}",
+                first_err.text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("checkpointing after {:?}", deadline.elapsed());
+    send(&first, libc::SIGUSR2);
+    let status = wait_within(&mut first, Duration::from_secs(120), &first_err);
+    let err = first_err.text();
+    assert_eq!(status.code(), Some(99), "{err}");
+    assert!(err.contains("checkpointed"), "{err}");
+    let at_checkpoint = std::fs::read_to_string(&out_path).unwrap();
+    assert!(!at_checkpoint.contains("60\n"), "{at_checkpoint}");
+    eprintln!("checkpointed: {err}");
+
+    let mut args = vm.to_vec();
+    args.push("--restore");
+    let mut restored = run_cmd(backend, &args)
+        .env("SGE_VIRTUALIZER_LOG", "info")
+        .stdout(append())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sge_virtualizer --restore");
+    let restored_err = collect_stderr(&mut restored);
+    let status = wait_within(&mut restored, Duration::from_secs(180), &restored_err);
+    let err = restored_err.text();
+    assert_eq!(status.code(), Some(3), "{err}");
+    let expected: String = (1..=60).map(|i| format!("{i}\n")).collect();
+    assert_eq!(
+        std::fs::read_to_string(&out_path).unwrap(),
+        expected,
+        "stdout"
+    );
+    assert_eq!(
+        std::fs::read_to_string(share.join("counter.txt")).unwrap(),
+        expected,
+        "the file on the share"
+    );
+    assert!(
+        !ckpt.join("latest").exists(),
+        "the checkpoints of a job that ended on its own are removed"
+    );
+}
+
 integration_tests::backend_suites!(
     (qemu, "qemu"),
     (embedded, "embedded");
@@ -563,6 +718,7 @@ integration_tests::backend_suites!(
         missing_or_unexecutable_commands_exit_127_and_126,
         a_job_gets_the_hosts_memory_and_holds_two_gib,
         a_large_guest_costs_what_it_touches_and_freed_memory_comes_back,
-        a_binary_calling_the_legacy_vsyscall_page_runs
+        a_binary_calling_the_legacy_vsyscall_page_runs,
+        a_checkpointed_job_goes_on_in_a_new_process
     ]
 );

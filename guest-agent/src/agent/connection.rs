@@ -61,13 +61,34 @@ fn connect_once(endpoint: &Endpoint) -> std::io::Result<File> {
 /// Connects, retrying with exponential backoff (1 ms doubling to 100 ms) until `deadline`:
 /// the host side or the guest's vsock transport may not be ready at the first try.
 pub fn connect_with_retry(endpoint: &Endpoint, patience: Duration) -> Result<File, ConnectError> {
+    connect_until(endpoint, patience, |_| false)
+}
+
+/// Connects again to a host that had the session: as [`connect_with_retry`], except that a
+/// refusal is final. A host that ended the session on purpose no longer listens (a Unix
+/// socket then refuses, the host's vsock answers with a reset), and the job must not wait for
+/// it; a host that takes a session over (a restored VM's) listens before the VM runs.
+pub fn reconnect(endpoint: &Endpoint, patience: Duration) -> Result<File, ConnectError> {
+    connect_until(endpoint, patience, |e| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ECONNREFUSED | libc::ENOENT | libc::ECONNRESET)
+        )
+    })
+}
+
+fn connect_until(
+    endpoint: &Endpoint,
+    patience: Duration,
+    is_final: impl Fn(&std::io::Error) -> bool,
+) -> Result<File, ConnectError> {
     let start = Instant::now();
     let mut delay = Duration::from_millis(1);
     loop {
         match connect_once(endpoint) {
             Ok(f) => return Ok(f),
             Err(e) => {
-                if start.elapsed() >= patience {
+                if start.elapsed() >= patience || is_final(&e) {
                     return Err(ConnectError::GaveUp {
                         endpoint: endpoint.to_string(),
                         waited: start.elapsed(),

@@ -10,6 +10,9 @@ pub enum Event {
     OutputClosed,
     /// The host acknowledged our Exit.
     Acked,
-    /// The host closed the connection, sent garbage or an Error frame.
+    /// Connection `generation` ended (closed or broken) without the host saying why: the
+    /// agent tries a new one.
+    ConnectionLost { generation: u64, why: String },
+    /// The host sent garbage or an Error frame, or could not be reached again.
     HostGone(String),
 }

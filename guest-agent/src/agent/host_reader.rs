@@ -1,5 +1,7 @@
-//! Reads the host's frames: stdin data for the job, signals for its process group, output
-//! streams the host can no longer write, the final Ack. Runs on its own thread so a signal is delivered while the main loop waits.
+//! Reads the host's frames on one connection: stdin data for the job, signals for its process
+//! group, acknowledgements of written output, output streams the host can no longer write, the
+//! final Ack. Runs on its own thread (one per connection) so a signal is delivered while the
+//! main loop waits.
 
 use std::fs::File;
 use std::io::Write;
@@ -8,12 +10,13 @@ use std::sync::mpsc::{sync_channel, Sender, SyncSender};
 use std::sync::Arc;
 
 use super::event::Event;
-use crate::protocol::{Frame, FrameReader, Stream};
+use super::host_link::HostLink;
+use crate::protocol::{Frame, FrameReader, ProtocolError, Stream};
 
 /// Feeds the job's stdin pipe from its own thread, so a job that does not read stdin cannot
 /// stall signal delivery. The channel is bounded (64 chunks of at most 64 KiB): beyond that the
 /// host reader waits, which pushes back on the host.
-fn spawn_stdin_feeder(stdin: Option<File>) -> SyncSender<Option<Vec<u8>>> {
+pub fn spawn_stdin_feeder(stdin: Option<File>) -> SyncSender<Option<Vec<u8>>> {
     let (tx, rx) = sync_channel::<Option<Vec<u8>>>(64);
     std::thread::spawn(move || {
         let mut pipe = stdin;
@@ -41,21 +44,38 @@ pub struct RefusedOutput {
     pub stderr: Arc<AtomicBool>,
 }
 
-/// Reads frames until the connection ends. `job_pgid` is the job's process group.
-pub fn run(
-    conn: File,
-    job_pgid: libc::pid_t,
-    stdin: Option<File>,
-    refused: RefusedOutput,
-    events: Sender<Event>,
-) {
-    let feeder = spawn_stdin_feeder(stdin);
+/// What a reader thread works with, shared by the readers of successive connections.
+#[derive(Clone)]
+pub struct ReaderContext {
+    /// The job's process group.
+    pub job_pgid: libc::pid_t,
+    pub feeder: SyncSender<Option<Vec<u8>>>,
+    pub link: HostLink,
+    pub refused: RefusedOutput,
+    pub events: Sender<Event>,
+}
+
+/// Reads frames until connection `generation` ends.
+pub fn run(conn: File, generation: u64, cx: ReaderContext) {
+    let ReaderContext {
+        job_pgid,
+        feeder,
+        link,
+        refused,
+        events,
+    } = cx;
     let mut reader = FrameReader::new(conn);
     loop {
         let frame = match reader.read_frame() {
             Ok(Some(f)) => f,
             Ok(None) => {
-                let _ = events.send(Event::HostGone("host closed the connection".into()));
+                let why = "host closed the connection".to_string();
+                let _ = events.send(Event::ConnectionLost { generation, why });
+                return;
+            }
+            Err(e @ (ProtocolError::Io(_) | ProtocolError::UnexpectedEof)) => {
+                let why = format!("reading from host: {e}");
+                let _ = events.send(Event::ConnectionLost { generation, why });
                 return;
             }
             Err(e) => {
@@ -65,10 +85,23 @@ pub fn run(
         };
         match frame {
             Frame::Stdin(data) => {
+                link.stdin_received(data.len());
                 let _ = feeder.send(Some(data));
             }
             Frame::Eof(Stream::Stdin) => {
+                link.stdin_ended();
                 let _ = feeder.send(None);
+            }
+            Frame::OutputAck {
+                stream: stream @ (Stream::Stdout | Stream::Stderr),
+                offset,
+            } => {
+                if let Err(e) = link.ack(stream, offset) {
+                    let _ = events.send(Event::HostGone(format!(
+                        "the host acknowledged {stream:?} {e}"
+                    )));
+                    return;
+                }
             }
             Frame::Eof(Stream::Stdout) => refused.stdout.store(true, Ordering::SeqCst),
             Frame::Eof(Stream::Stderr) => refused.stderr.store(true, Ordering::SeqCst),

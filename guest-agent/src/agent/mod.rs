@@ -2,8 +2,11 @@
 //! signals, reaps everything, reports the exit, and ends the VM.
 //!
 //! Threads: the main loop below; a reaper (`reaper`); one pump per output pipe
-//! (`output_pump`); a reader of host frames (`host_reader`) with its stdin feeder. They talk
-//! to the main loop through one channel of `event::Event`s.
+//! (`output_pump`); a reader of host frames (`host_reader`, one per connection) with its stdin
+//! feeder. They talk to the main loop through one channel of `event::Event`s. Output is kept
+//! until the host acknowledges it (`output_log`, `host_link`): when the connection is lost while
+//! the job runs (after a restore from a snapshot the guest's vsock transport is reset), the main
+//! loop connects again and the session resumes where the host's files end.
 //!
 //! The same code runs as PID 1 in a guest (over vsock) and as an ordinary process over a Unix
 //! socket in tests; only mounting (done by the caller) and ending the VM differ.
@@ -11,21 +14,23 @@
 mod connection;
 mod event;
 mod guest_memory;
+mod host_link;
 mod host_reader;
 mod job_process;
 pub mod network;
+mod output_log;
 mod output_pump;
 pub mod pid1;
 mod reaper;
 pub mod rootfs;
-mod shared_writer;
 
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 pub use connection::{ConnectError, Endpoint};
 use event::Event;
-use shared_writer::SharedWriter;
+use host_link::HostLink;
+use host_reader::ReaderContext;
 
 use crate::protocol::{
     BootTimes, Frame, FrameReader, ProtocolError, SpawnStage, Stream, PROTOCOL_VERSION,
@@ -38,6 +43,10 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 const ACK_PATIENCE: Duration = Duration::from_secs(30);
 /// How long to wait, after SpawnFailed, for the host to close the connection.
 const SPAWN_FAILED_PATIENCE: Duration = Duration::from_secs(10);
+/// How long to try to connect again after the connection was lost while the job ran. A host
+/// that ended the session on purpose has closed its listener, and the attempts fail at once
+/// until then; a restored VM's host listens before the VM runs.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(3);
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -94,7 +103,7 @@ fn kill_group(pgid: libc::pid_t) {
 /// sending could lose the frame in the vsock transport (seen with QEMU under load), and the
 /// host would then only know that the connection closed.
 fn report_spawn_failure(
-    writer: &SharedWriter,
+    writer: &HostLink,
     conn: &std::fs::File,
     reader: &mut FrameReader<&std::fs::File>,
     failed: &Frame,
@@ -117,7 +126,7 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
     }
     let conn = connection::connect_with_retry(&config.endpoint, config.connect_patience)?;
     let connected_ns = clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
-    let writer = SharedWriter::new(conn.try_clone()?);
+    let writer = HostLink::new(conn.try_clone()?);
     writer.send(&Frame::Hello {
         version: PROTOCOL_VERSION,
         boot: BootTimes {
@@ -204,109 +213,177 @@ pub fn run(config: &AgentConfig) -> Result<Outcome, AgentError> {
         let (w, tx) = (writer.clone(), tx.clone());
         std::thread::spawn(move || output_pump::pump(pipe, stream, w, refused, tx));
     }
+    let readers = ReaderContext {
+        job_pgid: pgid,
+        feeder: host_reader::spawn_stdin_feeder(job.stdin),
+        link: writer.clone(),
+        refused,
+        events: tx,
+    };
     {
-        let (stdin, tx) = (job.stdin, tx.clone());
-        std::thread::spawn(move || host_reader::run(conn, pgid, stdin, refused, tx));
+        let cx = readers.clone();
+        std::thread::spawn(move || host_reader::run(conn, 0, cx));
     }
-    drop(tx);
-    Ok(supervise(config, pgid, &writer, &rx))
+    let session = Session {
+        config,
+        pgid,
+        link: &writer,
+        events: &rx,
+        readers,
+    };
+    Ok(session.supervise())
 }
 
-/// The main loop: wait for the job, drain its output, report, wait for the Ack.
-fn supervise(
-    config: &AgentConfig,
+/// The running job's session, for the main loop.
+struct Session<'a> {
+    config: &'a AgentConfig,
     pgid: libc::pid_t,
-    writer: &SharedWriter,
-    events: &Receiver<Event>,
-) -> Outcome {
-    let mut open_streams = 2;
-    let exit = loop {
-        match events.recv() {
-            Ok(Event::JobExited {
-                wait_status,
-                rusage,
-            }) => break (wait_status, rusage),
-            Ok(Event::OutputClosed) => open_streams -= 1,
-            Ok(Event::Acked) => {}
-            Ok(Event::HostGone(why)) => {
-                kill_group(pgid);
-                // Let the reaper collect the job so nothing of it outlives us.
-                let deadline = Instant::now() + DRAIN_GRACE;
-                while let Ok(ev) =
-                    events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                {
-                    if matches!(ev, Event::JobExited { .. }) {
-                        break;
+    link: &'a HostLink,
+    events: &'a Receiver<Event>,
+    /// For the reader of a new connection (its clone of the event sender stays here, which is
+    /// fine: the main loop never waits for every sender to be gone, only with deadlines).
+    readers: ReaderContext,
+}
+
+impl Session<'_> {
+    /// The next event within `timeout` (none: without one), with lost connections replaced
+    /// here: a loss that cannot be repaired comes out as [`Event::HostGone`].
+    fn next_event(&self, timeout: Option<Duration>) -> Result<Event, RecvTimeoutError> {
+        loop {
+            let event = match timeout {
+                Some(t) => self.events.recv_timeout(t)?,
+                None => self
+                    .events
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected)?,
+            };
+            match event {
+                Event::ConnectionLost { generation, why } => {
+                    if generation != self.link.generation() {
+                        continue; // an older connection, already replaced
+                    }
+                    match self.reconnect() {
+                        // On the guest's console (the host keeps its tail for errors).
+                        Ok(()) => eprintln!("sge-vm-agent: {why}; connected again"),
+                        Err(e) => return Ok(Event::HostGone(format!("{why}; {e}"))),
                     }
                 }
-                return Outcome::HostGone(why);
+                other => return Ok(other),
             }
-            Err(_) => return Outcome::HostGone("agent threads ended".into()),
         }
-    };
+    }
 
-    // As the stock shepherd does: once the job's top process is gone, nothing of its group
-    // may survive. Data already in the pipes stays readable.
-    kill_group(pgid);
-    let mut deadline = Instant::now() + DRAIN_GRACE;
-    let mut widened = false;
-    while open_streams > 0 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match events.recv_timeout(left) {
-            Ok(Event::OutputClosed) => open_streams -= 1,
-            Ok(Event::HostGone(why)) => return Outcome::HostGone(why),
-            Ok(_) => {}
-            Err(_) if !widened => {
-                // Something that left the job's group (setsid) still holds a pipe open.
-                if config.pid1 {
-                    // SAFETY: kill(-1) from PID 1 signals everything but init.
-                    unsafe { libc::kill(-1, libc::SIGKILL) };
+    /// Connects again and resumes the session; a new reader takes the new connection.
+    fn reconnect(&self) -> Result<(), String> {
+        let conn = connection::reconnect(&self.config.endpoint, RECONNECT_PATIENCE)
+            .map_err(|e| e.to_string())?;
+        let reader_end = conn.try_clone().map_err(|e| e.to_string())?;
+        let generation = self.link.reconnect(conn).map_err(|e| e.to_string())?;
+        let cx = self.readers.clone();
+        std::thread::spawn(move || host_reader::run(reader_end, generation, cx));
+        Ok(())
+    }
+}
+
+impl Session<'_> {
+    /// The main loop: wait for the job, drain its output, report, wait for the Ack.
+    fn supervise(self) -> Outcome {
+        let session = self;
+        let Session {
+            config,
+            pgid,
+            link: writer,
+            ..
+        } = session;
+        let events = |timeout| session.next_event(timeout);
+        let mut open_streams = 2;
+        let exit = loop {
+            match events(None) {
+                Ok(Event::JobExited {
+                    wait_status,
+                    rusage,
+                }) => break (wait_status, rusage),
+                Ok(Event::OutputClosed) => open_streams -= 1,
+                // (next_event replaces lost connections itself)
+                Ok(Event::Acked | Event::ConnectionLost { .. }) => {}
+                Ok(Event::HostGone(why)) => {
+                    kill_group(pgid);
+                    // Let the reaper collect the job so nothing of it outlives us.
+                    let deadline = Instant::now() + DRAIN_GRACE;
+                    while let Ok(ev) = session
+                        .events
+                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    {
+                        if matches!(ev, Event::JobExited { .. }) {
+                            break;
+                        }
+                    }
+                    return Outcome::HostGone(why);
                 }
-                widened = true;
-                deadline = Instant::now() + DRAIN_GRACE;
+                Err(_) => return Outcome::HostGone("agent threads ended".into()),
             }
-            Err(_) => break,
+        };
+
+        // As the stock shepherd does: once the job's top process is gone, nothing of its group
+        // may survive. Data already in the pipes stays readable.
+        kill_group(pgid);
+        let mut deadline = Instant::now() + DRAIN_GRACE;
+        let mut widened = false;
+        while open_streams > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events(Some(left)) {
+                Ok(Event::OutputClosed) => open_streams -= 1,
+                Ok(Event::HostGone(why)) => return Outcome::HostGone(why),
+                Ok(_) => {}
+                Err(_) if !widened => {
+                    // Something that left the job's group (setsid) still holds a pipe open.
+                    if config.pid1 {
+                        // SAFETY: kill(-1) from PID 1 signals everything but init.
+                        unsafe { libc::kill(-1, libc::SIGKILL) };
+                    }
+                    widened = true;
+                    deadline = Instant::now() + DRAIN_GRACE;
+                }
+                Err(_) => break,
+            }
         }
-    }
 
-    // Everything of the job is reaped (not just dead) before its end is reported: the reaper
-    // thread collects the killed group; zombies would still answer kill(-pgid, 0).
-    let deadline = Instant::now() + DRAIN_GRACE;
-    // SAFETY: kill with signal 0 only checks whether the group still has members.
-    while unsafe { libc::kill(-pgid, 0) } == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        // Everything of the job is reaped (not just dead) before its end is reported: the reaper
+        // thread collects the killed group; zombies would still answer kill(-pgid, 0).
+        let deadline = Instant::now() + DRAIN_GRACE;
+        // SAFETY: kill with signal 0 only checks whether the group still has members.
+        while unsafe { libc::kill(-pgid, 0) } == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
 
-    if writer
-        .send(&Frame::Exit {
+        // A write that fails leaves the Exit to a new connection, which the reader's report of
+        // the lost one brings about.
+        let _ = writer.send_exit(Frame::Exit {
             wait_status: exit.0,
             rusage: exit.1,
             memory: guest_memory::report(),
-        })
-        .is_err()
-    {
-        return Outcome::HostGone("could not send Exit".into());
-    }
-    let deadline = Instant::now() + ACK_PATIENCE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match events.recv_timeout(left) {
-            Ok(Event::Acked) => {
-                if config.pid1 {
-                    // Everything the job wrote to disks reaches them before the host, seeing
-                    // the connection close, may stop the VM.
-                    // SAFETY: kill(-1) from PID 1 signals everything but init.
-                    unsafe { libc::kill(-1, libc::SIGKILL) };
-                    nix::unistd::sync();
+        });
+        let deadline = Instant::now() + ACK_PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events(Some(left)) {
+                Ok(Event::Acked) => {
+                    if config.pid1 {
+                        // Everything the job wrote to disks reaches them before the host, seeing
+                        // the connection close, may stop the VM.
+                        // SAFETY: kill(-1) from PID 1 signals everything but init.
+                        unsafe { libc::kill(-1, libc::SIGKILL) };
+                        nix::unistd::sync();
+                    }
+                    writer.close();
+                    return Outcome::JobEnded {
+                        wait_status: exit.0,
+                    };
                 }
-                writer.close();
-                return Outcome::JobEnded {
-                    wait_status: exit.0,
-                };
+                Ok(Event::HostGone(why)) => return Outcome::HostGone(why),
+                Ok(_) => {}
+                Err(_) => return Outcome::HostGone("no Ack from host".into()),
             }
-            Ok(Event::HostGone(why)) => return Outcome::HostGone(why),
-            Ok(_) => {}
-            Err(_) => return Outcome::HostGone("no Ack from host".into()),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Copies one of the job's output pipes into Stdout/Stderr frames, then sends Eof.
 //!
-//! Backpressure is end to end: when the host stops reading, the frame write blocks, this pump
-//! stops reading the pipe, the pipe fills and the job blocks in `write`. Nothing is buffered
-//! without bound.
+//! Backpressure is end to end: when the host stops reading, the frame write blocks (or, when it
+//! stops acknowledging, the kept output reaches its bound), this pump stops reading the pipe,
+//! the pipe fills and the job blocks in `write`. Nothing is buffered without bound.
 //!
 //! When the host says the stream's destination failed (its `Eof` for this stream: a full
 //! quota, the job's file-size limit, a reader that went away), the pump closes the pipe, so
@@ -15,15 +15,15 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use super::event::Event;
-use super::shared_writer::SharedWriter;
-use crate::protocol::{Frame, Stream, MAX_DATA_CHUNK};
+use super::host_link::HostLink;
+use crate::protocol::{Stream, MAX_DATA_CHUNK};
 
 /// Pumps `pipe` until EOF, or until the host `refused` the stream, then reports
 /// [`Event::OutputClosed`].
 pub fn pump(
     mut pipe: File,
     stream: Stream,
-    writer: SharedWriter,
+    link: HostLink,
     refused: Arc<AtomicBool>,
     events: Sender<Event>,
 ) {
@@ -37,22 +37,13 @@ pub fn pump(
         }
         match read {
             Ok(0) => break,
-            Ok(n) => {
-                let data = buf[..n].to_vec();
-                let frame = match stream {
-                    Stream::Stderr => Frame::Stderr(data),
-                    _ => Frame::Stdout(data),
-                };
-                if writer.send(&frame).is_err() {
-                    // The host is gone; the reader side reports it. Keep draining so the job
-                    // is not blocked on a full pipe while it is being killed.
-                    continue;
-                }
-            }
+            // Kept until the host acknowledges it: a lost connection (the reader side reports
+            // it) loses nothing.
+            Ok(n) => link.send_output(stream, &buf[..n]),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    let _ = writer.send(&Frame::Eof(stream));
+    link.end_output(stream);
     let _ = events.send(Event::OutputClosed);
 }

@@ -1,8 +1,9 @@
 //! Encoding frames to bytes and decoding them back, with every length checked.
 
 use super::frame::{
-    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, GuestNetwork, Ipv4Interface, Rlimit,
-    RootImage, Rusage, ShareTransport, SharedMount, Spawn, SpawnStage, StdinMode, Stream,
+    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, GuestNetwork, Ipv4Interface,
+    ReconnectPoint, Rlimit, RootImage, Rusage, ShareTransport, SharedMount, Spawn, SpawnStage,
+    StdinMode, Stream,
 };
 use super::MAX_FRAME_LEN;
 
@@ -41,6 +42,9 @@ const KIND_ACK: u8 = 11;
 const KIND_ERROR: u8 = 12;
 const KIND_FILESYSTEMS: u8 = 13;
 const KIND_NETWORK: u8 = 14;
+const KIND_OUTPUT_ACK: u8 = 15;
+const KIND_RECONNECT: u8 = 16;
+const KIND_RESUME: u8 = 17;
 
 /// Encodes `frame` with its length prefix, ready to write.
 ///
@@ -149,11 +153,25 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
         }
         Frame::Eof(stream) => {
             w.u8(KIND_EOF);
-            w.u8(match stream {
-                Stream::Stdin => 0,
-                Stream::Stdout => 1,
-                Stream::Stderr => 2,
-            });
+            w.u8(stream_code(*stream));
+        }
+        Frame::OutputAck { stream, offset } => {
+            w.u8(KIND_OUTPUT_ACK);
+            w.u8(stream_code(*stream));
+            w.u64(*offset);
+        }
+        Frame::Reconnect(point) => {
+            w.u8(KIND_RECONNECT);
+            w.u16(point.version);
+            w.u64(point.stdout_sent);
+            w.u64(point.stderr_sent);
+            w.u64(point.stdin_received);
+            w.u8(point.stdin_ended.into());
+        }
+        Frame::Resume { stdout, stderr } => {
+            w.u8(KIND_RESUME);
+            w.u64(*stdout);
+            w.u64(*stderr);
         }
         Frame::Signal { signo } => {
             w.u8(KIND_SIGNAL);
@@ -349,17 +367,31 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
         KIND_STDIN => Frame::Stdin(r.bytes("data")?),
         KIND_STDOUT => Frame::Stdout(r.bytes("data")?),
         KIND_STDERR => Frame::Stderr(r.bytes("data")?),
-        KIND_EOF => Frame::Eof(match r.u8("stream")? {
-            0 => Stream::Stdin,
-            1 => Stream::Stdout,
-            2 => Stream::Stderr,
-            v => {
-                return Err(ProtocolError::InvalidValue {
-                    field: "stream",
-                    value: v.into(),
-                })
-            }
+        KIND_EOF => Frame::Eof(stream_from_code(r.u8("stream")?)?),
+        KIND_OUTPUT_ACK => Frame::OutputAck {
+            stream: stream_from_code(r.u8("stream")?)?,
+            offset: r.u64("offset")?,
+        },
+        KIND_RECONNECT => Frame::Reconnect(ReconnectPoint {
+            version: r.u16("version")?,
+            stdout_sent: r.u64("stdout sent")?,
+            stderr_sent: r.u64("stderr sent")?,
+            stdin_received: r.u64("stdin received")?,
+            stdin_ended: match r.u8("stdin ended")? {
+                0 => false,
+                1 => true,
+                v => {
+                    return Err(ProtocolError::InvalidValue {
+                        field: "stdin ended",
+                        value: v.into(),
+                    })
+                }
+            },
         }),
+        KIND_RESUME => Frame::Resume {
+            stdout: r.u64("stdout offset")?,
+            stderr: r.u64("stderr offset")?,
+        },
         KIND_SIGNAL => Frame::Signal {
             signo: r.i32("signo")?,
         },
@@ -395,6 +427,26 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
         return Err(ProtocolError::TrailingBytes(r.0.len()));
     }
     Ok(frame)
+}
+
+fn stream_code(stream: Stream) -> u8 {
+    match stream {
+        Stream::Stdin => 0,
+        Stream::Stdout => 1,
+        Stream::Stderr => 2,
+    }
+}
+
+fn stream_from_code(code: u8) -> Result<Stream, ProtocolError> {
+    match code {
+        0 => Ok(Stream::Stdin),
+        1 => Ok(Stream::Stdout),
+        2 => Ok(Stream::Stderr),
+        v => Err(ProtocolError::InvalidValue {
+            field: "stream",
+            value: v.into(),
+        }),
+    }
 }
 
 fn stage_code(stage: SpawnStage) -> u8 {

@@ -43,8 +43,36 @@ pub enum Frame {
     },
     /// host → agent: Exit received and every output byte written.
     Ack,
+    /// host → agent: the first `offset` bytes of `stream` (stdout or stderr) are written to the
+    /// job's destination; the agent may forget them. Until then it keeps them, to send again
+    /// on a new connection.
+    OutputAck { stream: Stream, offset: u64 },
+    /// agent → host, first frame on a new connection to a host that lost the old one (after a
+    /// restore from a snapshot the guest's vsock transport is reset): how far each stream has
+    /// come on the agent's side. The host answers [`Frame::Resume`].
+    Reconnect(ReconnectPoint),
+    /// host → agent, answer to [`Frame::Reconnect`]: how many bytes of stdout and stderr the
+    /// host has. The agent sends again from there (then the Eofs and the Exit it had sent), so
+    /// no byte is lost or repeated.
+    Resume { stdout: u64, stderr: u64 },
     /// Either way: a fatal problem, in words.
     Error { message: String },
+}
+
+/// Where the agent's side of a session stands when it reconnects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconnectPoint {
+    /// The protocol version the agent speaks (as in [`Frame::Hello`]).
+    pub version: u16,
+    /// Bytes of stdout the job has written in all (the agent still has those from the last
+    /// [`Frame::OutputAck`] on).
+    pub stdout_sent: u64,
+    /// The same for stderr.
+    pub stderr_sent: u64,
+    /// Bytes of stdin the agent has taken from the host.
+    pub stdin_received: u64,
+    /// Whether the host had ended stdin ([`Frame::Eof`]`(Stdin)`): no more is wanted.
+    pub stdin_ended: bool,
 }
 
 /// One of the job's three standard streams.

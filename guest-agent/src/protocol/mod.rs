@@ -17,6 +17,13 @@
 //! [`Frame::Signal`] and [`Frame::Eof`] frames flow until the agent sends [`Frame::Exit`] (after
 //! both output streams reached [`Frame::Eof`]) and the host confirms with [`Frame::Ack`]. Nothing is
 //! left to socket half-close or to bytes surviving VM exit.
+//!
+//! Output is acknowledged as the host writes it ([`Frame::OutputAck`]); the agent keeps what is
+//! not acknowledged yet (a bounded amount: beyond it the job's writes wait). When the connection
+//! breaks while the job runs (a VM restored from a snapshot finds its vsock transport reset),
+//! the agent connects again and says [`Frame::Reconnect`]; the host answers [`Frame::Resume`]
+//! with the bytes of each stream it has, and the agent sends the rest, its Eofs and its Exit
+//! again. Nothing is lost or sent twice.
 
 mod codec;
 mod frame;
@@ -24,9 +31,9 @@ mod stream;
 
 pub use codec::{decode_body, encode, ProtocolError};
 pub use frame::{
-    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, GuestNetwork, Ipv4Interface, Rlimit,
-    RootImage, Rusage, ShareTransport, SharedMount, Spawn, SpawnStage, StdinMode, Stream,
-    RLIM_INFINITY,
+    Account, BootTimes, Filesystems, Frame, GuestMemoryReport, GuestNetwork, Ipv4Interface,
+    ReconnectPoint, Rlimit, RootImage, Rusage, ShareTransport, SharedMount, Spawn, SpawnStage,
+    StdinMode, Stream, RLIM_INFINITY,
 };
 pub use stream::{FrameReader, FrameWriter};
 
@@ -37,7 +44,10 @@ pub use stream::{FrameReader, FrameWriter};
 ///    stream's destination, and the agent closes the job's pipe.
 /// 5: [`Frame::Exit`] carries the guest's memory size and OOM kills.
 /// 6: the host sends [`Frame::Network`] (host name, eth0, resolvers) before Spawn.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: the host acknowledges written output ([`Frame::OutputAck`]); an agent that loses its
+///    connection while the job runs reconnects ([`Frame::Reconnect`], [`Frame::Resume`]) and
+///    sends again what the host does not have.
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Largest frame body accepted (kind byte plus payload).
 pub const MAX_FRAME_LEN: usize = 1 << 20;

@@ -223,6 +223,23 @@ pub enum EndedBy {
 /// Stops a VM from any thread.
 pub type VmKiller = Arc<dyn Fn() + Send + Sync>;
 
+/// What a VM snapshot wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSnapshotInfo {
+    pub file_bytes: u64,
+    pub memory_bytes_stored: u64,
+    /// The VMM build that wrote it (only the same build restores it).
+    pub build_id: String,
+}
+
+/// Snapshots of a running VM, from any thread (the embedded backend's).
+pub trait VmCheckpoint: Send + Sync {
+    /// Pauses the VM and writes its snapshot to `path`, a new file. Leaves the VM paused.
+    fn snapshot(&self, path: &Path) -> Result<VmSnapshotInfo, BackendError>;
+    /// Resumes a paused VM.
+    fn resume(&self) -> Result<(), BackendError>;
+}
+
 /// A booted VM.
 pub trait RunningVm: Send {
     /// When the guest executed its first instruction, where the backend can tell.
@@ -231,6 +248,10 @@ pub trait RunningVm: Send {
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, BackendError>;
     /// A handle that stops the VM at once.
     fn killer(&self) -> VmKiller;
+    /// Snapshots of this VM, where the backend takes them.
+    fn checkpoint(&self) -> Option<Arc<dyn VmCheckpoint>> {
+        None
+    }
 }
 
 /// A way to boot VMs.
@@ -264,6 +285,14 @@ pub trait VmBackend {
         false
     }
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, BackendError>;
+    /// Starts the VM `spec` describes from the snapshot at `snapshot` instead of booting it.
+    fn restore(&self, spec: &VmSpec, snapshot: &Path) -> Result<Box<dyn RunningVm>, BackendError> {
+        let _ = (spec, snapshot);
+        Err(BackendError::Unavailable(format!(
+            "the {} backend cannot restore VM snapshots; the embedded one can",
+            self.name()
+        )))
+    }
 }
 
 /// The backend chosen for a request, and why.

@@ -617,6 +617,8 @@ impl JobRun {
         };
         let io = JobIo {
             stdin,
+            stdout_file: crate::checkpoint::taker::regular_file(&stdout),
+            stderr_file: crate::checkpoint::taker::regular_file(&stderr),
             stdout: FileSizeLimited::wrap(stdout, output_limit),
             stderr: FileSizeLimited::wrap(stderr, output_limit),
         };
@@ -659,6 +661,7 @@ impl JobRun {
                 groups: p.user.groups.clone(),
             }),
             network,
+            checkpoint: None,
         };
         let running = launch::launch_in(spec, &filesystems, io).map_err(|e| {
             match start_failure::launch_failure(&e, image_owner) {

@@ -15,6 +15,8 @@ use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
 use serde::{Deserialize, Serialize};
 
 use crate::agent_session::JobError;
+use crate::checkpoint::taker::AfterCheckpoint;
+use crate::checkpoint::CheckpointReport;
 use crate::timings::Timings;
 
 /// The largest message either side sends or accepts.
@@ -29,6 +31,10 @@ pub enum ToVmm {
     Signal(i32),
     /// Stop the VM now; the job's end is then reported as the agent lost.
     StopVm,
+    /// Take a checkpoint of the job (the job must have been launched with a checkpoint
+    /// directory); with [`AfterCheckpoint::StayPaused`] the VM is stopped after it, and the
+    /// job's end is [`JobError::Migrated`].
+    Checkpoint(AfterCheckpoint),
 }
 
 /// Why the VM could not be started, by the kind of [`crate::backend::BackendError`].
@@ -68,6 +74,9 @@ pub enum FromVmm {
     },
     /// The job did not produce an exit status.
     Failed(JobError),
+    /// A checkpoint was taken, or why not (the job runs on either way, unless it was a
+    /// migration's, after which the VM stops).
+    Checkpointed(Result<CheckpointReport, String>),
 }
 
 /// [`GuestMemoryReport`] on the wire.

@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 
 use super::message::{Channel, FromVmm, Received, StartFailure, ToVmm};
 use crate::agent_session::JobError;
+use crate::checkpoint::taker::AfterCheckpoint;
 use crate::launch::JobOutcome;
 
 /// How long the backend may take to start the VM (QEMU and its vsock daemon, or the embedded
@@ -78,6 +79,12 @@ impl VmmControl {
         self.stop_requested.store(true, Ordering::SeqCst);
         let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
         let _ = channel.send(&ToVmm::StopVm);
+    }
+
+    /// Asks the child to take a checkpoint (see [`ToVmm::Checkpoint`]).
+    pub fn checkpoint(&self, then: AfterCheckpoint) {
+        let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = channel.send(&ToVmm::Checkpoint(then));
     }
 
     /// The child's pid.
@@ -263,6 +270,25 @@ impl VmmProcess {
                 self.begin_reaping(false);
                 None
             }
+            // Asked for at any time (a periodic checkpoint may come before the job runs, and
+            // is refused then); it never moves the phase.
+            FromVmm::Checkpointed(result)
+                if matches!(
+                    self.phase,
+                    Phase::Booting { .. } | Phase::Running | Phase::Stopping { .. }
+                ) =>
+            {
+                match result {
+                    Ok(r) => tracing::info!(
+                        generation = r.generation,
+                        snapshot_bytes = r.snapshot_bytes,
+                        paused_ms = r.paused_ms,
+                        "checkpoint taken"
+                    ),
+                    Err(e) => tracing::warn!("checkpoint failed: {e}"),
+                }
+                None
+            }
             other => {
                 self.out_of_place(other);
                 None
@@ -286,6 +312,7 @@ impl VmmProcess {
             FromVmm::JobStarted => "JobStarted",
             FromVmm::Exited { .. } => "Exited",
             FromVmm::Failed(_) => "Failed",
+            FromVmm::Checkpointed(_) => "Checkpointed",
         };
         self.kill(format!(
             "the job's VMM process sent {what} out of place ({:?})",
