@@ -630,9 +630,16 @@ impl VmmJob {
                 record.generation, record.mem_mib, record.vcpus, vm_spec.mem_mib, vm_spec.vcpus
             )));
         }
-        let at = checkpoint::taker::rewind_outputs(&record, io)
-            .map_err(|e| StartFailure::Start(e.to_string()))?;
+        // The snapshot is read and checked first: a damaged one must not cost output bytes.
         let vm = backend.restore(vm_spec, &snapshot).map_err(failure)?;
+        // The guest waits for its host meanwhile: the session starts after this.
+        let at = match checkpoint::taker::rewind_outputs(&record, io) {
+            Ok(at) => at,
+            Err(e) => {
+                (vm.killer())();
+                return Err(StartFailure::Start(e.to_string()));
+            }
+        };
         Ok(StartedVm {
             vm,
             start: SessionStart::Resume(at),

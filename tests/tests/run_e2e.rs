@@ -699,6 +699,154 @@ fn a_checkpointed_job_goes_on_in_a_new_process(backend: &str) {
     );
 }
 
+/// Issue 14: periodic checkpoints (`--checkpoint-interval`) survive the loss of the whole `run`
+/// process (SIGKILL: its VMM process dies with it, as on a host crash): `--restore` cuts
+/// stdout back to the latest checkpoint and the job's output goes on from there, every line
+/// once. (Files on the share are not rewound: what the lost VM wrote after the checkpoint
+/// stays, see the man page.)
+fn periodic_checkpoints_survive_the_loss_of_the_process(backend: &str) {
+    if backend == "qemu" {
+        return; // refused for QEMU: a_checkpointed_job_goes_on_in_a_new_process
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let out_path = dir.path().join("out.txt");
+    let append = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out_path)
+            .unwrap()
+    };
+    let vm = [
+        "-n",
+        "--network",
+        "none",
+        "--mem",
+        "256",
+        "--checkpoint-dir",
+        ckpt.to_str().unwrap(),
+    ];
+    let mut args = vm.to_vec();
+    args.extend(["--checkpoint-interval", "2", "--"]);
+    args.extend([
+        "/bin/sh",
+        "-c",
+        "i=1; while [ $i -le 80 ]; do echo $i; i=$((i+1)); \
+                  sleep 0.1; done; exit 4",
+    ]);
+    let mut first = run_cmd(backend, &args)
+        .env("SGE_VIRTUALIZER_LOG", "info")
+        .stdout(append())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sge_virtualizer");
+    let first_err = collect_stderr(&mut first);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    // A checkpoint exists and the VM has run on past it.
+    while !(ckpt.join("latest").exists()
+        && std::fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 40)
+    {
+        if Instant::now() > deadline {
+            let _ = first.kill();
+            panic!("no checkpoint while the job ran: {}", first_err.text());
+        }
+        if let Ok(Some(status)) = first.try_wait() {
+            panic!("run ended early: {status}: {}", first_err.text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let lost_with_the_process = std::fs::read_to_string(&out_path).unwrap();
+
+    let mut args = vm.to_vec();
+    args.push("--restore");
+    let mut restored = run_cmd(backend, &args)
+        .env("SGE_VIRTUALIZER_LOG", "info")
+        .stdout(append())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sge_virtualizer --restore");
+    let restored_err = collect_stderr(&mut restored);
+    let status = wait_within(&mut restored, Duration::from_secs(180), &restored_err);
+    let err = restored_err.text();
+    assert_eq!(status.code(), Some(4), "{err}");
+    let expected: String = (1..=80).map(|i| format!("{i}\n")).collect();
+    assert_eq!(
+        std::fs::read_to_string(&out_path).unwrap(),
+        expected,
+        "stdout (before the restore: {lost_with_the_process:?}; {})",
+        first_err.text()
+    );
+}
+
+/// Issue 14: `run --restore` from a damaged snapshot is refused with the reason before any VM
+/// runs, and the output file is left as it was.
+#[test]
+fn a_damaged_checkpoint_is_refused_with_the_reason() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        integration_tests::report_skip(
+            "a_damaged_checkpoint_is_refused_with_the_reason",
+            "/dev/kvm cannot be opened (the embedded VMM reads snapshots)",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let one = ckpt.join("1");
+    std::fs::create_dir_all(&one).unwrap();
+    let record = serde_json::json!({
+        "format": 1, "generation": 1, "taken_unix_ms": 0,
+        "session": {
+            "stdout": {"written": 3, "file_len": 3},
+            "stderr": {"written": 0, "file_len": null}
+        },
+        "mem_mib": 64, "vcpus": 1, "snapshot_bytes": 16, "memory_bytes_stored": 0,
+        "build_id": "x"
+    });
+    std::fs::write(one.join("session.json"), record.to_string()).unwrap();
+    std::fs::write(one.join("vm.snap"), b"not a snapshot at all").unwrap();
+    std::fs::write(ckpt.join("latest"), b"1\n").unwrap();
+    let out_path = dir.path().join("out.txt");
+    std::fs::write(&out_path, b"1\n2\n3\n").unwrap();
+    let out = run_cmd(
+        "embedded",
+        &[
+            "-n",
+            "--network",
+            "none",
+            "--mem",
+            "64",
+            "--checkpoint-dir",
+            ckpt.to_str().unwrap(),
+            "--restore",
+        ],
+    )
+    .stdout(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&out_path)
+            .unwrap(),
+    )
+    .stderr(Stdio::piped())
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("not a VM snapshot"), "{err}");
+    assert_eq!(std::fs::read(&out_path).unwrap(), b"1\n2\n3\n");
+}
+
 integration_tests::backend_suites!(
     (qemu, "qemu"),
     (embedded, "embedded");
@@ -719,6 +867,7 @@ integration_tests::backend_suites!(
         a_job_gets_the_hosts_memory_and_holds_two_gib,
         a_large_guest_costs_what_it_touches_and_freed_memory_comes_back,
         a_binary_calling_the_legacy_vsyscall_page_runs,
-        a_checkpointed_job_goes_on_in_a_new_process
+        a_checkpointed_job_goes_on_in_a_new_process,
+        periodic_checkpoints_survive_the_loss_of_the_process
     ]
 );
