@@ -594,6 +594,27 @@ fn wait_within(
     }
 }
 
+/// `run` with the VM options `vm` and `--restore`, stdout appended to `stdout`; it must end
+/// with the job's `code`.
+fn restore_to_the_end(backend: &str, vm: &[&str], stdout: std::fs::File, code: i32) {
+    let mut args = vm.to_vec();
+    args.push("--restore");
+    let mut restored = run_cmd(backend, &args)
+        .env("SGE_VIRTUALIZER_LOG", "info")
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sge_virtualizer --restore");
+    let restored_err = collect_stderr(&mut restored);
+    let status = wait_within(&mut restored, Duration::from_secs(180), &restored_err);
+    assert_eq!(status.code(), Some(code), "{}", restored_err.text());
+}
+
+/// The lines `1` to `n`.
+fn counter_lines(n: u32) -> String {
+    (1..=n).map(|i| format!("{i}\n")).collect()
+}
+
 /// Issue 14: a job that prints a counter every 100 ms and appends it to a file on its share is
 /// checkpointed (SIGUSR2 to `run`: snapshot, then the VM stops; exit 99) and goes on in a new
 /// `run --restore` process: stdout and the file continue with no gap and no duplicate, and the
@@ -660,7 +681,6 @@ fn a_checkpointed_job_goes_on_in_a_new_process(backend: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("checkpointing after {:?}", deadline.elapsed());
     send(&first, libc::SIGUSR2);
     let status = wait_within(&mut first, Duration::from_secs(120), &first_err);
     let err = first_err.text();
@@ -670,19 +690,8 @@ fn a_checkpointed_job_goes_on_in_a_new_process(backend: &str) {
     assert!(!at_checkpoint.contains("60\n"), "{at_checkpoint}");
     eprintln!("checkpointed: {err}");
 
-    let mut args = vm.to_vec();
-    args.push("--restore");
-    let mut restored = run_cmd(backend, &args)
-        .env("SGE_VIRTUALIZER_LOG", "info")
-        .stdout(append())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sge_virtualizer --restore");
-    let restored_err = collect_stderr(&mut restored);
-    let status = wait_within(&mut restored, Duration::from_secs(180), &restored_err);
-    let err = restored_err.text();
-    assert_eq!(status.code(), Some(3), "{err}");
-    let expected: String = (1..=60).map(|i| format!("{i}\n")).collect();
+    restore_to_the_end(backend, &vm, append(), 3);
+    let expected = counter_lines(60);
     assert_eq!(
         std::fs::read_to_string(&out_path).unwrap(),
         expected,
@@ -764,19 +773,8 @@ fn periodic_checkpoints_survive_the_loss_of_the_process(backend: &str) {
     first.wait().unwrap();
     let lost_with_the_process = std::fs::read_to_string(&out_path).unwrap();
 
-    let mut args = vm.to_vec();
-    args.push("--restore");
-    let mut restored = run_cmd(backend, &args)
-        .env("SGE_VIRTUALIZER_LOG", "info")
-        .stdout(append())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sge_virtualizer --restore");
-    let restored_err = collect_stderr(&mut restored);
-    let status = wait_within(&mut restored, Duration::from_secs(180), &restored_err);
-    let err = restored_err.text();
-    assert_eq!(status.code(), Some(4), "{err}");
-    let expected: String = (1..=80).map(|i| format!("{i}\n")).collect();
+    restore_to_the_end(backend, &vm, append(), 4);
+    let expected = counter_lines(80);
     assert_eq!(
         std::fs::read_to_string(&out_path).unwrap(),
         expected,
