@@ -799,16 +799,22 @@ impl Requests {
     }
 
     fn checkpoint(&self, then: AfterCheckpoint) {
-        let result = match &self.checkpointer {
-            Some(c) => c.take(then).map_err(|e| e.to_string()),
-            None => Err("the job has no checkpoint directory".to_string()),
+        use crate::vmm_process::message::{bounded_text, CheckpointOutcome};
+        let outcome = match &self.checkpointer {
+            Some(c) => match c.take(then) {
+                Ok(report) => CheckpointOutcome::Taken(report),
+                Err(e @ checkpoint::CheckpointError::NotCheckpointable(_)) => {
+                    CheckpointOutcome::NotNow(bounded_text(e.to_string()))
+                }
+                Err(e) => CheckpointOutcome::Failed(bounded_text(e.to_string())),
+            },
+            None => CheckpointOutcome::Failed("the job has no checkpoint directory".into()),
         };
-        if let (Ok(report), AfterCheckpoint::StayPaused) = (&result, then) {
+        if let (CheckpointOutcome::Taken(report), AfterCheckpoint::StayPaused) = (&outcome, then) {
             *self.migrated.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.generation);
             self.stop();
         }
-        let result = result.map_err(crate::vmm_process::message::bounded_text);
-        let _ = self.channel.send(&FromVmm::Checkpointed(result));
+        let _ = self.channel.send(&FromVmm::Checkpointed(outcome));
     }
 }
 

@@ -76,7 +76,16 @@ pub enum FromVmm {
     Failed(JobError),
     /// A checkpoint was taken, or why not (the job runs on either way, unless it was a
     /// migration's, after which the VM stops).
-    Checkpointed(Result<CheckpointReport, String>),
+    Checkpointed(CheckpointOutcome),
+}
+
+/// What came of a checkpoint request.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum CheckpointOutcome {
+    Taken(CheckpointReport),
+    /// Not now: the job is not running yet, or has ended (routine for periodic checkpoints).
+    NotNow(String),
+    Failed(String),
 }
 
 /// [`GuestMemoryReport`] on the wire.

@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::message::{Channel, FromVmm, Received, StartFailure, ToVmm};
+use super::message::{Channel, CheckpointOutcome, FromVmm, Received, StartFailure, ToVmm};
 use crate::agent_session::JobError;
 use crate::checkpoint::taker::AfterCheckpoint;
 use crate::launch::JobOutcome;
@@ -279,13 +279,14 @@ impl VmmProcess {
                 ) =>
             {
                 match result {
-                    Ok(r) => tracing::info!(
+                    CheckpointOutcome::Taken(r) => tracing::info!(
                         generation = r.generation,
                         snapshot_bytes = r.snapshot_bytes,
                         paused_ms = r.paused_ms,
                         "checkpoint taken"
                     ),
-                    Err(e) => tracing::warn!("checkpoint failed: {e}"),
+                    CheckpointOutcome::NotNow(e) => tracing::info!("no checkpoint now: {e}"),
+                    CheckpointOutcome::Failed(e) => tracing::warn!("checkpoint failed: {e}"),
                 }
                 None
             }
