@@ -157,6 +157,11 @@ mod tests {
             Received::Message(ToVmm::Signal(libc::SIGTERM))
         ));
         assert!(matches!(next(), Received::Message(ToVmm::StopVm)));
+        controller.checkpoint(AfterCheckpoint::StayPaused);
+        assert!(matches!(
+            next(),
+            Received::Message(ToVmm::Checkpoint(AfterCheckpoint::StayPaused))
+        ));
     }
 
     /// Issue 18 item 6: with the connection full (a job that never reads its stdin, whose

@@ -554,6 +554,37 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
 
+    /// Issue 14: checkpoint outcomes may come while the VM boots (a periodic checkpoint asked
+    /// for before the job runs is refused) and while the job runs; they never move the phase
+    /// nor count as the child breaking the order.
+    #[test]
+    fn checkpoint_outcomes_come_at_any_time_before_the_end() {
+        let (process, ok) = spawn(|ch| {
+            ch.send(&started()).unwrap();
+            ch.send(&FromVmm::Checkpointed(CheckpointOutcome::NotNow(
+                "the job is not running in its VM yet".into(),
+            )))
+            .unwrap();
+            ch.send(&FromVmm::JobStarted).unwrap();
+            ch.send(&FromVmm::Checkpointed(CheckpointOutcome::Failed(
+                "disk full".into(),
+            )))
+            .unwrap();
+            ch.send(&FromVmm::Failed(JobError::Migrated {
+                dir: "/ckpt".into(),
+                generation: 2,
+            }))
+            .unwrap();
+        });
+        assert!(ok);
+        match process.wait() {
+            Err(JobError::Migrated { dir, generation }) => {
+                assert_eq!((dir.as_str(), generation), ("/ckpt", 2))
+            }
+            other => panic!("expected the migration, got {other:?}"),
+        }
+    }
+
     /// A child that ignores the stop request is killed after [`STOP_GRACE`].
     #[test]
     fn a_child_that_does_not_stop_is_killed_after_the_grace() {
