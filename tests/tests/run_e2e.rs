@@ -599,15 +599,21 @@ fn wait_within(
 fn restore_to_the_end(backend: &str, vm: &[&str], stdout: std::fs::File, code: i32) {
     let mut args = vm.to_vec();
     args.push("--restore");
-    let mut restored = run_cmd(backend, &args)
+    let (mut restored, restored_err) = spawn_logged(backend, &args, stdout);
+    let status = wait_within(&mut restored, Duration::from_secs(180), &restored_err);
+    assert_eq!(status.code(), Some(code), "{}", restored_err.text());
+}
+
+/// `run` with `args`, info logging and stdout appended to `stdout`; its stderr collected.
+fn spawn_logged(backend: &str, args: &[&str], stdout: std::fs::File) -> (Child, Collected) {
+    let mut child = run_cmd(backend, args)
         .env("SGE_VIRTUALIZER_LOG", "info")
         .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start sge_virtualizer --restore");
-    let restored_err = collect_stderr(&mut restored);
-    let status = wait_within(&mut restored, Duration::from_secs(180), &restored_err);
-    assert_eq!(status.code(), Some(code), "{}", restored_err.text());
+        .expect("start sge_virtualizer");
+    let stderr = collect_stderr(&mut child);
+    (child, stderr)
 }
 
 /// The lines `1` to `n`.
@@ -647,13 +653,7 @@ fn a_checkpointed_job_goes_on_in_a_new_process(backend: &str) {
                sleep 0.1; done; exit 3";
     let mut args = vm.to_vec();
     args.extend(["--", "/bin/sh", "-c", job]);
-    let mut first = run_cmd(backend, &args)
-        .env("SGE_VIRTUALIZER_LOG", "info")
-        .stdout(append())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sge_virtualizer");
-    let first_err = collect_stderr(&mut first);
+    let (mut first, first_err) = spawn_logged(backend, &args, append());
     if backend == "qemu" {
         let status = wait_within(&mut first, Duration::from_secs(60), &first_err);
         let err = first_err.text();
@@ -744,13 +744,7 @@ fn periodic_checkpoints_survive_the_loss_of_the_process(backend: &str) {
         "i=1; while [ $i -le 80 ]; do echo $i; i=$((i+1)); \
                   sleep 0.1; done; exit 4",
     ]);
-    let mut first = run_cmd(backend, &args)
-        .env("SGE_VIRTUALIZER_LOG", "info")
-        .stdout(append())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sge_virtualizer");
-    let first_err = collect_stderr(&mut first);
+    let (mut first, first_err) = spawn_logged(backend, &args, append());
     let deadline = Instant::now() + Duration::from_secs(180);
     // A checkpoint exists and the VM has run on past it.
     while !(ckpt.join("latest").exists()

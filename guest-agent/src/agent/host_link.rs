@@ -8,6 +8,7 @@
 //! or in the log to be sent again from the host's offset.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -59,14 +60,12 @@ impl Logs {
     }
 }
 
-struct Connection {
-    writer: FrameWriter<File>,
-    /// Counts connections: an event about an older one is stale.
-    generation: u64,
-}
-
 struct Inner {
-    conn: Mutex<Connection>,
+    /// The current connection's writing end.
+    conn: Mutex<FrameWriter<File>>,
+    /// Counts connections: an event about an older one is stale. Read without `conn`, which a
+    /// blocked write may hold.
+    generation: AtomicU64,
     logs: Mutex<Logs>,
     /// Signalled when acknowledgements make room in a log.
     room: Condvar,
@@ -85,10 +84,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl HostLink {
     pub fn new(conn: File) -> Self {
         HostLink(Arc::new(Inner {
-            conn: Mutex::new(Connection {
-                writer: FrameWriter::new(conn),
-                generation: 0,
-            }),
+            conn: Mutex::new(FrameWriter::new(conn)),
+            generation: AtomicU64::new(0),
             logs: Mutex::new(Logs::default()),
             room: Condvar::new(),
         }))
@@ -96,12 +93,12 @@ impl HostLink {
 
     /// Which connection is current.
     pub fn generation(&self) -> u64 {
-        lock(&self.0.conn).generation
+        self.0.generation.load(Ordering::SeqCst)
     }
 
     /// Sends a frame that is not kept for a new connection (Hello, Started, SpawnFailed, Error).
     pub fn send(&self, frame: &Frame) -> Result<(), ProtocolError> {
-        lock(&self.0.conn).writer.write_frame(frame)
+        lock(&self.0.conn).write_frame(frame)
     }
 
     /// Sends job output: kept until acknowledged (waiting while too much is kept), then written.
@@ -125,21 +122,21 @@ impl HostLink {
             Stream::Stderr => Frame::Stderr(data.to_vec()),
             _ => Frame::Stdout(data.to_vec()),
         };
-        let _ = conn.writer.write_frame(&frame);
+        let _ = conn.write_frame(&frame);
     }
 
     /// Ends an output stream (its Eof is sent again on a new connection).
     pub fn end_output(&self, stream: Stream) {
         let mut conn = lock(&self.0.conn);
         lock(&self.0.logs).of(stream).ended = true;
-        let _ = conn.writer.write_frame(&Frame::Eof(stream));
+        let _ = conn.write_frame(&Frame::Eof(stream));
     }
 
     /// Sends the job's Exit (sent again on a new connection until the host's Ack).
     pub fn send_exit(&self, exit: Frame) -> Result<(), ProtocolError> {
         let mut conn = lock(&self.0.conn);
         lock(&self.0.logs).exit = Some(exit.clone());
-        conn.writer.write_frame(&exit)
+        conn.write_frame(&exit)
     }
 
     /// The host has written `stream` up to `offset`.
@@ -233,9 +230,8 @@ impl HostLink {
         if let Some(exit) = exit {
             writer.write_frame(&exit)?;
         }
-        conn.writer = writer;
-        conn.generation += 1;
-        Ok(conn.generation)
+        *conn = writer;
+        Ok(self.0.generation.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
     /// Closes the connection in both directions (for every clone of the socket), telling the
@@ -243,7 +239,7 @@ impl HostLink {
     pub fn close(&self) {
         let conn = lock(&self.0.conn);
         let _ = nix::sys::socket::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(conn.writer.get_ref()),
+            std::os::fd::AsRawFd::as_raw_fd(conn.get_ref()),
             nix::sys::socket::Shutdown::Both,
         );
     }
