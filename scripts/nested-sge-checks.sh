@@ -19,6 +19,11 @@
 #   per_queue_image    a queue's OS image (bullseye, built by the host tier) is the job's OS
 #   oom                a job touching more than its guest has (sized from h_vmem) is killed by
 #                      the guest's OOM killer: exit status 137 and a line in the trace
+#   ckpt_migrate       a `qsub -ckpt` job (transparent interface, when xs) is migrated by
+#                      qmod -sj: its VM is snapshotted, it is re-queued (failed 24) and goes on
+#                      from the snapshot; stdout and a file on its share are each exactly 1..N,
+#                      and qacct has both runs (24/137, then 0/the job's exit status)
+#   ckpt_shutdown      the same with execd's shutdown (qconf -kej) instead of qmod -sj
 #   quota              output beyond the job user's disk quota stops at the quota, and the job
 #                      sees its write fail (this host's kernel has quotas; the development
 #                      machines' has none). NESTED_SGE_QUOTA=0 skips it
@@ -63,6 +68,9 @@ initramfs = "$REPO/build/guest/initramfs.cpio"
 backend = "auto"
 [queues."bullseye.q"]
 image = "bullseye"
+[queues."ckpt.q"]
+network = "none"
+memory_mib = 256
 EOF
 say "starting the cell (fresh spool; takes a minute under TCG)"
 start=$(date +%s)
@@ -237,7 +245,7 @@ fi
 fi
 
 # lines FILE: how many lines FILE has now
-lines() { wc -l <"$1" 2>/dev/null || echo 0; }
+lines() { { wc -l <"$1"; } 2>/dev/null || echo 0; }
 
 # ---- suspend_resume, notify ----------------------------------------------------------------
 # qmod -sj stops the job in its VM (USR1 first with -notify), -usj lets it go on, qdel sends
@@ -316,6 +324,87 @@ else
     bad h_rt "job $hrt did not end within 300 s: $(trace_of "$hrt")"
     host_state_of "$hrt"
 fi
+fi
+
+# ---- ckpt_migrate, ckpt_shutdown -----------------------------------------------------------
+# A checkpoint environment of ours (transparent: VM snapshots), a queue that offers it and
+# gives its jobs no network device (snapshots cannot capture virtio-net yet), and a job that
+# counts to N every 100 ms on stdout and into a file on its share.
+# runs JOB FIELD: the field of each of the job's qacct records, in order, space-separated
+runs() {
+    qacct -j "$1" 2>/dev/null | awk -v k="$2" '$1 == k { printf "%s ", $2 }' | sed 's/ $//'
+}
+# counts FILE N: FILE is exactly the lines 1..N
+counts() { [ "$(cat "$1" 2>/dev/null)" = "$(seq 1 "$2")" ]; }
+ckpt_check() { # NAME HOW
+    local name=$1 how=$2 n=200 job dir out states= state
+    dir=$WORK/$name
+    install -d -o "$JOB_USER" -g "$JOB_USER" "$dir"
+    printf '#!/bin/sh\ni=1\nwhile [ $i -le %s ]; do echo $i; echo $i >>counter.txt; i=$((i+1)); sleep 0.1; done\nexit 3\n' \
+        "$n" >"$dir/counter.sh"
+    chown "$JOB_USER:" "$dir/counter.sh"
+    job=$(runuser -u "$JOB_USER" -- env -C "$dir" qsub -terse -q ckpt.q -ckpt vmckpt -cwd \
+        -o counter.out -e counter.err counter.sh | cut -d. -f1)
+    out=$dir/counter.out
+    say "job $job ($name: counts to $n every 100 ms, checkpointing environment vmckpt)"
+    counting() { [ "$(lines "$out")" -ge 30 ]; }
+    if ! until_ok 300 counting; then
+        bad "$name" "job $job never counted to 30: $(trace_of "$job")"
+        host_state_of "$job"
+        qdel -f "$job" >/dev/null 2>&1
+        return
+    fi
+    case $how in
+        qmod) qmod -sj "$job" >/dev/null 2>&1 ;;
+        kej) qconf -kej "$host" >/dev/null 2>&1 ;;
+    esac
+    # re-queued (qstat's R: restarted), then running again from the snapshot
+    requeued() {
+        state=$(qstat 2>/dev/null | awk -v j="$job" '$1 == j { print $5 }')
+        case $state in *R*) states="$states $state" ;; esac
+        [ -n "$(runs "$job" failed)" ]
+    }
+    until_ok 240 requeued || true
+    if [ "$how" = kej ]; then
+        SGE_CELL_VIRTUALIZER_CONFIG=$settings SGE_CELL_SLOTS=2 \
+            timeout 240 "$REPO/scripts/sge-cell.sh" start "$BIN" >>/tmp/sge-cell.log 2>&1 ||
+            say "restarting the cell after -kej failed: $(tail -n 3 /tmp/sge-cell.log)"
+    fi
+    two_runs() {
+        state=$(qstat 2>/dev/null | awk -v j="$job" '$1 == j { print $5 }')
+        case $state in *R*) states="$states $state" ;; esac
+        [ "$(runs "$job" failed | wc -w)" -ge 2 ]
+    }
+    if ! until_ok 400 two_runs; then
+        bad "$name" "job $job: runs '$(runs "$job" failed)', states '$states', lines $(lines "$out"): $(trace_of "$job")"
+        host_state_of "$job"
+        qdel -f "$job" >/dev/null 2>&1
+        return
+    fi
+    local fails statuses restored
+    fails=$(runs "$job" failed)
+    statuses=$(runs "$job" exit_status)
+    restored=$(grep -c 'job restored from checkpoint' /var/spool/gridengine/execd/*/active_jobs/"$job".1/trace 2>/dev/null)
+    if counts "$out" "$n" && counts "$dir/counter.txt" "$n" && [ "$fails" = "24 0" ] &&
+        [ "$statuses" = "137 3" ] && [ "${restored:-0}" -ge 1 ]; then
+        ok "$name" "re-queued (states:${states:- none seen}), restored from its snapshot; stdout and counter.txt exactly 1..$n; qacct failed '$fails', exit_status '$statuses'"
+    else
+        bad "$name" "stdout $(lines "$out") lines ($(counts "$out" "$n" && echo exact || echo 'not 1..N')), counter.txt $(lines "$dir/counter.txt") lines ($(counts "$dir/counter.txt" "$n" && echo exact || echo 'not 1..N')), qacct failed '$fails' exit_status '$statuses', restores $restored: $(trace_of "$job")"
+        grep -E 'checkpoint|migrat|restor' /var/spool/gridengine/execd/*/active_jobs/"$job".1/trace | tail -n 12
+    fi
+}
+if [ -z "$only" ] || [ "$only" = ckpt ]; then
+    printf 'ckpt_name vmckpt\ninterface transparent\nckpt_command none\nmigr_command none\nrestart_command none\nclean_command none\nckpt_dir /tmp\nsignal USR2\nwhen xs\n' \
+        >/tmp/vmckpt.ckpt
+    qconf -Ackpt /tmp/vmckpt.ckpt >/dev/null 2>&1
+    qconf -sq all.q | sed 's/^qname .*/qname ckpt.q/; s/^slots .*/slots 1/; s/^ckpt_list .*/ckpt_list vmckpt/' >/tmp/ckpt.q
+    qconf -Aq /tmp/ckpt.q >/dev/null 2>&1
+    if qconf -sq ckpt.q 2>/dev/null | grep -q '^ckpt_list *vmckpt'; then
+        ckpt_check ckpt_migrate qmod
+        ckpt_check ckpt_shutdown kej
+    else
+        bad ckpt_migrate "can't set up ckpt.q with checkpoint environment vmckpt: $(qconf -sckpt vmckpt 2>&1 | head -n 3)"
+    fi
 fi
 
 # ---- per_queue_image -----------------------------------------------------------------------

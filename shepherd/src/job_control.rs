@@ -132,6 +132,11 @@ impl JobController {
         self.vmm.checkpoint(then);
     }
 
+    /// What came of the checkpoints asked for, as reported since the last call.
+    pub fn take_checkpoint_outcomes(&self) -> Vec<crate::vmm_process::message::CheckpointOutcome> {
+        self.vmm.take_checkpoint_outcomes()
+    }
+
     /// A controller whose requests arrive, as [`ToVmm`] messages, on the returned channel end.
     #[cfg(test)]
     pub(crate) fn detached() -> (JobController, Channel) {

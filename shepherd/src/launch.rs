@@ -25,7 +25,7 @@ use crate::backend::{
 };
 pub use crate::backend::{BackendChoice, VmmCredentials};
 use crate::checkpoint::taker::AfterCheckpoint;
-use crate::checkpoint::{self, CheckpointDir, Checkpointer};
+use crate::checkpoint::{self, CheckpointDir, CheckpointError, Checkpointer};
 use crate::guest_image::{self, UntrustedGuestImage};
 use crate::image::store::ImageInUse;
 use crate::image::{ImageError, ImageStore};
@@ -88,8 +88,21 @@ pub struct LaunchSpec {
 pub struct CheckpointPlan {
     /// The checkpoint directory; the VMM process (the job user) creates and writes it.
     pub dir: PathBuf,
-    /// Start from the latest checkpoint in `dir` instead of booting.
-    pub restore: bool,
+    /// Whether to start from the latest checkpoint in `dir` instead of booting.
+    pub restore: RestorePolicy,
+}
+
+/// Whether a job with a checkpoint directory starts from its latest checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestorePolicy {
+    /// Boot the VM.
+    Boot,
+    /// Restore the latest checkpoint; none there is an error (`run --restore`).
+    Latest,
+    /// Restore the latest checkpoint if there is one, else boot (a re-queued Grid Engine job,
+    /// whose checkpoint may be on another host's disk: it starts over, as with the stock
+    /// shepherd).
+    LatestIfAny,
 }
 
 /// The job's file systems beyond the guest's initramfs.
@@ -148,6 +161,10 @@ pub enum LaunchError {
     VmmProcess(#[from] ForkError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    /// The job's checkpoint could not be restored: sound but not on this host (`elsewhere`),
+    /// or unusable anywhere.
+    #[error("the job's checkpoint cannot be restored{}: {message}", if *.elsewhere { " on this host" } else { "" })]
+    RestoreRefused { elsewhere: bool, message: String },
 }
 
 impl From<backend::BackendError> for LaunchError {
@@ -158,6 +175,9 @@ impl From<backend::BackendError> for LaunchError {
             backend::BackendError::Guest(m) => LaunchError::GuestUnbootable(m),
             backend::BackendError::Io(e) => LaunchError::Io(e),
             backend::BackendError::RunDir(e) => LaunchError::RunDir(e),
+            backend::BackendError::Restore { elsewhere, message } => {
+                LaunchError::RestoreRefused { elsewhere, message }
+            }
         }
     }
 }
@@ -198,6 +218,8 @@ pub struct RunningJob {
     controller: JobController,
     process: VmmProcess,
     backend: String,
+    /// The checkpoint the VM was restored from, when it was not booted.
+    restored_from: Option<u64>,
     /// The job's hold on its OS image (`image rm` refuses it), released once the VM is gone.
     _image_in_use: Option<ImageInUse>,
     /// The job's passt, stopped (if it has not ended with the VM) once the VMM process is gone.
@@ -212,6 +234,11 @@ impl RunningJob {
     /// The backend that runs the VM and why it was chosen, in words (for the job's trace).
     pub fn backend(&self) -> &str {
         &self.backend
+    }
+
+    /// The checkpoint the job's VM was restored from; `None` when it was booted.
+    pub fn restored_from(&self) -> Option<u64> {
+        self.restored_from
     }
 
     /// The VMM process (Grid Engine's `job_pid`): the job user's, carrying its groups.
@@ -549,8 +576,13 @@ pub fn launch_in(
         parent_only.as_slice(),
         move |channel| job.run(channel),
     )?;
+    let mut restored_from = None;
     match process.await_start() {
-        Start::Started { .. } | Start::Ended => {}
+        Start::Started { restored, .. } => restored_from = restored,
+        Start::Ended => {}
+        Start::Failed(StartFailure::Restore { elsewhere, message }) => {
+            return Err(LaunchError::RestoreRefused { elsewhere, message })
+        }
         Start::Failed(StartFailure::Unavailable(m)) => {
             return Err(LaunchError::BackendUnavailable(m))
         }
@@ -563,6 +595,7 @@ pub fn launch_in(
         },
         process,
         backend: backend_in_words,
+        restored_from,
         _image_in_use: image_in_use,
         _passt: passt,
     })
@@ -588,6 +621,8 @@ struct StartedVm {
     start: SessionStart,
     /// The checkpoint directory, when the job has one.
     store: Option<CheckpointDir>,
+    /// The checkpoint it was restored from.
+    restored: Option<u64>,
 }
 
 impl VmmJob {
@@ -603,32 +638,55 @@ impl VmmJob {
         let failure = |e: BackendError| match e {
             BackendError::Unavailable(m) => StartFailure::Unavailable(m),
             BackendError::Guest(m) => StartFailure::Guest(m),
+            BackendError::Restore { elsewhere, message } => {
+                StartFailure::Restore { elsewhere, message }
+            }
             other => StartFailure::Start(other.to_string()),
         };
         let store = plan
             .map(|p| CheckpointDir::open(&p.dir))
             .transpose()
             .map_err(|e| StartFailure::Start(e.to_string()))?;
-        let restore = match (plan, &store) {
-            (Some(p), Some(store)) if p.restore => Some(store),
+        let policy = plan.map_or(RestorePolicy::Boot, |p| p.restore);
+        let latest = match (&store, policy) {
+            (Some(store), RestorePolicy::Latest | RestorePolicy::LatestIfAny) => {
+                match store.load_latest() {
+                    Ok(latest) => Some((store, latest)),
+                    Err(CheckpointError::NoCheckpoint(_))
+                        if policy == RestorePolicy::LatestIfAny =>
+                    {
+                        None
+                    }
+                    Err(e @ CheckpointError::NoCheckpoint(_)) => {
+                        return Err(StartFailure::Start(e.to_string()))
+                    }
+                    Err(e) => {
+                        return Err(StartFailure::Restore {
+                            elsewhere: false,
+                            message: e.to_string(),
+                        })
+                    }
+                }
+            }
             _ => None,
         };
-        let Some(store) = restore else {
+        let Some((store, (record, snapshot))) = latest else {
             let vm = backend.start(vm_spec).map_err(failure)?;
             return Ok(StartedVm {
                 vm,
                 start: fresh,
                 store,
+                restored: None,
             });
         };
-        let (record, snapshot) = store
-            .load_latest()
-            .map_err(|e| StartFailure::Start(e.to_string()))?;
         if (record.mem_mib, record.vcpus) != (vm_spec.mem_mib, vm_spec.vcpus) {
-            return Err(StartFailure::Start(format!(
-                "checkpoint {} is of a VM with {} MiB and {} vCPUs, not {} MiB and {}",
-                record.generation, record.mem_mib, record.vcpus, vm_spec.mem_mib, vm_spec.vcpus
-            )));
+            return Err(StartFailure::Restore {
+                elsewhere: false,
+                message: format!(
+                    "checkpoint {} is of a VM with {} MiB and {} vCPUs, not {} MiB and {}",
+                    record.generation, record.mem_mib, record.vcpus, vm_spec.mem_mib, vm_spec.vcpus
+                ),
+            });
         }
         // The snapshot is read and checked first: a damaged one must not cost output bytes.
         let vm = backend.restore(vm_spec, &snapshot).map_err(failure)?;
@@ -644,6 +702,7 @@ impl VmmJob {
             vm,
             start: SessionStart::Resume(at),
             store: Some(store.clone()),
+            restored: Some(record.generation),
         })
     }
 
@@ -667,18 +726,23 @@ impl VmmJob {
             },
             spawn,
         };
-        let StartedVm { vm, start, store } =
-            match Self::start_vm(backend.as_ref(), &vm_spec, plan.as_ref(), &io, fresh) {
-                Ok(started) => started,
-                Err(failure) => {
-                    let _ = channel.send(&FromVmm::StartFailed(failure));
-                    return;
-                }
-            };
+        let StartedVm {
+            vm,
+            start,
+            store,
+            restored,
+        } = match Self::start_vm(backend.as_ref(), &vm_spec, plan.as_ref(), &io, fresh) {
+            Ok(started) => started,
+            Err(failure) => {
+                let _ = channel.send(&FromVmm::StartFailed(failure));
+                return;
+            }
+        };
         timings.vm_created_ms = now_ms();
         let started = FromVmm::VmStarted {
             vm_created_ms: timings.vm_created_ms,
             first_instruction_ms: timings.first_instruction_ms,
+            restored,
         };
         if channel.send(&started).is_err() {
             // The shepherd is gone: so is the job.

@@ -300,7 +300,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             network,
             checkpoint: args.checkpoint_dir.as_ref().map(|dir| CheckpointPlan {
                 dir: dir.clone(),
-                restore: args.restore,
+                restore: if args.restore {
+                    shepherd::launch::RestorePolicy::Latest
+                } else {
+                    shepherd::launch::RestorePolicy::Boot
+                },
             }),
         },
         &filesystems,

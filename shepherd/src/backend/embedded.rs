@@ -100,6 +100,10 @@ impl EmbeddedBackend {
             Some(path) => vmm::Vm::restore(config, path),
         };
         let handle = started.map_err(|e| match e {
+            vmm::VmError::Snapshot(s) => BackendError::Restore {
+                elsewhere: s.is_host_mismatch(),
+                message: s.to_string(),
+            },
             vmm::VmError::Boot(_) => BackendError::Guest(e.to_string()),
             vmm::VmError::KvmUnavailable(_) => BackendError::Unavailable(e.to_string()),
             _ => BackendError::Start(e.to_string()),

@@ -198,6 +198,10 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     RunDir(#[from] crate::run_dir::RunDirError),
+    /// A snapshot that cannot be restored: sound but not on this host (`elsewhere`: its CPU,
+    /// KVM or VMM build), or unusable anywhere (damaged, of another VM).
+    #[error("the checkpoint cannot be restored{}: {message}", if *.elsewhere { " on this host" } else { "" })]
+    Restore { elsewhere: bool, message: String },
 }
 
 /// How a VM ended, in words, whether that was the guest's orderly reset, and who ended it.

@@ -154,6 +154,23 @@ impl ActiveDir {
     pub fn write_checkpointed(&self) -> Result<(), ResultFileError> {
         self.write("checkpointed", "", false, self.admin)
     }
+
+    /// `checkpointed` with `1`: a checkpoint is in the arena; execd re-queues the job to be
+    /// restarted from it (`ckpt_restarted` 2) if this run ends with the file still there.
+    pub fn write_checkpoint_in_arena(&self) -> Result<(), ResultFileError> {
+        self.write("checkpointed", "1\n", false, self.admin)
+    }
+
+    /// Removes `checkpointed`: the job is done with (it ended on its own, or was deleted).
+    pub fn remove_checkpointed(&self) -> Result<(), ResultFileError> {
+        match std::fs::remove_file(self.path("checkpointed")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ResultFileError {
+                path: self.path("checkpointed").display().to_string(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `msg` with every control character (newlines, carriage returns, escape sequences, C1

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use guest_agent::protocol::{Rusage, Spawn, SpawnStage, StdinMode};
 
 use super::active_dir::ActiveDir;
+use super::checkpoint_env::CheckpointEnv;
 use super::config::{JobConfig, TaskKind};
 use super::control_method::{ControlMethods, MethodRunner};
 use super::delegation::{self, DelegationPolicy};
@@ -18,6 +19,7 @@ use super::fault::{Fault, JobCause};
 use super::file_size_limit::FileSizeLimited;
 use super::guest_rusage;
 use super::job_argv::{self, JobCommand, ScriptDelivery, SCRIPT_ENV};
+use super::job_checkpoints::{ArenaMark, JobCheckpoints};
 use super::job_requests;
 use super::job_user::JobUser;
 use super::limits;
@@ -91,6 +93,7 @@ pub fn run_as_shepherd() -> i32 {
         Err(e) => return finish_early(&dir, ShepherdState::BeforeProlog, &e.to_string()),
     };
     // Not ours to run: hand over before writing anything (the stock shepherd writes its files).
+    let mut checkpoints = None;
     if config.task_kind() != TaskKind::Batch {
         // Unreadable settings cannot say whether the queue allows it: refuse; every queue of
         // this host reads the same file, so it is the host's error.
@@ -102,27 +105,50 @@ pub fn run_as_shepherd() -> i32 {
             }
         };
         let queue = config.get("queue").unwrap_or_default();
-        if settings.for_queue(queue).delegate == DelegationPolicy::Never {
-            let msg = format!(
-                "sge_virtualizer: queue {queue} runs every job in a VM (delegate = \"never\"): \
-                 interactive jobs, qrsh -inherit tasks and checkpointing jobs are refused"
+        let vm = settings.for_queue(queue);
+        let not_served = if config.task_kind() == TaskKind::Checkpointing {
+            let network = JobEnvironment::read(&cwd.join("environment"))
+                .ok()
+                .and_then(|env| {
+                    env.get(crate::network::policy::JOB_NETWORK_VAR)
+                        .map(str::to_string)
+                });
+            // execd starts us with euid = the admin user, who may not open /dev/kvm: the
+            // backend is probed as root, and the euid given back for the stock shepherd.
+            let served = as_root(|| CheckpointEnv::served_here(&config, &vm, network.as_deref()));
+            match served {
+                Ok(env) => {
+                    checkpoints = Some(env);
+                    None
+                }
+                Err(why) => Some(format!("checkpointing job: {why}")),
+            }
+        } else {
+            Some("interactive jobs and qrsh -inherit tasks run on the host".to_string())
+        };
+        if let Some(why) = &not_served {
+            if vm.delegate == DelegationPolicy::Never {
+                let msg = format!(
+                    "sge_virtualizer: queue {queue} runs every job in a VM (delegate = \"never\"), \
+                     and this one cannot: {why}"
+                );
+                // A job error, not the queue's; 100 rather than 30 because an interactive
+                // job in Eqw would leave its qrsh waiting for ever, while 100 finishes it.
+                return finish_early(&dir, ShepherdState::AfterJob, &msg);
+            }
+            let stock = settings
+                .stock_shepherd
+                .unwrap_or_else(delegation::stock_shepherd_from_env);
+            let err = delegation::exec_stock(&stock, &argv0);
+            return finish_early(
+                &dir,
+                ShepherdState::BeforeJob,
+                &format!(
+                    "sge_virtualizer: can't exec the stock shepherd {}: {err}",
+                    stock.display()
+                ),
             );
-            // A job error, not the queue's; 100 rather than 30 because an interactive job in
-            // Eqw would leave its qrsh waiting for ever, while 100 finishes it.
-            return finish_early(&dir, ShepherdState::AfterJob, &msg);
         }
-        let stock = settings
-            .stock_shepherd
-            .unwrap_or_else(delegation::stock_shepherd_from_env);
-        let err = delegation::exec_stock(&stock, &argv0);
-        return finish_early(
-            &dir,
-            ShepherdState::BeforeJob,
-            &format!(
-                "sge_virtualizer: can't exec the stock shepherd {}: {err}",
-                stock.display()
-            ),
-        );
     }
 
     set_process_name(config.get("job_id").unwrap_or_default());
@@ -151,6 +177,8 @@ pub fn run_as_shepherd() -> i32 {
         dir,
         signals,
         state: ShepherdState::NoFailure,
+        checkpoints,
+        arena: None,
     };
     let state = run.run();
     run.dir.trace(&format!("exit_status {}", state.code()));
@@ -177,6 +205,19 @@ fn set_process_name(job_id: &str) {
         // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
         unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
     }
+}
+
+/// Runs `f` with euid 0 (where the real uid is root), then gives the euid back.
+fn as_root<T>(f: impl FnOnce() -> T) -> T {
+    let euid = nix::unistd::geteuid();
+    let elevated = nix::unistd::getuid().is_root()
+        && !euid.is_root()
+        && nix::unistd::seteuid(nix::unistd::Uid::from_raw(0)).is_ok();
+    let result = f();
+    if elevated {
+        let _ = nix::unistd::seteuid(euid);
+    }
+    result
 }
 
 /// Execd starts us with real uid 0 and euid = admin user; files and children need root.
@@ -241,6 +282,10 @@ struct JobRun {
     signals: SignalSource,
     /// The first failure; later ones only go to `error`/`trace`.
     state: ShepherdState,
+    /// A checkpointing job's checkpoint environment (its VM is snapshotted).
+    checkpoints: Option<CheckpointEnv>,
+    /// What `checkpointed` is left as, once the job's VM ran.
+    arena: Option<ArenaMark>,
 }
 
 impl JobRun {
@@ -299,6 +344,7 @@ impl JobRun {
         if let Err(f) = started {
             self.record(f);
         }
+        self.leave_arena_mark();
         // the epilog is skipped only when the prolog could not even be started
         let prolog_unstartable = self.state == ShepherdState::BeforeProlog;
         let exit_stat = job_exit.unwrap_or(0).to_string();
@@ -313,6 +359,22 @@ impl JobRun {
             }
         }
         self.state
+    }
+
+    /// A checkpointing job's `checkpointed`, once its VM ran: kept (re-queued, from its
+    /// checkpoint or the start) after a migration, removed otherwise. Before its VM ran the
+    /// failure's own state decides (a restore refused here keeps it).
+    fn leave_arena_mark(&mut self) {
+        let written = match self.arena {
+            None => return,
+            Some(ArenaMark::Remove) => self.dir.remove_checkpointed(),
+            Some(ArenaMark::Migrated { in_arena: true }) => self.dir.write_checkpoint_in_arena(),
+            Some(ArenaMark::Migrated { in_arena: false }) => self.dir.write_checkpointed(),
+        };
+        self.dir.trace(&format!("checkpointed: {:?}", self.arena));
+        if let Err(e) = written {
+            self.record(Failure::new(ShepherdState::AfterJob, e.to_string()));
+        }
     }
 
     /// User, environment, output files, cwd, methods: everything checked before the prolog.
@@ -661,13 +723,49 @@ impl JobRun {
                 groups: p.user.groups.clone(),
             }),
             network,
-            checkpoint: None,
+            checkpoint: self.checkpoints.as_ref().map(|env| {
+                self.dir.trace(&format!(
+                    "checkpoints ({} interface): VM snapshots in {}{}{}",
+                    env.interface,
+                    env.dir.display(),
+                    env.interval
+                        .map(|i| format!(", every {} s", i.as_secs()))
+                        .unwrap_or_default(),
+                    if env.restart {
+                        "; restarted: going on from the latest one"
+                    } else {
+                        ""
+                    }
+                ));
+                launch::CheckpointPlan {
+                    dir: env.dir.clone(),
+                    restore: if env.restart {
+                        launch::RestorePolicy::LatestIfAny
+                    } else {
+                        launch::RestorePolicy::Boot
+                    },
+                }
+            }),
         };
-        let running = launch::launch_in(spec, &filesystems, io).map_err(|e| {
-            match start_failure::launch_failure(&e, image_owner) {
+        let running = launch::launch_in(spec, &filesystems, io).map_err(|e| match e {
+            // A checkpoint this host cannot resume (its CPU, KVM or build): kept in the arena
+            // and the job re-queued, for a host that can.
+            launch::LaunchError::RestoreRefused {
+                elsewhere: true, ..
+            } => {
+                if let Err(mark) = self.dir.write_checkpoint_in_arena() {
+                    self.dir
+                        .trace(&format!("can't keep the checkpoint in the arena: {mark}"));
+                }
+                Failure::new(
+                    ShepherdState::BeforeJob,
+                    format!("sge_virtualizer: {e}; re-queued with its checkpoint for another host"),
+                )
+            }
+            _ => match start_failure::launch_failure(&e, image_owner) {
                 (Fault::Shortage, message) => self.shortage(vm.shortage, message),
                 (fault, message) => Failure::of(fault, message),
-            }
+            },
         })?;
         crash_state(ShepherdState::AfterJob);
         // The VMM process: the job user's, with add_grp_id among its groups.
@@ -679,6 +777,7 @@ impl JobRun {
         self.config.set("job_pid", &job_pid.to_string());
         let _ = self.dir.write_job_pid(job_pid);
         let controller = running.controller();
+        let restored_from = running.restored_from();
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("job-wait".into())
@@ -688,8 +787,28 @@ impl JobRun {
             .map_err(|e| Failure::new(ShepherdState::AfterJob, e.to_string()))?;
         let started_wall = SystemTime::now();
         let runner = MethodRunner::new(RunAs::from(&p.user), p.env.clone(), p.cwd.clone());
-        let relay = SignalRelay::new(&self.dir, &self.config, &p.methods, runner);
-        let (result, killed) = relay.run(&mut self.signals, &controller, &rx);
+        let mut relay = SignalRelay::new(&self.dir, &self.config, &p.methods, runner);
+        if let Some(env) = &self.checkpoints {
+            match restored_from {
+                Some(generation) => self
+                    .dir
+                    .trace(&format!("job restored from checkpoint {generation}")),
+                None if env.restart => self.dir.trace(&format!(
+                    "no checkpoint of the job in {}: it starts over",
+                    env.dir.display()
+                )),
+                None => {}
+            }
+            let (cp, steps) =
+                JobCheckpoints::new(env.interval, restored_from.is_some(), Instant::now());
+            relay = relay.with_checkpoints(cp, steps);
+        }
+        let end = relay.run(&mut self.signals, &controller, &rx);
+        let (result, killed) = (end.result, end.killed);
+        if let Some(cp) = &end.checkpoints {
+            let migrated = matches!(result, Err(JobError::Migrated { .. }));
+            self.arena = Some(cp.end(migrated));
+        }
         drop(run_dir);
         let facts = VmFacts {
             vcpus,
@@ -898,6 +1017,14 @@ impl JobRun {
                 }
             }
             Err(e @ JobError::AgentNeverConnected(_)) if !killed => Err(self.never_connected(&e)),
+            Err(JobError::Migrated { dir, generation }) => {
+                // As the stock shepherd reports a migrated job: killed (137), re-queued.
+                self.dir.trace(&format!(
+                    "migration: checkpoint {generation} in {dir}; the job's VM stopped, the job \
+                     is re-queued to go on from it"
+                ));
+                Ok(killed_record(started))
+            }
             Err(e @ JobError::VmFailedToRun(_)) if !killed => Err(self.shortage(
                 facts.shortage,
                 format!("sge_virtualizer: can't start the job's VM now: {e}"),
@@ -1038,7 +1165,49 @@ mod tests {
             dir: ActiveDir::new(dir.to_path_buf()),
             signals: SignalSource::new().unwrap(),
             state: ShepherdState::NoFailure,
+            checkpoints: None,
+            arena: None,
         }
+    }
+
+    /// A migrated job's run ends as the stock shepherd reports one (killed, 137) and leaves
+    /// its checkpoint in the arena; a checkpointing job that ended otherwise leaves none.
+    #[test]
+    fn a_migrated_run_is_reported_killed_and_keeps_its_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut run = job_run(tmp.path(), JobConfig::default());
+        let facts = facts(1, BootOwner::Queue);
+        let migrated = Err(JobError::Migrated {
+            dir: "/ckpt/sge_virtualizer.1.1".into(),
+            generation: 2,
+        });
+        let usage = run
+            .outcome(migrated, false, SystemTime::now(), &facts)
+            .ok()
+            .expect("a migration is not a failure");
+        assert_eq!(usage.end.exit_status(), 137);
+        assert_eq!(run.state, ShepherdState::NoFailure);
+
+        run.arena = Some(ArenaMark::Migrated { in_arena: true });
+        run.leave_arena_mark();
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("checkpointed")).unwrap(),
+            "1\n"
+        );
+        run.arena = Some(ArenaMark::Migrated { in_arena: false });
+        run.leave_arena_mark();
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("checkpointed")).unwrap(),
+            ""
+        );
+        run.arena = Some(ArenaMark::Remove);
+        run.leave_arena_mark();
+        assert!(!tmp.path().join("checkpointed").exists());
+        // a job without checkpoints leaves the marker alone (a restore refused here wrote it)
+        run.dir.write_checkpoint_in_arena().unwrap();
+        run.arena = None;
+        run.leave_arena_mark();
+        assert!(tmp.path().join("checkpointed").exists());
     }
 
     /// Whom execd charges when a job's session ends in `e` (not killed), through the real

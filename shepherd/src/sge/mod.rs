@@ -6,6 +6,7 @@
 //! contract followed is execd's: see each module for the part it owns.
 
 pub mod active_dir;
+pub mod checkpoint_env;
 pub mod config;
 pub mod control_method;
 pub mod counter_dir;
@@ -17,6 +18,7 @@ pub mod file_size_limit;
 pub mod guest_rusage;
 pub mod image_request;
 pub mod job_argv;
+pub mod job_checkpoints;
 pub mod job_fifo;
 pub mod job_requests;
 mod job_run;

@@ -8,11 +8,14 @@ use std::time::{Duration, Instant};
 use super::active_dir::ActiveDir;
 use super::config::JobConfig;
 use super::control_method::{ControlMethod, ControlMethods, MethodRunner};
+use super::job_checkpoints::{CheckpointStep, JobCheckpoints};
 use super::notify::{Notifier, NotifyAction};
 use super::signal_source::SignalSource;
 use super::signals::{execd_intent, read_signal_file};
 use super::vm_stop::{VmStop, VmStopStep, STOP_PATIENCE};
+use crate::checkpoint::taker::AfterCheckpoint;
 use crate::launch::{JobController, JobError, JobOutcome};
+use crate::vmm_process::message::CheckpointOutcome;
 
 /// Repeated KILLs within this time are dropped, as the stock shepherd does.
 const KILL_REPEAT_WINDOW: Duration = Duration::from_secs(10);
@@ -32,6 +35,16 @@ pub struct SignalRelay<'a> {
     last_kill: Option<Instant>,
     stop: VmStop,
     killed: bool,
+    /// A checkpointing job's checkpoints (VM snapshots).
+    checkpoints: Option<JobCheckpoints>,
+}
+
+/// How the relay ended.
+pub struct RelayEnd {
+    pub result: JobResult,
+    /// The job was killed on execd's request (or for its migration).
+    pub killed: bool,
+    pub checkpoints: Option<JobCheckpoints>,
 }
 
 impl<'a> SignalRelay<'a> {
@@ -50,31 +63,58 @@ impl<'a> SignalRelay<'a> {
             last_kill: None,
             stop: VmStop::Running,
             killed: false,
+            checkpoints: None,
         }
     }
 
-    /// Relays until the job's result arrives on `done`. Returns it, and whether the job was
-    /// killed on execd's request.
+    /// Checkpoints the job (it was launched with a checkpoint directory): periodically, and on
+    /// execd's migration request. `steps` are the first ones to take.
+    pub fn with_checkpoints(
+        mut self,
+        checkpoints: JobCheckpoints,
+        steps: Vec<CheckpointStep>,
+    ) -> Self {
+        for step in steps {
+            self.checkpoint_step(step, None);
+        }
+        self.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// Relays until the job's result arrives on `done`.
     pub fn run(
         mut self,
         signals: &mut SignalSource,
         controller: &JobController,
         done: &mpsc::Receiver<JobResult>,
-    ) -> (JobResult, bool) {
+    ) -> RelayEnd {
         loop {
-            match done.recv_timeout(Duration::from_millis(1)) {
-                Ok(result) => return (result, self.killed),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let lost = JobError::Vm("job waiter ended without a result".into());
-                    return (Err(lost), self.killed);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            let result = match done.recv_timeout(Duration::from_millis(1)) {
+                Ok(result) => Some(result),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(JobError::Vm(
+                    "job waiter ended without a result".into(),
+                ))),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+            };
+            if let Some(result) = result {
+                // the outcomes that came with the end (a migration's snapshot)
+                self.checkpoint_outcomes(controller);
+                return RelayEnd {
+                    result,
+                    killed: self.killed,
+                    checkpoints: self.checkpoints,
+                };
             }
             let now = Instant::now();
             let mut wait = TICK;
-            for at in [self.notifier.deadline(), self.stop.deadline()]
-                .into_iter()
-                .flatten()
+            let checkpoint_due = self.checkpoints.as_ref().and_then(JobCheckpoints::deadline);
+            for at in [
+                self.notifier.deadline(),
+                self.stop.deadline(),
+                checkpoint_due,
+            ]
+            .into_iter()
+            .flatten()
             {
                 wait = wait.min(at.saturating_duration_since(now));
             }
@@ -84,9 +124,17 @@ impl<'a> SignalRelay<'a> {
                     Ok(intent) => {
                         self.dir
                             .trace(&format!("received signal {sig} -> {intent}"));
+                        if intent == libc::SIGTTOU {
+                            if let Some(cp) = self.checkpoints.as_mut() {
+                                for step in cp.on_migrate(Instant::now()) {
+                                    self.checkpoint_step(step, Some(controller));
+                                }
+                                continue;
+                            }
+                        }
                         let intent = if intent == libc::SIGTTOU {
-                            // migrate: only checkpointing jobs support it, and they are
-                            // delegated; so the job is killed and re-queued
+                            // migrate a job without checkpoints: killed and re-queued, as
+                            // the stock shepherd does
                             let _ = self.dir.write_checkpointed();
                             libc::SIGKILL
                         } else {
@@ -101,6 +149,15 @@ impl<'a> SignalRelay<'a> {
             for action in actions {
                 self.act(action, controller);
             }
+            self.checkpoint_outcomes(controller);
+            let steps = self
+                .checkpoints
+                .as_mut()
+                .map(|cp| cp.on_time(Instant::now()))
+                .unwrap_or_default();
+            for step in steps {
+                self.checkpoint_step(step, Some(controller));
+            }
             match self.stop.due(Instant::now()) {
                 Some(VmStopStep::StopVm) => {
                     self.dir
@@ -113,11 +170,81 @@ impl<'a> SignalRelay<'a> {
                          the shepherd ends it by exiting"
                     );
                     self.dir.trace(&format!("job killed: {msg}"));
-                    return (Err(JobError::Vm(msg)), self.killed);
+                    return RelayEnd {
+                        result: Err(JobError::Vm(msg)),
+                        killed: self.killed,
+                        checkpoints: self.checkpoints,
+                    };
                 }
                 None => {}
             }
             self.runner.reap();
+        }
+    }
+
+    /// Feeds the VMM process's checkpoint outcomes to the job's checkpoints.
+    fn checkpoint_outcomes(&mut self, controller: &JobController) {
+        for outcome in controller.take_checkpoint_outcomes() {
+            self.dir.trace(&match &outcome {
+                CheckpointOutcome::Taken(r) => format!(
+                    "checkpoint {} taken: {} bytes, VM paused {:.0} ms",
+                    r.generation, r.snapshot_bytes, r.paused_ms
+                ),
+                CheckpointOutcome::NotNow(why) => format!("no checkpoint now: {why}"),
+                CheckpointOutcome::Failed(why) => format!("checkpoint failed: {why}"),
+            });
+            let steps = self
+                .checkpoints
+                .as_mut()
+                .map(|cp| cp.on_outcome(&outcome))
+                .unwrap_or_default();
+            for step in steps {
+                self.checkpoint_step(step, Some(controller));
+            }
+        }
+    }
+
+    /// Does what the job's checkpoints ask. Without a controller (before the job), only the
+    /// marks are written.
+    fn checkpoint_step(&mut self, step: CheckpointStep, controller: Option<&JobController>) {
+        match (step, controller) {
+            (CheckpointStep::MarkArena, _) => {
+                if let Err(e) = self.dir.write_checkpoint_in_arena() {
+                    self.dir
+                        .trace(&format!("can't mark the checkpoint in the arena: {e}"));
+                }
+            }
+            (CheckpointStep::Take(then), Some(controller)) => {
+                self.dir.trace(&match then {
+                    AfterCheckpoint::Resume => "taking a periodic checkpoint".to_string(),
+                    AfterCheckpoint::StayPaused => {
+                        "migration: taking a checkpoint, then stopping the job's VM".to_string()
+                    }
+                });
+                controller.checkpoint(then);
+            }
+            (CheckpointStep::KillForMigration { in_arena }, Some(controller)) => {
+                let marked = if in_arena {
+                    self.dir.write_checkpoint_in_arena()
+                } else {
+                    self.dir.write_checkpointed()
+                };
+                if let Err(e) = marked {
+                    self.dir.trace(&format!("can't mark the job migrated: {e}"));
+                }
+                self.dir.trace(&format!(
+                    "migration: no checkpoint of the job now; killing it to be re-queued {}",
+                    if in_arena {
+                        "from its latest checkpoint"
+                    } else {
+                        "from the start"
+                    }
+                ));
+                controller.signal(libc::SIGKILL);
+                self.killed = true;
+                self.stop.job_killed(Instant::now());
+            }
+            (_, None) => {}
         }
     }
 

@@ -50,7 +50,18 @@ pub fn launch_failure(e: &LaunchError, image_owner: BootOwner) -> (Fault, String
             Fault::Queue,
             format!("sge_virtualizer: this queue's VMs cannot start on this host: {e}"),
         ),
-        LaunchError::VmStart(_)
+        // Judged by the caller, which knows whether the job checkpoints (the checkpoint is
+        // kept and the job re-queued, or the job's error); here only for completeness.
+        LaunchError::RestoreRefused {
+            elsewhere: false, ..
+        } => (
+            Fault::Job(JobCause::Request),
+            format!("sge_virtualizer: {e}"),
+        ),
+        LaunchError::RestoreRefused {
+            elsewhere: true, ..
+        }
+        | LaunchError::VmStart(_)
         | LaunchError::Network(_)
         | LaunchError::Io(_)
         | LaunchError::RunDir(_)

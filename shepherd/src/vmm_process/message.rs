@@ -43,6 +43,12 @@ pub enum StartFailure {
     Unavailable(String),
     Start(String),
     Guest(String),
+    /// The job's checkpoint could not be restored: sound but not on this host (`elsewhere`),
+    /// or unusable anywhere.
+    Restore {
+        elsewhere: bool,
+        message: String,
+    },
 }
 
 /// From the VMM process to the shepherd. (A handful per job: the size of the largest variant
@@ -54,6 +60,8 @@ pub enum FromVmm {
     VmStarted {
         vm_created_ms: Option<f64>,
         first_instruction_ms: Option<f64>,
+        /// The checkpoint the VM was restored from, when it was not booted.
+        restored: Option<u64>,
     },
     /// The VM could not be started; the process exits after this.
     StartFailed(StartFailure),
@@ -80,7 +88,7 @@ pub enum FromVmm {
 }
 
 /// What came of a checkpoint request.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum CheckpointOutcome {
     Taken(CheckpointReport),
     /// Not now: the job is not running yet, or has ended (routine for periodic checkpoints).

@@ -63,6 +63,9 @@ pub struct VmmControl {
     pid: Pid,
     channel: Mutex<Channel>,
     stop_requested: AtomicBool,
+    /// What came of checkpoint requests, in order, until taken by
+    /// [`VmmControl::take_checkpoint_outcomes`].
+    checkpoint_outcomes: Mutex<Vec<CheckpointOutcome>>,
 }
 
 impl VmmControl {
@@ -87,6 +90,16 @@ impl VmmControl {
         let _ = channel.send(&ToVmm::Checkpoint(then));
     }
 
+    /// The outcomes of checkpoint requests reported since the last call, oldest first.
+    pub fn take_checkpoint_outcomes(&self) -> Vec<CheckpointOutcome> {
+        std::mem::take(
+            &mut *self
+                .checkpoint_outcomes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.pid.as_raw() as u32
@@ -101,6 +114,7 @@ impl VmmControl {
             pid: Pid::from_raw(0),
             channel: Mutex::new(ours),
             stop_requested: AtomicBool::new(false),
+            checkpoint_outcomes: Mutex::default(),
         });
         (control, theirs)
     }
@@ -112,6 +126,8 @@ pub enum Start {
     Started {
         vm_created_ms: Option<f64>,
         first_instruction_ms: Option<f64>,
+        /// The checkpoint the VM was restored from, when it was not booted.
+        restored: Option<u64>,
     },
     /// The backend could not start it (the child exits).
     Failed(StartFailure),
@@ -140,6 +156,7 @@ impl VmmProcess {
             pid,
             channel: Mutex::new(control_end),
             stop_requested: AtomicBool::new(false),
+            checkpoint_outcomes: Mutex::default(),
         });
         VmmProcess {
             pid,
@@ -226,6 +243,7 @@ impl VmmProcess {
             FromVmm::VmStarted {
                 vm_created_ms,
                 first_instruction_ms,
+                restored,
             } if matches!(self.phase, Phase::Starting { .. }) => {
                 self.phase = Phase::Booting {
                     until: Instant::now() + BOOT_PATIENCE,
@@ -233,6 +251,7 @@ impl VmmProcess {
                 Some(Start::Started {
                     vm_created_ms,
                     first_instruction_ms,
+                    restored,
                 })
             }
             FromVmm::StartFailed(f) if matches!(self.phase, Phase::Starting { .. }) => {
@@ -278,7 +297,7 @@ impl VmmProcess {
                     Phase::Booting { .. } | Phase::Running | Phase::Stopping { .. }
                 ) =>
             {
-                match result {
+                match &result {
                     CheckpointOutcome::Taken(r) => tracing::info!(
                         generation = r.generation,
                         snapshot_bytes = r.snapshot_bytes,
@@ -288,6 +307,11 @@ impl VmmProcess {
                     CheckpointOutcome::NotNow(e) => tracing::info!("no checkpoint now: {e}"),
                     CheckpointOutcome::Failed(e) => tracing::warn!("checkpoint failed: {e}"),
                 }
+                self.control
+                    .checkpoint_outcomes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(result);
                 None
             }
             other => {
@@ -459,6 +483,7 @@ mod tests {
         FromVmm::VmStarted {
             vm_created_ms: None,
             first_instruction_ms: None,
+            restored: None,
         }
     }
 
@@ -577,12 +602,23 @@ mod tests {
             .unwrap();
         });
         assert!(ok);
+        let control = process.control();
         match process.wait() {
             Err(JobError::Migrated { dir, generation }) => {
                 assert_eq!((dir.as_str(), generation), ("/ckpt", 2))
             }
             other => panic!("expected the migration, got {other:?}"),
         }
+        // the shepherd's relay reads them, in order, once each
+        let outcomes = control.take_checkpoint_outcomes();
+        assert!(
+            matches!(
+                outcomes.as_slice(),
+                [CheckpointOutcome::NotNow(_), CheckpointOutcome::Failed(f)] if f == "disk full"
+            ),
+            "{outcomes:?}"
+        );
+        assert!(control.take_checkpoint_outcomes().is_empty());
     }
 
     /// A child that ignores the stop request is killed after [`STOP_GRACE`].

@@ -245,6 +245,19 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
+    /// Whether the snapshot is sound but this host cannot resume it (its CPU, its KVM, its
+    /// VMM build or format version): another host may, so a scheduler keeps the snapshot and
+    /// tries elsewhere rather than giving up on it.
+    pub fn is_host_mismatch(&self) -> bool {
+        matches!(
+            self,
+            Self::CpuIncompatible(_)
+                | Self::BuildMismatch { .. }
+                | Self::VersionMismatch { .. }
+                | Self::MissingCapability(_)
+        )
+    }
+
     /// A KVM ioctl error with what was being done.
     pub(crate) fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> Self {
         let what = what.into();
