@@ -21,6 +21,7 @@ mod kvm_primitives;
 mod machine;
 mod memory_overhead;
 mod memory_return;
+mod nested_checkpoint;
 mod nested_kvm;
 mod network;
 mod optimisation;
@@ -111,6 +112,15 @@ enum Cmd {
     NestedBoot {
         #[command(flatten)]
         opts: boot_phases::Options,
+    },
+    /// 13: checkpoint and restore of a running job on real KVM in the nested host, for 256 MiB,
+    /// 1 GiB and 4 GiB guests: snapshot size, pause, restore to the job running again.
+    NestedCheckpoint,
+    /// The inside of `nested-checkpoint` (run by it in the nested host).
+    #[command(hide = true)]
+    NestedCheckpointInside {
+        #[arg(long)]
+        json: PathBuf,
     },
     /// The inside of `nested-boot` (run by it in the nested host): writes the result to `--json`.
     #[command(hide = true)]
@@ -236,6 +246,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Nested => Some(nested_kvm::run(&ctx)?),
         Cmd::NestedInside { json } => {
             nested_kvm::inside(&ctx, json)?;
+            return Ok(());
+        }
+        Cmd::NestedCheckpoint => Some(nested_checkpoint::run(&ctx)?),
+        Cmd::NestedCheckpointInside { json } => {
+            nested_checkpoint::inside(&ctx, json)?;
             return Ok(());
         }
         Cmd::NestedBoot { opts } => Some(boot_phases::run(&ctx, opts, cli.under_test.as_deref())?),

@@ -20,8 +20,8 @@ use crate::results::BenchResult;
 /// guest kernel's page array instead of the VMMs).
 const GUEST_MIB: &str = "256";
 
-/// Inside the nested host: both backends, interleaved; the result goes to `out`.
-pub fn inside(ctx: &BenchContext, out: &Path) -> anyhow::Result<()> {
+/// Refuses to measure where KVM cannot run Linux: an `inside` subcommand run elsewhere.
+pub fn require_real_kvm(ctx: &BenchContext) -> anyhow::Result<()> {
     ctx.require_shepherd()?;
     if !ctx.machine.kvm_can_run_linux {
         bail!(
@@ -29,6 +29,12 @@ pub fn inside(ctx: &BenchContext, out: &Path) -> anyhow::Result<()> {
             ctx.machine.kvm_probe
         );
     }
+    Ok(())
+}
+
+/// Inside the nested host: both backends, interleaved; the result goes to `out`.
+pub fn inside(ctx: &BenchContext, out: &Path) -> anyhow::Result<()> {
+    require_real_kvm(ctx)?;
     let mem = ["--mem", GUEST_MIB];
     let mut variants = vec![
         Variant::new("embedded VMM (nested real KVM)", "ms", || {
@@ -49,21 +55,29 @@ pub fn inside(ctx: &BenchContext, out: &Path) -> anyhow::Result<()> {
     std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))
 }
 
-/// Outside: boots the nested host, runs [`inside`] there, and returns its result, labelled.
-pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
-    ctx.require_shepherd()?;
+/// Boots the nested host and runs this benchmark's hidden `inside` subcommand there (with the
+/// context's runs and warm-up rounds), which writes its result into the shared repository;
+/// returns that result as the inside measured it.
+pub fn run_inside(ctx: &BenchContext, inside: &str, timeout_s: u32) -> anyhow::Result<BenchResult> {
     let root = crate::context::workspace_root();
     let script = root.join("scripts/nested-kvm-host.sh");
-    let out = root.join("target/nested-bench.json");
+    let out = root.join(format!("target/{inside}.json"));
     let _ = std::fs::remove_file(&out);
     let exe = std::env::current_exe().context("this benchmark's own path")?;
     let status = Command::new(&script)
-        .args(["run", "--cpus", "4", "--timeout", "1200", "--share"])
+        .args([
+            "run",
+            "--cpus",
+            "4",
+            "--timeout",
+            &timeout_s.to_string(),
+            "--share",
+        ])
         .arg(&root)
         .arg("--")
         .arg(&exe)
         .args([
-            "nested-inside",
+            inside,
             "--runs",
             &ctx.runs.to_string(),
             "--warmup",
@@ -78,7 +92,13 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     }
     let text =
         std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    let inner: BenchResult = serde_json::from_str(&text)?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Outside: boots the nested host, runs [`inside`] there, and returns its result, labelled.
+pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
+    ctx.require_shepherd()?;
+    let inner = run_inside(ctx, "nested-inside", 1200)?;
     let mut result = BenchResult::measured(
         ctx,
         "nested",

@@ -13,7 +13,7 @@ use crate::results::{utc_now, BenchResult};
 use crate::stats::Summary;
 
 /// The benchmarks in report order.
-pub const IDS: [&str; 14] = [
+pub const IDS: [&str; 15] = [
     "boot",
     "job",
     "memory",
@@ -28,6 +28,7 @@ pub const IDS: [&str; 14] = [
     "images",
     "network",
     "nested-boot",
+    "nested-checkpoint",
 ];
 const CHART_FILE: &str = "phases.png";
 
@@ -627,6 +628,7 @@ pub fn write(out_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         ("images", "10. "),
         ("network", "11. "),
         ("nested-boot", "12. "),
+        ("nested-checkpoint", "13. "),
     ];
     for r in &results {
         let number = numbering

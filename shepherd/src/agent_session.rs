@@ -359,6 +359,8 @@ pub(crate) fn converse(
             let bytes = guest_agent::protocol::encode(&resume)
                 .map_err(|e| JobError::Protocol(e.to_string()))?;
             writer_stream.write_all(&bytes).map_err(lost)?;
+            // The restored job is running again: its agent's "hello" after a restore.
+            timings.agent_hello_ms = now_ms();
             tracing::info!(
                 stdout = at.stdout,
                 stderr = at.stderr,

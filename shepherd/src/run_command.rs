@@ -338,6 +338,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let result = job.wait();
     handle.close();
     let _ = forwarder.join();
+    if args.timings {
+        // One JSON line per checkpoint asked for: its generation, size and pause.
+        for outcome in controller.take_checkpoint_outcomes() {
+            eprintln!("{}", serde_json::json!({ "checkpoint": outcome }));
+        }
+    }
     if std::env::var_os("SGE_VIRTUALIZER_KEEP_RUNDIR").is_some() {
         // For debugging: keep the console log and backend logs.
         eprintln!("sge_virtualizer: kept {}", run_dir.keep().display());

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use shepherd::image::{store_dir, ImageStore};
-use shepherd::sge::{jsv, load_sensor};
+use shepherd::sge::{cpu_class, jsv, load_sensor};
 
 /// Options of `sge`.
 #[derive(Debug, clap::Args)]
@@ -21,8 +21,8 @@ pub struct SgeArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum SgeAction {
-    /// Publish this host's OS images as the `vm_image` complex (execd's load-sensor protocol
-    /// on stdin/stdout).
+    /// Publish this host's OS images as the `vm_image` complex and its CPU class as
+    /// `vm_cpu_class` (execd's load-sensor protocol on stdin/stdout).
     LoadSensor {
         /// Image store directory (default: $SGE_VIRTUALIZER_IMAGES, else
         /// /var/lib/sge_virtualizer/images).
@@ -56,8 +56,15 @@ pub fn run(args: SgeArgs) -> anyhow::Result<i32> {
                     .collect(),
                 Err(_) => Vec::new(),
             };
-            load_sensor::serve(BufReader::new(io::stdin()), io::stdout(), &host, images)
-                .context("load sensor")?;
+            let class = cpu_class::this_host();
+            load_sensor::serve(
+                BufReader::new(io::stdin()),
+                io::stdout(),
+                &host,
+                images,
+                class.as_deref(),
+            )
+            .context("load sensor")?;
         }
         SgeAction::Jsv => {
             jsv::serve(BufReader::new(io::stdin()), io::stdout()).context("JSV")?;

@@ -10,6 +10,7 @@ pub mod checkpoint_env;
 pub mod config;
 pub mod control_method;
 pub mod counter_dir;
+pub mod cpu_class;
 pub mod delegation;
 pub mod environment;
 pub mod expand;

@@ -158,6 +158,26 @@ pub fn missing_features(guest: &[CpuidEntry], host: &[CpuidEntry]) -> Vec<Missin
         .collect()
 }
 
+/// A short name for the CPU features in `cpuid` ([`FEATURE_REGISTERS`] only): `cpu-` and the
+/// CRC-32 of the masked feature registers, in hex. Hosts whose KVM offers the same features
+/// have the same class, and a snapshot taken on one restores on any other: what a scheduler
+/// matches to send a checkpointed job only where it can go on.
+pub fn feature_class(cpuid: &[CpuidEntry]) -> String {
+    let mut crc = crc32fast::Hasher::new();
+    for r in FEATURE_REGISTERS {
+        let value = lookup(cpuid, r.leaf, r.subleaf).map_or(0, |e| r.register.of(e)) & r.mask;
+        crc.update(&r.leaf.to_le_bytes());
+        crc.update(&r.subleaf.to_le_bytes());
+        crc.update(&value.to_le_bytes());
+    }
+    format!("cpu-{:08x}", crc.finalize())
+}
+
+/// [`feature_class`] of what this host's KVM offers a guest.
+pub fn host_class() -> Result<String, SnapshotError> {
+    Ok(feature_class(&host_supported_cpuid()?))
+}
+
 /// The CPUID `kvm` can give a guest ([`crate::cpu::cpuid::kvm_guest_cpuid`]): what [`check`]
 /// compares a snapshot against on restore.
 pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<Vec<CpuidEntry>, SnapshotError> {
@@ -199,6 +219,30 @@ mod tests {
             ecx,
             edx: 0,
         }
+    }
+
+    #[test]
+    fn the_class_names_the_features_and_nothing_else() {
+        let host = [entry(1, 0, 0x0100_0000, 0b1111), entry(7, 0, 0x20, 0)];
+        let class = feature_class(&host);
+        assert!(class.starts_with("cpu-") && class.len() == 12, "{class}");
+        // another APIC id, the OSXSAVE mirror of CR4, the hypervisor bit: the same class
+        let same = [
+            entry(1, 0, 0x0300_0000, 0b1111 | (1 << 27) | (1 << 31)),
+            entry(7, 0, 0x20, 0),
+        ];
+        assert_eq!(feature_class(&same), class);
+        // one feature more or less: another class
+        assert_ne!(
+            feature_class(&[entry(1, 0, 0, 0b1111), entry(7, 0, 0x21, 0)]),
+            class
+        );
+        assert_ne!(
+            feature_class(&[entry(1, 0, 0, 0b0111), entry(7, 0, 0x20, 0)]),
+            class
+        );
+        // entries in another order: the same class
+        assert_eq!(feature_class(&[host[1], host[0]]), class);
     }
 
     #[test]

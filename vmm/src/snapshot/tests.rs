@@ -59,3 +59,45 @@ proptest! {
         let _ = memory::load(&mut memory.as_slice(), memory.len() as u64, &mem);
     }
 }
+
+/// What a scheduler may retry on another host (sound snapshot, this host cannot resume it) and
+/// what it may not (the file itself is unusable).
+#[test]
+fn host_mismatches_are_told_apart_from_damage() {
+    use super::cpu_compat::{MissingCpuFeature, Register};
+    use super::{SectionKind, SnapshotError};
+    let elsewhere = [
+        SnapshotError::CpuIncompatible(vec![MissingCpuFeature {
+            leaf: 7,
+            subleaf: 0,
+            register: Register::Ebx,
+            bits: 1 << 5,
+        }]),
+        SnapshotError::BuildMismatch {
+            snapshot: "a".into(),
+            this: "b".into(),
+        },
+        SnapshotError::VersionMismatch {
+            found: 2,
+            supported: 1,
+        },
+        SnapshotError::MissingCapability("KVM_CAP_XSAVE2"),
+    ];
+    for e in &elsewhere {
+        assert!(e.is_host_mismatch(), "{e}");
+    }
+    let damaged = [
+        SnapshotError::BadMagic { found: [0; 8] },
+        SnapshotError::ChecksumMismatch {
+            section: SectionKind::Memory,
+            stored: 1,
+            computed: 2,
+        },
+        SnapshotError::TrailingData(3),
+        SnapshotError::ConfigMismatch("vCPUs".into()),
+        SnapshotError::InvalidState("x".into()),
+    ];
+    for e in &damaged {
+        assert!(!e.is_host_mismatch(), "{e}");
+    }
+}
