@@ -247,6 +247,10 @@ fi
 
 fi
 
+# cpu_ticks PID: user + system CPU time of process PID and its threads, in clock ticks
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+trace_file() { echo /var/spool/gridengine/execd/*/active_jobs/"$1".1/trace; }
+
 # lines FILE: how many lines FILE has now
 lines() { { wc -l <"$1"; } 2>/dev/null || echo 0; }
 
@@ -277,20 +281,34 @@ if until_ok 300 ready; then
     else
         bad seccomp "VMM process '$pid': threads without a filter:${unfiltered:- (none found)}"
     fi
+    # the guest's clock against the host's before the suspension (the ticker's last line)
+    skew_before=$(($(date +%s) - $(grep -o '^[0-9][0-9]*$' "$out" | tail -n 1)))
     qmod -sj "$ticker" >/dev/null 2>&1
     got_usr1() { grep -qs "got USR1" "$out"; }
     until_ok 60 got_usr1 || true
     sleep 5
     frozen=$(lines "$out")
+    cpu_before=$(cpu_ticks "$pid")
     sleep 10
+    cpu_after=$(cpu_ticks "$pid")
     still=$(lines "$out")
+    paused_trace=$(grep -c "pausing the VM's vCPUs" $(trace_file "$ticker") 2>/dev/null)
     qmod -usj "$ticker" >/dev/null 2>&1
     moving() { [ "$(lines "$out")" -gt $((still + 2)) ]; }
     if ! got_usr1; then
         bad notify "no USR1 before the suspend: $(tail -n 3 "$out" | tr '\n' ' ')"
     fi
+    # while suspended the VMM process uses (almost) no CPU: its vCPUs are paused; on resume
+    # the guest's clock (the ticker prints `date +%s`) is the host's again at once
+    used=$((cpu_after - cpu_before))
     if [ "$still" -le $((frozen + 1)) ] && until_ok 120 moving; then
-        ok suspend_resume "$frozen lines when suspended, $still 10 s later, $(lines "$out") after -usj"
+        skew=$(($(date +%s) - $(grep -o '^[0-9][0-9]*$' "$out" | tail -n 1)))
+        drift=$((skew - skew_before))
+        if [ "${paused_trace:-0}" -ge 1 ] && [ "$used" -le 50 ] && [ "${drift#-}" -le 3 ]; then
+            ok suspend_resume "$frozen lines when suspended, $still 10 s later, $(lines "$out") after -usj; vCPUs paused: the VMM process used $used ticks of CPU in those 10 s; guest clock $skew_before s behind the host's before, $skew s after resume"
+        else
+            bad suspend_resume "vCPUs paused: ${paused_trace:-0} times in the trace; $used CPU ticks in 10 s suspended (at most 50); guest clock $skew_before s behind the host's before, $skew s after resume"
+        fi
     else
         bad suspend_resume "lines: $frozen suspended, $still 10 s later, $(lines "$out") after -usj"
     fi
@@ -340,7 +358,6 @@ runs() {
 }
 # counts FILE N: FILE is exactly the lines 1..N
 counts() { [ "$(cat "$1" 2>/dev/null)" = "$(seq 1 "$2")" ]; }
-trace_file() { echo /var/spool/gridengine/execd/*/active_jobs/"$1".1/trace; }
 # counter_job NAME QUEUE -> job id (in $WORK/NAME; counter.out, counter.txt)
 counter_job() {
     local dir=$WORK/$1

@@ -124,6 +124,13 @@ impl JobController {
         self.vmm.stop_vm();
     }
 
+    /// Pauses (`true`) or resumes the VM's vCPUs, for a suspended job (`qmod -s`): its guest
+    /// then uses no CPU and runs no timers; its clock, read from the host's, is right again at
+    /// once on resume. Returns at once; backends that cannot pause ignore it.
+    pub fn suspend_vm(&self, suspend: bool) {
+        self.vmm.suspend_vm(suspend);
+    }
+
     /// Takes a checkpoint of a job launched with a checkpoint directory
     /// ([`crate::launch::CheckpointPlan`]); with [`AfterCheckpoint::StayPaused`] its VM is
     /// stopped after it and the job ends as [`crate::launch::JobError::Migrated`]. Returns at

@@ -767,6 +767,8 @@ impl VmmJob {
                 channel: requests,
                 link: link.clone(),
                 stop_vm: vm.killer(),
+                vm_control: vm.checkpoint(),
+                suspended: std::sync::atomic::AtomicBool::new(false),
                 checkpointer: checkpointer.clone(),
                 migrated: migrated.clone(),
             };
@@ -831,6 +833,10 @@ struct Requests {
     channel: Channel,
     link: AgentLink,
     stop_vm: backend::VmKiller,
+    /// Pauses and resumes the VM, where the backend can.
+    vm_control: Option<Arc<dyn backend::VmCheckpoint>>,
+    /// The vCPUs are paused for a suspended job.
+    suspended: std::sync::atomic::AtomicBool,
     checkpointer: Option<Arc<Checkpointer>>,
     /// The checkpoint after which the VM was stopped.
     migrated: Arc<Mutex<Option<u64>>>,
@@ -845,6 +851,7 @@ impl Requests {
                 Ok(Received::Message(ToVmm::Signal(signo))) => self.link.signal(signo),
                 Ok(Received::Message(ToVmm::StopVm)) => self.stop(),
                 Ok(Received::Message(ToVmm::Checkpoint(then))) => self.checkpoint(then),
+                Ok(Received::Message(ToVmm::Suspend(suspend))) => self.suspend(suspend),
                 Ok(Received::Nothing) => {}
                 Ok(Received::Closed) | Err(_) => {
                     (self.stop_vm)();
@@ -862,10 +869,41 @@ impl Requests {
         (self.stop_vm)();
     }
 
+    fn suspend(&self, suspend: bool) {
+        use std::sync::atomic::Ordering;
+        let Some(vm) = &self.vm_control else { return };
+        if self.suspended.swap(suspend, Ordering::SeqCst) == suspend {
+            return;
+        }
+        let done = if suspend { vm.pause() } else { vm.resume() };
+        match done {
+            Ok(()) => tracing::info!(
+                suspend,
+                "the VM's vCPUs are {}",
+                if suspend { "paused" } else { "running again" }
+            ),
+            Err(e) => {
+                // A VM that ends meanwhile cannot pause; one that did not pause runs on (the
+                // job is stopped in the guest all the same).
+                self.suspended.store(false, Ordering::SeqCst);
+                tracing::warn!(
+                    "can't {} the VM: {e}",
+                    if suspend { "pause" } else { "resume" }
+                );
+            }
+        }
+    }
+
     fn checkpoint(&self, then: AfterCheckpoint) {
         use crate::vmm_process::message::{bounded_text, CheckpointOutcome};
+        // A suspended job's VM stays paused after a periodic checkpoint.
+        let after = if self.suspended.load(std::sync::atomic::Ordering::SeqCst) {
+            AfterCheckpoint::StayPaused
+        } else {
+            then
+        };
         let outcome = match &self.checkpointer {
-            Some(c) => match c.take(then) {
+            Some(c) => match c.take(after) {
                 Ok(report) => CheckpointOutcome::Taken(report),
                 Err(e @ checkpoint::CheckpointError::NotCheckpointable(_)) => {
                     CheckpointOutcome::NotNow(bounded_text(e.to_string()))

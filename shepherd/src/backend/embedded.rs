@@ -131,6 +131,12 @@ impl super::VmCheckpoint for EmbeddedCheckpoint {
         })
     }
 
+    fn pause(&self) -> Result<(), BackendError> {
+        self.0
+            .pause()
+            .map_err(|e| BackendError::Start(e.to_string()))
+    }
+
     fn resume(&self) -> Result<(), BackendError> {
         self.0
             .resume()

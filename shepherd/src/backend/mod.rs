@@ -240,6 +240,8 @@ pub struct VmSnapshotInfo {
 pub trait VmCheckpoint: Send + Sync {
     /// Pauses the VM and writes its snapshot to `path`, a new file. Leaves the VM paused.
     fn snapshot(&self, path: &Path) -> Result<VmSnapshotInfo, BackendError>;
+    /// Pauses the VM's vCPUs (devices keep running); returns once every vCPU is parked.
+    fn pause(&self) -> Result<(), BackendError>;
     /// Resumes a paused VM.
     fn resume(&self) -> Result<(), BackendError>;
 }

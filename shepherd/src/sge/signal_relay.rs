@@ -35,6 +35,8 @@ pub struct SignalRelay<'a> {
     last_kill: Option<Instant>,
     stop: VmStop,
     killed: bool,
+    /// The VM's vCPUs are paused for a suspension (the default SIGSTOP).
+    vm_suspended: bool,
     /// A checkpointing job's checkpoints (VM snapshots).
     checkpoints: Option<JobCheckpoints>,
 }
@@ -63,6 +65,7 @@ impl<'a> SignalRelay<'a> {
             last_kill: None,
             stop: VmStop::Running,
             killed: false,
+            vm_suspended: false,
             checkpoints: None,
         }
     }
@@ -266,6 +269,13 @@ impl<'a> SignalRelay<'a> {
             }
             self.last_kill = Some(Instant::now());
         }
+        // A suspended job's VM runs again before anything else reaches it: a resume method,
+        // the job's SIGCONT, or a SIGKILL its agent must deliver.
+        if self.vm_suspended && matches!(sig, libc::SIGCONT | libc::SIGKILL) {
+            self.dir.trace("resuming the VM's vCPUs");
+            controller.suspend_vm(false);
+            self.vm_suspended = false;
+        }
         match self.methods.for_signal(sig) {
             Some(ControlMethod::Command(cmd)) => {
                 let msg = self.runner.start(cmd, self.config);
@@ -278,6 +288,14 @@ impl<'a> SignalRelay<'a> {
             _ => {
                 self.dir.trace(&format!("sending {sig} to the job"));
                 controller.signal(sig);
+                if sig == libc::SIGSTOP {
+                    // Then the vCPUs: no guest timers, no CPU while suspended. Should they
+                    // stop before the agent has stopped the job, the job is frozen with its VM
+                    // all the same, and gets its SIGSTOP, then its SIGCONT, on resume.
+                    self.dir.trace("pausing the VM's vCPUs");
+                    controller.suspend_vm(true);
+                    self.vm_suspended = true;
+                }
             }
         }
         if sig == libc::SIGKILL {
@@ -297,6 +315,45 @@ mod tests {
     use crate::sge::environment::JobEnvironment;
     use crate::sge::procedure::RunAs;
     use crate::sge::vm_stop::KILL_GRACE;
+
+    /// qmod -s pauses the VM after stopping the job; qmod -us resumes it before the job's
+    /// SIGCONT; a KILL for a suspended job resumes it first, so its agent can deliver it.
+    #[test]
+    fn a_suspension_pauses_the_vm_and_what_follows_resumes_it_first() {
+        use crate::vmm_process::message::{Received, ToVmm};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ActiveDir::new(tmp.path().to_path_buf());
+        let config = JobConfig::parse("");
+        let methods = ControlMethods::from_config(&config).unwrap();
+        let me = RunAs {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            groups: vec![nix::unistd::getgid().as_raw()],
+        };
+        let runner = MethodRunner::new(me, JobEnvironment::default(), tmp.path().into());
+        let mut relay = SignalRelay::new(&dir, &config, &methods, runner);
+        let (controller, vmm) = JobController::detached();
+        let mut sent = || match vmm.receive::<ToVmm>(Some(Duration::from_secs(5))).unwrap() {
+            Received::Message(m) => m,
+            _ => panic!("nothing sent"),
+        };
+        relay.act(NotifyAction::Deliver(libc::SIGSTOP), &controller);
+        assert_eq!(sent(), ToVmm::Signal(libc::SIGSTOP));
+        assert_eq!(sent(), ToVmm::Suspend(true));
+        relay.act(NotifyAction::Deliver(libc::SIGCONT), &controller);
+        assert_eq!(sent(), ToVmm::Suspend(false));
+        assert_eq!(sent(), ToVmm::Signal(libc::SIGCONT));
+        relay.act(NotifyAction::Deliver(libc::SIGSTOP), &controller);
+        assert_eq!(sent(), ToVmm::Signal(libc::SIGSTOP));
+        assert_eq!(sent(), ToVmm::Suspend(true));
+        relay.act(NotifyAction::Deliver(libc::SIGKILL), &controller);
+        assert_eq!(sent(), ToVmm::Suspend(false));
+        assert_eq!(sent(), ToVmm::Signal(libc::SIGKILL));
+        // a CONT for a job that is not suspended touches no vCPU
+        relay.act(NotifyAction::Deliver(libc::SIGCONT), &controller);
+        assert_eq!(sent(), ToVmm::Signal(libc::SIGCONT));
+        relay.runner.reap();
+    }
 
     /// Issue 18 item 6: a terminate_method (a command or a signal) used to leave the job
     /// running with no hard stop armed; qdel then never ended a job the method cannot reach.

@@ -35,6 +35,9 @@ pub enum ToVmm {
     /// directory); with [`AfterCheckpoint::StayPaused`] the VM is stopped after it, and the
     /// job's end is [`JobError::Migrated`].
     Checkpoint(AfterCheckpoint),
+    /// Suspend (`true`) or resume (`false`) the VM's vCPUs: a suspended job's guest uses no
+    /// CPU and runs no timers. Where the backend cannot pause, nothing happens.
+    Suspend(bool),
 }
 
 /// Why the VM could not be started, by the kind of [`crate::backend::BackendError`].

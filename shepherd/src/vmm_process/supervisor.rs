@@ -84,6 +84,12 @@ impl VmmControl {
         let _ = channel.send(&ToVmm::StopVm);
     }
 
+    /// Asks the child to pause (`true`) or resume the VM's vCPUs (see [`ToVmm::Suspend`]).
+    pub fn suspend_vm(&self, suspend: bool) {
+        let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = channel.send(&ToVmm::Suspend(suspend));
+    }
+
     /// Asks the child to take a checkpoint (see [`ToVmm::Checkpoint`]).
     pub fn checkpoint(&self, then: AfterCheckpoint) {
         let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
