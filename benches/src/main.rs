@@ -115,10 +115,15 @@ enum Cmd {
     },
     /// 13: checkpoint and restore of a running job on real KVM in the nested host, for 256 MiB,
     /// 1 GiB and 4 GiB guests: snapshot size, pause, restore to the job running again.
-    NestedCheckpoint,
+    NestedCheckpoint {
+        #[command(flatten)]
+        opts: nested_checkpoint::Options,
+    },
     /// The inside of `nested-checkpoint` (run by it in the nested host).
     #[command(hide = true)]
     NestedCheckpointInside {
+        #[command(flatten)]
+        opts: nested_checkpoint::Options,
         #[arg(long)]
         json: PathBuf,
     },
@@ -248,9 +253,9 @@ fn main() -> anyhow::Result<()> {
             nested_kvm::inside(&ctx, json)?;
             return Ok(());
         }
-        Cmd::NestedCheckpoint => Some(nested_checkpoint::run(&ctx)?),
-        Cmd::NestedCheckpointInside { json } => {
-            nested_checkpoint::inside(&ctx, json)?;
+        Cmd::NestedCheckpoint { opts } => Some(nested_checkpoint::run(&ctx, opts)?),
+        Cmd::NestedCheckpointInside { opts, json } => {
+            nested_checkpoint::inside(&ctx, opts, json)?;
             return Ok(());
         }
         Cmd::NestedBoot { opts } => Some(boot_phases::run(&ctx, opts, cli.under_test.as_deref())?),

@@ -9,7 +9,7 @@
 //! Like benchmark 9 the harness runs itself inside the nested host (`nested-checkpoint-inside`).
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,15 @@ const SIZES_MIB: [u32; 3] = [256, 1024, 4096];
 const JOB: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done";
 /// How long any step may take in the nested host before the run counts as failed.
 const PATIENCE: Duration = Duration::from_secs(180);
+
+/// Options of `nested-checkpoint`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// A build made by benches/build-under-test.sh inside the repository (the nested host
+    /// sees only the repository), measured as "…, baseline" variants in the same run.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+}
 
 /// `run` for the benchmark's job, with a checkpoint directory.
 fn run_command(ut: &UnderTest, mem: u32, dir: &Path, restore: bool) -> Command {
@@ -183,13 +192,23 @@ fn once(ut: &UnderTest, mem: u32) -> anyhow::Result<Sample> {
 }
 
 /// Inside the nested host: every size, interleaved; the result goes to `out`.
-pub fn inside(ctx: &BenchContext, out: &Path) -> anyhow::Result<()> {
+pub fn inside(ctx: &BenchContext, opts: &Options, out: &Path) -> anyhow::Result<()> {
     crate::nested_kvm::require_real_kvm(ctx)?;
     let ut = &ctx.under_test;
-    let mut variants: Vec<Variant> = SIZES_MIB
-        .iter()
-        .map(|&mem| Variant::new(format!("{mem} MiB guest"), "ms", move || once(ut, mem)))
-        .collect();
+    let baseline = opts.baseline.as_deref().map(UnderTest::from_build_dir);
+    let mut variants: Vec<Variant> = Vec::new();
+    for &mem in &SIZES_MIB {
+        variants.push(Variant::new(format!("{mem} MiB guest"), "ms", move || {
+            once(ut, mem)
+        }));
+        if let Some(b) = &baseline {
+            variants.push(Variant::new(
+                format!("{mem} MiB guest, baseline"),
+                "ms",
+                move || once(b, mem),
+            ));
+        }
+    }
     eprintln!(
         "nested-checkpoint: {} warm-up + {} runs per size",
         ctx.warmup, ctx.runs
@@ -207,9 +226,25 @@ pub fn inside(ctx: &BenchContext, out: &Path) -> anyhow::Result<()> {
 }
 
 /// Outside: boots the nested host, runs [`inside`] there, and returns its result, labelled.
-pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
+pub fn run(ctx: &BenchContext, opts: &Options) -> anyhow::Result<BenchResult> {
     ctx.require_shepherd()?;
-    let inner = crate::nested_kvm::run_inside(ctx, "nested-checkpoint-inside", 1500)?;
+    let root = crate::context::workspace_root();
+    let mut extra = Vec::new();
+    let mut notes = Vec::new();
+    if let Some(dir) = &opts.baseline {
+        let dir =
+            std::fs::canonicalize(dir).with_context(|| format!("--baseline {}", dir.display()))?;
+        if !dir.starts_with(&root) {
+            bail!(
+                "--baseline {} is outside the repository, which is all the nested host sees",
+                dir.display()
+            );
+        }
+        let b = UnderTest::from_build_dir(&dir);
+        notes.push(format!("baseline: {} ({})", b.revision, dir.display()));
+        extra = vec!["--baseline".to_string(), dir.display().to_string()];
+    }
+    let inner = crate::nested_kvm::run_inside(ctx, "nested-checkpoint-inside", &extra, 2400)?;
     let mut result = BenchResult::measured(
         ctx,
         ID,
@@ -235,7 +270,10 @@ pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
              agent reconnected and resumed (the job running again). Each run checks the \
              output is 1..N with no gap or duplicate."
                 .into(),
-        ],
+        ]
+        .into_iter()
+        .chain(notes)
+        .collect(),
     );
     result.machine = inner.machine;
     Ok(result)

@@ -58,7 +58,12 @@ pub fn inside(ctx: &BenchContext, out: &Path) -> anyhow::Result<()> {
 /// Boots the nested host and runs this benchmark's hidden `inside` subcommand there (with the
 /// context's runs and warm-up rounds), which writes its result into the shared repository;
 /// returns that result as the inside measured it.
-pub fn run_inside(ctx: &BenchContext, inside: &str, timeout_s: u32) -> anyhow::Result<BenchResult> {
+pub fn run_inside(
+    ctx: &BenchContext,
+    inside: &str,
+    extra: &[String],
+    timeout_s: u32,
+) -> anyhow::Result<BenchResult> {
     let root = crate::context::workspace_root();
     let script = root.join("scripts/nested-kvm-host.sh");
     let out = root.join(format!("target/{inside}.json"));
@@ -83,6 +88,7 @@ pub fn run_inside(ctx: &BenchContext, inside: &str, timeout_s: u32) -> anyhow::R
             "--warmup",
             &ctx.warmup.to_string(),
         ])
+        .args(extra)
         .arg("--json")
         .arg(&out)
         .status()
@@ -98,7 +104,7 @@ pub fn run_inside(ctx: &BenchContext, inside: &str, timeout_s: u32) -> anyhow::R
 /// Outside: boots the nested host, runs [`inside`] there, and returns its result, labelled.
 pub fn run(ctx: &BenchContext) -> anyhow::Result<BenchResult> {
     ctx.require_shepherd()?;
-    let inner = run_inside(ctx, "nested-inside", 1200)?;
+    let inner = run_inside(ctx, "nested-inside", &[], 1200)?;
     let mut result = BenchResult::measured(
         ctx,
         "nested",

@@ -333,7 +333,7 @@ mod tests {
         let runner = MethodRunner::new(me, JobEnvironment::default(), tmp.path().into());
         let mut relay = SignalRelay::new(&dir, &config, &methods, runner);
         let (controller, vmm) = JobController::detached();
-        let mut sent = || match vmm.receive::<ToVmm>(Some(Duration::from_secs(5))).unwrap() {
+        let sent = || match vmm.receive::<ToVmm>(Some(Duration::from_secs(5))).unwrap() {
             Received::Message(m) => m,
             _ => panic!("nothing sent"),
         };

@@ -57,9 +57,21 @@ pub(crate) fn save<W: std::io::Write + std::io::Seek>(
     for region in mem.iter() {
         let start = region.start_addr().0;
         let len = region.len();
+        // Chunks the guest never touched are zero: not even read (a large guest that uses
+        // little of its RAM is paused for what it uses, not for its size). Without the page
+        // map, every chunk is read.
+        let touched = crate::memory::touched_pages(region).ok();
         let mut off = 0u64;
         while off < len {
             let n = (len - off).min(STREAM_CHUNK as u64) as usize;
+            if let Some(t) = &touched {
+                let first = (off / PAGE_SIZE) as usize;
+                let last = ((off + n as u64).div_ceil(PAGE_SIZE) as usize).min(t.len());
+                if !t[first.min(last)..last].iter().any(|p| *p) {
+                    off += n as u64;
+                    continue;
+                }
+            }
             let chunk = &mut buf[..n];
             mem.read_slice(chunk, GuestAddress(start + off))?;
             // Runs of non-zero pages within this chunk (a run is cut at chunk ends; the format
