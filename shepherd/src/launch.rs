@@ -872,25 +872,24 @@ impl Requests {
     fn suspend(&self, suspend: bool) {
         use std::sync::atomic::Ordering;
         let Some(vm) = &self.vm_control else { return };
-        if self.suspended.swap(suspend, Ordering::SeqCst) == suspend {
+        if !suspend {
+            // Asked of the VM whenever it may be paused: it must never stay paused.
+            if self.suspended.swap(false, Ordering::SeqCst) {
+                if let Err(e) = vm.resume() {
+                    tracing::warn!("can't resume the VM: {e}");
+                }
+            }
             return;
         }
-        let done = if suspend { vm.pause() } else { vm.resume() };
-        match done {
-            Ok(()) => tracing::info!(
-                suspend,
-                "the VM's vCPUs are {}",
-                if suspend { "paused" } else { "running again" }
-            ),
-            Err(e) => {
-                // A VM that ends meanwhile cannot pause; one that did not pause runs on (the
-                // job is stopped in the guest all the same).
-                self.suspended.store(false, Ordering::SeqCst);
-                tracing::warn!(
-                    "can't {} the VM: {e}",
-                    if suspend { "pause" } else { "resume" }
-                );
-            }
+        if self.suspended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = vm.pause() {
+            // A pause that timed out leaves the vCPUs that did park paused: all of them run
+            // again, and the job stays stopped in the guest all the same.
+            let _ = vm.resume();
+            self.suspended.store(false, Ordering::SeqCst);
+            tracing::warn!("can't pause the VM (it runs on): {e}");
         }
     }
 
@@ -1298,5 +1297,66 @@ mod tests {
     #[test]
     fn qemu_root_never_writes_through_a_job_users_symlink() {
         launch_against_a_planting_job_user(BackendChoice::Qemu);
+    }
+
+    /// A VM whose pause times out (some vCPUs parked, some not) runs again at once, and a
+    /// later resume still reaches a VM that did pause: a suspended job's VM never stays
+    /// paused (a CI run on a loaded host showed a job frozen until its hard stop).
+    #[test]
+    fn a_suspension_never_leaves_the_vm_paused() {
+        #[derive(Default)]
+        struct Vm {
+            fail_pause: AtomicBool,
+            paused: AtomicBool,
+            resumes: std::sync::atomic::AtomicU32,
+        }
+        impl backend::VmCheckpoint for Vm {
+            fn snapshot(&self, _: &Path) -> Result<backend::VmSnapshotInfo, BackendError> {
+                Err(BackendError::Start("no".into()))
+            }
+            fn pause(&self) -> Result<(), BackendError> {
+                self.paused.store(true, Ordering::SeqCst);
+                if self.fail_pause.load(Ordering::SeqCst) {
+                    return Err(BackendError::Start(
+                        "the vCPUs did not pause in time".into(),
+                    ));
+                }
+                Ok(())
+            }
+            fn resume(&self) -> Result<(), BackendError> {
+                self.paused.store(false, Ordering::SeqCst);
+                self.resumes.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+        let vm = Arc::new(Vm::default());
+        let (channel, _other) = Channel::pair().unwrap();
+        let requests = Requests {
+            channel,
+            link: AgentLink::default(),
+            stop_vm: Arc::new(|| {}),
+            vm_control: Some(vm.clone()),
+            suspended: AtomicBool::new(false),
+            checkpointer: None,
+            migrated: Arc::new(Mutex::new(None)),
+        };
+        requests.suspend(true);
+        assert!(vm.paused.load(Ordering::SeqCst));
+        requests.suspend(true);
+        requests.suspend(false);
+        assert!(!vm.paused.load(Ordering::SeqCst));
+        assert_eq!(vm.resumes.load(Ordering::SeqCst), 1);
+        vm.fail_pause.store(true, Ordering::SeqCst);
+        requests.suspend(true);
+        assert!(
+            !vm.paused.load(Ordering::SeqCst),
+            "a pause that timed out is undone"
+        );
+        requests.suspend(false);
+        assert_eq!(
+            vm.resumes.load(Ordering::SeqCst),
+            2,
+            "no resume of a running VM"
+        );
     }
 }
