@@ -127,21 +127,18 @@ impl<'a> SignalRelay<'a> {
                     Ok(intent) => {
                         self.dir
                             .trace(&format!("received signal {sig} -> {intent}"));
-                        if intent == libc::SIGTTOU {
-                            if let Some(cp) = self.checkpoints.as_mut() {
-                                for step in cp.on_migrate(Instant::now()) {
-                                    self.checkpoint_step(step, Some(controller));
-                                }
-                                continue;
+                        let intent = if intent != libc::SIGTTOU {
+                            intent
+                        } else if let Some(cp) = self.checkpoints.as_mut() {
+                            for step in cp.on_migrate(Instant::now()) {
+                                self.checkpoint_step(step, Some(controller));
                             }
-                        }
-                        let intent = if intent == libc::SIGTTOU {
+                            continue;
+                        } else {
                             // migrate a job without checkpoints: killed and re-queued, as
                             // the stock shepherd does
                             let _ = self.dir.write_checkpointed();
                             libc::SIGKILL
-                        } else {
-                            intent
                         };
                         actions.extend(self.notifier.on_signal(intent, Instant::now()));
                     }
@@ -316,6 +313,16 @@ mod tests {
     use crate::sge::procedure::RunAs;
     use crate::sge::vm_stop::KILL_GRACE;
 
+    /// Methods run as this test's own user, in `dir`.
+    fn runner_as_me(dir: &std::path::Path) -> MethodRunner {
+        let me = RunAs {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            groups: vec![nix::unistd::getgid().as_raw()],
+        };
+        MethodRunner::new(me, JobEnvironment::default(), dir.into())
+    }
+
     /// qmod -s pauses the VM after stopping the job; qmod -us resumes it before the job's
     /// SIGCONT; a KILL for a suspended job resumes it first, so its agent can deliver it.
     #[test]
@@ -325,12 +332,7 @@ mod tests {
         let dir = ActiveDir::new(tmp.path().to_path_buf());
         let config = JobConfig::parse("");
         let methods = ControlMethods::from_config(&config).unwrap();
-        let me = RunAs {
-            uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
-            groups: vec![nix::unistd::getgid().as_raw()],
-        };
-        let runner = MethodRunner::new(me, JobEnvironment::default(), tmp.path().into());
+        let runner = runner_as_me(tmp.path());
         let mut relay = SignalRelay::new(&dir, &config, &methods, runner);
         let (controller, vmm) = JobController::detached();
         let sent = || match vmm.receive::<ToVmm>(Some(Duration::from_secs(5))).unwrap() {
@@ -365,12 +367,7 @@ mod tests {
             let dir = ActiveDir::new(tmp.path().to_path_buf());
             let config = JobConfig::parse(&format!("terminate_method={method}\n"));
             let methods = ControlMethods::from_config(&config).unwrap();
-            let me = RunAs {
-                uid: nix::unistd::getuid().as_raw(),
-                gid: nix::unistd::getgid().as_raw(),
-                groups: vec![nix::unistd::getgid().as_raw()],
-            };
-            let runner = MethodRunner::new(me, JobEnvironment::default(), tmp.path().into());
+            let runner = runner_as_me(tmp.path());
             let mut relay = SignalRelay::new(&dir, &config, &methods, runner);
             let (controller, _vmm) = JobController::detached();
             let before = Instant::now();
